@@ -114,7 +114,7 @@ for _name, _d, _inter, _h, _l in _PAPER_TABLE4:
 # Tiny CPU shapes: (hidden, layers, heads). Head size 16-32 keeps attention meaningful at this scale.
 _TINY = [(32, 2, 2), (48, 2, 3), (64, 2, 4), (64, 3, 4), (96, 3, 4), (128, 4, 4), (192, 4, 6), (256, 6, 8)]
 TINY_SHAPES: dict[str, ModelShape] = {
-    f"d{d}l{l}": ModelShape(f"d{d}l{l}", d, l, h, tiny_ffn(d)) for d, l, h in _TINY
+    f"d{d}l{n}": ModelShape(f"d{d}l{n}", d, n, h, tiny_ffn(d)) for d, n, h in _TINY
 }
 
 LADDER: dict[str, ModelShape] = {**TINY_SHAPES, **PAPER_SHAPES}

@@ -1,0 +1,53 @@
+# cptscale: the whole cross-lingual CPT scaling study as one Snakemake DAG.
+#
+#   snakemake --profile workflow/profiles/local                      # default study (config.yaml)
+#   snakemake --profile workflow/profiles/local --configfile my.yaml # another study
+#   snakemake --profile workflow/profiles/slurm --configfile my.yaml # on a SLURM cluster
+#
+# The study config is validated (JSON schema + typed schema) before any job runs; every run, path and
+# resource below is derived from it by cptscale.plan. Rules are thin: one `cptscale` call each.
+
+from pathlib import Path
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+if not config:
+    configfile: "config.yaml"
+
+validate(config, "workflow/schemas/config.schema.json")
+
+from cptscale.config import ConfigError, parse_config  # noqa: E402
+from cptscale import plan as P  # noqa: E402
+
+_CONFIG_FILE = Path(workflow.configfiles[-1]) if workflow.configfiles else Path("config.yaml")
+try:
+    CFG = parse_config(config, base_dir=_CONFIG_FILE.resolve().parent, where=str(_CONFIG_FILE))
+except ConfigError as exc:
+    raise WorkflowError(str(exc)) from None
+
+S = str(CFG.study_dir)
+CONFIG_FILE = str(_CONFIG_FILE)
+RUNS = {r.run_id: r for r in P.plan_study(CFG)}
+CPT_RUNS = [r for r in RUNS.values() if r.init == "cpt"]
+LANGS = CFG.languages.all
+LOGS = f"{S}/logs"
+
+wildcard_constraints:
+    lang="|".join(LANGS),
+    run="|".join(sorted(RUNS, key=len, reverse=True)).replace(".", r"\."),
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/fit.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        f"{S}/report/index.html",
+        f"{S}/summary.json",
+    default_target: True

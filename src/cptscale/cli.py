@@ -1,0 +1,75 @@
+"""The ``cptscale`` command: one subcommand per stage verb.
+
+Each stage module owns its subcommands through ``add_commands(subparsers)``; heavy imports (torch,
+Megatron-Core, DuckDB, Altair, SciPy) happen inside the handlers so that ``cptscale --help`` and
+``cptscale validate`` answer in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: Modules that contribute subcommands, in the order they appear in ``--help``.
+COMMAND_MODULES = (
+    "cptscale.config",
+    "cptscale.plan",
+    "cptscale.data.cli",
+    "cptscale.mix",
+    "cptscale.train.cli",
+    "cptscale.evaluate",
+    "cptscale.transfer",
+    "cptscale.store",
+    "cptscale.fit",
+    "cptscale.report",
+    "cptscale.prune",
+)
+
+
+class CLIError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cptscale",
+        description="Cross-lingual continual pre-training scaling studies: data, mixing, training, "
+        "evaluation, results store, scaling-law fits and reports.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a stage still being written in this checkout
+            if exc.name != name:
+                raise
+            continue
+        module.add_commands(sub)
+    return parser
+
+
+def _version() -> str:
+    from cptscale import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as exc:
+        print(f"cptscale {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cptscale {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # `python -m cptscale.cli`: run the installed module so CLIError is one class
+    from cptscale.cli import main as _main
+
+    sys.exit(_main())

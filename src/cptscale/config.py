@@ -1,0 +1,448 @@
+"""The study config: one YAML file, validated by this typed schema, is the single source of truth.
+
+Everything else (model shapes, steps, batch sizes, schedules, resources) is derived from it in
+:mod:`cptscale.plan`. Paper defaults (Zheng et al. 2024, "Breaking Language Barriers") are the field
+defaults; the shipped ``config.yaml`` overrides them for a 2-core demo. ``cptscale validate CONFIG``
+reports every problem with its field path, the bad value and what is allowed, before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from cptscale.ladder import ModelShape, batch_tier_tokens, known_sizes, tiny_ffn
+
+#: ISO 639-1 codes accepted for languages (extend as corpora for more languages appear).
+LANGUAGES: dict[str, str] = {
+    "ar": "Arabic", "bn": "Bengali", "ca": "Catalan", "cs": "Czech", "da": "Danish", "de": "German",
+    "el": "Greek", "en": "English", "es": "Spanish", "eu": "Basque", "fa": "Persian", "fi": "Finnish",
+    "fr": "French", "he": "Hebrew", "hi": "Hindi", "hu": "Hungarian", "id": "Indonesian",
+    "it": "Italian", "ja": "Japanese", "ko": "Korean", "la": "Latin", "nl": "Dutch", "no": "Norwegian",
+    "pl": "Polish", "pt": "Portuguese", "ro": "Romanian", "ru": "Russian", "sv": "Swedish",
+    "sw": "Swahili", "ta": "Tamil", "th": "Thai", "tr": "Turkish", "uk": "Ukrainian", "vi": "Vietnamese",
+    "zh": "Chinese",
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _check_lang(code: str) -> str:
+    if code not in LANGUAGES:
+        raise ValueError(f"unknown language code {code!r}; use an ISO 639-1 code, one of: {', '.join(LANGUAGES)}")
+    return code
+
+
+LangCode = Annotated[str, Field(description="ISO 639-1 language code, e.g. en, zh, es")]
+
+
+class Languages(_Model):
+    """Source language S (pretraining) and target languages T (continual pretraining)."""
+
+    source: LangCode = Field(description="language the source models are pretrained on (paper: en)")
+    targets: list[LangCode] = Field(min_length=1, description="languages CPT continues into (paper: zh; fr, ru)")
+
+    @field_validator("source")
+    @classmethod
+    def _source_known(cls, v: str) -> str:
+        return _check_lang(v)
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_known(cls, v: list[str]) -> list[str]:
+        for code in v:
+            _check_lang(code)
+        if len(set(v)) != len(v):
+            raise ValueError(f"targets repeat a language: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Languages:
+        if self.source in self.targets:
+            raise ValueError(f"the source language {self.source!r} cannot also be a target")
+        return self
+
+    @property
+    def all(self) -> list[str]:
+        return [self.source, *self.targets]
+
+
+class DataConfig(_Model):
+    validation_tokens: int = Field(1_000_000, ge=1, description="held-out tokens per language (paper: 10^6)")
+    min_doc_chars: int = Field(16, ge=0, description="documents shorter than this (after cleaning) are dropped")
+    max_chars: int | None = Field(None, ge=1, description="cap on characters read per language (demo speed)")
+    workers: int = Field(2, ge=1, description="tokenizer worker processes")
+    cache_dir: str | None = Field(None, description="where registry packages are cached (default $CPTSCALE_CACHE or ~/.cache/cptscale)")
+
+
+class TokenizerConfig(_Model):
+    kind: Literal["train", "file"] = Field("train", description="train a shared byte-level BPE, or load `path`")
+    vocab_size: int = Field(32000, ge=260, le=1 << 20, description="BPE vocabulary (paper: not stated; 32k hinted)")
+    path: str | None = Field(None, description="tokenizer.json to load when kind is 'file'")
+    sample_chars_per_language: int = Field(5_000_000, ge=1000, description="language-balanced training sample")
+
+    @model_validator(mode="after")
+    def _path_for_file(self, info: ValidationInfo) -> TokenizerConfig:
+        if self.kind == "file":
+            if not self.path:
+                raise ValueError("kind 'file' needs `path` to a tokenizer.json")
+            base = _base_dir(info)
+            if not (base / self.path).is_file():
+                raise ValueError(f"tokenizer file {self.path!r} does not exist (relative to {base})")
+        return self
+
+
+class CustomShape(_Model):
+    hidden: int = Field(ge=8)
+    layers: int = Field(ge=1)
+    heads: int = Field(ge=1)
+    ffn: int | None = Field(None, ge=8, description="SwiGLU width; default 8d/3 rounded up to 32")
+    kv_heads: int | None = Field(None, ge=1)
+
+
+class LadderConfig(_Model):
+    sizes: list[str] = Field(min_length=1, description="size names from the ladder (tiny: d64l2 …; paper: 49M … 5534M)")
+    custom: dict[str, CustomShape] = Field(default_factory=dict, description="extra shapes by name")
+
+    def shapes(self) -> dict[str, ModelShape]:
+        return {
+            name: ModelShape(name, s.hidden, s.layers, s.heads, s.ffn or tiny_ffn(s.hidden), s.kv_heads)
+            for name, s in self.custom.items()
+        }
+
+    @model_validator(mode="after")
+    def _sizes_known(self) -> LadderConfig:
+        try:
+            custom = self.shapes()
+        except ValueError as exc:
+            raise ValueError(f"ladder.custom: {exc}") from None
+        known = set(known_sizes(custom))
+        for name in self.sizes:
+            if name not in known:
+                raise ValueError(
+                    f"size {name!r} is not in the ladder; known: {', '.join(known_sizes(custom))} "
+                    "(or add it under ladder.custom)"
+                )
+        if len(set(self.sizes)) != len(self.sizes):
+            raise ValueError(f"sizes repeat: {self.sizes}")
+        return self
+
+
+class BudgetConfig(_Model):
+    tokens_per_param: float = Field(20.0, gt=0, description="training tokens = this x parameters (paper: 20)")
+    param_count: Literal["total", "nonembedding", "paper"] = Field(
+        "total", description="which N sets the budget: total, non-embedding, or the paper's 16Ld^2+32000d"
+    )
+    tokens: dict[str, int] = Field(default_factory=dict, description="explicit token budget per size (overrides)")
+
+
+class ReplayConfig(_Model):
+    ratios: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        default_factory=lambda: [0.0, 0.01, 0.05, 0.1, 0.2, 0.5, 0.8],
+        min_length=1,
+        description="share of source-language tokens in CPT blends, each in [0, 1) (paper: 0-80 %, recommends 5-30 %)",
+    )
+
+
+class TrainConfig(_Model):
+    seq_length: int = Field(2048, ge=8, description="context length (paper: 2048)")
+    micro_batch_size: int = Field(4, ge=1, description="sequences per micro-batch per data-parallel rank")
+    batch_tokens: int | None = Field(None, ge=8, description="tokens per step; null = paper tiers (1M/2M/4M by size)")
+    lr: float = Field(2e-4, gt=0, description="peak LR (paper: 2e-4)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR / peak LR (paper: not stated)")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="warmup share of the run (paper: 5 %)")
+    schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="paper: cosine")
+    wsd_decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: decay share of the post-warmup run")
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "linear"
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    init_std: float = Field(0.02, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    checkpoint_every: int = Field(1000, ge=0, description="steps between checkpoints (0: only final and SIGTERM)")
+    keep_checkpoints: int = Field(2, ge=1)
+    loss_spike_factor: float = Field(3.0, gt=1, description="stop when loss exceeds this x the best loss so far")
+
+
+class CPTConfig(_Model):
+    """How a CPT run's schedule starts from the source checkpoint (Reuse, Don't Retrain; paper: re-warm)."""
+
+    warmup: bool = Field(True, description="re-warm the LR (paper: yes, to 2e-4)")
+    start_lr: Literal["peak", "source_final"] = Field("peak", description="peak LR, or the source run's final LR")
+    min_lr: Literal["pretrain", "start/10", "start/100", "zero"] = Field("pretrain", description="decay target")
+    schedule: Literal["cosine", "wsd", "constant"] | None = Field(None, description="null: same as train.schedule")
+    init_tolerance: float = Field(1e-3, gt=0, description="init-sanity gate: |loaded loss - source final loss| (nats)")
+
+
+class Layout(_Model):
+    tp: int = Field(1, ge=1, description="tensor parallel")
+    pp: int = Field(1, ge=1, description="pipeline parallel")
+    dp: int = Field(1, ge=1, description="data parallel")
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+class ParallelConfig(_Model):
+    default: Layout = Field(default_factory=Layout)
+    per_size: dict[str, Layout] = Field(default_factory=dict)
+
+
+class EvalConfig(_Model):
+    points: int = Field(12, ge=2, description="log-spaced evaluation steps per run (plus step 0 and the end)")
+    micro_batch_size: int = Field(8, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="cap on validation tokens per language (null: all)")
+
+
+class FitConfig(_Model):
+    huber_delta: float = Field(1e-3, gt=0, description="Huber delta on log-loss residuals (Chinchilla: 1e-3)")
+    reduction: Literal["sum", "mean"] = Field("sum", description="sum (Besiroglu et al.) or mean (paper)")
+    grid: Literal["chinchilla", "coarse"] = Field("chinchilla", description="initial-value grid (4,500 starts)")
+    bootstrap: int = Field(100, ge=0, description="bootstrap resamples over runs")
+    min_step_fraction: float = Field(0.1, ge=0, lt=1, description="ignore eval points before this share of a run")
+    budgets: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [1e18, 1e19, 1e20, 1e21], description="FLOP budgets for the allocation table"
+    )
+    next_run_budget: float | None = Field(None, gt=0, description="train the predicted compute-optimal run")
+
+
+class ReportConfig(_Model):
+    title: str | None = None
+    max_points: int = Field(400, ge=10, description="curves are downsampled to this many points")
+
+
+class SlurmConfig(_Model):
+    partition: str | None = None
+    account: str | None = None
+    gpus_per_node: int = Field(8, ge=1)
+    cpus_per_gpu: int = Field(8, ge=1)
+    mem_gb_per_gpu: int = Field(64, ge=1)
+    gpu_peak_flops: float = Field(989e12, gt=0, description="bf16 dense peak per GPU (H100: 989 TFLOP/s)")
+    assumed_mfu: float = Field(0.3, gt=0, le=1, description="for runtime estimates")
+    min_runtime_minutes: int = Field(30, ge=1)
+
+
+class StudyConfig(_Model):
+    study: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="name; outputs go to <results_dir>/<study>/")
+    description: str = ""
+    results_dir: str = Field("results", description="root of all outputs (git-ignored)")
+    seed: int = 1234
+    languages: Languages
+    corpora: dict[str, list[dict[str, Any]]] = Field(description="corpus sources per language code")
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    ladder: LadderConfig
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cpt: CPTConfig = Field(default_factory=CPTConfig)
+    mix: dict[str, Any] = Field(default_factory=dict)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    fit: FitConfig = Field(default_factory=FitConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @field_validator("corpora")
+    @classmethod
+    def _corpora_langs(cls, v: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+        for code in v:
+            _check_lang(code)
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self, info: ValidationInfo) -> StudyConfig:
+        for lang in self.languages.all:
+            if not self.corpora.get(lang):
+                role = "source" if lang == self.languages.source else "target"
+                raise ValueError(f"corpora.{lang}: no corpus for the {role} language {lang!r}; add at least one source")
+        extra = set(self.corpora) - set(self.languages.all)
+        if extra:
+            raise ValueError(f"corpora: languages {sorted(extra)} are neither source nor targets")
+        for key in (*self.parallel.per_size, *self.budget.tokens):
+            if key not in self.ladder.sizes:
+                raise ValueError(f"size {key!r} (parallel.per_size / budget.tokens) is not in ladder.sizes")
+        for size in self.ladder.sizes:
+            layout = self.layout(size)
+            need = self.train.micro_batch_size * layout.dp * self.train.seq_length
+            if self.batch_tokens(size) < need:
+                raise ValueError(
+                    f"train.batch_tokens {self.batch_tokens(size)} for size {size!r} is below one batch "
+                    f"(micro_batch_size x dp x seq_length = {need})"
+                )
+            if self.tokens(size) < self.batch_tokens(size):
+                raise ValueError(
+                    f"the token budget of size {size!r} ({self.tokens(size)}) is below one batch "
+                    f"({self.batch_tokens(size)} tokens); raise budget.tokens_per_param or lower train.batch_tokens"
+                )
+        _validate_corpora(self, _base_dir(info))
+        _validate_mix(self)
+        return self
+
+    # -- derived quantities (pure functions of the config) -------------------------------------
+    def shape(self, size: str) -> ModelShape:
+        from cptscale.ladder import get_shape
+
+        return get_shape(size, self.ladder.shapes())
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def layout(self, size: str) -> Layout:
+        return self.parallel.per_size.get(size, self.parallel.default)
+
+    def params(self, size: str, convention: str | None = None) -> int:
+        shape = self.shape(size)
+        convention = convention or self.budget.param_count
+        if convention == "paper":
+            return shape.paper_params()
+        return shape.params(self.vocab_size, embeddings=convention == "total")
+
+    def tokens(self, size: str) -> int:
+        if size in self.budget.tokens:
+            return self.budget.tokens[size]
+        return math.ceil(self.budget.tokens_per_param * self.params(size))
+
+    def batch_tokens(self, size: str) -> int:
+        if self.train.batch_tokens is not None:
+            return self.train.batch_tokens
+        return batch_tier_tokens(self.shape(size).paper_params())
+
+    @property
+    def study_dir(self) -> Path:
+        return Path(self.results_dir) / self.study
+
+
+def _base_dir(info: ValidationInfo | None) -> Path:
+    ctx = (info.context if info else None) or {}
+    return Path(ctx.get("base_dir", "."))
+
+
+def _validate_corpora(cfg: StudyConfig, base: Path) -> None:
+    """Parse each corpus through the data stage's typed source models (which check local paths)."""
+    try:
+        from cptscale.data.sources import validate_sources
+    except ImportError:  # data stage not installed in this checkout
+        return
+    for lang, sources in cfg.corpora.items():
+        validate_sources(sources, base_dir=base, where=f"corpora.{lang}")
+
+
+def _validate_mix(cfg: StudyConfig) -> None:
+    try:
+        from cptscale.mix import MixConfig
+    except ImportError:
+        return
+    MixConfig.model_validate(cfg.mix)
+
+
+class ConfigError(Exception):
+    """A config that does not validate: carries one readable line per problem."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        super().__init__(f"{path}: invalid study config\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    """One line per pydantic error: field path, what is wrong, the bad value."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; see workflow/schemas/config.schema.json for allowed keys)"
+        bad = err.get("input")
+        shown = json.dumps(bad, default=str) if not isinstance(bad, dict) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"{loc}: {msg} (got {shown})")
+    return lines
+
+
+def parse_config(data: dict[str, Any], base_dir: str | Path = ".", where: str = "<config>") -> StudyConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(where, ["the config must be a YAML mapping"])
+    try:
+        return StudyConfig.model_validate(data, context={"base_dir": str(base_dir)})
+    except ValidationError as exc:
+        raise ConfigError(where, format_errors(exc)) from None
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    """Read and validate a study YAML; local paths in it are relative to the file's directory."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(path), [f"file not found: {path}"])
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from None
+    return parse_config(data, base_dir=p.resolve().parent, where=str(path))
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema Snakemake validates ``config`` with (generated; see workflow/schemas/)."""
+    schema = StudyConfig.model_json_schema()
+    schema["$schema"] = "http://json-schema.org/draft-07/schema#"
+    schema["description"] = "cptscale study config (generated from cptscale.config.StudyConfig; do not edit)"
+    return schema
+
+
+SCHEMA_PATH = Path("workflow/schemas/config.schema.json")
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from cptscale.cli import CLIError
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    runs = len(cfg.ladder.sizes) * (1 + len(cfg.languages.targets) * (1 + len(cfg.replay.ratios)))
+    print(f"{args.config}: OK (study {cfg.study!r}, {len(cfg.ladder.sizes)} sizes, {runs} training runs)")
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from cptscale.util import atomic_write
+
+    text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    if args.out == "-":
+        print(text, end="")
+    else:
+        atomic_write(args.out, text)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="check a study config; exit non-zero naming each bad field",
+                       description="Validate a study config against the typed schema, before any expensive step.")
+    p.add_argument("config", help="study YAML (e.g. config.yaml)")
+    p.set_defaults(func=_cmd_validate)
+    p = sub.add_parser("schema", help="write the JSON schema of the study config",
+                       description="Generate workflow/schemas/config.schema.json from the typed schema.")
+    p.add_argument("--out", default=str(SCHEMA_PATH), help="output path, or - for stdout")
+    p.set_defaults(func=_cmd_schema)

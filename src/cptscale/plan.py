@@ -1,0 +1,391 @@
+"""The study plan: every run of a study, derived from the config alone.
+
+``plan_study`` lists the runs (source pretraining per size, target scratch runs, CPT runs per size x
+target x replay ratio) with their parameters, tokens, steps, batch, FLOPs, parallel layout and
+resources. ``run_spec`` turns one of them into the ``run.json`` the training engine consumes, once
+the data stage has produced token counts. Run ids are readable and are also Snakemake wildcards:
+``<size>-scratch-<lang>`` and ``<size>-cpt-<lang>-r<replay>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cptscale.config import StudyConfig
+from cptscale.schedule import Schedule
+from cptscale.util import provenance, read_json, stable_hash
+
+RUN_ID = re.compile(r"^(?P<size>[A-Za-z0-9.]+)-(?P<init>scratch|cpt)-(?P<lang>[a-z]{2})(?:-r(?P<replay>[0-9.]+))?$")
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    run_id: str
+    size: str
+    init: str  # scratch | cpt
+    lang: str  # training (target) language
+    source_lang: str | None  # CPT: language of the parent model
+    replay: float
+    parent: str | None  # CPT: run id of the source model
+    params: int
+    params_nonemb: int
+    tokens: int
+    seq_length: int
+    global_batch_size: int
+    micro_batch_size: int
+    grad_accum: int
+    steps: int
+    tp: int
+    pp: int
+    dp: int
+    flops_6nd: float
+    gpus: int
+    runtime_minutes: int
+    mem_gb: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_id(size: str, init: str, lang: str, replay: float | None = None) -> str:
+    if init == "cpt":
+        return f"{size}-cpt-{lang}-r{replay:g}"
+    return f"{size}-scratch-{lang}"
+
+
+def parse_run_id(rid: str) -> dict[str, Any]:
+    m = RUN_ID.match(rid)
+    if not m:
+        raise ValueError(f"not a run id: {rid!r} (expected <size>-scratch-<lang> or <size>-cpt-<lang>-r<replay>)")
+    d = m.groupdict()
+    d["replay"] = float(d["replay"]) if d["replay"] is not None else 0.0
+    return d
+
+
+def batch_layout(cfg: StudyConfig, size: str) -> tuple[int, int]:
+    """(global batch in sequences, gradient accumulation), rounded to what micro-batch x DP allows."""
+    layout = cfg.layout(size)
+    per_step = cfg.train.micro_batch_size * layout.dp
+    target = cfg.batch_tokens(size) / cfg.train.seq_length
+    accum = max(1, round(target / per_step))
+    gbs = accum * per_step
+    if gbs * cfg.train.seq_length != cfg.batch_tokens(size):
+        warnings.warn(
+            f"size {size}: batch of {cfg.batch_tokens(size)} tokens is not a multiple of micro_batch_size x dp x "
+            f"seq_length; using {gbs} sequences ({gbs * cfg.train.seq_length} tokens) per step",
+            stacklevel=2,
+        )
+    return gbs, accum
+
+
+def plan_study(cfg: StudyConfig) -> list[PlannedRun]:
+    """All runs of the study, sources first (CPT runs depend on them)."""
+    runs: list[PlannedRun] = []
+    src = cfg.languages.source
+    for size in cfg.ladder.sizes:
+        runs.append(_planned(cfg, size, "scratch", src, None, 0.0))
+        for tgt in cfg.languages.targets:
+            runs.append(_planned(cfg, size, "scratch", tgt, None, 0.0))
+            for r in cfg.replay.ratios:
+                runs.append(_planned(cfg, size, "cpt", tgt, src, r))
+    return runs
+
+
+def _planned(cfg: StudyConfig, size: str, init: str, lang: str, source: str | None, replay: float) -> PlannedRun:
+    shape = cfg.shape(size)
+    layout = cfg.layout(size)
+    gbs, accum = batch_layout(cfg, size)
+    tokens_target = cfg.tokens(size)
+    steps = max(1, math.ceil(tokens_target / (gbs * cfg.train.seq_length)))
+    tokens = steps * gbs * cfg.train.seq_length
+    params = shape.params(cfg.vocab_size, tp=layout.tp)
+    flops = 6.0 * params * tokens
+    gpus = layout.world
+    s = cfg.slurm
+    minutes = flops / (gpus * s.gpu_peak_flops * s.assumed_mfu) / 60 * 1.5 + 10
+    return PlannedRun(
+        run_id=run_id(size, init, lang, replay if init == "cpt" else None),
+        size=size, init=init, lang=lang, source_lang=source, replay=replay,
+        parent=run_id(size, "scratch", source) if init == "cpt" and source else None,
+        params=params, params_nonemb=shape.params(cfg.vocab_size, embeddings=False),
+        tokens=tokens, seq_length=cfg.train.seq_length, global_batch_size=gbs,
+        micro_batch_size=cfg.train.micro_batch_size, grad_accum=accum, steps=steps,
+        tp=layout.tp, pp=layout.pp, dp=layout.dp, flops_6nd=flops, gpus=gpus,
+        runtime_minutes=max(s.min_runtime_minutes, math.ceil(minutes)),
+        mem_gb=max(4, gpus * s.mem_gb_per_gpu if gpus > 1 else 4 + int(params * 16 / 2**30) * 2),
+    )
+
+
+def find_run(cfg: StudyConfig, rid: str) -> PlannedRun:
+    for run in plan_study(cfg):
+        if run.run_id == rid:
+            return run
+    raise KeyError(f"run {rid!r} is not part of study {cfg.study!r}; `cptscale plan CONFIG` lists its runs")
+
+
+# -- schedules ---------------------------------------------------------------------------------
+def schedule_for(cfg: StudyConfig, run: PlannedRun) -> Schedule:
+    """Scratch runs follow ``train``; CPT runs follow ``cpt`` (Reuse, Don't Retrain options)."""
+    t = cfg.train
+    warmup = round(t.warmup_fraction * run.steps)
+    kind = t.schedule
+    max_lr, min_lr, start_lr = t.lr, t.lr * t.min_lr_ratio, 0.0
+    if run.init == "cpt":
+        c = cfg.cpt
+        kind = c.schedule or t.schedule
+        if c.start_lr == "source_final":
+            max_lr = t.lr * t.min_lr_ratio if t.schedule != "constant" else t.lr
+        if not c.warmup:
+            warmup = 0
+        min_lr = {
+            "pretrain": min(max_lr, t.lr * t.min_lr_ratio),
+            "start/10": max_lr / 10,
+            "start/100": max_lr / 100,
+            "zero": 0.0,
+        }[c.min_lr]
+    decay = 0
+    if kind == "wsd":
+        decay = max(1, round(t.wsd_decay_fraction * (run.steps - warmup)))
+    return Schedule(kind, max_lr, min_lr, warmup, run.steps, start_lr, decay, t.decay_shape)
+
+
+def eval_steps(total_steps: int, points: int) -> list[int]:
+    """Step 0, ``points`` log-spaced steps, and the last step (evaluation after s optimizer steps)."""
+    ls = np.unique(np.round(np.geomspace(1, total_steps, points)).astype(int))
+    return sorted({0, *ls.tolist(), total_steps})
+
+
+# -- paths -------------------------------------------------------------------------------------
+def data_dir(cfg: StudyConfig) -> Path:
+    return cfg.study_dir / "data"
+
+
+def tokenizer_path(cfg: StudyConfig) -> Path:
+    return cfg.study_dir / "tokenizer" / "tokenizer.json"
+
+
+def run_dir(cfg: StudyConfig, rid: str) -> Path:
+    return cfg.study_dir / "runs" / rid
+
+
+def checkpoint_dir(cfg: StudyConfig, rid: str) -> Path:
+    return cfg.study_dir / "checkpoints" / rid
+
+
+def config_hash(cfg: StudyConfig) -> str:
+    return stable_hash(cfg.model_dump(mode="json"))
+
+
+def training_hash(cfg: StudyConfig, run: PlannedRun) -> str:
+    """Hash of everything that changes this run's training, and nothing else (rerun trigger)."""
+    keep = {
+        "run": run.as_dict(),
+        "train": cfg.train.model_dump(mode="json"),
+        "cpt": cfg.cpt.model_dump(mode="json") if run.init == "cpt" else None,
+        "mix": cfg.mix if run.init == "cpt" else None,
+        "tokenizer": cfg.tokenizer.model_dump(mode="json"),
+        "corpora": {k: cfg.corpora[k] for k in sorted({run.lang, run.source_lang or run.lang})},
+        "data": cfg.data.model_dump(mode="json"),
+        "seed": cfg.seed,
+        "eval": cfg.evaluation.model_dump(mode="json"),
+    }
+    return stable_hash(keep)
+
+
+# -- run.json ----------------------------------------------------------------------------------
+def _manifest(cfg: StudyConfig, lang: str) -> dict[str, Any]:
+    path = data_dir(cfg) / lang / "data.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the data stage for {lang!r} first")
+    return read_json(path)
+
+
+def manifest_numbers(manifest: dict[str, Any]) -> dict[str, int]:
+    """Train tokens, validation tokens and validation bytes from a data stage manifest."""
+    train, valid = manifest["train"], manifest["valid"]
+    return {"train_tokens": int(train["tokens"]), "valid_tokens": int(valid["tokens"]),
+            "valid_bytes": int(valid["bytes"])}
+
+
+def run_spec(cfg: StudyConfig, rid: str) -> dict[str, Any]:
+    """The complete ``run.json`` for one run: what the training engine needs and nothing it must guess."""
+    from cptscale.mix import MixConfig, plan_blend
+
+    run = find_run(cfg, rid)
+    sched = schedule_for(cfg, run)
+    ddir = data_dir(cfg)
+    langs = cfg.languages.all
+    numbers = {lang: manifest_numbers(_manifest(cfg, lang)) for lang in langs}
+    mix_cfg = MixConfig.model_validate(cfg.mix) if run.init == "cpt" else MixConfig()
+    data = plan_blend(
+        mix_cfg,
+        replay=run.replay if run.init == "cpt" else 0.0,
+        target=run.lang,
+        source=run.source_lang or run.lang,
+        train_prefixes={lang: str(ddir / lang / "train") for lang in langs},
+        train_tokens={lang: numbers[lang]["train_tokens"] for lang in langs},
+        schedule=sched,
+        steps=run.steps,
+        global_batch_size=run.global_batch_size,
+        seq_length=run.seq_length,
+        seed=cfg.seed,
+        cache_dir=str(cfg.study_dir / "cache" / "blend-index"),
+    )
+    parent = None
+    if run.init == "cpt":
+        assert run.parent and run.source_lang
+        done = read_json(run_dir(cfg, run.parent) / "done.json")
+        parent = {
+            "run_id": run.parent,
+            "checkpoint": str(checkpoint_dir(cfg, run.parent) / "final"),
+            "lang": run.source_lang,
+            "final_loss": float(done["final_loss"][run.source_lang]),
+            "tolerance": cfg.cpt.init_tolerance,
+        }
+    t = cfg.train
+    chash = training_hash(cfg, run)
+    return {
+        "run_id": run.run_id,
+        "study": cfg.study,
+        "size": run.size,
+        "init": run.init,
+        "lang": run.lang,
+        "source_lang": run.source_lang,
+        "replay": run.replay,
+        "shape": cfg.shape(run.size).as_dict(),
+        "vocab_size": cfg.vocab_size,
+        "params": run.params,
+        "params_nonemb": run.params_nonemb,
+        "tokens": run.tokens,
+        "seq_length": run.seq_length,
+        "micro_batch_size": run.micro_batch_size,
+        "global_batch_size": run.global_batch_size,
+        "steps": run.steps,
+        "seed": cfg.seed,
+        "schedule": asdict(sched),
+        "optimizer": {"weight_decay": t.weight_decay, "beta1": t.beta1, "beta2": t.beta2, "eps": t.eps,
+                      "grad_clip": t.grad_clip},
+        "init_std": t.init_std,
+        "precision": t.precision,
+        "layout": {"tp": run.tp, "pp": run.pp, "dp": run.dp},
+        "data": data,
+        "tokenizer": str(tokenizer_path(cfg)),
+        "eval": {
+            "steps": eval_steps(run.steps, cfg.evaluation.points),
+            "languages": {
+                lang: {"prefix": str(ddir / lang / "valid"), "bytes": numbers[lang]["valid_bytes"]} for lang in langs
+            },
+            "micro_batch_size": cfg.evaluation.micro_batch_size,
+            "max_tokens": cfg.evaluation.max_tokens,
+        },
+        "checkpoint": {"dir": str(checkpoint_dir(cfg, run.run_id)), "every": t.checkpoint_every,
+                       "keep": t.keep_checkpoints},
+        "parent": parent,
+        "out_dir": str(run_dir(cfg, run.run_id)),
+        "loss_spike_factor": t.loss_spike_factor,
+        "config_hash": chash,
+        "provenance": provenance(chash, {f"data/{k}": str(v) for k, v in sorted(numbers.items())}),
+    }
+
+
+def study_manifest(cfg: StudyConfig) -> dict[str, Any]:
+    """``study.json``: the resolved config and the runs it expects (for ``db status``)."""
+    return {
+        "study": cfg.study,
+        "config_hash": config_hash(cfg),
+        "config": cfg.model_dump(mode="json"),
+        "expected_runs": [
+            {"run_id": r.run_id, "size": r.size, "init": r.init, "lang": r.lang, "replay": r.replay,
+             "params": r.params, "tokens": r.tokens, "steps": r.steps}
+            for r in plan_study(cfg)
+        ],
+        "provenance": provenance(config_hash(cfg)),
+    }
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+def _fmt_num(x: float) -> str:
+    for unit, div in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def format_plan(cfg: StudyConfig, runs: list[PlannedRun]) -> str:
+    head = ("run", "N", "N_nonemb", "tokens", "FLOPs", "steps", "batch", "mbs x acc", "tp/pp/dp", "gpus", "time", "mem")
+    rows = [head]
+    for r in runs:
+        rows.append((
+            r.run_id, _fmt_num(r.params), _fmt_num(r.params_nonemb), _fmt_num(r.tokens), _fmt_num(r.flops_6nd),
+            str(r.steps), f"{r.global_batch_size}x{r.seq_length}", f"{r.micro_batch_size}x{r.grad_accum}",
+            f"{r.tp}/{r.pp}/{r.dp}", str(r.gpus), f"{r.runtime_minutes}m", f"{r.mem_gb}G",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    total_flops = sum(r.flops_6nd for r in runs)
+    gpu_hours = sum(r.flops_6nd / (cfg.slurm.gpu_peak_flops * cfg.slurm.assumed_mfu) / 3600 for r in runs)
+    lines.append("")
+    lines.append(
+        f"study {cfg.study}: {len(runs)} runs, {_fmt_num(sum(r.tokens for r in runs))} tokens, "
+        f"{_fmt_num(total_flops)} FLOPs (6ND), ~{gpu_hours:.3g} GPU-hours at "
+        f"{cfg.slurm.assumed_mfu:.0%} MFU of {_fmt_num(cfg.slurm.gpu_peak_flops)}FLOP/s"
+    )
+    return "\n".join(lines)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from cptscale.cli import CLIError
+    from cptscale.config import ConfigError, load_config
+    from cptscale.util import write_json
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    if args.study_json:
+        write_json(args.study_json, study_manifest(cfg))
+        return 0
+    if args.run:
+        try:
+            spec = run_spec(cfg, args.run)
+        except (KeyError, FileNotFoundError, ValueError) as exc:
+            raise CLIError(str(exc).strip("'\"")) from None
+        if args.out:
+            write_json(args.out, spec)
+        else:
+            import json
+
+            print(json.dumps(spec, indent=2, sort_keys=True))
+        return 0
+    runs = plan_study(cfg)
+    if args.json:
+        import json
+
+        print(json.dumps([r.as_dict() for r in runs], indent=2))
+    else:
+        print(format_plan(cfg, runs))
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan", help="print every run of a study: N, tokens, FLOPs, steps, batch, layout, resources",
+        description="Derive the study's runs from the config (nothing is trained). With --run, write one "
+        "run's run.json for the training engine (needs the data stage's manifests).",
+    )
+    p.add_argument("config", help="study YAML")
+    p.add_argument("--json", action="store_true", help="machine-readable list of runs")
+    p.add_argument("--run", help="one run id: write its full training spec")
+    p.add_argument("--out", help="with --run: where to write run.json (default: stdout)")
+    p.add_argument("--study-json", help="write the study manifest (resolved config + expected runs) here")
+    p.set_defaults(func=_cmd_plan)

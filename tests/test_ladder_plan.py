@@ -1,0 +1,89 @@
+"""Model ladder bookkeeping and the derived study plan."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cptscale.config import load_config, parse_config
+from cptscale.ladder import PAPER_SHAPES, TINY_SHAPES, get_shape, padded_vocab
+from cptscale.plan import eval_steps, parse_run_id, plan_study, schedule_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_paper_table4_has_42_shapes_matching_reported_sizes() -> None:
+    assert len(PAPER_SHAPES) == 42
+    for name, shape in PAPER_SHAPES.items():
+        reported = int(name.removesuffix("M")) * 1e6
+        assert abs(shape.paper_params() - reported) / reported < 0.02, name  # max error 1.9 % (49M row)
+
+
+def test_paper_intermediate_rule() -> None:
+    assert PAPER_SHAPES["1393M"].ffn * 2 == 9728
+    assert PAPER_SHAPES["5534M"].ffn * 2 == 16896
+
+
+def test_param_count_hand_check() -> None:
+    s = TINY_SHAPES["d32l2"]  # hidden 32, 2 heads, ffn 96
+    per_layer = 32 * 3 * 32 + 32 * 32 + 3 * 32 * 96 + 2 * 32
+    assert s.layer_params() == per_layer
+    assert s.params(1000, embeddings=False) == 2 * per_layer + 32
+    assert s.params(1000) == 2 * per_layer + 32 + 2 * 1024 * 32
+    assert padded_vocab(1000, tp=2) == 1024
+
+
+def test_unknown_size_lists_known() -> None:
+    with pytest.raises(KeyError, match="d64l2"):
+        get_shape("nope")
+
+
+def test_demo_plan_runs_and_derivations() -> None:
+    cfg = load_config(ROOT / "config.yaml")
+    runs = plan_study(cfg)
+    n_sizes, n_targets, n_ratios = len(cfg.ladder.sizes), len(cfg.languages.targets), len(cfg.replay.ratios)
+    assert len(runs) == n_sizes * (1 + n_targets * (1 + n_ratios))
+    for r in runs:
+        assert r.tokens >= cfg.tokens(r.size)
+        assert r.steps * r.global_batch_size * r.seq_length == r.tokens
+        assert r.global_batch_size == r.micro_batch_size * r.grad_accum * r.dp
+        if r.init == "cpt":
+            assert r.parent == f"{r.size}-scratch-{cfg.languages.source}"
+        assert parse_run_id(r.run_id)["size"] == r.size
+
+
+def test_paper_scale_plan_uses_tiers_and_20_tokens_per_param() -> None:
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    raw["ladder"]["sizes"] = ["49M", "1393M", "5534M"]
+    raw["budget"] = {"tokens_per_param": 20, "param_count": "paper"}
+    raw["train"].update(seq_length=2048, batch_tokens=None, micro_batch_size=4)
+    raw["tokenizer"]["vocab_size"] = 32000
+    cfg = parse_config(raw, base_dir=ROOT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runs = {r.run_id: r for r in plan_study(cfg)}
+    r = runs["1393M-scratch-en"]
+    assert r.global_batch_size == 1024  # 2M-token tier / 2048
+    assert abs(r.tokens - 27.86e9) / 27.86e9 < 0.001
+    assert 13_000 < r.steps < 14_000  # paper: ~13.9k steps
+    assert runs["5534M-scratch-en"].global_batch_size == 2048
+
+
+def test_cpt_schedule_options() -> None:
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    raw["cpt"] = {"warmup": False, "start_lr": "source_final", "min_lr": "start/100"}
+    cfg = parse_config(raw, base_dir=ROOT)
+    run = next(r for r in plan_study(cfg) if r.init == "cpt")
+    s = schedule_for(cfg, run)
+    assert s.warmup_steps == 0
+    assert s.max_lr == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
+    assert s.min_lr == pytest.approx(s.max_lr / 100)
+
+
+def test_eval_steps_log_spaced() -> None:
+    steps = eval_steps(1000, 8)
+    assert steps[0] == 0 and steps[-1] == 1000 and steps == sorted(set(steps))
+    assert 8 <= len(steps) <= 10

@@ -1,0 +1,45 @@
+# Transfer metrics per CPT run (FLOPs saved, effective data transferred, forgetting) and the
+# aggregate step that ingests every job's files into DuckDB (jobs never write to the database).
+
+
+rule transfer:
+    input:
+        cpt=f"{S}/runs/{{run}}/done.json",
+        scratch=lambda wc: f"{S}/runs/{RUNS[wc.run].size}-scratch-{RUNS[wc.run].lang}/done.json",
+        source=lambda wc: f"{S}/runs/{RUNS[wc.run].parent}/done.json",
+    output:
+        f"{S}/runs/{{run}}/transfer.json",
+    log:
+        f"{LOGS}/transfer/{{run}}.log",
+    shell:
+        "cptscale transfer --cpt $(dirname {input.cpt}) --scratch $(dirname {input.scratch})"
+        " --source $(dirname {input.source}) --out {output} 2> {log}"
+
+
+rule study_manifest:
+    output:
+        f"{S}/study.json",
+    params:
+        config_hash=P.config_hash(CFG),
+    shell:
+        "cptscale plan {CONFIG_FILE:q} --study-json {output}"
+
+
+def _all_run_files(wc=None):
+    files = [f"{S}/study.json"]
+    files += [f"{S}/data/{lang}/data.json" for lang in LANGS]
+    for rid in RUNS:
+        files += [f"{S}/runs/{rid}/done.json", f"{S}/runs/{rid}/blend.json"]
+    files += [f"{S}/runs/{r.run_id}/transfer.json" for r in CPT_RUNS]
+    return files
+
+
+rule aggregate_runs:
+    input:
+        _all_run_files,
+    output:
+        f"{S}/db/runs.duckdb",
+    log:
+        f"{LOGS}/aggregate_runs.log",
+    shell:
+        "cptscale db ingest --study-dir {S} --db {output} 2> {log}"
