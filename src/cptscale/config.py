@@ -233,6 +233,7 @@ class ReportConfig(_Model):
 class SlurmConfig(_Model):
     partition: str | None = None
     account: str | None = None
+    gpus: bool = Field(True, description="request GPUs (TP x PP x DP per run); false on CPU-only clusters")
     gpus_per_node: int = Field(8, ge=1)
     cpus_per_gpu: int = Field(8, ge=1)
     mem_gb_per_gpu: int = Field(64, ge=1)
@@ -405,7 +406,7 @@ def load_config(path: str | Path) -> StudyConfig:
 def json_schema() -> dict[str, Any]:
     """The JSON schema Snakemake validates ``config`` with (generated; see workflow/schemas/)."""
     schema = StudyConfig.model_json_schema()
-    schema["$schema"] = "http://json-schema.org/draft-07/schema#"
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["description"] = "cptscale study config (generated from cptscale.config.StudyConfig; do not edit)"
     return schema
 

@@ -52,6 +52,6 @@ rule train:
         runtime=lambda wc, attempt: run_resources(wc.run, attempt)["runtime"],
         tasks=1,
         cpus_per_task=lambda wc: run_resources(wc.run, 1)["cpus_per_task"],
-        gpu=lambda wc: train_gpus(wc.run) if CFG.slurm.partition else 0,
+        gpu=lambda wc: train_gpus(wc.run) if CFG.slurm.gpus else 0,
     shell:
         "OMP_NUM_THREADS={threads} cptscale train --spec {input.spec} >> {log} 2>&1"
