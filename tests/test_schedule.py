@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 
@@ -17,7 +18,7 @@ def test_cosine_warmup_peak_and_floor() -> None:
     assert lr_at(s, 60) == pytest.approx(5.5e-4)  # half-way through the cosine
     assert lr_at(s, 110) == pytest.approx(1e-4)
     lrs = [lr_at(s, i) for i in range(10, 111)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert all(a >= b for a, b in pairwise(lrs))
 
 
 def test_wsd_stable_then_decay_and_branches_share_prefix() -> None:
