@@ -18,7 +18,7 @@ if not config:
 
 validate(config, "workflow/schemas/config.schema.json")
 
-from cptscale.config import ConfigError, parse_config  # noqa: E402
+from cptscale.config import ConfigError, parse_config, resolve_corpora  # noqa: E402
 from cptscale import plan as P  # noqa: E402
 
 _CONFIG_FILE = Path(workflow.configfiles[-1]) if workflow.configfiles else Path("config.yaml")

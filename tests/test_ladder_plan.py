@@ -87,3 +87,26 @@ def test_eval_steps_log_spaced() -> None:
     steps = eval_steps(1000, 8)
     assert steps[0] == 0 and steps[-1] == 1000 and steps == sorted(set(steps))
     assert 8 <= len(steps) <= 10
+
+
+def test_variants_add_cpt_runs_with_their_own_recipe() -> None:
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    raw["variants"] = {"nowarm": {"cpt": {"warmup": False, "min_lr": "zero"}}}
+    cfg = parse_config(raw, base_dir=ROOT)
+    runs = {r.run_id: r for r in plan_study(cfg)}
+    base, variant = runs["d32l2-cpt-zh-r0.25"], runs["d32l2-cpt-zh-r0.25-nowarm"]
+    assert variant.variant == "nowarm" and base.variant is None
+    assert parse_run_id(variant.run_id) == {"size": "d32l2", "init": "cpt", "lang": "zh", "replay": 0.25,
+                                            "variant": "nowarm"}
+    assert schedule_for(cfg, base).warmup_steps > 0
+    s = schedule_for(cfg, variant)
+    assert s.warmup_steps == 0 and s.min_lr == 0.0
+
+
+def test_bad_variant_override_is_named() -> None:
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    raw["variants"] = {"bad": {"cpt": {"min_lr": "start/3"}}}
+    from cptscale.config import ConfigError
+
+    with pytest.raises(ConfigError, match="variants.bad.cpt"):
+        parse_config(raw, base_dir=ROOT)

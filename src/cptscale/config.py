@@ -192,6 +192,20 @@ class CPTConfig(_Model):
     init_tolerance: float = Field(1e-3, gt=0, description="init-sanity gate: |loaded loss - source final loss| (nats)")
 
 
+class Variant(_Model):
+    """A CPT recipe variant: overrides of `cpt` and/or `mix` that add one more CPT run per size x target x
+    replay ratio (for Reuse, Don't Retrain-style ablations: warmup or not, minimum LR, switch points)."""
+
+    cpt: dict[str, Any] = Field(default_factory=dict, description="keys of `cpt` to override")
+    mix: dict[str, Any] | None = Field(None, description="a whole `mix` section replacing the study's")
+
+    @field_validator("cpt")
+    @classmethod
+    def _cpt_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        CPTConfig.model_validate(v)
+        return v
+
+
 class Layout(_Model):
     tp: int = Field(1, ge=1, description="tensor parallel")
     pp: int = Field(1, ge=1, description="pipeline parallel")
@@ -256,7 +270,10 @@ class StudyConfig(_Model):
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     cpt: CPTConfig = Field(default_factory=CPTConfig)
-    mix: dict[str, Any] = Field(default_factory=dict)
+    mix: dict[str, Any] = Field(default_factory=dict, description="CPT blend phases (see cptscale.mix.MixConfig)")
+    variants: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9]*$")], Variant] = Field(
+        default_factory=dict, description="extra CPT recipe variants by name (run ids end in -<name>)"
+    )
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     fit: FitConfig = Field(default_factory=FitConfig)
@@ -296,8 +313,21 @@ class StudyConfig(_Model):
                     f"({self.batch_tokens(size)} tokens); raise budget.tokens_per_param or lower train.batch_tokens"
                 )
         _validate_corpora(self, _base_dir(info))
-        _validate_mix(self)
+        _validate_mix(self.mix, "mix")
+        for name, variant in self.variants.items():
+            if variant.mix is not None:
+                _validate_mix(variant.mix, f"variants.{name}.mix")
         return self
+
+    def cpt_for(self, variant: str | None) -> CPTConfig:
+        if not variant:
+            return self.cpt
+        return CPTConfig.model_validate({**self.cpt.model_dump(), **self.variants[variant].cpt})
+
+    def mix_for(self, variant: str | None) -> dict[str, Any]:
+        if variant and self.variants[variant].mix is not None:
+            return self.variants[variant].mix  # type: ignore[return-value]
+        return self.mix
 
     # -- derived quantities (pure functions of the config) -------------------------------------
     def shape(self, size: str) -> ModelShape:
@@ -340,21 +370,51 @@ def _base_dir(info: ValidationInfo | None) -> Path:
 
 
 def _validate_corpora(cfg: StudyConfig, base: Path) -> None:
-    """Parse each corpus through the data stage's typed source models (which check local paths)."""
+    """Parse each corpus through the data stage's typed source models; local files must exist."""
     try:
-        from cptscale.data.sources import validate_sources
+        from cptscale.data.sources import parse_sources
     except ImportError:  # data stage not installed in this checkout
         return
+    import glob
+
     for lang, sources in cfg.corpora.items():
-        validate_sources(sources, base_dir=base, where=f"corpora.{lang}")
+        try:
+            specs = parse_sources(sources)
+        except ValidationError as exc:
+            raise ValueError(f"corpora.{lang}: " + "; ".join(format_errors(exc))) from None
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"corpora.{lang}: corpus names repeat: {names}")
+        for i, spec in enumerate(specs):
+            for pattern in getattr(spec, "paths", None) or []:
+                full = pattern if Path(pattern).is_absolute() else str(base / pattern)
+                if not any(Path(m).is_file() for m in glob.glob(full, recursive=True)):
+                    raise ValueError(
+                        f"corpora.{lang}.{i} ({spec.name}): no file matches {pattern!r} (relative to {base}); "
+                        "fix the path or create the file"
+                    )
 
 
-def _validate_mix(cfg: StudyConfig) -> None:
+def resolve_corpora(cfg: StudyConfig, lang: str, base: str | Path) -> list[dict[str, Any]]:
+    """The corpus specs of one language with local paths made absolute (jobs may run elsewhere)."""
+    out = []
+    for spec in cfg.corpora[lang]:
+        spec = dict(spec)
+        if spec.get("kind") == "local":
+            spec["paths"] = [p if Path(p).is_absolute() else str(Path(base) / p) for p in spec["paths"]]
+        out.append(spec)
+    return out
+
+
+def _validate_mix(mix: dict[str, Any], where: str) -> None:
     try:
         from cptscale.mix import MixConfig
-    except ImportError:
+    except ImportError:  # mixing stage not installed in this checkout
         return
-    MixConfig.model_validate(cfg.mix)
+    try:
+        MixConfig.model_validate(mix)
+    except ValidationError as exc:
+        raise ValueError(f"{where}: " + "; ".join(format_errors(exc))) from None
 
 
 class ConfigError(Exception):

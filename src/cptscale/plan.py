@@ -23,7 +23,10 @@ from cptscale.config import StudyConfig
 from cptscale.schedule import Schedule
 from cptscale.util import provenance, read_json, stable_hash
 
-RUN_ID = re.compile(r"^(?P<size>[A-Za-z0-9.]+)-(?P<init>scratch|cpt)-(?P<lang>[a-z]{2})(?:-r(?P<replay>[0-9.]+))?$")
+RUN_ID = re.compile(
+    r"^(?P<size>[A-Za-z0-9.]+)-(?P<init>scratch|cpt)-(?P<lang>[a-z]{2})"
+    r"(?:-r(?P<replay>[0-9]+(?:\.[0-9]+)?))?(?:-(?P<variant>[a-z][a-z0-9]*))?$"
+)
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class PlannedRun:
     lang: str  # training (target) language
     source_lang: str | None  # CPT: language of the parent model
     replay: float
+    variant: str | None  # CPT recipe variant (config `variants`), None = the study's recipe
     parent: str | None  # CPT: run id of the source model
     params: int
     params_nonemb: int
@@ -55,9 +59,9 @@ class PlannedRun:
         return asdict(self)
 
 
-def run_id(size: str, init: str, lang: str, replay: float | None = None) -> str:
+def run_id(size: str, init: str, lang: str, replay: float | None = None, variant: str | None = None) -> str:
     if init == "cpt":
-        return f"{size}-cpt-{lang}-r{replay:g}"
+        return f"{size}-cpt-{lang}-r{replay:g}" + (f"-{variant}" if variant else "")
     return f"{size}-scratch-{lang}"
 
 
@@ -95,11 +99,14 @@ def plan_study(cfg: StudyConfig) -> list[PlannedRun]:
         for tgt in cfg.languages.targets:
             runs.append(_planned(cfg, size, "scratch", tgt, None, 0.0))
             for r in cfg.replay.ratios:
-                runs.append(_planned(cfg, size, "cpt", tgt, src, r))
+                for variant in (None, *cfg.variants):
+                    runs.append(_planned(cfg, size, "cpt", tgt, src, r, variant))
     return runs
 
 
-def _planned(cfg: StudyConfig, size: str, init: str, lang: str, source: str | None, replay: float) -> PlannedRun:
+def _planned(
+    cfg: StudyConfig, size: str, init: str, lang: str, source: str | None, replay: float, variant: str | None = None
+) -> PlannedRun:
     shape = cfg.shape(size)
     layout = cfg.layout(size)
     gbs, accum = batch_layout(cfg, size)
@@ -112,8 +119,8 @@ def _planned(cfg: StudyConfig, size: str, init: str, lang: str, source: str | No
     s = cfg.slurm
     minutes = flops / (gpus * s.gpu_peak_flops * s.assumed_mfu) / 60 * 1.5 + 10
     return PlannedRun(
-        run_id=run_id(size, init, lang, replay if init == "cpt" else None),
-        size=size, init=init, lang=lang, source_lang=source, replay=replay,
+        run_id=run_id(size, init, lang, replay if init == "cpt" else None, variant),
+        size=size, init=init, lang=lang, source_lang=source, replay=replay, variant=variant,
         parent=run_id(size, "scratch", source) if init == "cpt" and source else None,
         params=params, params_nonemb=shape.params(cfg.vocab_size, embeddings=False),
         tokens=tokens, seq_length=cfg.train.seq_length, global_batch_size=gbs,
@@ -139,7 +146,7 @@ def schedule_for(cfg: StudyConfig, run: PlannedRun) -> Schedule:
     kind = t.schedule
     max_lr, min_lr, start_lr = t.lr, t.lr * t.min_lr_ratio, 0.0
     if run.init == "cpt":
-        c = cfg.cpt
+        c = cfg.cpt_for(run.variant)
         kind = c.schedule or t.schedule
         if c.start_lr == "source_final":
             max_lr = t.lr * t.min_lr_ratio if t.schedule != "constant" else t.lr
@@ -189,8 +196,8 @@ def training_hash(cfg: StudyConfig, run: PlannedRun) -> str:
     keep = {
         "run": run.as_dict(),
         "train": cfg.train.model_dump(mode="json"),
-        "cpt": cfg.cpt.model_dump(mode="json") if run.init == "cpt" else None,
-        "mix": cfg.mix if run.init == "cpt" else None,
+        "cpt": cfg.cpt_for(run.variant).model_dump(mode="json") if run.init == "cpt" else None,
+        "mix": cfg.mix_for(run.variant) if run.init == "cpt" else None,
         "tokenizer": cfg.tokenizer.model_dump(mode="json"),
         "corpora": {k: cfg.corpora[k] for k in sorted({run.lang, run.source_lang or run.lang})},
         "data": cfg.data.model_dump(mode="json"),
@@ -224,7 +231,7 @@ def run_spec(cfg: StudyConfig, rid: str) -> dict[str, Any]:
     ddir = data_dir(cfg)
     langs = cfg.languages.all
     numbers = {lang: manifest_numbers(_manifest(cfg, lang)) for lang in langs}
-    mix_cfg = MixConfig.model_validate(cfg.mix) if run.init == "cpt" else MixConfig()
+    mix_cfg = MixConfig.model_validate(cfg.mix_for(run.variant)) if run.init == "cpt" else MixConfig()
     data = plan_blend(
         mix_cfg,
         replay=run.replay if run.init == "cpt" else 0.0,
@@ -248,7 +255,7 @@ def run_spec(cfg: StudyConfig, rid: str) -> dict[str, Any]:
             "checkpoint": str(checkpoint_dir(cfg, run.parent) / "final"),
             "lang": run.source_lang,
             "final_loss": float(done["final_loss"][run.source_lang]),
-            "tolerance": cfg.cpt.init_tolerance,
+            "tolerance": cfg.cpt_for(run.variant).init_tolerance,
         }
     t = cfg.train
     chash = training_hash(cfg, run)
@@ -260,6 +267,7 @@ def run_spec(cfg: StudyConfig, rid: str) -> dict[str, Any]:
         "lang": run.lang,
         "source_lang": run.source_lang,
         "replay": run.replay,
+        "variant": run.variant,
         "shape": cfg.shape(run.size).as_dict(),
         "vocab_size": cfg.vocab_size,
         "params": run.params,
@@ -304,6 +312,7 @@ def study_manifest(cfg: StudyConfig) -> dict[str, Any]:
         "config": cfg.model_dump(mode="json"),
         "expected_runs": [
             {"run_id": r.run_id, "size": r.size, "init": r.init, "lang": r.lang, "replay": r.replay,
+             "variant": r.variant, "parent": r.parent,
              "params": r.params, "tokens": r.tokens, "steps": r.steps}
             for r in plan_study(cfg)
         ],

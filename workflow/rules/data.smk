@@ -6,7 +6,7 @@ rule corpus_sources:
     output:
         f"{S}/data/{{lang}}/sources.json",
     params:
-        sources=lambda wc: CFG.corpora[wc.lang],
+        sources=lambda wc: resolve_corpora(CFG, wc.lang, _CONFIG_FILE.resolve().parent),
     run:
         from cptscale.util import write_json
 
@@ -27,7 +27,7 @@ rule ingest:
         f"{LOGS}/ingest/{{lang}}.log",
     shell:
         "cptscale data ingest --lang {wildcards.lang} --sources-json {input} --out {output.docs}"
-        " --min-chars {CFG.data.min_doc_chars} {params.max_chars} {params.cache} 2> {log}"
+        " --min-chars {CFG.data.min_doc_chars} {params.max_chars} {params.cache} --no-progress 2> {log}"
 
 
 rule tokenizer:
@@ -44,7 +44,7 @@ rule tokenizer:
     shell:
         "cptscale data tokenizer --docs {input} --vocab-size {CFG.tokenizer.vocab_size}"
         " --sample-chars-per-language {CFG.tokenizer.sample_chars_per_language}"
-        " --valid-tokens {params.valid} --out {output.tok} 2> {log}"
+        " --valid-tokens {params.valid} --out {output.tok} --no-progress 2> {log}"
 
 
 rule index:
@@ -62,4 +62,4 @@ rule index:
         f"{LOGS}/index/{{lang}}.log",
     shell:
         "cptscale data index --lang {wildcards.lang} --docs {input.docs} --tokenizer {input.tok}"
-        " --valid-tokens {params.valid} --out-dir $(dirname {output.manifest}) --workers {threads} 2> {log}"
+        " --valid-tokens {params.valid} --out-dir $(dirname {output.manifest}) --workers {threads} --no-progress 2> {log}"
