@@ -108,5 +108,5 @@ def test_bad_variant_override_is_named() -> None:
     raw["variants"] = {"bad": {"cpt": {"min_lr": "start/3"}}}
     from cptscale.config import ConfigError
 
-    with pytest.raises(ConfigError, match="variants.bad.cpt"):
+    with pytest.raises(ConfigError, match=r"variants\.bad\.cpt"):
         parse_config(raw, base_dir=ROOT)
