@@ -7,6 +7,7 @@
 # The study config is validated (JSON schema + typed schema) before any job runs; every run, path and
 # resource below is derived from it by cptscale.plan. Rules are thin: one `cptscale` call each.
 
+import sys
 from pathlib import Path
 
 from snakemake.utils import min_version, validate
@@ -26,6 +27,9 @@ try:
     CFG = parse_config(config, base_dir=_CONFIG_FILE.resolve().parent, where=str(_CONFIG_FILE))
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
+
+# Jobs call the `cptscale` of the environment Snakemake runs in (also inside SLURM allocations).
+shell.prefix(f'export PATH="{Path(sys.executable).parent}:$PATH"; ')
 
 S = str(CFG.study_dir)
 CONFIG_FILE = str(_CONFIG_FILE)
