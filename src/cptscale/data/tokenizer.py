@@ -1,0 +1,281 @@
+"""The shared byte-level BPE tokenizer: training on a language-balanced sample, loading, adapters.
+
+Sampling avoids validation documents: the validation split (:mod:`cptscale.data.indexed`) takes
+documents in *ascending* hash order, so the tokenizer sample takes them in *descending* hash order and
+also skips a reserved low-hash region of ``valid_tokens * RESERVE_BYTES_PER_TOKEN`` bytes. The report
+records the lowest sampled hash per language so the index step can prove (and report) zero overlap.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cptscale.data.sources import SourceError
+from cptscale.util import atomic_path, file_hash, provenance, write_json
+
+EOD = "<|endoftext|>"
+PAD = "<|pad|>"
+#: Upper bound on UTF-8 bytes per token, used only to reserve the validation region before the
+#: tokenizer exists (byte-level BPE averages 2-5 bytes/token; CJK about 2-3).
+RESERVE_BYTES_PER_TOKEN = 8
+
+
+class Tokenizer:
+    """What the trainer and mixer need: ``vocab_size``, ``eod``, ``pad``, ``encode``, ``decode``."""
+
+    def __init__(self, path: str | Path) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.path = Path(path)
+        try:
+            self.hf = HFTokenizer.from_file(str(path))
+        except Exception as exc:
+            raise SourceError(f"cannot load tokenizer {path}: {exc}; give a Hugging Face tokenizer.json") from exc
+        eod = self.hf.token_to_id(EOD)
+        if eod is None:
+            raise SourceError(f"tokenizer {path} has no EOD token {EOD!r}; add it as a special token")
+        self.eod: int = eod
+        pad = self.hf.token_to_id(PAD)
+        self.pad: int | None = pad
+        self.vocab_size: int = self.hf.get_vocab_size(with_added_tokens=True)
+        self.hash = file_hash(path)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode(list(map(int, ids)), skip_special_tokens=False)
+
+    @property
+    def dtype(self) -> type[np.integer]:
+        """Token dtype for .bin files: uint16 while every id fits, else int32."""
+        return np.uint16 if self.vocab_size < 65500 else np.int32
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    return Tokenizer(path)
+
+
+class MegatronTokenizerAdapter:
+    """Our tokenizer behind Megatron-Core's tokenizer interface: ``GPTDatasetConfig(tokenizer=...)``
+    reads ``vocab_size``, ``eod``, ``pad``/``eos`` and ``unique_identifiers`` (duck-typed like
+    ``MegatronLegacyTokenizer``, without its deprecation warning or a Megatron import here)."""
+
+    def __init__(self, tok: Tokenizer | str | Path) -> None:
+        import json
+        from collections import OrderedDict
+
+        self.tok = tok if isinstance(tok, Tokenizer) else Tokenizer(tok)
+        self.unique_identifiers: OrderedDict[str, Any] = OrderedDict(
+            [("class", type(self).__name__), ("tokenizer_hash", self.tok.hash), ("vocab_size", self.tok.vocab_size)]
+        )
+        self.unique_description = json.dumps(self.unique_identifiers, indent=4)
+
+    def tokenize(self, text: str) -> np.ndarray:
+        return np.asarray(self.tok.encode(text), dtype=np.int64)
+
+    def detokenize(self, ids: np.ndarray) -> str:
+        return self.tok.decode(list(ids))
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self.tok.hf.get_vocab(with_added_tokens=True)
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return {v: k for k, v in self.vocab.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self.tok.eod
+
+    @property
+    def eos(self) -> int:
+        return self.tok.eod
+
+    @property
+    def pad(self) -> int:
+        return self.tok.pad if self.tok.pad is not None else self.tok.eod
+
+
+# ----------------------------------------------------------------------------------------------------
+# sampling and training
+
+
+def lang_of(docs_path: str | Path) -> str:
+    """``LANG=path`` or ``.../LANG/docs.parquet`` -> LANG."""
+    s = str(docs_path)
+    return s.split("=", 1)[0] if "=" in s else Path(s).parent.name
+
+
+def _strip_lang(docs_path: str | Path) -> Path:
+    s = str(docs_path)
+    return Path(s.split("=", 1)[1] if "=" in s else s)
+
+
+def select_sample(docs: str | Path, sample_chars: int, reserve_bytes: int) -> tuple[set[str], str | None, int]:
+    """Hashes of the tokenizer sample: descending hash order, skipping the low-hash reserve.
+
+    Returns (hashes, lowest sampled hash, chars sampled)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(docs, columns=["hash", "chars", "bytes"])
+    order = np.argsort(np.asarray(table.column("hash").to_numpy(zero_copy_only=False), dtype="U16"), kind="stable")
+    hashes = table.column("hash").to_pylist()
+    chars = table.column("chars").to_numpy()
+    nbytes = table.column("bytes").to_numpy()
+    reserved = 0
+    cum = 0
+    for i in order:
+        if cum >= reserve_bytes:
+            break
+        cum += int(nbytes[i])
+        reserved += 1
+    picked: set[str] = set()
+    got = 0
+    lowest: str | None = None
+    for i in order[reserved:][::-1]:
+        if got >= sample_chars:
+            break
+        picked.add(hashes[i])
+        lowest = hashes[i]
+        got += int(chars[i])
+    return picked, lowest, got
+
+
+def _iter_texts(docs: Path, wanted: set[str]) -> Iterator[str]:
+    from cptscale.data.ingest import iter_doc_batches
+
+    for batch in iter_doc_batches(docs, ("text", "hash")):
+        for text, h in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
+            if h in wanted:
+                yield text
+
+
+def train_tokenizer(
+    docs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    vocab_size: int,
+    sample_chars_per_language: int,
+    valid_tokens: int = 0,
+    min_frequency: int = 2,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a byte-level BPE on an equal-character sample per language; write tokenizer.json and
+    report.json (per-language fertility measured on held-out low-hash documents)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 300:
+        raise SourceError(f"--vocab-size {vocab_size} is too small for byte-level BPE; use at least 300")
+    samples: dict[str, tuple[Path, set[str], str | None, int]] = {}
+    for d in docs:
+        lang, path = lang_of(d), _strip_lang(d)
+        if not path.exists():
+            raise SourceError(f"language {lang!r}: docs store {path} is missing; run `cptscale data ingest` first")
+        picked, lowest, got = select_sample(path, sample_chars_per_language, valid_tokens * RESERVE_BYTES_PER_TOKEN)
+        if not picked:
+            raise SourceError(
+                f"language {lang!r}: no documents left for the tokenizer sample after reserving "
+                f"{valid_tokens} validation tokens; add text or lower the validation size"
+            )
+        samples[lang] = (path, picked, lowest, got)
+
+    def corpus() -> Iterator[str]:
+        for path, picked, _lowest, _got in samples.values():
+            yield from _iter_texts(path, picked)
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOD, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        tok.save(str(tmp))
+    loaded = Tokenizer(out)
+    report = fertility_report(loaded, {lang: s[0] for lang, s in samples.items()})
+    report.update({
+        "vocab_size": loaded.vocab_size,
+        "vocab_size_requested": vocab_size,
+        "eod": loaded.eod,
+        "pad": loaded.pad,
+        "tokenizer_hash": loaded.hash,
+        "trained": True,
+        "sample": {
+            lang: {"chars": s[3], "docs": len(s[1]), "lowest_hash": s[2], "docs_hash": file_hash(s[0])}
+            for lang, s in samples.items()
+        },
+        "reserve_bytes_per_language": valid_tokens * RESERVE_BYTES_PER_TOKEN,
+        "provenance": provenance(inputs={str(s[0]): file_hash(s[0]) for s in samples.values()}),
+    })
+    write_json(out.parent / "report.json", report)
+    return report
+
+
+def copy_tokenizer(src: str | Path, out: str | Path, docs: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """``--from FILE``: validate a given tokenizer.json (must have the EOD token) and copy it."""
+    Tokenizer(src)  # validates
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        shutil.copyfile(src, tmp)
+    loaded = Tokenizer(out)
+    report = fertility_report(loaded, {lang_of(d): _strip_lang(d) for d in docs})
+    report.update({"vocab_size": loaded.vocab_size, "eod": loaded.eod, "pad": loaded.pad,
+                   "tokenizer_hash": loaded.hash, "trained": False, "from": str(src), "sample": {}})
+    write_json(out.parent / "report.json", report)
+    return report
+
+
+def fertility_report(tok: Tokenizer, docs: dict[str, Path], max_chars: int = 1_000_000) -> dict[str, Any]:
+    """Tokens per byte and per character on up to ``max_chars`` of each language's lowest-hash docs
+    (the validation region, never in the tokenizer sample)."""
+    import pyarrow.parquet as pq
+
+    out: dict[str, Any] = {}
+    for lang, path in docs.items():
+        table = pq.read_table(path, columns=["hash", "chars"])
+        hashes = table.column("hash").to_pylist()
+        chars = table.column("chars").to_pylist()
+        wanted: set[str] = set()
+        got = 0
+        for h, c in sorted(zip(hashes, chars, strict=True)):
+            if got >= max_chars:
+                break
+            wanted.add(h)
+            got += c
+        n_chars = n_bytes = n_tok = 0
+        for text in _iter_texts(path, wanted):
+            n_chars += len(text)
+            n_bytes += len(text.encode("utf-8"))
+            n_tok += len(tok.encode(text))
+        out[lang] = {
+            "chars": n_chars, "bytes": n_bytes, "tokens": n_tok,
+            "tokens_per_byte": n_tok / n_bytes if n_bytes else None,
+            "tokens_per_char": n_tok / n_chars if n_chars else None,
+        }
+    return {"fertility": out}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use `cptscale data tokenizer`")
