@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "cptscale.store",
     "cptscale.fit",
     "cptscale.report",
+    "cptscale.summary",
     "cptscale.prune",
 )
 

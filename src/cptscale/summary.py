@@ -1,0 +1,132 @@
+"""``cptscale summary``: the answer to the study's question in a few lines, after a run.
+
+Reads what the pipeline wrote (the DuckDB store and the fit files) and prints where the report is,
+the fitted laws, how much compute CPT saved and the held-out-largest-size prediction error. The
+same numbers go to ``summary.json`` so scripts and tests can check them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from cptscale.util import read_json, write_json
+
+
+def _law_text(fit: dict[str, Any]) -> str:
+    p = fit.get("params", {})
+    law = fit.get("law", "?")
+    try:
+        if law == "chinchilla":
+            return (f"L = {p['E']:.3f} + {p['A']:.4g}/N^{p['alpha']:.3f} + {p['B']:.4g}/D^{p['beta']:.3f}")
+        if law == "cpt":
+            bp = p.get("Bp", p.get("B'", p.get("B")))
+            betap = p.get("beta_p", p.get("beta'", p.get("beta")))
+            return (f"L = {p['E']:.3f} + {p['A']:.4g}/N^{p['alpha']:.3f} + "
+                    f"{bp:.4g}/(D^{betap:.3f} N^{p['gamma']:.3f})")
+    except (KeyError, TypeError):
+        pass
+    return f"{law}: {json.dumps(p)}"
+
+
+def _heldout_text(fit: dict[str, Any]) -> str | None:
+    h = fit.get("heldout") or {}
+    if not isinstance(h, dict) or not h:
+        return None
+    parts = []
+    for key in ("mae", "rmse", "max_abs_err", "rel_err", "mean_rel_err"):
+        if isinstance(h.get(key), int | float) and math.isfinite(h[key]):
+            parts.append(f"{key} {h[key]:.4g}")
+    size = h.get("heldout_N") or h.get("N") or h.get("size")
+    head = f"held-out largest size ({size:.3g} params)" if isinstance(size, int | float) else "held-out largest size"
+    return f"{head}: " + ", ".join(parts) if parts else None
+
+
+def compute_saving(db: Path, study: str) -> dict[str, Any]:
+    """Median share of FLOPs CPT saved (vs scratch at equal target loss), over each CPT run's last
+    evaluation, per size; read from the store's ``transfer`` table."""
+    import duckdb
+
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        rows = con.execute(
+            """
+            with last as (
+              select run_id, size, replay, max(step) as step from transfer
+              where study = ? and frac_saved is not null group by run_id, size, replay)
+            select t.size, t.replay, t.frac_saved, t.tokens, t.scratch_tokens_equiv
+            from transfer t join last using (run_id, step)
+            where t.study = ? order by t.size, t.replay
+            """,
+            [study, study],
+        ).fetchall()
+    except duckdb.Error as exc:
+        return {"error": f"no transfer metrics in {db}: {exc}"}
+    finally:
+        con.close()
+    per_run = [
+        {"size": s, "replay": r, "frac_saved": f, "tokens": t, "scratch_tokens_equiv": e} for s, r, f, t, e in rows
+    ]
+    fracs = sorted(x["frac_saved"] for x in per_run)
+    median = fracs[len(fracs) // 2] if fracs else None
+    return {"per_run": per_run, "median_frac_saved": median}
+
+
+def summarize(study_dir: Path, study: str) -> dict[str, Any]:
+    fits_dir = study_dir / "fits"
+    out: dict[str, Any] = {"study": study, "report": str(study_dir / "report" / "index.html")}
+    fits = {}
+    for path in sorted(fits_dir.glob("*.json")):
+        try:
+            data = read_json(path)
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and "params" in data and "law" in data:
+            fits[path.stem] = data
+    out["fits"] = {name: {"law": f["law"], "equation": _law_text(f), "heldout": _heldout_text(f)}
+                   for name, f in fits.items()}
+    db = study_dir / "cptscale.duckdb"
+    out["compute_saving"] = compute_saving(db, study) if db.exists() else {"error": f"{db} missing"}
+    return out
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [f"study {s['study']}", f"  report: {s['report']}"]
+    for name, f in s["fits"].items():
+        lines.append(f"  fit {name}: {f['equation']}")
+        if f.get("heldout"):
+            lines.append(f"      {f['heldout']}")
+    cs = s["compute_saving"]
+    if cs.get("median_frac_saved") is not None:
+        lines.append(f"  CPT compute saving (median over CPT runs, last evaluation): {cs['median_frac_saved']:.1%}")
+        for row in cs["per_run"]:
+            lines.append(f"      {row['size']:>8} replay {row['replay']:<5g} saved {row['frac_saved']:.1%} of FLOPs")
+    else:
+        lines.append(f"  CPT compute saving: {cs.get('error', 'not available (no CPT run reached a scratch loss)')}")
+    return "\n".join(lines)
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from cptscale.cli import CLIError
+    from cptscale.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    s = summarize(cfg.study_dir, cfg.study)
+    if args.out:
+        write_json(args.out, s)
+    print(format_summary(s))
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("summary", help="print the study's answer: report path, fitted laws, CPT saving, held-out error",
+                       description="Summarise a finished (or partly finished) study from its store and fits.")
+    p.add_argument("--config", default="config.yaml", help="study YAML")
+    p.add_argument("--out", help="also write the summary as JSON here")
+    p.set_defaults(func=_cmd_summary)
