@@ -381,24 +381,27 @@ def _peak_pss(cmd: list[str]) -> int:
 
 def test_peak_memory_does_not_grow_with_corpus_size(study: dict, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Indexing 4x more text must not need more memory: memory is bounded by one row group (here
-    256 KB, 16 MB by default) and a few batches in flight, both far smaller than either corpus."""
+    """Indexing 16x more text (~2.7 MB vs ~44 MB) must not need memory in proportion: memory is bounded by
+    one row group (here 256 KB, 16 MB by default) and a few batches in flight. An indexer that held the
+    corpus (or its ~26M token ids) would grow by at least the 41 MB of added text; measured growth is
+    5-20 MB of allocator noise (pyarrow pool, tokenizer caches), so the bound is 3/4 of the added text."""
     import cptscale.data.ingest as ing
 
     monkeypatch.setattr(ing, "ROW_GROUP_BYTES", 256 << 10)
     exe = [sys.executable, "-m", "cptscale.cli", "data"]
-    peaks = {}
-    for name, n_docs in (("small", 250), ("big", 1000)):
+    peaks, sizes = {}, {}
+    for name, n_docs in (("small", 250), ("big", 4000)):
         corpus = tmp_path / f"{name}.jsonl"
-        make_en(corpus, n_docs, seed=7, words_per_doc=(1000, 3000))  # ~2.5 MB vs ~10 MB
+        make_en(corpus, n_docs, seed=7, words_per_doc=(1000, 3000))
+        sizes[name] = corpus.stat().st_size
         docs = tmp_path / name / "docs.parquet"
         ingest("xx", _spec(corpus), docs, progress=False)
         peaks[name] = _peak_pss([*exe, "index", "--lang", "xx", "--docs", str(docs), "--tokenizer",
                                  str(study["tok"]), "--valid-tokens", "20000", "--out-dir", str(docs.parent),
                                  "--no-progress"])
-    size_ratio = (tmp_path / "big.jsonl").stat().st_size / (tmp_path / "small.jsonl").stat().st_size
-    assert size_ratio > 3.5
-    assert peaks["big"] < peaks["small"] + 15 * 2**20, peaks
+    added = sizes["big"] - sizes["small"]
+    assert sizes["big"] / sizes["small"] > 14
+    assert peaks["big"] - peaks["small"] < 0.75 * added, (peaks, added)
 
 
 def test_sigkilled_index_then_rerun(study: dict, tmp_path: Path) -> None:
