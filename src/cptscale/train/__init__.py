@@ -1,0 +1,1 @@
+"""Training engine: Megatron-Core GPTModel, scratch/CPT runs, checkpoints, evaluation hooks."""

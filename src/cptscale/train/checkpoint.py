@@ -1,0 +1,184 @@
+"""Checkpoints: model weights via Megatron-Core dist_checkpointing (reshardable across TP/PP),
+optimizer + RNG per rank, a small common-state JSON; written to a temp dir then renamed."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STATE = "state.json"
+_STEP = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _layout() -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    out = []
+    for p in d.iterdir():
+        m = _STEP.match(p.name)
+        if m and (p / STATE).exists():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    cks = list_checkpoints(ckpt_dir)
+    return cks[-1][1] if cks else None
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate(),
+          "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    import torch
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["random"])
+    get_cuda_rng_tracker().set_states(st["tracker"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def _save_model(model, path: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    path.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), str(path))
+
+
+def _publish(tmp: Path, final: Path, state: dict[str, Any]) -> None:
+    """Rank 0: write the common state last, then rename into place (complete or absent)."""
+    (tmp / STATE).write_text(json.dumps(state, indent=1))
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+def save_full(ckpt_dir: str | Path, step: int, model, opt, spec: dict[str, Any], keep: int = 2) -> Path:
+    """Everything needed for an exact resume at the same layout."""
+    import torch
+
+    d = Path(ckpt_dir)
+    final = d / f"step_{step}"
+    tmp = d / f".step_{step}.tmp"
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    _save_model(model, tmp / "model")
+    torch.save({"optimizer": opt.state_dict(), "rng": _rng_state()}, tmp / f"rank{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        state = {"step": step, "consumed_samples": step * int(spec["global_batch_size"]), "layout": _layout(),
+                 "run_id": spec["run_id"], "config_hash": spec.get("config_hash"), "kind": "full"}
+        _publish(tmp, final, state)
+        for _, p in list_checkpoints(d)[:-keep] if keep > 0 else []:
+            shutil.rmtree(p, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def save_final(ckpt_dir: str | Path, step: int, model, spec: dict[str, Any]) -> Path:
+    """Weights only (what a CPT run needs); loadable at any TP/PP layout."""
+    d = Path(ckpt_dir)
+    final = d / "final"
+    tmp = d / ".final.tmp"
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    _save_model(model, tmp / "model")
+    _barrier()
+    if _rank() == 0:
+        _publish(tmp, final, {"step": step, "run_id": spec["run_id"], "layout": _layout(), "kind": "weights",
+                              "shape": spec["shape"], "vocab_size": spec["vocab_size"]})
+    _barrier()
+    return final
+
+
+def load_weights(path: str | Path, model) -> dict[str, Any]:
+    """Load model weights from a checkpoint dir (any layout); returns its common state."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not Exception
+
+    p = Path(path)
+    if not (p / STATE).exists() or not (p / "model").is_dir():
+        raise CheckpointError(
+            f"{p} is not a complete checkpoint (missing {STATE} or model/); point parent.checkpoint / "
+            "CHECKPOINT at a checkpoint dir such as <checkpoint.dir>/final written by `cptscale train`"
+        )
+    try:
+        state_dict = dist_checkpointing.load(model.sharded_state_dict(), str(p / "model"))
+        model.load_state_dict(state_dict, strict=True)
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"could not load weights from {p}: {type(exc).__name__}: {exc}") from exc
+    return json.loads((p / STATE).read_text())
+
+
+def load_full(path: str | Path, model, opt) -> int:
+    """Exact resume: weights, optimizer, RNG; returns the step to continue from."""
+    import torch
+
+    p = Path(path)
+    state = load_weights(p, model)
+    if state.get("layout") != _layout():
+        raise CheckpointError(
+            f"{p} was written at layout {state.get('layout')} but this run uses {_layout()}: an exact resume "
+            "needs the same layout (weights alone reshard; start a new run or restore the layout)"
+        )
+    f = p / f"rank{_rank():05d}.pt"
+    if not f.exists():
+        raise CheckpointError(f"{f} missing: checkpoint {p} is incomplete")
+    blob = torch.load(f, weights_only=False)
+    opt.load_state_dict(blob["optimizer"])
+    _set_rng_state(blob["rng"])
+    return int(state["step"])

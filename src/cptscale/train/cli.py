@@ -1,0 +1,43 @@
+"""``cptscale train --spec run.json [--nproc N]`` (heavy imports inside the handler)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train one run (scratch or CPT) from a run.json spec")
+    p.add_argument("--spec", required=True, help="run.json written by the planner")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes on this node (default: layout tp*pp*dp); >1 re-launches under torchrun")
+    p.set_defaults(func=_cmd)
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    from cptscale.cli import CLIError
+    from cptscale.train.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as exc:
+        raise CLIError(str(exc)) from exc
+    lay = spec["layout"]
+    world = int(lay["tp"]) * int(lay["pp"]) * int(lay["dp"])
+    nproc = args.nproc or world
+    if nproc != world and not under_torchrun():
+        raise CLIError(f"--nproc {nproc} but the spec's layout needs tp*pp*dp = {world} processes on one node")
+    if world > 1 and not under_torchrun():
+        torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+        cmd = [torchrun if os.path.exists(torchrun) else "torchrun", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "cptscale.train.launch", "--spec", args.spec]
+        return subprocess.call(cmd)
+    from cptscale.train.launch import run_spec
+
+    return run_spec(spec)

@@ -1,0 +1,468 @@
+"""The training loop: scratch or CPT runs of a Megatron-Core GPTModel, TP/PP/DP, exact resume.
+
+One code path for GPU (NCCL, bf16, Transformer Engine spec) and CPU (gloo, fp32, local spec,
+``cpu_compat`` patches). Data position is the step counter: global sample i is consumed at step
+i // global_batch_size, so resuming at step s reads exactly the samples an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class TrainingError(RuntimeError):
+    """A run that must stop (bad loss, failed gate, missing checkpoint): message says why."""
+
+
+class Terminated(Exception):
+    """SIGTERM received: checkpoint saved, exit non-zero so the scheduler retries."""
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed setup
+def setup_parallel(tp: int, pp: int, seed: int) -> None:
+    """Initialise torch.distributed (gloo on CPU, NCCL on GPU) and Megatron's parallel state."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from cptscale.train.model import use_gpu
+
+    gpu = use_gpu()
+    if not gpu:
+        from cptscale.train import cpu_compat
+
+        cpu_compat.apply()
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            if gpu:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl" if gpu else "gloo")
+        else:
+            fd, path = tempfile.mkstemp(prefix="cptscale-pg-")
+            os.close(fd)
+            os.unlink(path)
+            dist.init_process_group("gloo", init_method=f"file://{path}", world_size=1, rank=0)
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise TrainingError(f"world size {world} is not a multiple of tp*pp = {tp * pp}")
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    seed_all(seed)
+
+
+def seed_all(seed: int) -> None:
+    import random
+
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from cptscale.train.model import use_gpu
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    if use_gpu():
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        from cptscale.train import cpu_compat
+
+        cpu_compat.seed_rng_tracker(seed, tp_rank)
+
+
+def teardown_parallel() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device():
+    import torch
+
+    from cptscale.train.model import use_gpu
+
+    return torch.device("cuda", torch.cuda.current_device()) if use_gpu() else torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# forward/backward over micro-batches (Megatron's schedules handle PP)
+def _to_tensor(x, dtype):
+    import torch
+
+    return x.to(dtype) if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), dtype=dtype)
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    dev = device()
+    out = {}
+    for key, dt in (("tokens", torch.long), ("labels", torch.long), ("loss_mask", torch.float32),
+                    ("position_ids", torch.long)):
+        out[key] = torch.stack([_to_tensor(it[key], dt) for it in items]).to(dev)
+    return out
+
+
+def _causal_mask(seq: int):
+    import torch
+
+    return torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool, device=device()), diagonal=1)
+
+
+def _loss_func(loss_mask, output_tensor):
+    losses = output_tensor.float()
+    total = (losses * loss_mask).sum()
+    count = loss_mask.sum()
+    return total / count.clamp(min=1), {"sum": total.detach(), "count": count.detach()}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    seq = batch["tokens"].shape[1]
+    out = model(batch["tokens"], batch["position_ids"], _causal_mask(seq), labels=batch["labels"])
+    return out, partial(_loss_func, batch["loss_mask"])
+
+
+def run_microbatches(model, batches: list[dict[str, Any]], seq_length: int, micro_batch_size: int,
+                     forward_only: bool) -> tuple[float, float]:
+    """Forward (and backward) over the micro-batches; returns (sum of token losses, token count)
+    summed over this data-parallel rank, identical on every rank of the model-parallel group."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    fb = get_forward_backward_func()
+    reduced = fb(forward_step_func=_forward_step, data_iterator=iter(batches), model=model,
+                 num_microbatches=len(batches), seq_length=seq_length, micro_batch_size=micro_batch_size,
+                 forward_only=forward_only)
+    t = torch.zeros(2, dtype=torch.float64, device=device())
+    if ps.is_pipeline_last_stage():
+        for r in reduced:
+            t[0] += r["sum"].double()
+            t[1] += r["count"].double()
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(t, group=ps.get_pipeline_model_parallel_group())
+    return float(t[0]), float(t[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer
+def build_optimizer(model, opt: dict[str, Any], lr: float):
+    """AdamW; weight decay on matrices only (LLaMA convention). On GPU the Megatron distributed
+    optimizer would go here; on CPU (where it is unavailable) torch AdamW with the same math."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": float(opt.get("weight_decay", 0.0))},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(float(opt.get("beta1", 0.9)), float(opt.get("beta2", 0.95))),
+                             eps=float(opt.get("eps", 1e-8)))
+
+
+def allreduce_grads_dp(model) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    dp = ps.get_data_parallel_world_size()
+    if dp == 1:
+        return
+    group = ps.get_data_parallel_group()
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+            p.grad.div_(dp)
+
+
+def clip_grads(model, max_norm: float) -> float:
+    """Global grad norm over TP/PP shards (TP-duplicated params counted once); clip if max_norm > 0."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    sq = torch.zeros(1, dtype=torch.float64, device=device())
+    grads = []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        grads.append(p.grad)
+        if param_is_not_tensor_parallel_duplicate(p):
+            sq += p.grad.double().pow(2).sum()
+    if ps.get_model_parallel_group() is not None and dist.get_world_size(ps.get_model_parallel_group()) > 1:
+        dist.all_reduce(sq, group=ps.get_model_parallel_group())
+    norm = float(sq.sqrt())
+    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
+        coef = max_norm / (norm + 1e-6)
+        for g in grads:
+            g.mul_(coef)
+    return norm
+
+
+# ----------------------------------------------------------------------------------------------
+class Trainer:
+    """One run described by a validated run.json dict."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        lay = spec["layout"]
+        self.tp, self.pp = int(lay["tp"]), int(lay["pp"])
+        self.out_dir = Path(spec["out_dir"])
+        self.ckpt_dir = Path(spec["checkpoint"]["dir"])
+        self._term = False
+        self.on_step = None  # test hook: called with the number of completed steps
+
+    # -- helpers ------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank()
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(f"[cptscale train {self.spec['run_id']}] {msg}", flush=True)
+
+    def _append(self, name: str, obj: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        with open(self.out_dir / name, "a") as fh:
+            fh.write(json.dumps(obj) + "\n")
+            fh.flush()
+
+    def _sigterm(self, signum, frame) -> None:
+        self._term = True
+
+    # -- main ---------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        import torch
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from cptscale.ladder import ModelShape
+        from cptscale.schedule import lr_at
+        from cptscale.train import checkpoint as ck
+        from cptscale.train.data import build_train_dataset
+        from cptscale.train.model import build_model, use_gpu
+        from cptscale.train.spec import make_schedule
+
+        spec = self.spec
+        t_start = time.time()
+        setup_parallel(self.tp, self.pp, int(spec["seed"]))
+        if not use_gpu():
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        dp = ps.get_data_parallel_world_size()
+        want_dp = int(spec["layout"]["dp"])
+        if dp != want_dp:
+            raise TrainingError(f"layout.dp is {want_dp} but the launch gives data-parallel size {dp}")
+        mb, gb, seq = int(spec["micro_batch_size"]), int(spec["global_batch_size"]), int(spec["seq_length"])
+        n_micro = gb // (mb * dp)
+        bf16 = spec.get("precision", "auto") == "bf16" or (spec.get("precision", "auto") == "auto" and use_gpu())
+        model = build_model(spec["shape"], int(spec["vocab_size"]), seq, init_std=float(spec.get("init_std", 0.02)),
+                            tp=self.tp, pp=self.pp, bf16=bf16)
+        schedule = make_schedule(spec["schedule"])
+        opt = build_optimizer(model, spec["optimizer"], lr_at(schedule, 0))
+        start_step, resumed_from = 0, None
+        latest = ck.latest_checkpoint(self.ckpt_dir)
+        if latest is not None:
+            start_step = ck.load_full(latest, model, opt)
+            resumed_from = start_step
+            self.log(f"resumed from {latest} at step {start_step}")
+        else:
+            for name in ("metrics.jsonl", "evals.jsonl"):  # a fresh start: drop logs of a failed attempt
+                if self.rank == 0 and (self.out_dir / name).exists():
+                    (self.out_dir / name).unlink()
+            if spec["init"] == "cpt":
+                ck.load_weights(spec["parent"]["checkpoint"], model)
+                self.log(f"initialised from parent checkpoint {spec['parent']['checkpoint']}")
+        if resumed_from is not None:
+            self._truncate_logs(start_step)
+
+        train_ds = build_train_dataset(spec)
+        eval_steps = {int(s) for s in spec["eval"].get("steps", [])}
+        steps = int(spec["steps"])
+        tokens_per_step = gb * seq
+        val_cache: dict[str, Any] = {}
+
+        def do_eval(step: int) -> dict[str, float]:
+            from cptscale.evaluate import evaluate_model
+
+            res = {}
+            for lang, v in spec["eval"].get("languages", {}).items():
+                r = evaluate_model(model, v["prefix"], seq, int(spec["eval"].get("micro_batch_size", mb)),
+                                   val_bytes=v.get("bytes"), max_tokens=spec["eval"].get("max_tokens"),
+                                   cache=val_cache)
+                rec = {"step": step, "tokens": step * tokens_per_step, "lang": lang, **r}
+                self._append("evals.jsonl", rec)
+                res[lang] = r["loss"]
+            return res
+
+        # init-sanity gate (CPT, fresh start only)
+        if spec["init"] == "cpt" and resumed_from is None:
+            par = spec["parent"]
+            plang = par.get("lang") or spec.get("source_lang")
+            if plang not in spec["eval"].get("languages", {}):
+                raise TrainingError(f"init-sanity gate: no validation set for source language {plang!r} in eval.languages")
+            from cptscale.evaluate import evaluate_model
+
+            got = evaluate_model(model, spec["eval"]["languages"][plang]["prefix"], seq,
+                                 int(spec["eval"].get("micro_batch_size", mb)),
+                                 max_tokens=spec["eval"].get("max_tokens"), cache=val_cache)["loss"]
+            exp = par.get("final_loss")
+            tol = float(par.get("tolerance", 1e-3))
+            if exp is not None and not abs(got - float(exp)) <= tol:
+                raise TrainingError(
+                    f"init-sanity gate failed: loaded checkpoint {par['checkpoint']} gives {plang} validation loss "
+                    f"{got:.6f} but the source run {par.get('run_id')} recorded {float(exp):.6f} "
+                    f"(|diff| {abs(got - float(exp)):.3g} > tolerance {tol:g}); the checkpoint is corrupted or "
+                    "does not belong to that run"
+                )
+            self.log(f"init-sanity gate passed: {plang} loss {got:.6f} vs recorded {exp} (tol {tol:g})")
+
+        if start_step == 0 and 0 in eval_steps:
+            do_eval(0)
+
+        old_handler = signal.signal(signal.SIGTERM, self._sigterm) if _main_thread() else None
+        every = int(spec["checkpoint"].get("every", 0) or 0)
+        keep = int(spec["checkpoint"].get("keep", 2) or 2)
+        spike = float(spec.get("loss_spike_factor", 0) or 0)
+        recent: list[float] = self._recent_losses()
+        grad_clip = float(spec["optimizer"].get("grad_clip", 0.0) or 0.0)
+        dp_rank = ps.get_data_parallel_rank()
+        proc = _proc()
+        final_eval: dict[str, float] = {}
+        step = start_step
+        try:
+            for step in range(start_step, steps):
+                t0 = time.time()
+                lr = lr_at(schedule, step)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                base = step * gb + dp_rank * (gb // dp)
+                batches = [collate([train_ds[base + m * mb + j] for j in range(mb)]) for m in range(n_micro)]
+                opt.zero_grad(set_to_none=True)
+                model.train()
+                lsum, lcnt = run_microbatches(model, batches, seq, mb, forward_only=False)
+                allreduce_grads_dp(model)
+                t = torch.tensor([lsum, lcnt], dtype=torch.float64, device=device())
+                if dp > 1:
+                    dist.all_reduce(t, group=ps.get_data_parallel_group())
+                loss = float(t[0] / t[1])
+                if not math.isfinite(loss):
+                    raise TrainingError(f"loss is {loss} at step {step}; stopping (last good checkpoint kept in {self.ckpt_dir})")
+                if spike > 0 and len(recent) >= 10 and loss > spike * (sum(recent[-20:]) / len(recent[-20:])):
+                    raise TrainingError(
+                        f"loss spike at step {step}: {loss:.4f} > {spike:g} x recent mean "
+                        f"{sum(recent[-20:]) / len(recent[-20:]):.4f}; stopping (last good checkpoint kept in {self.ckpt_dir})")
+                gnorm = clip_grads(model, grad_clip)
+                opt.step()
+                recent.append(loss)
+                dt = time.time() - t0
+                mem = (torch.cuda.max_memory_allocated() if use_gpu() else proc.memory_info().rss) if proc or use_gpu() else None
+                self._append("metrics.jsonl", {
+                    "step": step, "tokens": (step + 1) * tokens_per_step, "loss": loss, "lr": lr,
+                    "grad_norm": gnorm, "tokens_per_s": tokens_per_step / max(dt, 1e-9), "mem_bytes": mem,
+                    "mfu": self._mfu(tokens_per_step / max(dt, 1e-9)) if use_gpu() else None})
+                done_steps = step + 1
+                if self.on_step is not None:
+                    self.on_step(done_steps)
+                if done_steps in eval_steps and done_steps != steps:
+                    do_eval(done_steps)
+                if done_steps == steps:
+                    final_eval = do_eval(done_steps)
+                if (every and done_steps % every == 0 and done_steps != steps) or (self._term and done_steps != steps):
+                    ck.save_full(self.ckpt_dir, done_steps, model, opt, spec, keep=keep)
+                if self._term and done_steps != steps:
+                    raise Terminated(f"SIGTERM: checkpoint saved at step {done_steps}")
+        finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+        if start_step >= steps:
+            final_eval = do_eval(steps)
+        ck.save_full(self.ckpt_dir, steps, model, opt, spec, keep=keep)
+        final = ck.save_final(self.ckpt_dir, steps, model, spec)
+        shape = ModelShape(spec["shape"].get("name", spec["size"]), spec["shape"]["hidden"], spec["shape"]["layers"],
+                           spec["shape"]["heads"], spec["shape"]["ffn"], spec["shape"].get("kv_heads"))
+        done = {"run_id": spec["run_id"], "steps": steps, "tokens": steps * tokens_per_step,
+                "final_loss": final_eval, "final_checkpoint": str(final), "wall_s": time.time() - t_start,
+                "params": shape.params(int(spec["vocab_size"]), tp=self.tp),
+                "params_nonemb": shape.params(int(spec["vocab_size"]), embeddings=False),
+                "resumed_from": resumed_from}
+        if self.rank == 0:
+            from cptscale.util import write_json
+
+            write_json(self.out_dir / "done.json", done)
+        dist.barrier()
+        return done
+
+    def _mfu(self, tps: float) -> float | None:
+        """Model FLOPs utilisation against a nominal 989 TFLOP/s (H100 bf16 dense) per GPU."""
+        import torch.distributed as dist
+
+        from cptscale.ladder import ModelShape
+
+        sh = self.spec["shape"]
+        n = ModelShape("x", sh["hidden"], sh["layers"], sh["heads"], sh["ffn"], sh.get("kv_heads")).params(
+            int(self.spec["vocab_size"]))
+        flops = 6 * n + 12 * sh["layers"] * sh["hidden"] * int(self.spec["seq_length"])
+        return flops * tps / (989e12 * dist.get_world_size())
+
+    def _recent_losses(self) -> list[float]:
+        p = self.out_dir / "metrics.jsonl"
+        if not p.exists():
+            return []
+        return [json.loads(line)["loss"] for line in p.read_text().splitlines() if line.strip()][-20:]
+
+    def _truncate_logs(self, step: int) -> None:
+        """Drop log lines written after the checkpoint we resume from (they will be recomputed)."""
+        if self.rank != 0:
+            return
+        for name, keep in (("metrics.jsonl", lambda r: r["step"] < step), ("evals.jsonl", lambda r: r["step"] <= step)):
+            p = self.out_dir / name
+            if p.exists():
+                lines = [ln for ln in p.read_text().splitlines() if ln.strip() and keep(json.loads(ln))]
+                from cptscale.util import atomic_write
+
+                atomic_write(p, "".join(ln + "\n" for ln in lines))
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _proc():
+    try:
+        import psutil
+
+        return psutil.Process()
+    except Exception:
+        return None
+
+
+def train(spec: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return Trainer(spec).run()
+    finally:
+        teardown_parallel()

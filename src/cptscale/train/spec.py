@@ -1,0 +1,105 @@
+"""run.json: load and validate the spec the planner hands the trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cptscale.util import read_json
+
+REQUIRED = ("run_id", "size", "init", "shape", "vocab_size", "seq_length", "micro_batch_size",
+            "global_batch_size", "steps", "seed", "schedule", "optimizer", "layout", "data", "eval",
+            "checkpoint", "out_dir")
+
+
+class SpecError(ValueError):
+    """A bad run.json field (message names the field and the fix)."""
+
+
+def load_spec(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise SpecError(f"spec file {p} does not exist")
+    try:
+        spec = read_json(p)
+    except ValueError as exc:
+        raise SpecError(f"spec file {p} is not valid JSON: {exc}") from exc
+    validate_spec(spec, str(p))
+    return spec
+
+
+def _int(spec: dict, key: str, where: str, lo: int = 1) -> int:
+    v = spec.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise SpecError(f"{where}: field {key!r} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def validate_spec(spec: dict[str, Any], where: str = "run.json") -> None:
+    """Raise SpecError naming the first bad field."""
+    if not isinstance(spec, dict):
+        raise SpecError(f"{where}: top level must be a JSON object")
+    missing = [k for k in REQUIRED if k not in spec]
+    if missing:
+        raise SpecError(f"{where}: missing field(s) {', '.join(missing)}")
+    if spec["init"] not in ("scratch", "cpt"):
+        raise SpecError(f"{where}: field 'init' must be 'scratch' or 'cpt', got {spec['init']!r}")
+    for k in ("vocab_size", "seq_length", "micro_batch_size", "global_batch_size", "steps"):
+        _int(spec, k, where)
+    _int(spec, "seed", where, lo=0)
+    sh = spec["shape"]
+    if not isinstance(sh, dict):
+        raise SpecError(f"{where}: field 'shape' must be an object")
+    for k in ("hidden", "layers", "heads", "ffn"):
+        _int(sh, k, f"{where} shape")
+    if sh["hidden"] % sh["heads"]:
+        raise SpecError(f"{where}: shape.hidden {sh['hidden']} not divisible by shape.heads {sh['heads']}")
+    lay = spec["layout"]
+    for k in ("tp", "pp", "dp"):
+        _int(lay, k, f"{where} layout")
+    if sh["heads"] % lay["tp"]:
+        raise SpecError(f"{where}: shape.heads {sh['heads']} not divisible by layout.tp {lay['tp']}")
+    if sh["layers"] % lay["pp"]:
+        raise SpecError(f"{where}: shape.layers {sh['layers']} not divisible by layout.pp {lay['pp']}")
+    mb, gb, dp = spec["micro_batch_size"], spec["global_batch_size"], lay["dp"]
+    if gb % (mb * dp):
+        raise SpecError(
+            f"{where}: global_batch_size {gb} is not a multiple of micro_batch_size {mb} x layout.dp {dp}; "
+            "fix the batch sizes"
+        )
+    sched = spec["schedule"]
+    try:
+        make_schedule(sched)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{where}: bad field 'schedule': {exc}") from exc
+    data = spec["data"]
+    if not isinstance(data, dict) or data.get("kind") not in ("single", "blend"):
+        raise SpecError(f"{where}: data.kind must be 'single' or 'blend'")
+    if data["kind"] == "single" and "prefix" not in data:
+        raise SpecError(f"{where}: data.kind 'single' needs data.prefix")
+    ev = spec["eval"]
+    if not isinstance(ev.get("steps", []), list) or not isinstance(ev.get("languages", {}), dict):
+        raise SpecError(f"{where}: eval.steps must be a list and eval.languages an object")
+    for lang, v in ev.get("languages", {}).items():
+        if "prefix" not in v:
+            raise SpecError(f"{where}: eval.languages.{lang} needs a prefix")
+    ck = spec["checkpoint"]
+    if "dir" not in ck:
+        raise SpecError(f"{where}: checkpoint.dir is required")
+    if spec["init"] == "cpt":
+        par = spec.get("parent")
+        if not isinstance(par, dict) or "checkpoint" not in par:
+            raise SpecError(f"{where}: init 'cpt' needs parent.checkpoint (the source run's final checkpoint)")
+    if spec.get("precision", "auto") not in ("auto", "fp32", "bf16"):
+        raise SpecError(f"{where}: precision must be auto, fp32 or bf16")
+
+
+def make_schedule(d: dict[str, Any]):
+    from cptscale.schedule import Schedule
+
+    return Schedule(
+        kind=d["kind"], max_lr=float(d["max_lr"]), min_lr=float(d.get("min_lr", 0.0)),
+        warmup_steps=int(d.get("warmup_steps", 0)), total_steps=int(d["total_steps"]),
+        start_lr=float(d.get("start_lr", 0.0)), decay_steps=int(d.get("decay_steps", 0) or 0),
+        decay_shape=d.get("decay_shape", "linear"),
+    )
