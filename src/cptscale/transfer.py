@@ -1,0 +1,334 @@
+"""Compute accounting and transfer metrics for paired scratch / CPT runs.
+
+Three things live here, all pure functions over rows (lists of dicts) so the store, the report and
+the tests share one implementation:
+
+* **FLOPs** per run, as the ``6·N·D`` rule and as an exact count from the shape (:func:`flops_exact`).
+* **Forgetting** (:func:`forgetting`): source-language loss during CPT minus the source model's final
+  loss, at every evaluated step.
+* **Transfer** (:func:`transfer_curve`): at every evaluated CPT step, the tokens a same-size scratch
+  run needs for the same target loss (log-log interpolation of the scratch curve), the tokens / FLOPs
+  saved, and Hernandez et al.'s *effective data transferred* ``D_T = D_scratch_equiv - D_cpt_target``.
+
+CPT compute excludes the source pre-training (the paper's "marginal" view); ``flops_total`` adds the
+source run's FLOPs (the "amortised" view). The CLI ``cptscale transfer`` writes one ``transfer.json``
+per CPT run; ``cptscale db ingest`` loads it into the ``transfer`` and ``forgetting`` tables.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from cptscale.ladder import ModelShape, padded_vocab
+
+Row = Mapping[str, Any]
+
+
+# -- FLOPs -------------------------------------------------------------------------------------
+def flops_6nd(params: float, tokens: float) -> float:
+    """Kaplan/Chinchilla approximation ``C = 6·N·D`` (forward 2ND + backward 4ND)."""
+    return 6.0 * float(params) * float(tokens)
+
+
+def flops_per_token(
+    shape: ModelShape, vocab: int, seq_length: int, *, embeddings: bool = True, causal_half: bool = False
+) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward); see :func:`flops_exact`."""
+    d, L, hd = shape.hidden, shape.layers, shape.head_dim
+    d_attn = shape.heads * hd
+    qkv = d * (shape.heads + 2 * shape.query_groups) * hd
+    proj = d_attn * d
+    mlp = 3 * d * shape.ffn  # gate, up, down (SwiGLU)
+    matmul = 2 * L * (qkv + proj + mlp)
+    attn = 2 * 2 * L * seq_length * d_attn  # QK^T scores and attention x V, full (unmasked) matrix
+    if causal_half:
+        attn /= 2
+    logits = 2 * d * padded_vocab(vocab) if embeddings else 0
+    return 3.0 * (matmul + attn + logits)
+
+
+def flops_exact(
+    shape: ModelShape,
+    vocab: int,
+    seq_length: int,
+    tokens: float,
+    *,
+    embeddings: bool = True,
+    causal_half: bool = False,
+) -> float:
+    """Exact-ish training FLOPs for ``tokens`` tokens of a Megatron LLaMA-style model.
+
+    Forward FLOPs per token (a multiply-add = 2 FLOPs), with d = hidden, L = layers,
+    h = heads, g = query groups, hd = head dim, d_attn = h·hd, f = SwiGLU width, V = padded vocab,
+    s = seq_length::
+
+        matmuls   2·L·[ d·(h + 2g)·hd      (fused QKV)
+                      + d_attn·d           (attention output projection)
+                      + 3·d·f ]            (gate, up, down)
+        attention 2·2·L·s·d_attn           (QK^T scores + softmax·V, per token, per layer)
+        logits    2·d·V                    (output layer; only with ``embeddings=True``)
+
+    Training = 3 x forward (backward = 2 x forward), times ``tokens``. Conventions, stated so the
+    numbers are comparable: the attention term counts the full s x s score matrix like Megatron's
+    ``num_floating_point_operations`` and PaLM's MFU (pass ``causal_half=True`` to halve it for the
+    causal mask, as FlashAttention actually computes); the input embedding is a gather (0 FLOPs) but
+    its rows still count as parameters in :func:`flops_6nd`; norms, softmax, SwiGLU activation,
+    residual adds and the optimizer step are not counted (O(d) per token, <0.1% at every ladder
+    size). ``embeddings=False`` drops the output-logit term (Kaplan's non-embedding compute).
+    """
+    return flops_per_token(shape, vocab, seq_length, embeddings=embeddings, causal_half=causal_half) * float(
+        tokens
+    )
+
+
+def shape_from_spec(spec: Mapping[str, Any]) -> ModelShape:
+    """The :class:`ModelShape` recorded in a ``run.json`` (``shape`` object)."""
+    s = spec["shape"]
+    return ModelShape(
+        name=str(s.get("name", spec.get("size", "?"))),
+        hidden=int(s["hidden"]),
+        layers=int(s["layers"]),
+        heads=int(s["heads"]),
+        ffn=int(s["ffn"]),
+        kv_heads=s.get("kv_heads"),
+    )
+
+
+def run_compute(spec: Mapping[str, Any], tokens: float | None = None) -> dict[str, float]:
+    """All four compute figures for one run spec (tokens default to the planned tokens, else
+    steps x global batch x sequence length; params to the spec's, else counted from the shape)."""
+    shape = shape_from_spec(spec)
+    vocab, seq = int(spec["vocab_size"]), int(spec["seq_length"])
+    if tokens is None:
+        tokens = spec.get("tokens") or int(spec["steps"]) * int(spec["global_batch_size"]) * seq
+    toks = float(tokens)
+    params = spec.get("params") or shape.params(vocab)
+    params_ne = spec.get("params_nonemb") or shape.params(vocab, embeddings=False)
+    return {
+        "tokens": toks, "params": params, "params_nonemb": params_ne,
+        "flops_6nd": flops_6nd(params, toks),
+        "flops_6nd_nonemb": flops_6nd(params_ne, toks),
+        "flops_exact": flops_exact(shape, vocab, seq, toks),
+        "flops_exact_nonemb": flops_exact(shape, vocab, seq, toks, embeddings=False),
+        "flops_per_token": flops_per_token(shape, vocab, seq),
+        "flops_per_token_nonemb": flops_per_token(shape, vocab, seq, embeddings=False),
+    }
+
+
+# -- forgetting --------------------------------------------------------------------------------
+def forgetting(cpt_evals: Iterable[Row], source_final_loss: float, source_lang: str) -> list[dict[str, Any]]:
+    """Source-language loss at every CPT eval step minus the source model's final loss.
+
+    Positive = forgotten. Step 0 is the loaded source model, so its value is ~0 (a check that the
+    CPT run really started from the source checkpoint and evaluates on the same validation set).
+    """
+    rows = [e for e in cpt_evals if e.get("lang") == source_lang and e.get("loss") is not None]
+    rows.sort(key=lambda e: int(e["step"]))
+    return [
+        {
+            "step": int(e["step"]),
+            "tokens": int(e["tokens"]),
+            "source_lang": source_lang,
+            "source_loss": float(e["loss"]),
+            "source_final_loss": float(source_final_loss),
+            "forgetting": float(e["loss"]) - float(source_final_loss),
+        }
+        for e in rows
+    ]
+
+
+# -- transfer ----------------------------------------------------------------------------------
+def scratch_tokens_for_loss(scratch: Sequence[tuple[float, float]], loss: float) -> float | None:
+    """Tokens a scratch run needs to reach ``loss``: log-log interpolation of its (tokens, loss) curve.
+
+    The curve is first made monotone (best loss so far, keeping the first tokens count that reaches
+    each new best), because eval noise can make it bump up. Returns ``None`` outside the observed loss
+    range (higher than the first evaluated point or lower than the best one): extrapolating a loss
+    curve is exactly what the scaling-law fit is for, not this metric.
+    """
+    pts = sorted((float(d), float(lo)) for d, lo in scratch if d > 0 and lo is not None and lo > 0)
+    env: list[tuple[float, float]] = []
+    for d, lo in pts:
+        if not env or lo < env[-1][1]:
+            env.append((d, lo))
+    if not env or not (env[-1][1] <= loss <= env[0][1]):
+        return None
+    if len(env) == 1:
+        return env[0][0]
+    # loss decreases along env; find the segment bracketing `loss`
+    x = math.log(loss)
+    for (d0, l0), (d1, l1) in itertools.pairwise(env):
+        if l1 <= loss <= l0:
+            x0, x1 = math.log(l0), math.log(l1)
+            t = 0.0 if x0 == x1 else (x0 - x) / (x0 - x1)
+            return math.exp(math.log(d0) + t * (math.log(d1) - math.log(d0)))
+    return None  # pragma: no cover - unreachable given the range check
+
+
+def transfer_curve(
+    cpt_evals: Iterable[Row],
+    scratch_evals: Iterable[Row],
+    lang: str,
+    *,
+    flops_per_token: float,
+    source_flops: float = 0.0,
+    target_fraction: float = 1.0,
+) -> list[dict[str, Any]]:
+    """Transfer metrics at every CPT eval step on ``lang`` (both runs are the same size).
+
+    ``flops_per_token`` converts tokens to compute for the shared shape (use :func:`flops_per_token`,
+    or ``6·N`` for the 6ND convention). ``target_fraction`` is the share of CPT tokens in the target
+    language (``1 - replay``): the effective data transferred compares target tokens, as Hernandez et
+    al. do, while tokens/FLOPs saved compare everything the CPT run trained on. Rows whose loss falls
+    outside the scratch curve's range get ``None`` for every derived number and ``extrapolated=True``.
+    """
+    scratch = [(float(e["tokens"]), float(e["loss"])) for e in scratch_evals
+               if e.get("lang") == lang and e.get("loss") is not None and int(e["step"]) > 0]
+    rows = sorted((e for e in cpt_evals if e.get("lang") == lang and e.get("loss") is not None),
+                  key=lambda e: int(e["step"]))
+    out = []
+    for e in rows:
+        toks, loss = float(e["tokens"]), float(e["loss"])
+        flops = flops_per_token * toks
+        equiv = scratch_tokens_for_loss(scratch, loss)
+        row: dict[str, Any] = {
+            "step": int(e["step"]),
+            "tokens": int(toks),
+            "target_tokens": toks * target_fraction,
+            "loss": loss,
+            "flops": flops,
+            "flops_total": flops + source_flops,
+            "scratch_tokens_equiv": equiv,
+            "scratch_flops_equiv": None,
+            "tokens_saved": None,
+            "flops_saved": None,
+            "frac_saved": None,
+            "flops_saved_total": None,
+            "frac_saved_total": None,
+            "effective_data_transferred": None,
+            "extrapolated": equiv is None,
+        }
+        if equiv is not None:
+            s_flops = flops_per_token * equiv
+            row.update(
+                scratch_flops_equiv=s_flops,
+                tokens_saved=equiv - toks,
+                flops_saved=s_flops - flops,
+                frac_saved=(s_flops - flops) / s_flops,
+                flops_saved_total=s_flops - flops - source_flops,
+                frac_saved_total=(s_flops - flops - source_flops) / s_flops,
+                effective_data_transferred=equiv - toks * target_fraction,
+            )
+        out.append(row)
+    return out
+
+
+# -- files -------------------------------------------------------------------------------------
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file; a bad line is an error naming the file and line."""
+    import json
+
+    from cptscale.cli import CLIError
+
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise CLIError(f"{path}:{i}: malformed JSON ({exc.msg}); re-run the job that wrote it") from None
+    return out
+
+
+def source_final_loss(source_dir: Path, source_lang: str) -> float:
+    """The source model's final loss on its language: done.json, else its last eval."""
+    from cptscale.cli import CLIError
+    from cptscale.util import read_json
+
+    done = source_dir / "done.json"
+    if done.exists():
+        fl = (read_json(done).get("final_loss") or {}).get(source_lang)
+        if fl is not None:
+            return float(fl)
+    ev = [e for e in read_jsonl(source_dir / "evals.jsonl") if e.get("lang") == source_lang] \
+        if (source_dir / "evals.jsonl").exists() else []
+    if not ev:
+        raise CLIError(f"{source_dir}: no final {source_lang!r} loss in done.json or evals.jsonl; "
+                       "finish the source run first")
+    return float(max(ev, key=lambda e: int(e["step"]))["loss"])
+
+
+def compute_transfer(cpt_dir: Path, scratch_dir: Path, source_dir: Path | None = None) -> dict[str, Any]:
+    """Everything ``transfer.json`` holds for one CPT run (see the module docstring)."""
+    from cptscale.cli import CLIError
+    from cptscale.util import file_hash, provenance, read_json
+
+    for d in (cpt_dir, scratch_dir):
+        for f in ("run.json", "evals.jsonl"):
+            if not (d / f).exists():
+                raise CLIError(f"{d / f} is missing; run the training job for {d.name} first")
+    cpt, scratch = read_json(cpt_dir / "run.json"), read_json(scratch_dir / "run.json")
+    if cpt.get("init") != "cpt":
+        raise CLIError(f"{cpt_dir}/run.json: init is {cpt.get('init')!r}, expected 'cpt' (pass the CPT run as --cpt)")
+    if (cpt["shape"]["hidden"], cpt["shape"]["layers"]) != (scratch["shape"]["hidden"], scratch["shape"]["layers"]):
+        raise CLIError(f"{scratch_dir}: scratch shape differs from {cpt_dir}; pair runs of the same size")
+    lang, slang = cpt["lang"], cpt.get("source_lang")
+    cpt_ev, scr_ev = read_jsonl(cpt_dir / "evals.jsonl"), read_jsonl(scratch_dir / "evals.jsonl")
+    comp = run_compute(cpt)
+    src_flops, src_final, src_id = 0.0, None, None
+    if source_dir is not None:
+        src_spec = read_json(source_dir / "run.json") if (source_dir / "run.json").exists() else None
+        src_id = src_spec["run_id"] if src_spec else source_dir.name
+        if src_spec:
+            done = read_json(source_dir / "done.json") if (source_dir / "done.json").exists() else {}
+            src_flops = run_compute(src_spec, done.get("tokens"))["flops_exact"]
+        if slang:
+            src_final = source_final_loss(source_dir, slang)
+    elif (cpt.get("parent") or {}).get("final_loss") is not None:
+        src_final = float(cpt["parent"]["final_loss"])
+    replay = float(cpt.get("replay") or 0.0)
+    rows = transfer_curve(cpt_ev, scr_ev, lang, flops_per_token=comp["flops_per_token"],
+                          source_flops=src_flops, target_fraction=1.0 - replay)
+    forg = forgetting(cpt_ev, src_final, slang) if (slang and src_final is not None) else []
+    inputs = {str(p): file_hash(p) for p in (cpt_dir / "evals.jsonl", scratch_dir / "evals.jsonl")}
+    return {
+        "run_id": cpt["run_id"], "study": cpt.get("study"), "size": cpt.get("size"), "lang": lang,
+        "source_lang": slang, "replay": replay, "scratch_run_id": scratch["run_id"], "source_run_id": src_id,
+        "params": comp["params"], "params_nonemb": comp["params_nonemb"],
+        "flops_per_token": comp["flops_per_token"], "source_flops": src_flops,
+        "source_final_loss": src_final, "config_hash": cpt.get("config_hash"),
+        "conventions": "flops = exact count (flops_exact, embeddings included) x tokens; CPT flops exclude "
+                       "source pre-training, flops_total includes it; D_T = scratch_tokens_equiv - tokens*(1-replay)",
+        "rows": rows, "forgetting": forg,
+        "provenance": provenance(cpt.get("config_hash"), inputs),
+    }
+
+
+def _cmd_transfer(args: Any) -> int:
+    from cptscale.util import write_json
+
+    out = compute_transfer(Path(args.cpt), Path(args.scratch), Path(args.source) if args.source else None)
+    write_json(args.out or Path(args.cpt) / "transfer.json", out)
+    ok = [r for r in out["rows"] if not r["extrapolated"]]
+    last = ok[-1] if ok else None
+    msg = f"{out['run_id']}: {len(out['rows'])} eval steps, {len(ok)} inside the scratch curve"
+    if last:
+        msg += f"; last: {100 * last['frac_saved']:.1f}% FLOPs saved, D_T={last['effective_data_transferred']:.3g}"
+    print(msg)
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser("transfer", help="FLOPs/tokens saved, effective data transferred and forgetting "
+                              "for one CPT run against its scratch pair and source run")
+    p.add_argument("--cpt", required=True, help="CPT run directory (run.json, evals.jsonl)")
+    p.add_argument("--scratch", required=True, help="same-size scratch run directory in the target language")
+    p.add_argument("--source", help="source run directory (final source loss, source pre-training FLOPs)")
+    p.add_argument("--out", help="output JSON (default: CPT_DIR/transfer.json)")
+    p.set_defaults(func=_cmd_transfer)
