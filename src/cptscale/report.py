@@ -1,0 +1,768 @@
+"""`cptscale report`: Altair figures from the DuckDB store in one self-contained HTML page.
+
+The page must work offline (cluster login nodes, laptops), so the Vega/Vega-Lite/vega-embed
+bundle from vl-convert is inlined and a CSP meta tag forbids any network fetch.  Every figure
+is built defensively: a missing table, column or fit becomes a "missing: ..." note, never a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cptscale.util import atomic_write, write_json
+
+CSP = (
+    "default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; "
+    "style-src 'unsafe-inline'; img-src data:; font-src data:"
+)
+
+FIGURES = (
+    "loss_compute",
+    "transfer",
+    "isoloss",
+    "replay",
+    "fit_quality",
+    "health_curves",
+    "health_lr",
+    "blend",
+    "fertility",
+)
+
+
+TOTAL_POINTS = 20000  # per figure, across all series
+
+
+class Missing(Exception):
+    """Raised by a figure builder when its inputs are not in the store yet."""
+
+
+# ---------------------------------------------------------------- data access
+
+
+def _connect(db_path: str | Path) -> Any:
+    import duckdb
+
+    return duckdb.connect(str(db_path), read_only=True)
+
+
+def _columns(con: Any, table: str) -> set[str]:
+    rows = con.execute(
+        "select column_name from information_schema.columns where table_name = ?", [table]
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def _need(con: Any, table: str, cols: list[str]) -> None:
+    have = _columns(con, table)
+    if not have:
+        raise Missing(f"table `{table}`")
+    lack = [c for c in cols if c not in have]
+    if lack:
+        raise Missing(f"columns {', '.join(lack)} in `{table}`")
+
+
+def _df(con: Any, sql: str, params: list[Any] | None = None) -> Any:
+    return con.execute(sql, params or []).df()
+
+
+def _downsample(df: Any, key: str, order: str, max_points: int) -> Any:
+    """Keep at most `max_points` roughly evenly spaced rows per series (first and last kept)."""
+    if df.empty or max_points <= 0:
+        return df
+    import numpy as np
+
+    # a total budget too, so a page with hundreds of runs stays responsive
+    max_points = max(20, min(max_points, TOTAL_POINTS // max(1, df[key].nunique())))
+    parts = []
+    for _, g in df.sort_values([key, order]).groupby(key, sort=False):
+        if len(g) > max_points:
+            idx = np.unique(np.linspace(0, len(g) - 1, max_points).round().astype(int))
+            g = g.iloc[idx]
+        parts.append(g)
+    import pandas as pd
+
+    return pd.concat(parts, ignore_index=True)
+
+
+def _size_key(size: Any) -> float:
+    """Numeric order for size labels like '20M', '1.4B' (lexicographic order puts 1009M before 20M)."""
+    m = re.match(r"\s*([0-9.]+)\s*([kKmMbBtT]?)", str(size))
+    if not m:
+        return math.inf
+    mult = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
+    try:
+        return float(m.group(1)) * mult
+    except ValueError:
+        return math.inf
+
+
+def _size_color(df: Any) -> Any:
+    """Sizes as an ordered viridis scale, smallest first."""
+    import altair as alt
+
+    order = sorted({str(x) for x in df["size"]}, key=_size_key)
+    return alt.Color("size:O", sort=order, scale=alt.Scale(scheme="viridis"), title="size")
+
+
+def _fits(con: Any, study: str) -> list[dict[str, Any]]:
+    have = _columns(con, "fits")
+    if not have or "params" not in have:
+        return []
+    cols = [c for c in ("fit_id", "law", "kind", "params", "fixed", "meta", "heldout") if c in have]
+    rows = con.execute(f"select {', '.join(cols)} from fits where study = ?", [study]).fetchall()
+    out = []
+    for r in rows:
+        d = dict(zip(cols, r, strict=True))
+        for k in ("params", "fixed", "meta", "heldout"):
+            v = d.get(k)
+            if isinstance(v, str):
+                try:
+                    d[k] = json.loads(v)
+                except ValueError:
+                    d[k] = {}
+            elif v is None:
+                d[k] = {}
+        out.append(d)
+    return out
+
+
+def _p(params: dict[str, Any], *names: str) -> float | None:
+    """First present key among spellings (B', Bp, B_p, ...)."""
+    for n in names:
+        if n in params and params[n] is not None:
+            return float(params[n])
+    return None
+
+
+def _law(fit: dict[str, Any]) -> dict[str, float] | None:
+    """Normalise a Chinchilla or extended-CPT parameter dict to E, A, alpha, B, beta, gamma."""
+    p = {**(fit.get("fixed") or {}), **(fit.get("params") or {})}
+    e, a, al = _p(p, "E"), _p(p, "A"), _p(p, "alpha")
+    b = _p(p, "B'", "Bp", "B_p", "B_prime", "B")
+    be = _p(p, "beta'", "beta_p", "betap", "beta_prime", "beta")
+    ga = _p(p, "gamma") or 0.0
+    if None in (e, a, al, b, be):
+        return None
+    return {"E": e, "A": a, "alpha": al, "B": b, "beta": be, "gamma": ga}  # type: ignore[dict-item]
+
+
+def _law_loss(law: dict[str, float], n: float, d: float) -> float:
+    return (
+        law["E"]
+        + law["A"] / n ** law["alpha"]
+        + law["B"] / (d ** law["beta"] * n ** law["gamma"])
+    )
+
+
+def _fit_kind(fit: dict[str, Any]) -> str:
+    s = f"{fit.get('law', '')} {fit.get('kind', '')} {fit.get('fit_id', '')}".lower()
+    return "cpt" if ("cpt" in s or "extended" in s) else "scratch"
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _size_sel(alt: Any) -> Any:
+    return alt.selection_point(fields=["size"], bind="legend")
+
+
+def fig_loss_compute(con: Any, study: str, mp: int) -> tuple[Any, int]:
+    """Fig. 1: validation loss vs compute, scratch | CPT, with fitted power-law envelopes."""
+    import altair as alt
+    import numpy as np
+    import pandas as pd
+
+    _need(con, "evals", ["run_id", "tokens", "loss", "flops", "lang"])
+    _need(con, "runs", ["run_id", "size", "init", "lang"])
+    rcols = _columns(con, "runs")
+    rep = "coalesce(r.replay, 0)" if "replay" in rcols else "0"
+    df = _df(
+        con,
+        f"""select e.run_id, r.size, r.init, e.tokens, e.loss, e.flops from evals e
+            join runs r on r.study = e.study and r.run_id = e.run_id
+            where e.study = ? and e.lang = r.lang and {rep} = 0 and e.flops > 0""",
+        [study],
+    )
+    if df.empty:
+        raise Missing("evals on the target language (no finished runs yet)")
+    df = _downsample(df, "run_id", "tokens", mp)
+    env_rows, titles = [], []
+    for init, g in df.groupby("init"):
+        # envelope: lowest loss reached in each log-compute bin, then a log-log line through it
+        lc = np.log10(g["flops"].to_numpy())
+        bins = np.linspace(lc.min(), lc.max() + 1e-9, 16)
+        idx = np.digitize(lc, bins)
+        pts = g.assign(b=idx).groupby("b").apply(lambda x: x.loc[x["loss"].idxmin()], include_groups=False)
+        if len(pts) >= 2:
+            k, c0 = np.polyfit(np.log(pts["flops"]), np.log(pts["loss"]), 1)
+            xs = np.logspace(lc.min(), lc.max(), 40)
+            env_rows += [
+                {"init": init, "flops": x, "loss": math.exp(c0) * x**k} for x in xs
+            ]
+            titles.append(f"{init}: L = {math.exp(c0):.4g}·C^{k:.4f}")
+    sel = _size_sel(alt)
+    base = alt.Chart(df).encode(
+        x=alt.X("flops:Q", scale=alt.Scale(type="log"), title="training FLOPs"),
+        y=alt.Y("loss:Q", scale=alt.Scale(zero=False), title="validation loss"),
+    )
+    lines = base.mark_line(point=alt.OverlayMarkDef(size=12)).encode(
+        color=_size_color(df),
+        detail="run_id:N",
+        opacity=alt.condition(sel, alt.value(0.9), alt.value(0.08)),
+        tooltip=["run_id", "size", "init", "tokens", alt.Tooltip("loss:Q", format=".4f"), "flops"],
+    ).add_params(sel)
+    layers = [lines]
+    if env_rows:
+        env = alt.Chart(pd.DataFrame(env_rows)).mark_line(color="black", strokeDash=[6, 3]).encode(
+            x="flops:Q", y="loss:Q"
+        )
+        layers.append(env)
+    chart = (
+        alt.layer(*layers, data=df)
+        .properties(width=340, height=260)
+        .facet(column=alt.Column("init:N", title=None), data=pd.concat([df, pd.DataFrame(env_rows)]) if env_rows else df)
+        .properties(title={"text": "Loss vs compute (Fig. 1)", "subtitle": titles or ["no envelope"]})
+        .interactive()
+    )
+    return chart, len(df)
+
+
+def fig_transfer(con: Any, study: str, mp: int) -> tuple[Any, int]:
+    """Fig. 2: FLOPs saved and effective data transferred vs tokens, per size."""
+    import altair as alt
+
+    _need(con, "transfer", ["run_id", "size", "tokens", "flops_saved", "effective_data_transferred"])
+    have = _columns(con, "transfer")
+    rep = "and coalesce(replay, 0) = 0" if "replay" in have else ""
+    df = _df(
+        con,
+        f"""select run_id, size, tokens, flops_saved, effective_data_transferred from transfer
+            where study = ? {rep}""",
+        [study],
+    )
+    if df.empty:
+        raise Missing("transfer rows (needs CPT and scratch runs of the same size)")
+    df = _downsample(df, "run_id", "tokens", mp)
+    long = df.melt(
+        id_vars=["run_id", "size", "tokens"],
+        value_vars=["flops_saved", "effective_data_transferred"],
+        var_name="metric",
+    )
+    sel = _size_sel(alt)
+    chart = (
+        alt.Chart(long)
+        .mark_line(point=alt.OverlayMarkDef(size=12))
+        .encode(
+            x=alt.X("tokens:Q", scale=alt.Scale(type="log"), axis=alt.Axis(format="~s"), title="CPT tokens"),
+            y=alt.Y("value:Q", title=None, axis=alt.Axis(format="~s")),
+            color=_size_color(df),
+            detail="run_id:N",
+            opacity=alt.condition(sel, alt.value(0.9), alt.value(0.08)),
+            tooltip=["run_id", "size", "tokens", "metric", alt.Tooltip("value:Q", format=".4g")],
+        )
+        .add_params(sel)
+        .properties(width=340, height=240)
+        .facet(column=alt.Column("metric:N", title=None))
+        .resolve_scale(y="independent")
+        .properties(title="FLOPs saved and effective data transferred (Fig. 2)")
+        .interactive()
+    )
+    return chart, len(long)
+
+
+def fig_isoloss(con: Any, study: str, mp: int) -> tuple[Any, int]:
+    """Fig. 4: IsoLoss contours of the CPT law in (N, D) with scratch and CPT compute-optimal frontiers."""
+    import altair as alt
+    import numpy as np
+    import pandas as pd
+
+    laws: dict[str, dict[str, float]] = {}
+    for f in _fits(con, study):
+        law = _law(f)
+        if law is not None:
+            laws.setdefault(_fit_kind(f), law)
+    if not laws:
+        raise Missing("Chinchilla / extended-CPT fits in `fits`")
+    ns = np.logspace(7, 10.5, 48)
+    ds = np.logspace(8, 12, 48)
+    main = laws.get("cpt") or laws["scratch"]
+    grid = pd.DataFrame(
+        [{"N": n, "D": d, "loss": _law_loss(main, n, d)} for n in ns for d in ds]
+    )
+    front = []
+    for kind, law in laws.items():
+        for c in np.logspace(17, 23, 25):
+            nn = np.logspace(6.5, 11, 400)
+            dd = c / (6 * nn)
+            loss = [_law_loss(law, n, d) for n, d in zip(nn, dd, strict=True)]
+            i = int(np.argmin(loss))
+            if 1e8 <= dd[i] <= 1e12 and 1e7 <= nn[i] <= 10**10.5:
+                front.append({"kind": kind, "C": c, "N": nn[i], "D": dd[i], "loss": loss[i]})
+    lo, hi = grid["loss"].quantile(0.02), grid["loss"].quantile(0.9)
+    heat = (
+        alt.Chart(grid)
+        .mark_rect()
+        .encode(
+            x=alt.X("N:Q", scale=alt.Scale(type="log"), axis=alt.Axis(format="~s"), title="parameters N"),
+            y=alt.Y("D:Q", scale=alt.Scale(type="log"), axis=alt.Axis(format="~s"), title="tokens D"),
+            x2="N2:Q",
+            y2="D2:Q",
+            color=alt.Color(
+                "loss:Q", scale=alt.Scale(scheme="viridis", domain=[lo, hi], clamp=True),
+                title="predicted loss",
+            ),
+            tooltip=[alt.Tooltip("N:Q", format=".3s"), alt.Tooltip("D:Q", format=".3s"), alt.Tooltip("loss:Q", format=".3f")],
+        )
+        .transform_calculate(N2=f"datum.N * {ns[1] / ns[0]}", D2=f"datum.D * {ds[1] / ds[0]}")
+    )
+    layers = [heat]
+    if front:
+        layers.append(
+            alt.Chart(pd.DataFrame(front))
+            .mark_line(point=True, strokeWidth=2.5)
+            .encode(
+                x="N:Q", y="D:Q",
+                color=alt.Color("kind:N", scale=alt.Scale(range=["#e45756", "#ffffff"]), title="frontier"),
+                tooltip=["kind", alt.Tooltip("C:Q", format=".2e"), alt.Tooltip("N:Q", format=".3s"), alt.Tooltip("D:Q", format=".3s")],
+            )
+        )
+    eq = ", ".join(
+        f"{k}: E={v['E']:.3g} A={v['A']:.4g} α={v['alpha']:.3g} B={v['B']:.4g} β={v['beta']:.3g}"
+        + (f" γ={v['gamma']:.3g}" if v["gamma"] else "")
+        for k, v in laws.items()
+    )
+    chart = (
+        alt.layer(*layers)
+        .resolve_scale(color="independent")
+        .properties(width=520, height=360, title={"text": "IsoLoss and compute-optimal frontiers (Fig. 4)", "subtitle": [eq]})
+    )
+    return chart, len(grid) + len(front)
+
+
+def fig_replay(con: Any, study: str, mp: int) -> tuple[Any, int]:
+    """Fig. 5: target and source loss vs target compute per replay ratio, and their trade-off."""
+    import altair as alt
+    import pandas as pd
+
+    _need(con, "evals", ["run_id", "tokens", "loss", "flops", "lang"])
+    _need(con, "runs", ["run_id", "size", "init", "lang", "source_lang", "replay"])
+    df = _df(
+        con,
+        """select e.run_id, r.size, coalesce(r.replay, 0) as replay, e.step, e.tokens, e.flops, e.loss,
+                  case when e.lang = r.lang then 'target' else 'source' end as which
+           from evals e join runs r on r.study = e.study and r.run_id = e.run_id
+           where e.study = ? and r.init = 'cpt' and (e.lang = r.lang or e.lang = r.source_lang)""",
+        [study],
+    )
+    if df.empty or df["replay"].nunique() < 1:
+        raise Missing("CPT runs with target/source evals")
+    # target-language compute: total compute scaled by the target share of the blend
+    df["target_flops"] = df["flops"] * (1 - df["replay"].astype(float))
+    df["series"] = df["run_id"] + ":" + df["which"]
+    df = _downsample(df, "series", "tokens", mp)
+    sel = alt.selection_point(fields=["replay"], bind="legend")
+    curves = (
+        alt.Chart(df)
+        .mark_line(point=alt.OverlayMarkDef(size=10))
+        .encode(
+            x=alt.X("target_flops:Q", scale=alt.Scale(type="log"), title="target-language FLOPs"),
+            y=alt.Y("loss:Q", scale=alt.Scale(zero=False)),
+            color=alt.Color("replay:O", scale=alt.Scale(scheme="plasma")),
+            detail="run_id:N",
+            opacity=alt.condition(sel, alt.value(0.9), alt.value(0.08)),
+            tooltip=["run_id", "size", "replay", "tokens", alt.Tooltip("loss:Q", format=".4f")],
+        )
+        .add_params(sel)
+        .properties(width=300, height=230)
+        .facet(column=alt.Column("which:N", title=None, sort=["target", "source"]))
+        .resolve_scale(y="independent")
+        .interactive()
+    )
+    wide = df.pivot_table(index=["run_id", "size", "replay", "step"], columns="which", values=["loss", "target_flops"], aggfunc="first")
+    n_trade = 0
+    charts = [curves]
+    if ("loss", "target") in wide.columns and ("loss", "source") in wide.columns:
+        t = pd.DataFrame(
+            {
+                "target_loss": wide[("loss", "target")],
+                "source_loss": wide[("loss", "source")],
+                "target_flops": wide[("target_flops", "target")],
+            }
+        ).dropna().reset_index()
+        if not t.empty:
+            # per compute budget: the last eval of each run (its final budget)
+            t = t.sort_values("step").groupby("run_id").tail(1)
+            n_trade = len(t)
+            charts.append(
+                alt.Chart(t)
+                .mark_line(point=alt.OverlayMarkDef(size=40))
+                .encode(
+                    x=alt.X("source_loss:Q", scale=alt.Scale(zero=False), title="source (English) loss"),
+                    y=alt.Y("target_loss:Q", scale=alt.Scale(zero=False), title="target loss"),
+                    color=_size_color(t),
+                    order="replay:Q",
+                    tooltip=["run_id", "size", "replay", alt.Tooltip("target_flops:Q", format=".2e"),
+                             alt.Tooltip("source_loss:Q", format=".4f"), alt.Tooltip("target_loss:Q", format=".4f")],
+                )
+                .properties(width=300, height=230, title="trade-off at each run's final budget (line = size, ordered by replay)")
+            )
+    chart = alt.vconcat(*charts).properties(title="Replay: forgetting vs target loss (Fig. 5)").resolve_scale(color="independent")
+    return chart, len(df) + n_trade
+
+
+def fig_fit_quality(con: Any, study: str, mp: int) -> tuple[Any, int]:
+    """Observed vs predicted with residuals; bootstrap bands where present; held-out error in the title."""
+    import altair as alt
+
+    _need(con, "predictions", ["fit_id", "predicted_loss", "observed_loss"])
+    have = _columns(con, "predictions")
+    extra = [c for c in ("kind", "N", "D", "C", "predicted_lo", "predicted_hi", "lo", "hi", "heldout") if c in have]
+    df = _df(
+        con,
+        f"""select fit_id, predicted_loss, observed_loss{''.join(', "' + c + '"' for c in extra)}
+            from predictions where study = ? and observed_loss is not null""",
+        [study],
+    )
+    if df.empty:
+        raise Missing("predictions with observed losses")
+    df["residual"] = df["observed_loss"] - df["predicted_loss"]
+    lo = "predicted_lo" if "predicted_lo" in df else ("lo" if "lo" in df else None)
+    hi = "predicted_hi" if "predicted_hi" in df else ("hi" if "hi" in df else None)
+    title_bits = []
+    for f in _fits(con, study):
+        h = f.get("heldout") or {}
+        vals = {k: h[k] for k in ("mae", "max_abs_err", "rel_err") if isinstance(h.get(k), int | float)}
+        if vals:
+            title_bits.append(f"{f.get('fit_id')}: held-out " + ", ".join(f"{k}={v:.3g}" for k, v in vals.items()))
+    tip = ["fit_id", alt.Tooltip("predicted_loss:Q", format=".4f"), alt.Tooltip("observed_loss:Q", format=".4f")]
+    tip += [c for c in ("N", "D") if c in df]
+    sel = alt.selection_point(fields=["fit_id"], bind="legend")
+    color = alt.Color("fit_id:N")
+    op = alt.condition(sel, alt.value(0.85), alt.value(0.08))
+    pts = alt.Chart(df).mark_point(filled=True, size=30).encode(
+        x=alt.X("predicted_loss:Q", scale=alt.Scale(zero=False)),
+        y=alt.Y("observed_loss:Q", scale=alt.Scale(zero=False)),
+        color=color, opacity=op, tooltip=tip,
+    ).add_params(sel)
+    diag = alt.Chart(df).mark_line(color="gray", strokeDash=[4, 4]).encode(x="predicted_loss:Q", y="predicted_loss:Q")
+    left = [diag, pts]
+    if lo and hi:
+        left.insert(0, alt.Chart(df).mark_rule(opacity=0.4).encode(
+            x=alt.X(f"{lo}:Q", title="predicted loss"), x2=f"{hi}:Q", y="observed_loss:Q", color=color))
+    resid = alt.Chart(df).mark_point(filled=True, size=30).encode(
+        x=alt.X("predicted_loss:Q", scale=alt.Scale(zero=False)),
+        y=alt.Y("residual:Q", title="observed − predicted"),
+        color=color, opacity=op, tooltip=[*tip, alt.Tooltip("residual:Q", format=".4f")],
+    )
+    zero = alt.Chart().mark_rule(color="gray").encode(y=alt.datum(0))
+    chart = alt.hconcat(
+        alt.layer(*left).properties(width=300, height=260),
+        alt.layer(resid, zero, data=df).properties(width=300, height=260),
+    ).properties(title={"text": "Fit quality" + (" — bootstrap bands shown" if lo else ""),
+                        "subtitle": title_bits or ["no held-out error recorded"]})
+    return chart, len(df)
+
+
+def fig_health_curves(con: Any, study: str, mp: int) -> tuple[Any, int]:
+    """Training loss per run, downsampled, selectable by size."""
+    import altair as alt
+
+    _need(con, "train_metrics", ["run_id", "step", "loss"])
+    _need(con, "runs", ["run_id", "size", "init"])
+    df = _df(
+        con,
+        """select t.run_id, r.size, r.init, t.step, t.loss from train_metrics t
+           join runs r on r.study = t.study and r.run_id = t.run_id where t.study = ? and t.loss is not null""",
+        [study],
+    )
+    if df.empty:
+        raise Missing("train_metrics rows")
+    df = _downsample(df, "run_id", "step", mp)
+    sel = _size_sel(alt)
+    chart = (
+        alt.Chart(df).mark_line(strokeWidth=1)
+        .encode(
+            x="step:Q", y=alt.Y("loss:Q", scale=alt.Scale(zero=False)),
+            color=_size_color(df), detail="run_id:N",
+            opacity=alt.condition(sel, alt.value(0.8), alt.value(0.05)),
+            tooltip=["run_id", "size", "init", "step", alt.Tooltip("loss:Q", format=".4f")],
+        )
+        .add_params(sel)
+        .properties(width=340, height=220)
+        .facet(column=alt.Column("init:N", title=None))
+        .properties(title="Run health: training loss")
+        .interactive()
+    )
+    return chart, len(df)
+
+
+def fig_health_lr(con: Any, study: str, mp: int) -> tuple[Any, int]:
+    """LR schedule per run: catches a wrong warmup/decay before the fits do."""
+    import altair as alt
+
+    _need(con, "train_metrics", ["run_id", "step", "lr"])
+    df = _df(con, "select run_id, step, lr from train_metrics where study = ? and lr is not null", [study])
+    if df.empty:
+        raise Missing("learning rates in train_metrics")
+    df = _downsample(df, "run_id", "step", min(mp, 100))
+    chart = (
+        alt.Chart(df).mark_line(strokeWidth=1, opacity=0.6)
+        .encode(x="step:Q", y=alt.Y("lr:Q", axis=alt.Axis(format=".1e")), detail="run_id:N",
+                tooltip=["run_id", "step", alt.Tooltip("lr:Q", format=".2e")])
+        .properties(width=340, height=200, title="Run health: learning-rate schedules")
+        .interactive()
+    )
+    return chart, len(df)
+
+
+def fig_blend(con: Any, study: str, mp: int) -> tuple[Any, int]:
+    """Planned vs realized blend shares per run: shows a mixer or packing bug at a glance."""
+    import altair as alt
+
+    _need(con, "blend_realizations", ["run_id", "source", "planned_share", "realized_share"])
+    have = _columns(con, "blend_realizations")
+    ph = "phase" if "phase" in have else "'all' as phase"
+    df = _df(
+        con,
+        f"select run_id, {ph}, source, planned_share, realized_share from blend_realizations where study = ?",
+        [study],
+    )
+    if df.empty:
+        raise Missing("blend_realizations rows")
+    df["delta"] = df["realized_share"] - df["planned_share"]
+    chart = (
+        alt.Chart(df).mark_point(filled=True, size=40)
+        .encode(
+            x=alt.X("planned_share:Q", scale=alt.Scale(domain=[0, 1])),
+            y=alt.Y("realized_share:Q", scale=alt.Scale(domain=[0, 1])),
+            color="source:N", shape="phase:N",
+            tooltip=["run_id", "phase", "source", alt.Tooltip("planned_share:Q", format=".3f"),
+                     alt.Tooltip("realized_share:Q", format=".3f"), alt.Tooltip("delta:Q", format="+.4f")],
+        )
+        .properties(width=260, height=220, title="Blend: planned vs realized share")
+    )
+    return chart, len(df)
+
+
+def fig_fertility(con: Any, study: str, mp: int) -> tuple[Any, int]:
+    """Tokenizer fertility per language: cross-lingual token counts are only comparable through it."""
+    import altair as alt
+
+    _need(con, "data_manifests", ["lang", "tokens_per_byte"])
+    have = _columns(con, "data_manifests")
+    tpc = "avg(tokens_per_char)" if "tokens_per_char" in have else "null"
+    df = _df(
+        con,
+        f"""select lang, avg(tokens_per_byte) as tokens_per_byte, {tpc} as tokens_per_char
+            from data_manifests where study = ? group by lang order by lang""",
+        [study],
+    )
+    if df.empty:
+        raise Missing("data_manifests rows")
+    chart = (
+        alt.Chart(df).mark_bar()
+        .encode(x=alt.X("lang:N"), y=alt.Y("tokens_per_byte:Q"), color="lang:N",
+                tooltip=["lang", alt.Tooltip("tokens_per_byte:Q", format=".4f"), alt.Tooltip("tokens_per_char:Q", format=".4f")])
+        .properties(width=200, height=220, title="Tokenizer fertility (tokens per byte)")
+    )
+    return chart, len(df)
+
+
+BUILDERS: dict[str, Callable[[Any, str, int], tuple[Any, int]]] = {
+    "loss_compute": fig_loss_compute,
+    "transfer": fig_transfer,
+    "isoloss": fig_isoloss,
+    "replay": fig_replay,
+    "fit_quality": fig_fit_quality,
+    "health_curves": fig_health_curves,
+    "health_lr": fig_health_lr,
+    "blend": fig_blend,
+    "fertility": fig_fertility,
+}
+
+
+# ---------------------------------------------------------------- page
+
+
+_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{csp}">
+<title>{title}</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:1.5em;color:#222}}
+.fig{{margin:1.5em 0;padding:.5em;border-top:1px solid #ddd}}
+.missing{{color:#8a4b00;background:#fff4e0;padding:.6em;border-radius:4px}}
+code{{background:#f2f2f2;padding:0 .2em}}
+</style>
+<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push(String(e.message)));
+window.addEventListener('securitypolicyviolation', e => window.__errors.push('CSP: ' + e.blockedURI));
+</script>
+<script type="module">{bundle}</script>
+</head><body>
+<h1>{title}</h1>
+<p>Study <code>{study}</code> &middot; generated {when} &middot; {n_ok} figures drawn, {n_missing} missing.
+Legend entries select a size / replay ratio; drag to pan and scroll to zoom.</p>
+{missing_list}
+{sections}
+<pre id="render-status" style="display:none"></pre>
+<script type="module">
+const specs = {specs};
+const status = {{rendered: {{}}, errors: window.__errors}};
+const origErr = console.error;
+console.error = (...a) => {{ window.__errors.push(a.map(String).join(' ')); origErr(...a); }};
+function countMarks(node) {{
+  let n = 0;
+  const walk = (s) => {{
+    if (!s) return;
+    if (s.marktype && s.marktype !== 'group') n += (s.items || []).length;
+    for (const it of (s.items || [])) if (it.items) walk(it);
+  }};
+  walk(node);
+  return n;
+}}
+for (const [name, spec] of Object.entries(specs)) {{
+  try {{
+    const res = await vegaEmbed('#vis-' + name, spec, {{renderer: 'svg', actions: {{export: true, source: false, compiled: false, editor: false}}}});
+    status.rendered[name] = countMarks(res.view.scenegraph().root);
+  }} catch (e) {{ window.__errors.push(name + ': ' + e); }}
+}}
+const el = document.getElementById('render-status');
+el.textContent = JSON.stringify(status);
+document.body.setAttribute('data-rendered', 'done');
+</script>
+</body></html>
+"""
+
+
+def build_report(
+    db_path: str | Path,
+    study: str,
+    out_dir: str | Path,
+    *,
+    fits_dir: str | Path | None = None,
+    title: str | None = None,
+    max_points: int = 400,
+    images: bool = True,
+) -> dict[str, Any]:
+    """Write index.html, figures/*.svg|png and report.json; return the report.json dict."""
+    import altair as alt
+    import vl_convert as vlc
+
+    t0 = time.perf_counter()
+    alt.data_transformers.disable_max_rows()
+    out = Path(out_dir)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    title = title or f"cptscale report: {study}"
+    drawn: dict[str, Any] = {}
+    missing: dict[str, str] = {}
+    specs: dict[str, Any] = {}
+    if not Path(db_path).exists():
+        missing = {n: f"database {db_path}" for n in BUILDERS}
+    else:
+        con = _connect(db_path)
+        try:
+            for name, fn in BUILDERS.items():
+                try:
+                    chart, n = fn(con, study, max_points)
+                    specs[name] = chart.to_dict()
+                    drawn[name] = {"rows": n}
+                except Missing as exc:
+                    missing[name] = str(exc)
+                except Exception as exc:  # a broken figure must not take the page down
+                    missing[name] = f"error building figure: {type(exc).__name__}: {exc}"
+        finally:
+            con.close()
+    if images:
+        for name, spec in specs.items():
+            try:
+                svg = vlc.vegalite_to_svg(spec)
+                atomic_write(out / "figures" / f"{name}.svg", svg)
+                atomic_write(out / "figures" / f"{name}.png", vlc.svg_to_png(svg, scale=1.5))
+                drawn[name]["svg"] = f"figures/{name}.svg"
+                drawn[name]["png"] = f"figures/{name}.png"
+            except Exception as exc:
+                drawn[name]["image_error"] = str(exc)
+    sections = []
+    for name in BUILDERS:
+        if name in specs:
+            sections.append(f'<div class="fig" id="fig-{name}"><div id="vis-{name}"></div></div>')
+        else:
+            sections.append(
+                f'<div class="fig missing" id="fig-{name}"><b>{name}</b>: missing: {html.escape(missing[name])}</div>'
+            )
+    missing_list = (
+        "<ul class=\"missing\">"
+        + "".join(f"<li><b>{n}</b>: missing: {html.escape(m)}</li>" for n, m in missing.items())
+        + "</ul>"
+        if missing
+        else ""
+    )
+    page = _PAGE.format(
+        csp=CSP,
+        title=html.escape(title),
+        study=html.escape(study),
+        when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        n_ok=len(specs),
+        n_missing=len(missing),
+        bundle=vlc.javascript_bundle(),
+        missing_list=missing_list,
+        sections="\n".join(sections),
+        specs=json.dumps(specs, default=str).replace("</", "<\\/"),
+    )
+    atomic_write(out / "index.html", page)
+    info = {
+        "study": study,
+        "db": str(db_path),
+        "fits_dir": str(fits_dir) if fits_dir else None,
+        "drawn": drawn,
+        "missing": missing,
+        "page_bytes": len(page.encode()),
+        "build_s": round(time.perf_counter() - t0, 3),
+        "max_points": max_points,
+    }
+    write_json(out / "report.json", info)
+    return info
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from cptscale.cli import CLIError
+
+    if not Path(args.db).exists():
+        raise CLIError(f"database not found: {args.db}")
+    info = build_report(
+        args.db, args.study, args.out_dir, fits_dir=args.fits_dir, title=args.title,
+        max_points=args.max_points, images=not args.no_images,
+    )
+    print(
+        f"report: {args.out_dir}/index.html ({info['page_bytes'] / 1e6:.1f} MB, "
+        f"{len(info['drawn'])} figures, {len(info['missing'])} missing, {info['build_s']:.1f}s)"
+    )
+    for n, m in info["missing"].items():
+        print(f"  missing {n}: {m}")
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register `cptscale report`."""
+    p = subparsers.add_parser("report", help="write the study's self-contained HTML report")
+    p.add_argument("--db", required=True, help="DuckDB store")
+    p.add_argument("--study", required=True)
+    p.add_argument("--out-dir", required=True, help="e.g. results/<study>/report")
+    p.add_argument("--fits-dir", default=None, help="results/<study>/fits (recorded in report.json)")
+    p.add_argument("--title", default=None)
+    p.add_argument("--max-points", type=int, default=400, help="points kept per curve")
+    p.add_argument("--no-images", action="store_true", help="skip SVG/PNG export")
+    p.set_defaults(func=_cmd_report)
