@@ -85,6 +85,7 @@ def main() -> None:
         run_microbatches,
         setup_parallel,
         teardown_parallel,
+        wrap_ddp,
     )
     from cptscale.train.model import build_model, count_params
 
@@ -95,8 +96,12 @@ def main() -> None:
         meg = build_model(shape, a.vocab, a.seq)
         plain = Plain(meg.embedding.word_embeddings.weight.shape[0], a.hidden, a.layers, a.heads, ffn, a.seq)
         assert count_params(meg) == sum(p.numel() for p in plain.parameters()), "shapes differ"
-        opt_m = build_optimizer(meg, {"weight_decay": 0.1}, 1e-3)
-        opt_p = build_optimizer(plain, {"weight_decay": 0.1}, 1e-3)
+        meg = wrap_ddp(meg, distributed_optimizer=False)  # exactly what the trainer runs
+        opt_m = build_optimizer(meg, {"weight_decay": 0.1, "grad_clip": 1.0}, 1e-3)
+        decay = [p for p in plain.parameters() if p.ndim >= 2]
+        rest = [p for p in plain.parameters() if p.ndim < 2]
+        opt_p = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                                  lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
         g = torch.Generator().manual_seed(0)
         toks = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g)
         items = [{"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(a.seq),
@@ -104,10 +109,11 @@ def main() -> None:
         batch = collate(items)
 
         def step_meg():
-            opt_m.zero_grad(set_to_none=True)
+            meg.zero_grad_buffer()
+            opt_m.zero_grad()
             run_microbatches(meg, [batch], a.seq, a.batch, forward_only=False)
-            torch.nn.utils.clip_grad_norm_(meg.parameters(), 1.0)
-            opt_m.step()
+            meg.finish_grad_sync()
+            opt_m.step()  # Megatron optimizer: global-norm clipping + AdamW
 
         def step_plain():
             opt_p.zero_grad(set_to_none=True)

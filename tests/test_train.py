@@ -35,16 +35,19 @@ def parent_run(root, data):
 
 
 def test_cpu_compat_patches_what_it_expects():
-    """Fails loudly if a Megatron-Core upgrade changes what cpu_compat patches."""
+    """Fails loudly if a Megatron-Core upgrade changes what cpu_compat patches (or stops needing it)."""
     import megatron.core
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as moptimizer
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mrandom
 
     from cptscale.train import cpu_compat
 
     assert megatron.core.__version__ == cpu_compat.PATCHED_VERSION == "0.16.1"
-    src = Path(schedules.__file__).read_text()
-    assert 'device="cuda"' in src, "schedules no longer allocates on cuda: drop patch 3"
+    assert 'device="cuda"' in Path(schedules.__file__).read_text(), "schedules no longer allocates on cuda"
+    assert "device='cuda'" in Path(moptimizer.__file__).read_text(), "optimizers no longer allocate on cuda"
+    assert "'torch.cuda.FloatTensor'" in Path(clip_grads.__file__).read_text(), "clipping no longer asserts cuda"
     for name in ("CudaRNGStatesTracker", "_CUDA_RNG_STATE_TRACKER", "_MODEL_PARALLEL_RNG_TRACKER_NAME",
                  "_DATA_PARALLEL_RNG_TRACKER_NAME", "_EXPERT_PARALLEL_RNG_TRACKER_NAME"):
         assert hasattr(mrandom, name), f"megatron RNG tracker API changed ({name}): update cpu_compat"
@@ -52,6 +55,12 @@ def test_cpu_compat_patches_what_it_expects():
     cpu_compat.seed_rng_tracker(1)
     import torch
 
+    assert torch.zeros(1, device="cuda").device.type == "cpu"  # the device mode is active
+    assert moptimizer.clip_grad_by_total_norm_fp32 is cpu_compat._clip_grad_by_total_norm_cpu
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.full((4,), 2.0)
+    moptimizer.clip_grad_by_total_norm_fp32([p], max_norm=1.0, total_norm=4.0)
+    assert torch.allclose(p.grad, torch.full((4,), 0.5), atol=1e-6)
     before = torch.get_rng_state()
     with mrandom.get_cuda_rng_tracker().fork():
         torch.rand(3)

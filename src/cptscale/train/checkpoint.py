@@ -1,5 +1,6 @@
-"""Checkpoints: model weights via Megatron-Core dist_checkpointing (reshardable across TP/PP),
-optimizer + RNG per rank, a small common-state JSON; written to a temp dir then renamed."""
+"""Checkpoints: model weights and optimizer state via Megatron-Core dist_checkpointing (reshardable
+across TP/PP, and the form the distributed optimizer needs), RNG per rank, a small common-state JSON;
+written to a temp dir then renamed."""
 
 from __future__ import annotations
 
@@ -80,11 +81,23 @@ def _set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
+def unwrap(model):
+    """The GPTModel inside Megatron's DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
 def _save_model(model, path: Path) -> None:
     from megatron.core import dist_checkpointing
 
     path.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(), str(path))
+    dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(path))
+
+
+def _save_optimizer(model, opt, path: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    path.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(opt.sharded_state_dict(unwrap(model).sharded_state_dict()), str(path))
 
 
 def _publish(tmp: Path, final: Path, state: dict[str, Any]) -> None:
@@ -114,7 +127,8 @@ def save_full(ckpt_dir: str | Path, step: int, model, opt, spec: dict[str, Any],
         tmp.mkdir(parents=True)
     _barrier()
     _save_model(model, tmp / "model")
-    torch.save({"optimizer": opt.state_dict(), "rng": _rng_state()}, tmp / f"rank{_rank():05d}.pt")
+    _save_optimizer(model, opt, tmp / "optimizer")
+    torch.save({"rng": _rng_state()}, tmp / f"rank{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
         state = {"step": step, "consumed_samples": step * int(spec["global_batch_size"]), "layout": _layout(),
@@ -157,19 +171,22 @@ def load_weights(path: str | Path, model) -> dict[str, Any]:
             "CHECKPOINT at a checkpoint dir such as <checkpoint.dir>/final written by `cptscale train`"
         )
     try:
-        state_dict = dist_checkpointing.load(model.sharded_state_dict(), str(p / "model"))
-        model.load_state_dict(state_dict, strict=True)
+        inner = unwrap(model)
+        state_dict = dist_checkpointing.load(inner.sharded_state_dict(), str(p / "model"))
+        inner.load_state_dict(state_dict, strict=True)
     except (Exception, CheckpointException) as exc:
         raise CheckpointError(f"could not load weights from {p}: {type(exc).__name__}: {exc}") from exc
     return json.loads((p / STATE).read_text())
 
 
 def load_full(path: str | Path, model, opt) -> int:
-    """Exact resume: weights, optimizer, RNG; returns the step to continue from."""
+    """Exact resume: optimizer state and RNG (the weights were loaded with :func:`load_weights` before
+    the optimizer was built); returns the step to continue from."""
     import torch
+    from megatron.core import dist_checkpointing
 
     p = Path(path)
-    state = load_weights(p, model)
+    state = json.loads((p / STATE).read_text())
     if state.get("layout") != _layout():
         raise CheckpointError(
             f"{p} was written at layout {state.get('layout')} but this run uses {_layout()}: an exact resume "
@@ -178,7 +195,10 @@ def load_full(path: str | Path, model, opt) -> int:
     f = p / f"rank{_rank():05d}.pt"
     if not f.exists():
         raise CheckpointError(f"{f} missing: checkpoint {p} is incomplete")
+    if not (p / "optimizer").is_dir():
+        raise CheckpointError(f"{p / 'optimizer'} missing: checkpoint {p} has no optimizer state")
+    sharded = opt.sharded_state_dict(unwrap(model).sharded_state_dict(), is_loading=True)
+    opt.load_state_dict(dist_checkpointing.load(sharded, str(p / "optimizer")))
     blob = torch.load(f, weights_only=False)
-    opt.load_state_dict(blob["optimizer"])
     _set_rng_state(blob["rng"])
     return int(state["step"])

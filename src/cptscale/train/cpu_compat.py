@@ -1,12 +1,13 @@
 """CUDA work-arounds for running Megatron-Core 0.16.1 on CPU (loaded only when there is no GPU).
 
-Megatron-Core hard-codes CUDA in a few places; see /work/shared/docs/megatron-cpu.md. Every patch
-checks that the thing it replaces still exists, so an upgrade that changes them fails loudly.
+Megatron-Core hard-codes CUDA in a few places (measured recipe: the project's megatron-cpu notes):
+``torch.cuda.current_device``/``synchronize``, ``device="cuda"`` allocations in the schedules, the
+optimizers and the DDP buffers, the CUDA RNG tracker, and a CUDA-type assertion in gradient
+clipping. Every patch checks that the thing it replaces still exists, and tests/test_train.py checks
+that each is still needed, so an upgrade that changes them fails loudly.
 """
 
 from __future__ import annotations
-
-import types
 
 PATCHED_VERSION = "0.16.1"
 _applied = False
@@ -51,14 +52,55 @@ def _make_tracker_class():
     return _Tracker
 
 
+class _CudaFactoriesOnCPU:  # built lazily as a TorchFunctionMode subclass
+    pass
+
+
+def _make_device_mode():
+    from torch.overrides import TorchFunctionMode
+
+    class _Mode(TorchFunctionMode):
+        """Rewrites ``device="cuda"`` (or ``torch.device("cuda")``) in any torch call to the CPU.
+
+        Megatron-Core allocates small bookkeeping tensors on CUDA in the pipeline schedules
+        (token counter), the optimizers (loss scale, found-inf flag), ``multi_tensor_applier``'s
+        local fallbacks and the DDP buffers; one mode covers all of them instead of a patch per
+        module. Measured cost: none (the mode only inspects keyword arguments)."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            dev = kwargs.get("device")
+            if dev is not None and str(dev).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return func(*args, **kwargs)
+
+    return _Mode
+
+
+def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Megatron's ``clip_grad_by_total_norm_fp32`` without its ``torch.cuda.FloatTensor`` assertion:
+    the same in-place scaling by ``max_norm / (total_norm + 1e-6)`` when that is below 1."""
+    import torch
+
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff < 1.0:
+        for p in parameters:
+            g = getattr(p, attr, None)
+            if g is not None:
+                g.detach().mul_(coeff)
+
+
 def apply() -> None:
-    """Install the four patches (idempotent)."""
+    """Install the patches (idempotent); every one checks the thing it replaces still exists."""
     global _applied
     if _applied:
         return
     import megatron.core
     import torch
-    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.optimizer import optimizer as moptimizer
     from megatron.core.tensor_parallel import random as mrandom
 
     if megatron.core.__version__ != PATCHED_VERSION:
@@ -66,28 +108,24 @@ def apply() -> None:
             f"cpu_compat was written for megatron-core {PATCHED_VERSION}, found {megatron.core.__version__}: "
             "re-check the patches in cptscale/train/cpu_compat.py"
         )
-    # 1. current_device -> "cpu"
+    # 1. current_device -> "cpu" (used as a device= argument, e.g. by rotary embeddings)
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
-    # 4. synchronize -> no-op
+    # 2. synchronize -> no-op (p2p communication, DDP buffer management)
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
-    # 3. schedules' torch.zeros(device="cuda")
-    assert hasattr(schedules, "torch"), "megatron schedules no longer imports torch"
-    real_torch = torch
-
-    def _zeros(*args, **kwargs):
-        if str(kwargs.get("device", "")).startswith("cuda"):
-            kwargs["device"] = "cpu"
-        return real_torch.zeros(*args, **kwargs)
-
-    proxy = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
-    proxy.zeros = _zeros
-    schedules.torch = proxy
-    # 2. RNG tracker
+    # 3. device="cuda" in factory calls (schedules, optimizers, multi_tensor_applier fallbacks)
+    global _CudaFactoriesOnCPU
+    _CudaFactoriesOnCPU = _make_device_mode()
+    _CudaFactoriesOnCPU().__enter__()
+    # 4. RNG tracker (see CPURNGStatesTracker and seed_rng_tracker)
     for name in ("CudaRNGStatesTracker", "_CUDA_RNG_STATE_TRACKER", "get_cuda_rng_tracker"):
         if not hasattr(mrandom, name):
             raise RuntimeError(f"megatron.core.tensor_parallel.random.{name} is gone: update cpu_compat")
     global CPURNGStatesTracker
     CPURNGStatesTracker = _make_tracker_class()
+    # 5. gradient clipping in the Megatron optimizer asserts CUDA tensors
+    if not hasattr(moptimizer, "clip_grad_by_total_norm_fp32"):
+        raise RuntimeError("megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32 is gone: update cpu_compat")
+    moptimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
     _applied = True
 
 

@@ -165,57 +165,39 @@ def run_microbatches(model, batches: list[dict[str, Any]], seq_length: int, micr
 
 
 # ----------------------------------------------------------------------------------------------
-# optimizer
-def build_optimizer(model, opt: dict[str, Any], lr: float):
-    """AdamW; weight decay on matrices only (LLaMA convention). On GPU the Megatron distributed
-    optimizer would go here; on CPU (where it is unavailable) torch AdamW with the same math."""
+# data-parallel wrapper and optimizer (Megatron-Core's, on GPU and CPU alike)
+def wrap_ddp(model, *, distributed_optimizer: bool):
+    """Megatron-Core's DistributedDataParallel: contiguous fp32 grad buffers, DP all-reduce (or
+    reduce-scatter for the distributed optimizer) in ``finish_grad_sync``."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=distributed_optimizer)
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(model, opt: dict[str, Any], lr: float, *, bf16: bool = False,
+                    distributed_optimizer: bool = False):
+    """AdamW through ``get_megatron_optimizer``: decoupled weight decay on matrices only (Megatron
+    exempts 1-D parameters: norms), gradient clipping on the global norm across TP/PP shards.
+    Build it after the weights are loaded: mixed-precision and distributed optimizers copy the
+    model's parameters into their fp32 master weights when they are created."""
     import torch
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": float(opt.get("weight_decay", 0.0))},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(float(opt.get("beta1", 0.9)), float(opt.get("beta2", 0.95))),
-                             eps=float(opt.get("eps", 1e-8)))
-
-
-def allreduce_grads_dp(model) -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    dp = ps.get_data_parallel_world_size()
-    if dp == 1:
-        return
-    group = ps.get_data_parallel_group()
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, group=group)
-            p.grad.div_(dp)
+    config = OptimizerConfig(
+        optimizer="adam", lr=lr, weight_decay=float(opt.get("weight_decay", 0.0)),
+        adam_beta1=float(opt.get("beta1", 0.9)), adam_beta2=float(opt.get("beta2", 0.95)),
+        adam_eps=float(opt.get("eps", 1e-8)), clip_grad=float(opt.get("grad_clip", 0.0) or 0.0),
+        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, [model])
 
 
-def clip_grads(model, max_norm: float) -> float:
-    """Global grad norm over TP/PP shards (TP-duplicated params counted once); clip if max_norm > 0."""
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
-    sq = torch.zeros(1, dtype=torch.float64, device=device())
-    grads = []
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        grads.append(p.grad)
-        if param_is_not_tensor_parallel_duplicate(p):
-            sq += p.grad.double().pow(2).sum()
-    if ps.get_model_parallel_group() is not None and dist.get_world_size(ps.get_model_parallel_group()) > 1:
-        dist.all_reduce(sq, group=ps.get_model_parallel_group())
-    norm = float(sq.sqrt())
-    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-        coef = max_norm / (norm + 1e-6)
-        for g in grads:
-            g.mul_(coef)
-    return norm
+def set_lr(opt, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,16 +260,15 @@ class Trainer:
         mb, gb, seq = int(spec["micro_batch_size"]), int(spec["global_batch_size"]), int(spec["seq_length"])
         n_micro = gb // (mb * dp)
         bf16 = spec.get("precision", "auto") == "bf16" or (spec.get("precision", "auto") == "auto" and use_gpu())
-        model = build_model(spec["shape"], int(spec["vocab_size"]), seq, init_std=float(spec.get("init_std", 0.02)),
-                            tp=self.tp, pp=self.pp, bf16=bf16)
+        dist_opt = use_gpu() and bool(spec.get("distributed_optimizer", True))
+        model = wrap_ddp(build_model(spec["shape"], int(spec["vocab_size"]), seq,
+                                     init_std=float(spec.get("init_std", 0.02)), tp=self.tp, pp=self.pp, bf16=bf16),
+                         distributed_optimizer=dist_opt)
         schedule = make_schedule(spec["schedule"])
-        opt = build_optimizer(model, spec["optimizer"], lr_at(schedule, 0))
         start_step, resumed_from = 0, None
         latest = ck.latest_checkpoint(self.ckpt_dir)
         if latest is not None:
-            start_step = ck.load_full(latest, model, opt)
-            resumed_from = start_step
-            self.log(f"resumed from {latest} at step {start_step}")
+            ck.load_weights(latest, model)
         else:
             for name in ("metrics.jsonl", "evals.jsonl"):  # a fresh start: drop logs of a failed attempt
                 if self.rank == 0 and (self.out_dir / name).exists():
@@ -295,6 +276,11 @@ class Trainer:
             if spec["init"] == "cpt":
                 ck.load_weights(spec["parent"]["checkpoint"], model)
                 self.log(f"initialised from parent checkpoint {spec['parent']['checkpoint']}")
+        opt = build_optimizer(model, spec["optimizer"], lr_at(schedule, 0), bf16=bf16, distributed_optimizer=dist_opt)
+        if latest is not None:
+            start_step = ck.load_full(latest, model, opt)
+            resumed_from = start_step
+            self.log(f"resumed from {latest} at step {start_step}")
         if resumed_from is not None:
             self._truncate_logs(start_step)
 
@@ -347,7 +333,6 @@ class Trainer:
         keep = int(spec["checkpoint"].get("keep", 2) or 2)
         spike = float(spec.get("loss_spike_factor", 0) or 0)
         recent: list[float] = self._recent_losses()
-        grad_clip = float(spec["optimizer"].get("grad_clip", 0.0) or 0.0)
         dp_rank = ps.get_data_parallel_rank()
         proc = _proc()
         final_eval: dict[str, float] = {}
@@ -356,14 +341,14 @@ class Trainer:
             for step in range(start_step, steps):
                 t0 = time.time()
                 lr = lr_at(schedule, step)
-                for g in opt.param_groups:
-                    g["lr"] = lr
+                set_lr(opt, lr)
                 base = step * gb + dp_rank * (gb // dp)
                 batches = [collate([train_ds[base + m * mb + j] for j in range(mb)]) for m in range(n_micro)]
-                opt.zero_grad(set_to_none=True)
+                model.zero_grad_buffer()
+                opt.zero_grad()
                 model.train()
                 lsum, lcnt = run_microbatches(model, batches, seq, mb, forward_only=False)
-                allreduce_grads_dp(model)
+                model.finish_grad_sync()
                 t = torch.tensor([lsum, lcnt], dtype=torch.float64, device=device())
                 if dp > 1:
                     dist.all_reduce(t, group=ps.get_data_parallel_group())
@@ -374,8 +359,8 @@ class Trainer:
                     raise TrainingError(
                         f"loss spike at step {step}: {loss:.4f} > {spike:g} x recent mean "
                         f"{sum(recent[-20:]) / len(recent[-20:]):.4f}; stopping (last good checkpoint kept in {self.ckpt_dir})")
-                gnorm = clip_grads(model, grad_clip)
-                opt.step()
+                _, gnorm, _ = opt.step()  # clips to optimizer.grad_clip on the global norm, then AdamW
+                gnorm = float(gnorm) if gnorm is not None else None
                 recent.append(loss)
                 dt = time.time() - t0
                 mem = (torch.cuda.max_memory_allocated() if use_gpu() else proc.memory_info().rss) if proc or use_gpu() else None
