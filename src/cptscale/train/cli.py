@@ -34,10 +34,31 @@ def _cmd(args: argparse.Namespace) -> int:
     if nproc != world and not under_torchrun():
         raise CLIError(f"--nproc {nproc} but the spec's layout needs tp*pp*dp = {world} processes on one node")
     if world > 1 and not under_torchrun():
-        torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-        cmd = [torchrun if os.path.exists(torchrun) else "torchrun", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "cptscale.train.launch", "--spec", args.spec]
-        return subprocess.call(cmd)
+        return _torchrun(args.spec, nproc)
     from cptscale.train.launch import run_spec
 
     return run_spec(spec)
+
+
+def _torchrun(spec_path: str, nproc: int) -> int:
+    """Start the ranks with torchrun, once for this node, and pass SIGTERM/SIGINT on to it (a
+    cluster time limit signals the job step; torchrun forwards to the ranks, which checkpoint and
+    exit 143), then return its exit status."""
+    import signal
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun if os.path.exists(torchrun) else "torchrun", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "cptscale.train.launch", "--spec", spec_path]
+    print(f"cptscale train: launching {nproc} ranks with torchrun (pid {os.getpid()}, "
+          f"SLURM job {os.environ.get('SLURM_JOB_ID', '-')})", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd)
+
+    def forward(signum, frame):
+        proc.send_signal(signum)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

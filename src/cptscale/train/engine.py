@@ -232,6 +232,8 @@ class Trainer:
             fh.flush()
 
     def _sigterm(self, signum, frame) -> None:
+        if self._term and signum == signal.SIGINT:  # a second Ctrl-C: stop now (periodic checkpoint kept)
+            raise KeyboardInterrupt
         self._term = True
 
     # -- main ---------------------------------------------------------------------------------
@@ -328,7 +330,9 @@ class Trainer:
         if start_step == 0 and 0 in eval_steps:
             do_eval(0)
 
-        old_handler = signal.signal(signal.SIGTERM, self._sigterm) if _main_thread() else None
+        # SIGTERM (cluster time limit, scancel) and a first Ctrl-C: finish the step, checkpoint, exit 143
+        old_handlers = ({sig: signal.signal(sig, self._sigterm) for sig in (signal.SIGTERM, signal.SIGINT)}
+                        if _main_thread() else {})
         every = int(spec["checkpoint"].get("every", 0) or 0)
         keep = int(spec["checkpoint"].get("keep", 2) or 2)
         spike = float(spec.get("loss_spike_factor", 0) or 0)
@@ -375,13 +379,15 @@ class Trainer:
                     do_eval(done_steps)
                 if done_steps == steps:
                     final_eval = do_eval(done_steps)
-                if (every and done_steps % every == 0 and done_steps != steps) or (self._term and done_steps != steps):
+                term = self._terminated_anywhere()
+                if (every and done_steps % every == 0 and done_steps != steps) or (term and done_steps != steps):
                     ck.save_full(self.ckpt_dir, done_steps, model, opt, spec, keep=keep)
-                if self._term and done_steps != steps:
-                    raise Terminated(f"SIGTERM: checkpoint saved at step {done_steps}")
+                if term and done_steps != steps:
+                    self.log(f"stop signal: checkpoint saved at step {done_steps}; a re-run resumes from it")
+                    raise Terminated(f"SIGTERM/SIGINT: checkpoint saved at step {done_steps}")
         finally:
-            if old_handler is not None:
-                signal.signal(signal.SIGTERM, old_handler)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
         if start_step >= steps:
             final_eval = do_eval(steps)
         ck.save_full(self.ckpt_dir, steps, model, opt, spec, keep=keep)
@@ -392,13 +398,28 @@ class Trainer:
                 "final_loss": final_eval, "final_checkpoint": str(final), "wall_s": time.time() - t_start,
                 "params": shape.params(int(spec["vocab_size"]), tp=self.tp),
                 "params_nonemb": shape.params(int(spec["vocab_size"]), embeddings=False),
-                "resumed_from": resumed_from}
+                "resumed_from": resumed_from, "world_size": dist.get_world_size(),
+                "launch": {k: os.environ.get(v) for k, v in (("torchrun_id", "TORCHELASTIC_RUN_ID"),
+                                                             ("slurm_job_id", "SLURM_JOB_ID"),
+                                                             ("host", "HOSTNAME"))}}
         if self.rank == 0:
             from cptscale.util import write_json
 
             write_json(self.out_dir / "done.json", done)
         dist.barrier()
         return done
+
+    def _terminated_anywhere(self) -> bool:
+        """Whether any rank got SIGTERM: ranks see the signal at slightly different steps, and the
+        checkpoint they then save together is a collective, so they agree at every step boundary."""
+        import torch
+        import torch.distributed as dist
+
+        if dist.get_world_size() == 1:
+            return self._term
+        flag = torch.tensor([1.0 if self._term else 0.0], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
 
     def _mfu(self, tps: float) -> float | None:
         """Model FLOPs utilisation against a nominal 989 TFLOP/s (H100 bf16 dense) per GPU."""
