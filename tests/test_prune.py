@@ -227,3 +227,245 @@ def test_pruned_shape_flops_and_params():
     half = PrunedShape(128, 4, 2, ladder.ffn, None, 32)  # head_dim stays 32 with 2 heads
     assert half.layer_params() == 128 * (2 + 2 * 2) * 32 + 2 * 32 * 128 + 3 * 128 * ladder.ffn + 2 * 128
     assert flops_per_token(half, VOCAB, 64) < flops_per_token(same, VOCAB, 64)
+
+
+def test_cli_prune_schedule(capsys):
+    """``cptscale prune`` (prune.add_commands; cli.COMMAND_MODULES decides whether it is registered)."""
+    import argparse
+    import json
+
+    from cptscale.cli import CLIError
+    from cptscale.prune import add_commands
+
+    ap = argparse.ArgumentParser()
+    add_commands(ap.add_subparsers())
+
+    def main(argv):
+        args = ap.parse_args(argv)
+        try:
+            return args.func(args)
+        except CLIError as exc:
+            print(exc, file=__import__("sys").stderr)
+            return 2
+
+    assert main(["prune", "d128l4", "--to", "heads=2,ffn=176", "--k", "3", "--first-step", "10",
+                 "--last-step", "30", "--vocab", "256"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [e["step"] for e in out["events"]] == [10, 20, 30]
+    assert out["events"][-1]["shape"] == {"hidden": 128, "layers": 4, "heads": 2, "ffn": 176, "kv_heads": None,
+                                          "head_dim": 32}
+    assert out["params"] == sorted(out["params"], reverse=True) and out["compression"] > 1
+    assert main(["prune", "d128l4", "--to", "heads=3x", "--first-step", "1"]) == 2
+    assert "key=integer" in capsys.readouterr().err
+    assert main(["prune", "d128l4", "--to", "ffn=999", "--first-step", "1"]) == 2
+    assert "cannot grow" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# the trainer's "prune" spec key (tiny runs on the generated structured corpus)
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("prune")
+
+
+@pytest.fixture(scope="module")
+def data(root):
+    from train_helpers import make_data
+
+    return make_data(root / "data")
+
+
+def _pspec(root, data, run_id, events, *, steps=12, every=5, importance="activation", **kw):
+    from train_helpers import make_spec
+
+    spec = make_spec(root, data, run_id=run_id, steps=steps, every=every, **kw)
+    spec["prune"] = {"importance": importance, "calib_batches": 2, "events": events}
+    return spec
+
+
+# d32l2: hidden 32, 2 layers, 2 heads (head_dim 16), ffn 96
+EVENTS = [{"step": 3, "shape": {"hidden": 32, "layers": 2, "heads": 1, "ffn": 48, "kv_heads": None}},
+          {"step": 7, "shape": {"hidden": 32, "layers": 1, "heads": 1, "ffn": 48, "kv_heads": None}}]
+
+
+def test_prune_spec_validation_names_field(root, data):
+    import json
+
+    from cptscale.train.spec import SpecError, validate_spec
+
+    good = _pspec(root, data, "v", EVENTS)
+    validate_spec(good)
+    for mutate, needle in [
+        (lambda s: s["prune"].update(importance="grad"), "prune.importance"),
+        (lambda s: s["prune"].update(calib_batches=0), "calib_batches"),
+        (lambda s: s["prune"].update(foo=1), "prune.foo"),
+        (lambda s: s["prune"].update(events=[]), "prune.events"),
+        (lambda s: s["prune"]["events"][0].update(step=12), r"prune.events\[0\].step"),
+        (lambda s: s["prune"]["events"][1].update(step=3), r"prune.events\[1\].step"),
+        (lambda s: s["prune"]["events"][0]["shape"].update(ffn=200), r"prune.events\[0\].shape.*cannot grow"),
+        (lambda s: s["prune"]["events"][1]["shape"].update(heads=2), r"prune.events\[1\].shape.*cannot grow"),
+        (lambda s: s["prune"]["events"][0]["shape"].update(hidden=16), r"prune.events\[0\].shape.*hidden"),
+        (lambda s: s["prune"]["events"][0].update(when=3), r"prune.events\[0\]"),
+        (lambda s: s["layout"].update(tp=2), "prune needs layout.tp"),
+    ]:
+        bad = json.loads(json.dumps(good))
+        mutate(bad)
+        with pytest.raises(SpecError, match=needle):
+            validate_spec(bad)
+    # a pruned shape as a run's own shape (the small model trained from scratch): head_dim given
+    small = json.loads(json.dumps(good))
+    small.pop("prune")
+    small["shape"].update(heads=1, ffn=48, head_dim=16)
+    validate_spec(small)
+
+
+def _expected(shapes):
+    from cptscale.prune import PrunedShape, flops_per_token
+
+    out = []
+    for sh in shapes:
+        ps_ = PrunedShape.from_dict(sh)
+        out.append((ps_.params(256), flops_per_token(ps_, 256, 32)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pruned_run(root, data):
+    from cptscale.train.launch import run_spec
+
+    spec = _pspec(root, data, "pruned", EVENTS, eval_steps=[0, 3, 6, 9])
+    assert run_spec(spec) == 0
+    return spec
+
+
+def test_pruned_run_bookkeeping(pruned_run):
+    """params / shape / FLOPs per step, evals and done.json after two prune events."""
+    import json
+    from pathlib import Path
+
+    from train_helpers import read_jsonl
+
+    out = Path(pruned_run["out_dir"])
+    m = read_jsonl(out / "metrics.jsonl")
+    start = {**pruned_run["shape"], "head_dim": 16}
+    (p0, f0), (p1, f1), (p2, f2) = _expected([start, EVENTS[0]["shape"] | {"head_dim": 16},
+                                              EVENTS[1]["shape"] | {"head_dim": 16}])
+    assert p0 > p1 > p2
+    assert [r["params"] for r in m] == [p0] * 3 + [p1] * 4 + [p2] * 5
+    tps = 4 * 32
+    want = 0.0
+    for r, f in zip(m, [f0] * 3 + [f1] * 4 + [f2] * 5, strict=True):
+        want += f * tps
+        assert r["flops"] == pytest.approx(want, rel=1e-12)
+    assert m[-1]["flops_6nd"] == pytest.approx(6 * tps * (3 * p0 + 4 * p1 + 5 * p2), rel=1e-12)
+    ev = {(e["step"], e["lang"]): e for e in read_jsonl(out / "evals.jsonl")}
+    assert ev[(0, "en")]["flops"] == 0 and ev[(0, "en")]["params"] == p0
+    assert ev[(3, "en")]["params"] == p0  # an eval at step s is before the prune at s
+    assert ev[(9, "en")]["flops"] == m[8]["flops"] and ev[(9, "en")]["params"] == p2
+    assert ev[(12, "en")]["loss"] < ev[(0, "en")]["loss"] - 0.2, "loss must fall on the structured corpus"
+    pr = read_jsonl(out / "prune.jsonl")
+    assert [(r["step"], r["params_before"], r["params"]) for r in pr] == [(3, p0, p1), (7, p1, p2)]
+    assert pr[0]["calib_samples"] == [8, 12]  # the 2 x 2 samples of step 2 and pr[0]["importance"] == "activation"
+    assert len(pr[1]["kept"]["layers"]) == 1 and len(pr[0]["kept"]["channels"][0]) == 48
+    done = json.loads((out / "done.json").read_text())
+    assert done["params"] == p0 and done["final_params"] == p2
+    assert done["flops_spent"] == m[-1]["flops"] and done["flops_spent_6nd"] == m[-1]["flops_6nd"]
+    assert done["final_shape"] == {"hidden": 32, "layers": 1, "heads": 1, "ffn": 48, "kv_heads": None,
+                                   "head_dim": 16}
+    assert done["final_loss"]["en"] == ev[(12, "en")]["loss"]
+
+
+def test_pruned_final_checkpoint_loads_at_its_shape(pruned_run):
+    """A CPT run from a pruned source builds the model at the final checkpoint's shape."""
+    import json
+    from pathlib import Path
+
+    from cptscale.evaluate import evaluate_model
+    from cptscale.train import checkpoint as ck
+    from cptscale.train.model import build_model
+
+    done = json.loads((Path(pruned_run["out_dir"]) / "done.json").read_text())
+    state = ck.read_state(done["final_checkpoint"])
+    assert state["shape"] == done["final_shape"]
+    with parallel():
+        model = build_model(state["shape"], 256, 32)
+        ck.load_weights(done["final_checkpoint"], model)
+        loss = evaluate_model(model, pruned_run["eval"]["languages"]["en"]["prefix"], 32, 4)["loss"]
+    assert abs(loss - done["final_loss"]["en"]) < 1e-9
+
+
+def test_resume_after_prune_is_exact(root, data, pruned_run, capsys):
+    """Killed after the first prune (checkpoint at the pruned shape), resumed at the step of the
+    second prune event: losses, FLOPs and pruning decisions equal the uninterrupted run's."""
+    import json
+    import os
+    import signal
+    from pathlib import Path
+
+    from train_helpers import read_jsonl
+
+    from cptscale.train.engine import Terminated, Trainer, teardown_parallel
+    from cptscale.train.launch import run_spec
+
+    b = _pspec(root, data, "pruned-killed", EVENTS, eval_steps=[0, 3, 6, 9])
+    tr = Trainer(b)
+    tr.on_step = lambda s: os.kill(os.getpid(), signal.SIGTERM) if s == 7 else None
+    with pytest.raises(Terminated):
+        try:
+            tr.run()
+        finally:
+            teardown_parallel()
+    ckpt = Path(b["checkpoint"]["dir"]) / "step_7"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["shape"]["heads"] == 1 and state["shape"]["layers"] == 2  # after event 1, before event 2
+    # a spec whose events no longer match the checkpoint is refused with a clear message
+    changed = json.loads(json.dumps(b))
+    changed["prune"]["events"][0]["shape"]["ffn"] = 64
+    capsys.readouterr()
+    assert run_spec(changed) == 1
+    assert "prune events give" in capsys.readouterr().err
+    assert run_spec(b) == 0
+    out_a, out_b = Path(pruned_run["out_dir"]), Path(b["out_dir"])
+    done = json.loads((out_b / "done.json").read_text())
+    assert done["resumed_from"] == 7
+    ma, mb_ = read_jsonl(out_a / "metrics.jsonl"), read_jsonl(out_b / "metrics.jsonl")
+    assert [r["step"] for r in mb_] == list(range(12))
+    diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(ma, mb_, strict=True))
+    print(f"max resume loss difference {diff:.3g}")
+    assert diff <= 1e-6, f"resumed losses differ by {diff:.3g}"
+    assert [r["flops"] for r in ma] == [r["flops"] for r in mb_]
+    assert [r["params"] for r in ma] == [r["params"] for r in mb_]
+    pa, pb = read_jsonl(out_a / "prune.jsonl"), read_jsonl(out_b / "prune.jsonl")
+    assert [(r["step"], r["kept"]) for r in pa] == [(r["step"], r["kept"]) for r in pb]
+    assert json.loads((out_a / "done.json").read_text())["flops_spent"] == done["flops_spent"]
+
+
+def test_cpt_prunes_source_at_step0_after_gate(root, data, pruned_run, capsys):
+    """CPT with a prune at step 0: the init-sanity gate checks the unpruned loaded model (its loss
+    must equal the source run's), then the model is pruned before the first step."""
+    import json
+    from pathlib import Path
+
+    from train_helpers import make_spec, read_jsonl
+
+    from cptscale.train.launch import run_spec
+
+    src = make_spec(root, data, run_id="src-en", steps=6, eval_steps=[])
+    assert run_spec(src) == 0
+    sdone = json.loads((Path(src["out_dir"]) / "done.json").read_text())
+    par = {"run_id": "src-en", "checkpoint": sdone["final_checkpoint"], "lang": "en",
+           "final_loss": sdone["final_loss"]["en"], "tolerance": 1e-6}
+    spec = _pspec(root, data, "cpt-pruned", [{"step": 0, "shape": {"heads": 1, "ffn": 48}}], steps=4,
+                  every=0, importance="weight", lang="zh", init="cpt", parent=par, eval_steps=[0])
+    assert run_spec(spec) == 0
+    assert "init-sanity gate passed" in capsys.readouterr().out
+    out = Path(spec["out_dir"])
+    ev0 = next(e for e in read_jsonl(out / "evals.jsonl") if e["step"] == 0 and e["lang"] == "en")
+    assert abs(ev0["loss"] - par["final_loss"]) < 1e-9  # step-0 eval: the unpruned source model
+    pr = read_jsonl(out / "prune.jsonl")
+    assert len(pr) == 1 and pr[0]["step"] == 0 and pr[0]["calib_samples"] == [0, 4]
+    (p0, _), (p1, _) = _expected([{**spec["shape"], "head_dim": 16},
+                                  {"hidden": 32, "layers": 2, "heads": 1, "ffn": 48, "head_dim": 16}])
+    assert [r["params"] for r in read_jsonl(out / "metrics.jsonl")] == [p1] * 4
+    done = json.loads((out / "done.json").read_text())
+    assert done["params"] == p0 and done["final_params"] == p1

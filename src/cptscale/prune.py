@@ -133,12 +133,12 @@ class PrunedShape:
         d, hd = self.hidden, int(self.head_dim or 0)
         return d * (self.heads + 2 * self.query_groups) * hd + self.heads * hd * d + 3 * d * self.ffn + 2 * d
 
-    def params(self, vocab: int, *, embeddings: bool = True) -> int:
+    def params(self, vocab: int, *, embeddings: bool = True, tp: int = 1) -> int:
         """Trainable parameters, same layout as :meth:`cptscale.ladder.ModelShape.params`."""
         from cptscale.ladder import padded_vocab
 
         body = self.layers * self.layer_params() + self.hidden
-        return body + 2 * padded_vocab(vocab) * self.hidden if embeddings else body
+        return body + 2 * padded_vocab(vocab, tp) * self.hidden if embeddings else body
 
 
 def model_shape(model) -> PrunedShape:
@@ -541,6 +541,19 @@ def prune(model, target: dict[str, Any] | PrunedShape, *, importance: str = "act
     return apply_plan(model, plan), plan
 
 
+def prune_events(start_shape: dict[str, Any] | PrunedShape, target_shape: dict[str, Any] | PrunedShape, k: int,
+                 first_step: int, last_step: int) -> list[dict[str, Any]]:
+    """The ``events`` of a run spec's ``prune`` key: the k shapes of :func:`incremental_targets` at
+    steps spread evenly from ``first_step`` to ``last_step`` (both included; k = 1 uses ``first_step``)."""
+    if not 0 <= first_step <= last_step:
+        raise PruneError(f"prune_events: need 0 <= first_step {first_step} <= last_step {last_step}")
+    shapes = incremental_targets(start_shape, target_shape, k)
+    steps = [first_step + round((last_step - first_step) * i / (k - 1)) if k > 1 else first_step for i in range(k)]
+    if len(set(steps)) != k:
+        raise PruneError(f"prune_events: {k} events do not fit in steps {first_step}..{last_step}")
+    return [{"step": st, "shape": sh} for st, sh in zip(steps, shapes, strict=True)]
+
+
 def flops_per_token(shape: PrunedShape | dict[str, Any], vocab: int, seq_length: int) -> float:
     """:func:`cptscale.transfer.flops_per_token` for a possibly pruned shape (explicit head_dim)."""
     from cptscale.transfer import flops_per_token as fpt
@@ -554,7 +567,45 @@ def compression(source: PrunedShape, target: PrunedShape, vocab: int) -> float:
     return source.params(vocab) / max(1, target.params(vocab))
 
 
+# ----------------------------------------------------------------------------------------------
+def add_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser("prune", help="incremental prune schedule (the 'prune.events' of a run spec) "
+                              "from a ladder size to a target shape, with parameter counts")
+    p.add_argument("size", help="ladder size name, e.g. d128l4")
+    p.add_argument("--to", required=True, help="target, e.g. heads=2,ffn=176[,layers=3][,kv_heads=1]")
+    p.add_argument("--k", type=int, default=1, help="number of increments (default 1)")
+    p.add_argument("--first-step", type=int, required=True, help="step of the first prune event")
+    p.add_argument("--last-step", type=int, help="step of the last one (default: first step)")
+    p.add_argument("--vocab", type=int, default=4096, help="vocabulary size for parameter counts")
+    p.set_defaults(func=_cmd_prune)
+
+
+def _cmd_prune(args: Any) -> int:
+    import json
+
+    from cptscale.cli import CLIError
+    from cptscale.ladder import get_shape
+
+    try:
+        ls = get_shape(args.size)
+        start = PrunedShape(ls.hidden, ls.layers, ls.heads, ls.ffn, ls.kv_heads)
+        target: dict[str, Any] = {}
+        for item in filter(None, args.to.split(",")):
+            key, _, val = item.partition("=")
+            if not val.strip().isdigit():
+                raise PruneError(f"--to: expected key=integer, got {item!r}")
+            target[key.strip()] = int(val)
+        events = prune_events(start, target, args.k, args.first_step,
+                              args.first_step if args.last_step is None else args.last_step)
+    except (KeyError, PruneError) as exc:
+        raise CLIError(str(exc).strip('"')) from None
+    params = [start.params(args.vocab)] + [PrunedShape.from_dict(e["shape"]).params(args.vocab) for e in events]
+    print(json.dumps({"events": events, "params": params, "compression": params[0] / params[-1]}, indent=1))
+    return 0
+
+
 __all__ = ["IMPORTANCE_KINDS", "Importance", "PruneError", "PrunePlan", "PrunedShape", "apply_plan",
            "build_like", "check_prunable", "compression", "compute_importance", "flops_per_token",
-           "incremental_targets", "model_shape", "plan_pruning", "prune", "prune_model", "resolve_target",
+           "incremental_targets", "model_shape", "plan_pruning", "prune", "prune_events", "prune_model",
+           "resolve_target",
            "zero_pruned"]

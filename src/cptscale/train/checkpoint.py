@@ -114,8 +114,10 @@ def _publish(tmp: Path, final: Path, state: dict[str, Any]) -> None:
         tmp.rename(final)
 
 
-def save_full(ckpt_dir: str | Path, step: int, model, opt, spec: dict[str, Any], keep: int = 2) -> Path:
-    """Everything needed for an exact resume at the same layout."""
+def save_full(ckpt_dir: str | Path, step: int, model, opt, spec: dict[str, Any], keep: int = 2,
+              extra: dict[str, Any] | None = None) -> Path:
+    """Everything needed for an exact resume at the same layout. ``extra`` goes into state.json
+    (the trainer's current ``shape`` after pruning, cumulative ``flops``)."""
     import torch
 
     d = Path(ckpt_dir)
@@ -132,7 +134,7 @@ def save_full(ckpt_dir: str | Path, step: int, model, opt, spec: dict[str, Any],
     _barrier()
     if _rank() == 0:
         state = {"step": step, "consumed_samples": step * int(spec["global_batch_size"]), "layout": _layout(),
-                 "run_id": spec["run_id"], "config_hash": spec.get("config_hash"), "kind": "full"}
+                 "run_id": spec["run_id"], "config_hash": spec.get("config_hash"), "kind": "full", **(extra or {})}
         _publish(tmp, final, state)
         for _, p in list_checkpoints(d)[:-keep] if keep > 0 else []:
             shutil.rmtree(p, ignore_errors=True)
@@ -140,8 +142,10 @@ def save_full(ckpt_dir: str | Path, step: int, model, opt, spec: dict[str, Any],
     return final
 
 
-def save_final(ckpt_dir: str | Path, step: int, model, spec: dict[str, Any]) -> Path:
-    """Weights only (what a CPT run needs); loadable at any TP/PP layout."""
+def save_final(ckpt_dir: str | Path, step: int, model, spec: dict[str, Any],
+               extra: dict[str, Any] | None = None) -> Path:
+    """Weights only (what a CPT run needs); loadable at any TP/PP layout. ``extra`` goes into
+    state.json (a pruned run passes its final ``shape``, which replaces the spec's)."""
     d = Path(ckpt_dir)
     final = d / "final"
     tmp = d / ".final.tmp"
@@ -154,9 +158,17 @@ def save_final(ckpt_dir: str | Path, step: int, model, spec: dict[str, Any]) -> 
     _barrier()
     if _rank() == 0:
         _publish(tmp, final, {"step": step, "run_id": spec["run_id"], "layout": _layout(), "kind": "weights",
-                              "shape": spec["shape"], "vocab_size": spec["vocab_size"]})
+                              "shape": spec["shape"], "vocab_size": spec["vocab_size"], **(extra or {})})
     _barrier()
     return final
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's common state (state.json)."""
+    p = Path(path) / STATE
+    if not p.exists():
+        raise CheckpointError(f"{p} missing: {Path(path)} is not a complete checkpoint")
+    return json.loads(p.read_text())
 
 
 def load_weights(path: str | Path, model) -> dict[str, Any]:

@@ -3,6 +3,19 @@
 One code path for GPU (NCCL, bf16, Transformer Engine spec) and CPU (gloo, fp32, local spec,
 ``cpu_compat`` patches). Data position is the step counter: global sample i is consumed at step
 i // global_batch_size, so resuming at step s reads exactly the samples an uninterrupted run would.
+
+Pruning (run spec key ``prune``, see :func:`cptscale.train.spec.validate_prune`): at the start of an
+event's step, before its forward, the trainer scores units on calibration batches (the
+``calib_batches`` micro-batches of training samples consumed just before that step; the first ones
+of the run at step 0), prunes to the event's shape with :mod:`cptscale.prune`, and rebuilds the DDP
+wrapper and a **fresh optimizer**: Adam moments restart for the kept units (carrying them over would
+mean slicing each optimizer variant's state: fp32, mixed-precision master weights, the distributed
+optimizer's flat shards; IPLT-style retraining restarts it too), the LR schedule continues. An eval
+at step s is the model after s steps, before any prune at s. FLOPs are counted per step at the
+current shape: ``flops`` with the exact per-token count of :func:`cptscale.transfer.flops_per_token`
+(the store's ``evals.flops`` convention), ``flops_6nd`` as 6 x params x tokens; both cumulative in
+metrics.jsonl, evals.jsonl and checkpoints' state.json (with the current ``shape``, so a resume
+rebuilds the pruned model), totals in done.json. Each prune writes a line to prune.jsonl.
 """
 
 from __future__ import annotations
@@ -242,7 +255,7 @@ class Trainer:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        from cptscale.ladder import ModelShape
+        from cptscale.prune import PrunedShape
         from cptscale.schedule import lr_at
         from cptscale.train import checkpoint as ck
         from cptscale.train.data import build_train_dataset
@@ -263,16 +276,23 @@ class Trainer:
         n_micro = gb // (mb * dp)
         bf16 = spec.get("precision", "auto") == "bf16" or (spec.get("precision", "auto") == "auto" and use_gpu())
         dist_opt = use_gpu() and bool(spec.get("distributed_optimizer", True))
-        model = wrap_ddp(build_model(spec["shape"], int(spec["vocab_size"]), seq,
+        latest = ck.latest_checkpoint(self.ckpt_dir)
+        ck_state = ck.read_state(latest) if latest is not None else {}
+        prune_events = {int(e["step"]): e["shape"] for e in (spec.get("prune") or {}).get("events", [])}
+        # the model is built at the checkpoint's shape (pruned runs), else the spec's
+        cur_shape = dict(ck_state.get("shape") or spec["shape"])
+        if latest is not None:
+            self._check_resume_shape(cur_shape, prune_events, int(ck_state["step"]), latest)
+        self.cur_shape = cur_shape
+        model = wrap_ddp(build_model(cur_shape, int(spec["vocab_size"]), seq,
                                      init_std=float(spec.get("init_std", 0.02)), tp=self.tp, pp=self.pp, bf16=bf16),
                          distributed_optimizer=dist_opt)
         schedule = make_schedule(spec["schedule"])
         start_step, resumed_from = 0, None
-        latest = ck.latest_checkpoint(self.ckpt_dir)
         if latest is not None:
             ck.load_weights(latest, model)
         else:
-            for name in ("metrics.jsonl", "evals.jsonl"):  # a fresh start: drop logs of a failed attempt
+            for name in ("metrics.jsonl", "evals.jsonl", "prune.jsonl"):  # a fresh start: drop logs of a failed attempt
                 if self.rank == 0 and (self.out_dir / name).exists():
                     (self.out_dir / name).unlink()
             if spec["init"] == "cpt":
@@ -291,6 +311,12 @@ class Trainer:
         steps = int(spec["steps"])
         tokens_per_step = gb * seq
         val_cache: dict[str, Any] = {}
+        n_params, fpt = self._shape_cost(cur_shape)
+        flops = float(ck_state.get("flops", start_step * tokens_per_step * fpt))
+        flops_6nd = float(ck_state.get("flops_6nd", 6.0 * n_params * start_step * tokens_per_step))
+
+        def ck_extra() -> dict[str, Any]:
+            return {"shape": cur_shape, "flops": flops, "flops_6nd": flops_6nd}
 
         def do_eval(step: int) -> dict[str, float]:
             from cptscale.evaluate import evaluate_model
@@ -300,10 +326,56 @@ class Trainer:
                 r = evaluate_model(model, v["prefix"], seq, int(spec["eval"].get("micro_batch_size", mb)),
                                    val_bytes=v.get("bytes"), max_tokens=spec["eval"].get("max_tokens"),
                                    cache=val_cache)
-                rec = {"step": step, "tokens": step * tokens_per_step, "lang": lang, **r}
+                rec = {"step": step, "tokens": step * tokens_per_step, "lang": lang, **r, "params": n_params,
+                       "flops": flops, "flops_6nd": flops_6nd}
                 self._append("evals.jsonl", rec)
                 res[lang] = r["loss"]
             return res
+
+        def do_prune(step: int) -> None:
+            """Prune to the event's shape at the start of ``step``; new DDP wrapper, fresh optimizer."""
+            nonlocal model, opt, cur_shape, n_params, fpt
+            from cptscale import prune as P
+
+            t0 = time.time()
+            before = P.model_shape(model)
+            target = P.resolve_target(before, prune_events[step])
+            if target == before:
+                self.log(f"prune event at step {step}: model already has shape {target.as_dict()}")
+                return
+            pr = spec["prune"]
+            kind = pr.get("importance", "activation")
+            n_cal = max(1, min(int(pr.get("calib_batches", 4)), (steps * gb) // mb))
+            first = max(0, step * gb - n_cal * mb)  # the samples consumed just before this step
+            calib = [collate([train_ds[first + m * mb + j] for j in range(mb)]) for m in range(n_cal)]
+            with torch.no_grad():
+                ls0, lc0 = run_microbatches(model, calib, seq, mb, forward_only=True)
+            scores = P.compute_importance(model, calib, kind)
+            if dist.get_world_size() > 1:  # every DP rank must prune the same units
+                for f in ("groups", "channels", "layers"):
+                    t = getattr(scores, f).to(device())
+                    dist.broadcast(t, src=0)
+                    setattr(scores, f, t.cpu())
+            plan = P.plan_pruning(model, target, scores)
+            p_before = n_params
+            model = wrap_ddp(P.apply_plan(model, plan), distributed_optimizer=dist_opt)
+            opt = build_optimizer(model, spec["optimizer"], lr_at(schedule, step), bf16=bf16,
+                                  distributed_optimizer=dist_opt)
+            cur_shape = target.as_dict()
+            self.cur_shape = cur_shape
+            n_params, fpt = self._shape_cost(cur_shape)
+            with torch.no_grad():
+                ls1, lc1 = run_microbatches(model, calib, seq, mb, forward_only=True)
+            rec = {"step": step, "tokens": step * tokens_per_step, "importance": kind, "calib_batches": n_cal,
+                   "calib_samples": [first, first + n_cal * mb], "shape_before": before.as_dict(),
+                   "shape": cur_shape, "params_before": p_before, "params": n_params,
+                   "calib_loss_before": ls0 / max(lc0, 1.0), "calib_loss_after": ls1 / max(lc1, 1.0),
+                   "flops": flops, "flops_6nd": flops_6nd, "wall_s": time.time() - t0,
+                   "kept": {"layers": plan.layers, "groups": plan.groups, "channels": plan.channels}}
+            self._append("prune.jsonl", rec)
+            self.log(f"pruned at step {step} ({kind}, {n_cal} calibration batches): {before.as_dict()} -> "
+                     f"{cur_shape}, params {p_before:,} -> {n_params:,}, calibration loss "
+                     f"{rec['calib_loss_before']:.4f} -> {rec['calib_loss_after']:.4f}")
 
         # init-sanity gate (CPT, fresh start only)
         if spec["init"] == "cpt" and resumed_from is None:
@@ -343,6 +415,8 @@ class Trainer:
         step = start_step
         try:
             for step in range(start_step, steps):
+                if step in prune_events:
+                    do_prune(step)
                 t0 = time.time()
                 lr = lr_at(schedule, step)
                 set_lr(opt, lr)
@@ -366,12 +440,15 @@ class Trainer:
                 _, gnorm, _ = opt.step()  # clips to optimizer.grad_clip on the global norm, then AdamW
                 gnorm = float(gnorm) if gnorm is not None else None
                 recent.append(loss)
+                flops += fpt * tokens_per_step
+                flops_6nd += 6.0 * n_params * tokens_per_step
                 dt = time.time() - t0
                 mem = (torch.cuda.max_memory_allocated() if use_gpu() else proc.memory_info().rss) if proc or use_gpu() else None
                 self._append("metrics.jsonl", {
                     "step": step, "tokens": (step + 1) * tokens_per_step, "loss": loss, "lr": lr,
                     "grad_norm": gnorm, "tokens_per_s": tokens_per_step / max(dt, 1e-9), "mem_bytes": mem,
-                    "mfu": self._mfu(tokens_per_step / max(dt, 1e-9)) if use_gpu() else None})
+                    "mfu": self._mfu(tokens_per_step / max(dt, 1e-9)) if use_gpu() else None,
+                    "params": n_params, "flops": flops, "flops_6nd": flops_6nd})
                 done_steps = step + 1
                 if self.on_step is not None:
                     self.on_step(done_steps)
@@ -381,7 +458,7 @@ class Trainer:
                     final_eval = do_eval(done_steps)
                 term = self._terminated_anywhere()
                 if (every and done_steps % every == 0 and done_steps != steps) or (term and done_steps != steps):
-                    ck.save_full(self.ckpt_dir, done_steps, model, opt, spec, keep=keep)
+                    ck.save_full(self.ckpt_dir, done_steps, model, opt, spec, keep=keep, extra=ck_extra())
                 if term and done_steps != steps:
                     self.log(f"stop signal: checkpoint saved at step {done_steps}; a re-run resumes from it")
                     raise Terminated(f"SIGTERM/SIGINT: checkpoint saved at step {done_steps}")
@@ -390,15 +467,15 @@ class Trainer:
                 signal.signal(sig, handler)
         if start_step >= steps:
             final_eval = do_eval(steps)
-        ck.save_full(self.ckpt_dir, steps, model, opt, spec, keep=keep)
-        final = ck.save_final(self.ckpt_dir, steps, model, spec)
-        shape = ModelShape(spec["shape"].get("name", spec["size"]), spec["shape"]["hidden"], spec["shape"]["layers"],
-                           spec["shape"]["heads"], spec["shape"]["ffn"], spec["shape"].get("kv_heads"))
+        ck.save_full(self.ckpt_dir, steps, model, opt, spec, keep=keep, extra=ck_extra())
+        final = ck.save_final(self.ckpt_dir, steps, model, spec, extra={"shape": cur_shape})
+        shape = PrunedShape.from_dict(spec["shape"])
         done = {"run_id": spec["run_id"], "steps": steps, "tokens": steps * tokens_per_step,
                 "final_loss": final_eval, "final_checkpoint": str(final), "wall_s": time.time() - t_start,
                 "params": shape.params(int(spec["vocab_size"]), tp=self.tp),
                 "params_nonemb": shape.params(int(spec["vocab_size"]), embeddings=False),
-                "resumed_from": resumed_from, "world_size": dist.get_world_size(),
+                "resumed_from": resumed_from, "flops_spent": flops, "flops_spent_6nd": flops_6nd,
+                "final_shape": cur_shape, "final_params": n_params, "world_size": dist.get_world_size(),
                 "launch": {k: os.environ.get(v) for k, v in (("torchrun_id", "TORCHELASTIC_RUN_ID"),
                                                              ("slurm_job_id", "SLURM_JOB_ID"),
                                                              ("host", "HOSTNAME"))}}
@@ -425,13 +502,37 @@ class Trainer:
         """Model FLOPs utilisation against a nominal 989 TFLOP/s (H100 bf16 dense) per GPU."""
         import torch.distributed as dist
 
-        from cptscale.ladder import ModelShape
+        from cptscale.prune import PrunedShape
 
-        sh = self.spec["shape"]
-        n = ModelShape("x", sh["hidden"], sh["layers"], sh["heads"], sh["ffn"], sh.get("kv_heads")).params(
-            int(self.spec["vocab_size"]))
-        flops = 6 * n + 12 * sh["layers"] * sh["hidden"] * int(self.spec["seq_length"])
+        sh = PrunedShape.from_dict(getattr(self, "cur_shape", None) or self.spec["shape"])
+        n = sh.params(int(self.spec["vocab_size"]))
+        flops = 6 * n + 12 * sh.layers * sh.heads * int(sh.head_dim or 0) * int(self.spec["seq_length"])
         return flops * tps / (989e12 * dist.get_world_size())
+
+    def _shape_cost(self, shape: dict[str, Any]) -> tuple[int, float]:
+        """(parameters, exact training FLOPs per token) of a possibly pruned shape."""
+        from cptscale.prune import PrunedShape, flops_per_token
+
+        sh = PrunedShape.from_dict(shape)
+        vocab, seq = int(self.spec["vocab_size"]), int(self.spec["seq_length"])
+        return sh.params(vocab, tp=self.tp), flops_per_token(sh, vocab, seq)
+
+    def _check_resume_shape(self, shape: dict[str, Any], events: dict[int, dict[str, Any]], step: int,
+                            path: Path) -> None:
+        """The checkpoint's shape must be the spec's after the prune events before ``step``."""
+        from cptscale.prune import PrunedShape, resolve_target
+        from cptscale.train.checkpoint import CheckpointError
+
+        want = PrunedShape.from_dict(self.spec["shape"])
+        for s in sorted(events):
+            if s < step:
+                want = resolve_target(want, events[s])
+        got = PrunedShape.from_dict(shape)
+        if got != want:
+            raise CheckpointError(
+                f"{path} holds a model of shape {got.as_dict()} but this spec's prune events give "
+                f"{want.as_dict()} at step {step}: the spec changed since the checkpoint was written; "
+                "restore it or start the run afresh (remove its checkpoint dir)")
 
     def _recent_losses(self) -> list[float]:
         p = self.out_dir / "metrics.jsonl"
@@ -443,7 +544,8 @@ class Trainer:
         """Drop log lines written after the checkpoint we resume from (they will be recomputed)."""
         if self.rank != 0:
             return
-        for name, keep in (("metrics.jsonl", lambda r: r["step"] < step), ("evals.jsonl", lambda r: r["step"] <= step)):
+        for name, keep in (("metrics.jsonl", lambda r: r["step"] < step), ("evals.jsonl", lambda r: r["step"] <= step),
+                           ("prune.jsonl", lambda r: r["step"] < step)):
             p = self.out_dir / name
             if p.exists():
                 lines = [ln for ln in p.read_text().splitlines() if ln.strip() and keep(json.loads(ln))]

@@ -22,6 +22,7 @@ def build_config(shape: dict[str, Any], *, init_std: float = 0.02, tp: int = 1, 
     return TransformerConfig(
         num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
         num_query_groups=shape.get("kv_heads") or None, ffn_hidden_size=shape["ffn"],
+        kv_channels=shape.get("head_dim") or None,  # set for pruned shapes (head_dim != hidden / heads)
         init_method_std=init_std, normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
         add_bias_linear=False, add_qkv_bias=False, hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=dtype,

@@ -52,7 +52,9 @@ def validate_spec(spec: dict[str, Any], where: str = "run.json") -> None:
         raise SpecError(f"{where}: field 'shape' must be an object")
     for k in ("hidden", "layers", "heads", "ffn"):
         _int(sh, k, f"{where} shape")
-    if sh["hidden"] % sh["heads"]:
+    if sh.get("head_dim") is not None:  # a pruned shape: head_dim stays, hidden / heads need not hold
+        _int(sh, "head_dim", f"{where} shape")
+    elif sh["hidden"] % sh["heads"]:
         raise SpecError(f"{where}: shape.hidden {sh['hidden']} not divisible by shape.heads {sh['heads']}")
     lay = spec["layout"]
     for k in ("tp", "pp", "dp"):
@@ -92,6 +94,57 @@ def validate_spec(spec: dict[str, Any], where: str = "run.json") -> None:
             raise SpecError(f"{where}: init 'cpt' needs parent.checkpoint (the source run's final checkpoint)")
     if spec.get("precision", "auto") not in ("auto", "fp32", "bf16"):
         raise SpecError(f"{where}: precision must be auto, fp32 or bf16")
+    if spec.get("prune") is not None:
+        validate_prune(spec, where)
+
+
+PRUNE_KEYS = ("importance", "calib_batches", "events")
+
+
+def validate_prune(spec: dict[str, Any], where: str = "run.json") -> None:
+    """The optional ``prune`` key: ``{"importance": "activation"|"weight", "calib_batches": int,
+    "events": [{"step": s, "shape": {hidden, layers, heads, ffn, kv_heads}}, ...]}``; each event
+    prunes at the start of step s to its shape (see cptscale.prune for what may change)."""
+    from cptscale.prune import IMPORTANCE_KINDS, PrunedShape, PruneError, resolve_target
+
+    pr = spec["prune"]
+    if not isinstance(pr, dict):
+        raise SpecError(f"{where}: field 'prune' must be an object with {', '.join(PRUNE_KEYS)}")
+    unknown = sorted(set(pr) - set(PRUNE_KEYS))
+    if unknown:
+        raise SpecError(f"{where}: unknown field(s) prune.{', prune.'.join(unknown)}; allowed: {', '.join(PRUNE_KEYS)}")
+    if pr.get("importance", "activation") not in IMPORTANCE_KINDS:
+        raise SpecError(f"{where}: prune.importance must be one of {', '.join(IMPORTANCE_KINDS)}, "
+                        f"got {pr.get('importance')!r}")
+    if "calib_batches" in pr:
+        _int(pr, "calib_batches", f"{where} prune")
+    lay = spec["layout"]
+    if lay["tp"] != 1 or lay["pp"] != 1:
+        raise SpecError(f"{where}: prune needs layout.tp = layout.pp = 1 (got tp={lay['tp']}, pp={lay['pp']}); "
+                        "structured pruning is implemented for unsharded models (data parallelism is fine)")
+    events = pr.get("events")
+    if not isinstance(events, list) or not events:
+        raise SpecError(f"{where}: prune.events must be a non-empty list of {{step, shape}} objects")
+    try:
+        cur = PrunedShape.from_dict(spec["shape"])
+    except (PruneError, KeyError, TypeError, ValueError) as exc:
+        raise SpecError(f"{where}: shape: {exc}") from exc
+    last = -1
+    for i, ev in enumerate(events):
+        at = f"prune.events[{i}]"
+        if not isinstance(ev, dict) or set(ev) != {"step", "shape"}:
+            raise SpecError(f"{where}: {at} must be an object with exactly 'step' and 'shape', got {ev!r}")
+        st = ev["step"]
+        if not isinstance(st, int) or isinstance(st, bool) or not last < st < spec["steps"]:
+            raise SpecError(f"{where}: {at}.step must be an integer in [{last + 1}, steps={spec['steps']}) "
+                            f"(events in increasing step order), got {st!r}")
+        last = st
+        if not isinstance(ev["shape"], dict):
+            raise SpecError(f"{where}: {at}.shape must be an object (hidden, layers, heads, ffn, kv_heads)")
+        try:
+            cur = resolve_target(cur, ev["shape"])
+        except (PruneError, TypeError, ValueError) as exc:
+            raise SpecError(f"{where}: {at}.shape: {exc}") from exc
 
 
 def make_schedule(d: dict[str, Any]):
