@@ -1,12 +1,13 @@
 """Benchmark: training tokens/s of a Megatron-Core GPTModel before and after structured pruning
 (cptscale.prune), the same steps on both models, alternating in one process.
 
-    .venv/bin/python bench/prune.py [--hidden 128 --layers 4 --heads 4 --seq 128 --batch 8 --steps 6
+    .venv/bin/python bench/prune.py [--hidden 128 --layers 4 --heads 4 --seq 128 --batch 8 --steps 10
                                      --to-heads 2 --to-ffn 176 --to-layers 4]
 
 Defaults: d128l4 (4 heads, ffn 352) pruned to half the heads and half the MLP channels, activation
-importance on 2 calibration batches. Prints tokens/s of each, the speed-up, and the ratio of
-training FLOPs per token (cptscale.transfer's exact count) for comparison.
+importance on 2 calibration batches. Prints the median-step tokens/s of each, the speed-up (median
+of paired adjacent steps, robust to a shared machine's load) and the ratio of training FLOPs per
+token (cptscale.transfer's exact count) for comparison.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 sys.modules.pop("tokenize", None)
 
 import argparse  # noqa: E402
+import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -33,7 +35,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--to-heads", type=int, default=None, help="default: half the heads")
     ap.add_argument("--to-ffn", type=int, default=None, help="default: half the MLP channels")
     ap.add_argument("--to-layers", type=int, default=None, help="default: keep every layer")
@@ -76,15 +78,13 @@ def main() -> None:
         step_big, step_small = stepper(big), stepper(small)
         step_big()
         step_small()  # warm-up
-        tb = ts = 0.0
-        for _ in range(a.steps):
-            t0 = time.perf_counter()
-            step_big()
-            tb += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            step_small()
-            ts += time.perf_counter() - t0
-        ntok = a.batch * a.seq * a.steps
+        tb, ts = [], []
+        for i in range(a.steps):  # alternate, and alternate which goes first: both see the same load
+            for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+                t0 = time.perf_counter()
+                (step_big if which == 0 else step_small)()
+                (tb if which == 0 else ts).append(time.perf_counter() - t0)
+        ntok = a.batch * a.seq
         sb, ss = P.model_shape(big), P.model_shape(small)
         fb, fs = P.flops_per_token(sb, a.vocab, a.seq), P.flops_per_token(ss, a.vocab, a.seq)
         fbn = P.flops_per_token(sb, a.vocab, a.seq) - 6 * a.hidden * big.vocab_size
@@ -93,9 +93,11 @@ def main() -> None:
               f"importance {a.importance}  prune took {t_prune:.2f} s")
         print(f"unpruned {sb.as_dict()}  params {count_params(big):,}")
         print(f"pruned   {ss.as_dict()}  params {count_params(small):,}")
-        print(f"unpruned : {ntok / tb:10.0f} tokens/s")
-        print(f"pruned   : {ntok / ts:10.0f} tokens/s")
-        print(f"speed-up : {tb / ts:.3f}x   (training FLOPs/token ratio {fb / fs:.3f}x, "
+        med = statistics.median
+        print(f"unpruned : {ntok / med(tb):10.0f} tokens/s (median step)")
+        print(f"pruned   : {ntok / med(ts):10.0f} tokens/s (median step)")
+        print(f"speed-up : {med(b / s_ for b, s_ in zip(tb, ts, strict=True)):.3f}x median of paired steps, "
+              f"{sum(tb) / sum(ts):.3f}x total time   (training FLOPs/token ratio {fb / fs:.3f}x, "
               f"without the output layer {fbn / fsn:.3f}x)")
     finally:
         teardown_parallel()
