@@ -469,3 +469,28 @@ def test_cpt_prunes_source_at_step0_after_gate(root, data, pruned_run, capsys):
     assert [r["params"] for r in read_jsonl(out / "metrics.jsonl")] == [p1] * 4
     done = json.loads((out / "done.json").read_text())
     assert done["params"] == p0 and done["final_params"] == p1
+
+
+@pytest.mark.slow
+def test_pruned_run_data_parallel_matches(root, data, pruned_run):
+    """DP=2 (two gloo processes through torchrun): both ranks prune the same units (scores are
+    broadcast from rank 0), the rebuilt DDP wrapper averages gradients, and the loss curve matches
+    the DP=1 run to fp32 reduction-order noise (bound as in test_train_parallel: 1e-4)."""
+    import json
+    from pathlib import Path
+
+    from train_helpers import read_jsonl, write_spec
+
+    from cptscale.cli import main
+
+    spec = _pspec(root, data, "pruned-dp2", EVENTS, eval_steps=[0, 3, 6, 9], dp=2)
+    assert main(["train", "--spec", str(write_spec(root, spec))]) == 0
+    a, b = Path(pruned_run["out_dir"]), Path(spec["out_dir"])
+    assert json.loads((b / "done.json").read_text())["world_size"] == 2
+    la = [m["loss"] for m in read_jsonl(a / "metrics.jsonl")]
+    lb = [m["loss"] for m in read_jsonl(b / "metrics.jsonl")]
+    diff = max(abs(x - y) for x, y in zip(la, lb, strict=True))
+    print(f"DP=2 vs DP=1 max loss difference {diff:.3g}")
+    assert diff < 1e-4
+    pa, pb = read_jsonl(a / "prune.jsonl"), read_jsonl(b / "prune.jsonl")
+    assert [(r["step"], r["kept"]) for r in pa] == [(r["step"], r["kept"]) for r in pb]
