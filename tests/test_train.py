@@ -173,6 +173,30 @@ def test_resume_after_sigterm_is_exact(root, data):
     assert diff <= 1e-6
 
 
+def test_sigterm_to_every_process_of_the_job_still_checkpoints(root, data):
+    """Like a cluster time limit: SIGTERM to the whole process group, including the helper processes
+    dist_checkpointing starts to write files. The run must still save and exit 143 (it exited 1 with
+    a broken pipe when the writers' queue process died with the trainer's signal)."""
+    import subprocess
+    import sys
+    import time
+
+    spec = make_spec(root, data, run_id="group-term", steps=100_000, every=3, eval_steps=[])
+    path = write_spec(root, spec)
+    proc = subprocess.Popen([sys.executable, "-m", "cptscale.cli", "train", "--spec", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    ck = Path(spec["checkpoint"]["dir"])
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(ck.glob("step_*"))) < 2:  # the writers' processes exist by now
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-3000:]
+    assert "stop signal: checkpoint saved at step" in out
+    saved = max(int(p.name.removeprefix("step_")) for p in ck.glob("step_*"))
+    assert f"checkpoint saved at step {saved}" in out
+
+
 def _cpt_spec(root, data, parent, run_id, ckpt=None, **kw):
     done = json.loads((Path(parent["out_dir"]) / "done.json").read_text())
     par = {"run_id": parent["run_id"], "checkpoint": str(ckpt or done["final_checkpoint"]), "lang": "en",

@@ -4,10 +4,14 @@ written to a temp dir then renamed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,18 +90,58 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
+@contextlib.contextmanager
+def _stop_signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT while a checkpoint is written.
+
+    A cluster time limit signals every process of the job, including the helper processes
+    dist_checkpointing starts to write files: its long-lived queue process, killed, breaks the very
+    checkpoint the signal asked for (its forked writers inherit the trainer's flag-setting handler and
+    are safe). The trainer's own handler runs as soon as the save is done. Only the main thread can
+    change its mask; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stops = {signal.SIGTERM, signal.SIGINT}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        _start_writer_queue_ignoring(stops)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _start_writer_queue_ignoring(stops: set[signal.Signals]) -> None:
+    """dist_checkpointing's file writers report through a queue served by a long-lived process it
+    spawns on first use; a spawned process starts with an empty signal mask but keeps ignored
+    signals ignored, so start it while the stop signals are ignored (and blocked here, so one that
+    arrives meanwhile stays pending for the trainer instead of being dropped)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if getattr(fa, "_results_queue", None) is not None or not hasattr(fa, "_get_write_results_queue"):
+        return
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in stops}
+    try:
+        fa._get_write_results_queue()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 def _save_model(model, path: Path) -> None:
     from megatron.core import dist_checkpointing
 
     path.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(path))
+    with _stop_signals_deferred():
+        dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(path))
 
 
 def _save_optimizer(model, opt, path: Path) -> None:
     from megatron.core import dist_checkpointing
 
     path.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(opt.sharded_state_dict(unwrap(model).sharded_state_dict()), str(path))
+    with _stop_signals_deferred():
+        dist_checkpointing.save(opt.sharded_state_dict(unwrap(model).sharded_state_dict()), str(path))
 
 
 def _publish(tmp: Path, final: Path, state: dict[str, Any]) -> None:
