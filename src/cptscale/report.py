@@ -116,12 +116,12 @@ def _fits(con: Any, study: str) -> list[dict[str, Any]]:
     have = _columns(con, "fits")
     if not have or "params" not in have:
         return []
-    cols = [c for c in ("fit_id", "law", "kind", "params", "fixed", "meta", "heldout") if c in have]
-    rows = con.execute(f"select {', '.join(cols)} from fits where study = ?", [study]).fetchall()
+    cols = [c for c in ("fit_id", "law", "kind", "params", "fixed", "meta", "heldout", "intervals") if c in have]
+    rows = con.execute(f"select {', '.join(cols)} from fits where study = ? order by fit_id", [study]).fetchall()
     out = []
     for r in rows:
         d = dict(zip(cols, r, strict=True))
-        for k in ("params", "fixed", "meta", "heldout"):
+        for k in ("params", "fixed", "meta", "heldout", "intervals"):
             v = d.get(k)
             if isinstance(v, str):
                 try:
@@ -163,8 +163,38 @@ def _law_loss(law: dict[str, float], n: float, d: float) -> float:
 
 
 def _fit_kind(fit: dict[str, Any]) -> str:
-    s = f"{fit.get('law', '')} {fit.get('kind', '')} {fit.get('fit_id', '')}".lower()
+    """scratch or cpt: the fit's ``kind`` (cptscale fit-study writes it), else guessed from law and id."""
+    if fit.get("kind") in ("scratch", "cpt"):
+        return str(fit["kind"])
+    s = f"{fit.get('law', '')} {fit.get('fit_id', '')}".lower()
     return "cpt" if ("cpt" in s or "extended" in s) else "scratch"
+
+
+def _main_laws(con: Any, study: str) -> dict[str, dict[str, Any]]:
+    """The law to draw per kind: Chinchilla for scratch data, the extended law for CPT data (fit-study's
+    ``scratch-chinchilla-*`` and ``cpt-extended-*``); any loss law of that kind otherwise."""
+    best: dict[str, tuple[int, dict[str, Any]]] = {}
+    for f in _fits(con, study):
+        law = _law(f)
+        if law is None:
+            continue
+        kind, name = _fit_kind(f), str(f.get("law", "")).lower()
+        rank = 0 if (kind, name) in (("scratch", "chinchilla"), ("cpt", "cpt"), ("cpt", "extended_cpt")) else 1
+        if kind not in best or rank < best[kind][0]:
+            best[kind] = (rank, {**f, "law_params": law})
+    return {k: v for k, (_, v) in best.items()}
+
+
+def _iv_text(fit: dict[str, Any], name: str, fmt: str) -> str:
+    """value [lo, hi] from the fit's bootstrap intervals, or the value alone."""
+    p = {**(fit.get("fixed") or {}), **(fit.get("params") or {})}
+    v = p.get(name)
+    iv = (fit.get("intervals") or {}).get(name) or {}
+    if not isinstance(v, int | float):
+        return "?"
+    if isinstance(iv, dict) and isinstance(iv.get("lo"), int | float) and isinstance(iv.get("hi"), int | float):
+        return f"{v:{fmt}} [{iv['lo']:{fmt}}, {iv['hi']:{fmt}}]"
+    return f"{v:{fmt}}"
 
 
 # ---------------------------------------------------------------- figures
@@ -195,7 +225,16 @@ def fig_loss_compute(con: Any, study: str, mp: int) -> tuple[Any, int]:
         raise Missing("evals on the target language (no finished runs yet)")
     df = _downsample(df, "run_id", "tokens", mp)
     env_rows, titles = [], []
+    fitted = {_fit_kind(f): f for f in _fits(con, study) if str(f.get("law")) == "envelope" and f.get("params")}
     for init, g in df.groupby("init"):
+        ef = fitted.get(str(init))
+        if ef is not None and {"k", "m"} <= set(ef["params"]):
+            # the fit-study envelope: L = k·C^m on the lower frontier, with its bootstrap interval
+            k, m = float(ef["params"]["k"]), float(ef["params"]["m"])
+            lc = np.log10(g["flops"].to_numpy())
+            env_rows += [{"init": init, "flops": x, "loss": k * x**m} for x in np.logspace(lc.min(), lc.max(), 40)]
+            titles.append(f"{init}: L = {_iv_text(ef, 'k', '.4g')}·C^{_iv_text(ef, 'm', '.4f')} (fit {ef.get('fit_id')})")
+            continue
         # envelope: lowest loss reached in each log-compute bin, then a log-log line through it
         lc = np.log10(g["flops"].to_numpy())
         bins = np.linspace(lc.min(), lc.max() + 1e-9, 16)
@@ -207,9 +246,9 @@ def fig_loss_compute(con: Any, study: str, mp: int) -> tuple[Any, int]:
             env_rows += [
                 {"init": init, "flops": x, "loss": math.exp(c0) * x**k} for x in xs
             ]
-            titles.append(f"{init}: L = {math.exp(c0):.4g}·C^{k:.4f}")
+            titles.append(f"{init}: L = {math.exp(c0):.4g}·C^{k:.4f} (binned minima; no envelope fit)")
     sel = _size_sel(alt)
-    base = alt.Chart(df).encode(
+    base = alt.Chart().encode(  # no data of its own: inside the facet a layer with data is not faceted
         x=alt.X("flops:Q", scale=alt.Scale(type="log"), title="training FLOPs"),
         y=alt.Y("loss:Q", scale=alt.Scale(zero=False), title="validation loss"),
     )
@@ -221,14 +260,18 @@ def fig_loss_compute(con: Any, study: str, mp: int) -> tuple[Any, int]:
     ).add_params(sel)
     layers = [lines]
     if env_rows:
-        env = alt.Chart(pd.DataFrame(env_rows)).mark_line(color="black", strokeDash=[6, 3]).encode(
-            x="flops:Q", y="loss:Q"
-        )
-        layers.append(env)
+        # a faceted layer takes the facet's data: run rows and envelope rows are told apart by a flag
+        lines = lines.transform_filter("!datum.envelope")
+        env = alt.Chart().mark_line(color="black", strokeDash=[6, 3]).encode(
+            x="flops:Q", y="loss:Q", tooltip=["init", alt.Tooltip("loss:Q", format=".4f"), "flops"]
+        ).transform_filter("datum.envelope")
+        layers = [lines, env]
+    data = (pd.concat([df.assign(envelope=False), pd.DataFrame(env_rows).assign(envelope=True)], ignore_index=True)
+            if env_rows else df)
     chart = (
-        alt.layer(*layers, data=df)
+        alt.layer(*layers)
         .properties(width=340, height=260)
-        .facet(column=alt.Column("init:N", title=None), data=pd.concat([df, pd.DataFrame(env_rows)]) if env_rows else df)
+        .facet(column=alt.Column("init:N", title=None), data=data)
         .properties(title={"text": "Loss vs compute (Fig. 1)", "subtitle": titles or ["no envelope"]})
         .interactive()
     )
@@ -278,73 +321,92 @@ def fig_transfer(con: Any, study: str, mp: int) -> tuple[Any, int]:
     return chart, len(long)
 
 
+def _isoloss_curve(law: dict[str, float], level: float, ns: Any) -> Any:
+    """D(N) on the IsoLoss contour L(N, D) = level (NaN where the N term alone exceeds the level)."""
+    import numpy as np
+
+    gap = level - law["E"] - law["A"] / ns ** law["alpha"]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return np.where(gap > 0, (law["B"] / (np.maximum(gap, 1e-300) * ns ** law["gamma"])) ** (1 / law["beta"]), np.nan)
+
+
+def _frontier(law: dict[str, float], budgets: Any) -> list[tuple[float, float, float]]:
+    """Compute-optimal (C, N, D) under C = 6ND: the closed form (study-design §3.1-3.2) when it exists."""
+    al, be, ga, A, B = law["alpha"], law["beta"], law["gamma"], law["A"], law["B"]
+    s = al + be - ga
+    if not (be - ga > 0 and s > 0 and al > 0):
+        return []
+    G = ((al * A) / ((be - ga) * B)) ** (1 / s)
+    return [(c, G * (c / 6) ** (be / s), c / (6 * G * (c / 6) ** (be / s))) for c in budgets]
+
+
 def fig_isoloss(con: Any, study: str, mp: int) -> tuple[Any, int]:
     """Fig. 4: IsoLoss contours of the CPT law in (N, D) with scratch and CPT compute-optimal frontiers."""
     import altair as alt
     import numpy as np
     import pandas as pd
 
-    laws: dict[str, dict[str, float]] = {}
-    for f in _fits(con, study):
-        law = _law(f)
-        if law is not None:
-            laws.setdefault(_fit_kind(f), law)
+    laws = _main_laws(con, study)
     if not laws:
         raise Missing("Chinchilla / extended-CPT fits in `fits`")
-    ns = np.logspace(7, 10.5, 48)
-    ds = np.logspace(8, 12, 48)
-    main = laws.get("cpt") or laws["scratch"]
-    grid = pd.DataFrame(
-        [{"N": n, "D": d, "loss": _law_loss(main, n, d)} for n in ns for d in ds]
-    )
+    main_fit = laws.get("cpt") or laws["scratch"]
+    main = main_fit["law_params"]
+    # axes: the fitted data's range widened 30x each way (paper-scale defaults when the fit has no range)
+    ranges = [r for f in laws.values() if (r := (f.get("meta") or {}).get("data_range") or {}).get("N") and r.get("D")]
+    nr = [min(r["N"][0] for r in ranges) / 30, max(r["N"][1] for r in ranges) * 30] if ranges else [1e7, 10**10.5]
+    dr = [min(r["D"][0] for r in ranges) / 30, max(r["D"][1] for r in ranges) * 30] if ranges else [1e8, 1e12]
+    ns = np.logspace(np.log10(nr[0]), np.log10(nr[1]), 160)
+    corners = [_law_loss(main, n, d) for n in nr for d in dr]
+    levels = np.quantile(np.linspace(min(corners), max(corners), 400), np.linspace(0.04, 0.9, 9))
+    contour = []
+    for lv in levels:
+        dd = _isoloss_curve(main, float(lv), ns)
+        ok = np.isfinite(dd) & (dd >= dr[0]) & (dd <= dr[1])
+        contour += [{"level": round(float(lv), 3), "N": float(n), "D": float(d)} for n, d in zip(ns[ok], dd[ok], strict=True)]
     front = []
-    for kind, law in laws.items():
-        for c in np.logspace(17, 23, 25):
-            nn = np.logspace(6.5, 11, 400)
-            dd = c / (6 * nn)
-            loss = [_law_loss(law, n, d) for n, d in zip(nn, dd, strict=True)]
-            i = int(np.argmin(loss))
-            if 1e8 <= dd[i] <= 1e12 and 1e7 <= nn[i] <= 10**10.5:
-                front.append({"kind": kind, "C": c, "N": nn[i], "D": dd[i], "loss": loss[i]})
-    lo, hi = grid["loss"].quantile(0.02), grid["loss"].quantile(0.9)
-    heat = (
-        alt.Chart(grid)
-        .mark_rect()
-        .encode(
-            x=alt.X("N:Q", scale=alt.Scale(type="log"), axis=alt.Axis(format="~s"), title="parameters N"),
-            y=alt.Y("D:Q", scale=alt.Scale(type="log"), axis=alt.Axis(format="~s"), title="tokens D"),
-            x2="N2:Q",
-            y2="D2:Q",
-            color=alt.Color(
-                "loss:Q", scale=alt.Scale(scheme="viridis", domain=[lo, hi], clamp=True),
-                title="predicted loss",
-            ),
-            tooltip=[alt.Tooltip("N:Q", format=".3s"), alt.Tooltip("D:Q", format=".3s"), alt.Tooltip("loss:Q", format=".3f")],
+    cmin, cmax = 6 * nr[0] * dr[0], 6 * nr[1] * dr[1]
+    for kind, f in laws.items():
+        for c, n, d in _frontier(f["law_params"], np.logspace(np.log10(cmin), np.log10(cmax), 60)):
+            if nr[0] <= n <= nr[1] and dr[0] <= d <= dr[1]:
+                front.append({"frontier": f"{kind} ({f.get('fit_id')})", "C": c, "N": n, "D": d,
+                              "loss": _law_loss(f["law_params"], n, d)})
+    x = alt.X("N:Q", scale=alt.Scale(type="log", domain=nr), axis=alt.Axis(format="~s"), title="parameters N")
+    y = alt.Y("D:Q", scale=alt.Scale(type="log", domain=dr), axis=alt.Axis(format="~s"), title="tokens D")
+    layers = [
+        alt.Chart(pd.DataFrame(contour)).mark_line(strokeWidth=1.2).encode(
+            x=x, y=y, detail="level:N",
+            color=alt.Color("level:Q", scale=alt.Scale(scheme="viridis"), title=f"IsoLoss ({main_fit.get('fit_id')})"),
+            tooltip=[alt.Tooltip("level:Q", title="loss"), alt.Tooltip("N:Q", format=".3s"), alt.Tooltip("D:Q", format=".3s")],
         )
-        .transform_calculate(N2=f"datum.N * {ns[1] / ns[0]}", D2=f"datum.D * {ds[1] / ds[0]}")
-    )
-    layers = [heat]
+    ]
     if front:
         layers.append(
-            alt.Chart(pd.DataFrame(front))
-            .mark_line(point=True, strokeWidth=2.5)
-            .encode(
-                x="N:Q", y="D:Q",
-                color=alt.Color("kind:N", scale=alt.Scale(range=["#e45756", "#ffffff"]), title="frontier"),
-                tooltip=["kind", alt.Tooltip("C:Q", format=".2e"), alt.Tooltip("N:Q", format=".3s"), alt.Tooltip("D:Q", format=".3s")],
+            alt.Chart(pd.DataFrame(front)).mark_line(strokeWidth=3).encode(
+                x=x, y=y, strokeDash=alt.StrokeDash("frontier:N", title="frontier (C = 6ND)"),
+                color=alt.value("#e45756"),
+                tooltip=["frontier", alt.Tooltip("C:Q", format=".2e"), alt.Tooltip("N:Q", format=".3s"),
+                         alt.Tooltip("D:Q", format=".3s"), alt.Tooltip("loss:Q", format=".3f")],
             )
         )
-    eq = ", ".join(
-        f"{k}: E={v['E']:.3g} A={v['A']:.4g} α={v['alpha']:.3g} B={v['B']:.4g} β={v['beta']:.3g}"
-        + (f" γ={v['gamma']:.3g}" if v["gamma"] else "")
-        for k, v in laws.items()
-    )
+    eq = []
+    for kind, f in laws.items():
+        v = f["law_params"]
+        prime = "'" if v["gamma"] else ""
+        txt = (f"{kind}: E={_iv_text(f, 'E', '.3g')} A={_iv_text(f, 'A', '.4g')} α={_iv_text(f, 'alpha', '.3g')} "
+               f"B{prime}={v['B']:.4g} β{prime}={_iv_text(f, 'beta', '.3g')}")
+        if v["gamma"]:
+            txt += f" γ={_iv_text(f, 'gamma', '.3g')}"
+        fr = _frontier(v, [1.0, 10.0])
+        if fr:
+            txt += f"; N_opt ∝ C^{np.log10(fr[1][1] / fr[0][1]):.3f}"
+        eq.append(txt)
     chart = (
         alt.layer(*layers)
         .resolve_scale(color="independent")
-        .properties(width=520, height=360, title={"text": "IsoLoss and compute-optimal frontiers (Fig. 4)", "subtitle": [eq]})
+        .properties(width=520, height=360,
+                    title={"text": "IsoLoss and compute-optimal frontiers (Fig. 4)", "subtitle": eq})
     )
-    return chart, len(grid) + len(front)
+    return chart, len(contour) + len(front)
 
 
 def fig_replay(con: Any, study: str, mp: int) -> tuple[Any, int]:
@@ -419,54 +481,79 @@ def fig_replay(con: Any, study: str, mp: int) -> tuple[Any, int]:
 
 
 def fig_fit_quality(con: Any, study: str, mp: int) -> tuple[Any, int]:
-    """Observed vs predicted with residuals; bootstrap bands where present; held-out error in the title."""
+    """Observed vs predicted with residuals; bootstrap bands (95 % over runs) where present; held-out
+    largest-size predictions marked and their error in the subtitle."""
     import altair as alt
+    import pandas as pd
 
     _need(con, "predictions", ["fit_id", "predicted_loss", "observed_loss"])
     have = _columns(con, "predictions")
-    extra = [c for c in ("kind", "N", "D", "C", "predicted_lo", "predicted_hi", "lo", "hi", "heldout") if c in have]
+    extra = [c for c in ("kind", "row_kind", "N", "D", "C", "predicted_lo", "predicted_hi", "lo", "hi", "extra")
+             if c in have]
+    where = " and row_kind in ('points', 'heldout.points')" if "row_kind" in have else ""
     df = _df(
         con,
         f"""select fit_id, predicted_loss, observed_loss{''.join(', "' + c + '"' for c in extra)}
-            from predictions where study = ? and observed_loss is not null""",
+            from predictions where study = ? and observed_loss is not null and predicted_loss is not null{where}""",
         [study],
     )
     if df.empty:
         raise Missing("predictions with observed losses")
+    if "extra" in df:  # fit-study keeps the bootstrap band of each point in the row's JSON
+        ex = [json.loads(x) if isinstance(x, str) else (x or {}) for x in df["extra"]]
+        for col in ("predicted_lo", "predicted_hi"):
+            if col not in df:
+                df[col] = [e.get(col) for e in ex]
+        df = df.drop(columns="extra")
+    lo = "predicted_lo" if "predicted_lo" in df and df["predicted_lo"].notna().any() else ("lo" if "lo" in df else None)
+    hi = "predicted_hi" if "predicted_hi" in df and df["predicted_hi"].notna().any() else ("hi" if "hi" in df else None)
+    df["which"] = (df["row_kind"].map({"points": "fitted", "heldout.points": "held-out prediction"})
+                   if "row_kind" in df else "fitted")
     df["residual"] = df["observed_loss"] - df["predicted_loss"]
-    lo = "predicted_lo" if "predicted_lo" in df else ("lo" if "lo" in df else None)
-    hi = "predicted_hi" if "predicted_hi" in df else ("hi" if "hi" in df else None)
+    df = _downsample(df, "fit_id", "predicted_loss", mp)
     title_bits = []
     for f in _fits(con, study):
         h = f.get("heldout") or {}
-        vals = {k: h[k] for k in ("mae", "max_abs_err", "rel_err") if isinstance(h.get(k), int | float)}
+        vals = {k: h[k] for k in ("mae", "max_abs_err", "mean_rel_err", "rel_err") if isinstance(h.get(k), int | float)}
         if vals:
-            title_bits.append(f"{f.get('fit_id')}: held-out " + ", ".join(f"{k}={v:.3g}" for k, v in vals.items()))
-    tip = ["fit_id", alt.Tooltip("predicted_loss:Q", format=".4f"), alt.Tooltip("observed_loss:Q", format=".4f")]
+            n = f" N={h['heldout_N']:.3g}" if isinstance(h.get("heldout_N"), int | float) else ""
+            title_bits.append(f"{f.get('fit_id')}: held-out largest size{n}: " +
+                              ", ".join(f"{k}={v:.3g}" for k, v in vals.items()))
+        elif h.get("status") == "skipped" and f.get("params"):
+            title_bits.append(f"{f.get('fit_id')}: held-out skipped ({h.get('reason')})")
+    tip = ["fit_id", "which", alt.Tooltip("predicted_loss:Q", format=".4f"), alt.Tooltip("observed_loss:Q", format=".4f")]
     tip += [c for c in ("N", "D") if c in df]
     sel = alt.selection_point(fields=["fit_id"], bind="legend")
     color = alt.Color("fit_id:N")
+    shape = alt.Shape("which:N", scale=alt.Scale(domain=["fitted", "held-out prediction"], range=["circle", "triangle-up"]),
+                      title=None)
     op = alt.condition(sel, alt.value(0.85), alt.value(0.08))
     pts = alt.Chart(df).mark_point(filled=True, size=30).encode(
-        x=alt.X("predicted_loss:Q", scale=alt.Scale(zero=False)),
-        y=alt.Y("observed_loss:Q", scale=alt.Scale(zero=False)),
-        color=color, opacity=op, tooltip=tip,
+        x=alt.X("predicted_loss:Q", scale=alt.Scale(zero=False), title="predicted loss"),
+        y=alt.Y("observed_loss:Q", scale=alt.Scale(zero=False), title="observed loss"),
+        color=color, shape=shape, opacity=op, tooltip=tip,
     ).add_params(sel)
     diag = alt.Chart(df).mark_line(color="gray", strokeDash=[4, 4]).encode(x="predicted_loss:Q", y="predicted_loss:Q")
     left = [diag, pts]
-    if lo and hi:
-        left.insert(0, alt.Chart(df).mark_rule(opacity=0.4).encode(
-            x=alt.X(f"{lo}:Q", title="predicted loss"), x2=f"{hi}:Q", y="observed_loss:Q", color=color))
+    band = df.dropna(subset=[lo, hi]) if lo and hi else pd.DataFrame()
+    if not band.empty:
+        left.insert(0, alt.Chart(band).mark_rule(opacity=0.5).encode(
+            x=alt.X(f"{lo}:Q", title="predicted loss"), x2=f"{hi}:Q", y="observed_loss:Q", color=color, opacity=op))
     resid = alt.Chart(df).mark_point(filled=True, size=30).encode(
-        x=alt.X("predicted_loss:Q", scale=alt.Scale(zero=False)),
+        x=alt.X("predicted_loss:Q", scale=alt.Scale(zero=False), title="predicted loss"),
         y=alt.Y("residual:Q", title="observed − predicted"),
-        color=color, opacity=op, tooltip=[*tip, alt.Tooltip("residual:Q", format=".4f")],
+        color=color, shape=shape, opacity=op, tooltip=[*tip, alt.Tooltip("residual:Q", format=".4f")],
     )
-    zero = alt.Chart().mark_rule(color="gray").encode(y=alt.datum(0))
+    layers_r = [resid]
+    if not band.empty:
+        b2 = band.assign(r_lo=band["observed_loss"] - band[hi], r_hi=band["observed_loss"] - band[lo])
+        layers_r.insert(0, alt.Chart(b2).mark_rule(opacity=0.5).encode(
+            x="predicted_loss:Q", y="r_lo:Q", y2="r_hi:Q", color=color, opacity=op))
+    zero = alt.Chart(df).mark_rule(color="gray").encode(y=alt.datum(0))
     chart = alt.hconcat(
         alt.layer(*left).properties(width=300, height=260),
-        alt.layer(resid, zero, data=df).properties(width=300, height=260),
-    ).properties(title={"text": "Fit quality" + (" — bootstrap bands shown" if lo else ""),
+        alt.layer(*layers_r, zero).properties(width=300, height=260),
+    ).properties(title={"text": "Fit quality" + (" — bars: 95% bootstrap band over runs" if not band.empty else ""),
                         "subtitle": title_bits or ["no held-out error recorded"]})
     return chart, len(df)
 

@@ -389,14 +389,27 @@ def _prediction_rows(study: str, fit_id: str, kind: str | None, obj: Any, path: 
 
 
 def _fit_rows(study: str, path: Path, fh: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows of ``fits`` and ``predictions`` from one fit file.
+
+    ``cptscale fit-study`` writes one ``cptscale-fit/1`` file per fit (``fit_id``, ``law``, ``kind``,
+    ``params``, ``fixed``, ``intervals``, ``heldout``, ``meta``, ``provenance``, and point lists:
+    ``points``, ``allocation``, ``heldout.points``, ...); a skipped fit has empty ``params`` and a
+    ``reason`` and still gets a row. Its ``summary.json`` (``cptscale-fit-summary/1``) only lists the
+    files and is skipped. Other files are searched for fits anywhere (one file may hold several).
+    """
     try:
         obj = read_json(path)
     except ValueError as exc:
         raise BadInput(f"{path}: malformed fit JSON ({exc}); re-run `cptscale fit-study`") from None
+    if isinstance(obj, dict) and str(obj.get("format", "")).startswith("cptscale-fit-summary"):
+        return [], []
     fits, preds = [], []
     found = list(_find_fits(obj, path.stem))
     for fid, f in found:
+        fid = f.get("fit_id") or fid
         meta = f.get("meta") or {}
+        if f.get("status") and "status" not in meta:  # skipped fits keep their reason in the fits row
+            meta = {**meta, "status": f["status"], "reason": f.get("reason")}
         prov = f.get("provenance") or meta.get("provenance") or {}
         kind = f.get("kind") or meta.get("kind") or ("cpt" if "cpt" in fid.lower() else
                                                       "scratch" if "scratch" in fid.lower() else None)

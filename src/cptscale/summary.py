@@ -16,31 +16,56 @@ from typing import Any
 from cptscale.util import read_json, write_json
 
 
+def _num(v: Any, fmt: str) -> str:
+    return format(v, fmt) if isinstance(v, int | float) and math.isfinite(v) else "?"
+
+
 def _law_text(fit: dict[str, Any]) -> str:
-    p = fit.get("params", {})
-    law = fit.get("law", "?")
-    try:
-        if law == "chinchilla":
-            return (f"L = {p['E']:.3f} + {p['A']:.4g}/N^{p['alpha']:.3f} + {p['B']:.4g}/D^{p['beta']:.3f}")
-        if law == "cpt":
-            bp = p.get("Bp", p.get("B'", p.get("B")))
-            betap = p.get("beta_p", p.get("beta'", p.get("beta")))
-            return (f"L = {p['E']:.3f} + {p['A']:.4g}/N^{p['alpha']:.3f} + "
-                    f"{bp:.4g}/(D^{betap:.3f} N^{p['gamma']:.3f})")
-    except (KeyError, TypeError):
-        pass
+    """The fitted equation of a ``cptscale-fit/1`` record (see cptscale.fit), frozen values marked with *."""
+    p, law, fixed = fit.get("params") or {}, fit.get("law", "?"), fit.get("fixed") or {}
+    if fit.get("status", "ok") != "ok":
+        return f"{law}: skipped ({fit.get('reason') or 'no reason recorded'})"
+
+    def v(k: str, fmt: str) -> str:
+        return _num(p.get(k), fmt) + ("*" if k in fixed else "")
+
+    if law == "chinchilla":
+        return f"L = {v('E', '.3f')} + {v('A', '.4g')}/N^{v('alpha', '.3f')} + {v('B', '.4g')}/D^{v('beta', '.3f')}"
+    if law == "cpt":
+        return (f"L = {v('E', '.3f')} + {v('A', '.4g')}/N^{v('alpha', '.3f')} + "
+                f"{v('B', '.4g')}/(D^{v('beta', '.3f')} N^{v('gamma', '.3f')})   [B' = B, beta' = beta]")
+    if law == "envelope":
+        return f"L = {v('k', '.5g')} * C^{v('m', '.4f')}"
+    if law == "hernandez":
+        return f"D_T = {v('k', '.4g')} * D_F^{v('alpha', '.3f')} * N^{v('beta', '.3f')}"
+    if law == "isoflop":
+        cc = fit.get("cross_check") or {}
+        tail = f" (law's a = {_num(cc.get('a_law'), '.3f')})" if cc else ""
+        return f"N_opt ∝ C^{v('a', '.3f')}, D_opt ∝ C^{v('b', '.3f')}{tail}"
     return f"{law}: {json.dumps(p)}"
+
+
+def _interval_text(fit: dict[str, Any]) -> str | None:
+    iv = fit.get("intervals") or {}
+    parts = [f"{k} [{_num(x.get('lo'), '.4g')}, {_num(x.get('hi'), '.4g')}]" for k, x in iv.items()
+             if isinstance(x, dict) and x.get("lo") is not None and k in ("alpha", "beta", "gamma", "a", "m")]
+    if not parts:
+        return None
+    bs = (fit.get("meta") or {}).get("bootstrap") or {}
+    return f"{int(100 * bs.get('level', 0.95))}% intervals ({bs.get('n_ok', '?')} resamples over runs): " + ", ".join(parts)
 
 
 def _heldout_text(fit: dict[str, Any]) -> str | None:
     h = fit.get("heldout") or {}
     if not isinstance(h, dict) or not h:
         return None
+    if h.get("status") not in (None, "ok"):
+        return f"held-out largest size: skipped ({h.get('reason')})"
     parts = []
-    for key in ("mae", "rmse", "max_abs_err", "rel_err", "mean_rel_err"):
+    for key in ("mae", "rmse", "max_abs_err", "mean_rel_err", "mae_log"):
         if isinstance(h.get(key), int | float) and math.isfinite(h[key]):
             parts.append(f"{key} {h[key]:.4g}")
-    size = h.get("heldout_N") or h.get("N") or h.get("size")
+    size = h.get("heldout_N")
     head = f"held-out largest size ({size:.3g} params)" if isinstance(size, int | float) else "held-out largest size"
     return f"{head}: " + ", ".join(parts) if parts else None
 
@@ -78,16 +103,22 @@ def compute_saving(db: Path, study: str) -> dict[str, Any]:
 def summarize(study_dir: Path, study: str) -> dict[str, Any]:
     fits_dir = study_dir / "fits"
     out: dict[str, Any] = {"study": study, "report": str(study_dir / "report" / "index.html")}
-    fits = {}
+    fits, fsum = {}, {}
     for path in sorted(fits_dir.glob("*.json")):
         try:
             data = read_json(path)
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(data, dict) and "params" in data and "law" in data:
-            fits[path.stem] = data
-    out["fits"] = {name: {"law": f["law"], "equation": _law_text(f), "heldout": _heldout_text(f)}
+        if isinstance(data, dict) and str(data.get("format", "")).startswith("cptscale-fit-summary"):
+            fsum = data
+        elif isinstance(data, dict) and "params" in data and "law" in data:
+            fits[data.get("fit_id") or path.stem] = data
+    out["fits"] = {name: {"law": f["law"], "kind": f.get("kind"), "status": f.get("status", "ok"),
+                          "reason": f.get("reason"), "equation": _law_text(f), "intervals": _interval_text(f),
+                          "heldout": _heldout_text(f)}
                    for name, f in fits.items()}
+    out["next_run"] = fsum.get("next_run")
+    out["law_comparison"] = fsum.get("law_comparison") or []
     db = study_dir / "cptscale.duckdb"
     out["compute_saving"] = compute_saving(db, study) if db.exists() else {"error": f"{db} missing"}
     return out
@@ -97,8 +128,18 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [f"study {s['study']}", f"  report: {s['report']}"]
     for name, f in s["fits"].items():
         lines.append(f"  fit {name}: {f['equation']}")
-        if f.get("heldout"):
-            lines.append(f"      {f['heldout']}")
+        for key in ("intervals", "heldout"):
+            if f.get(key):
+                lines.append(f"      {f[key]}")
+    for c in s.get("law_comparison") or []:
+        lines.append(f"  {c['data']} data, Huber (sum): Chinchilla {c['huber_sum_chinchilla']:.4g} vs extended "
+                     f"{c['huber_sum_extended']:.4g} (gamma = {c['gamma_extended']:.3f})")
+    nr = s.get("next_run")
+    if nr and nr.get("valid"):
+        lines.append(f"  next run for C = {nr['C']:.3g} FLOPs ({nr['fit_id']}): N = {nr['N']:.4g} params, "
+                     f"D = {nr['D']:.4g} tokens, predicted loss {nr['predicted_loss']:.4f}")
+    elif nr:
+        lines.append(f"  next run for C = {nr['C']:.3g}: {nr.get('reason')}")
     cs = s["compute_saving"]
     if cs.get("median_frac_saved") is not None:
         lines.append(f"  CPT compute saving (median over CPT runs, last evaluation): {cs['median_frac_saved']:.1%}")

@@ -13,9 +13,12 @@ rule points:
         " --out {output}"
 
 
+# Every law of the study (cptscale.fit.fit_study): one JSON per fit in fits/ plus fits/summary.json; the
+# transfer table of runs.duckdb feeds the Hernandez law. A law without enough points is recorded as skipped.
 rule fit:
     input:
-        f"{S}/fits/points.csv",
+        points=f"{S}/fits/points.csv",
+        db=f"{S}/db/runs.duckdb",
     output:
         f"{S}/fits/summary.json",
     params:
@@ -24,12 +27,15 @@ rule fit:
         delta=CFG.fit.huber_delta,
         reduction=CFG.fit.reduction,
         grid=CFG.fit.grid,
+        min_step_fraction=CFG.fit.min_step_fraction,
+        next_run=f" --next-run-budget {CFG.fit.next_run_budget:g}" if CFG.fit.next_run_budget else "",
     log:
         f"{LOGS}/fit.log",
     shell:
-        "cptscale fit-study --points {input} --out-dir $(dirname {output}) --budgets {params.budgets}"
-        " --bootstrap {params.bootstrap} --delta {params.delta} --reduction {params.reduction}"
-        " --grid {params.grid} > {log} 2>&1"
+        "cptscale fit-study --points {input.points} --db {input.db} --study {CFG.study}"
+        " --out-dir $(dirname {output}) --budgets {params.budgets} --bootstrap {params.bootstrap}"
+        " --delta {params.delta} --reduction {params.reduction} --grid {params.grid}"
+        " --min-step-fraction {params.min_step_fraction}{params.next_run} > {log} 2>&1"
 
 
 rule database:
