@@ -381,6 +381,13 @@ def test_fit_study_too_few_sizes_records_skips(tmp_path: Path) -> None:
     assert "no transfer metrics" in by["cpt-hernandez-zh"]["reason"]
     rec = json.loads((fits / "scratch-chinchilla-zh.json").read_text())
     assert rec["params"] == {} and rec["meta"]["selection"]["init"] == "scratch"
+    # N as non-embedding parameters (the study's budget.param_count): the sizes recorded change
+    pts = pd.read_csv(fits / "points.csv")
+    assert main(["fit-study", "--points", str(fits / "points.csv"), "--out-dir", str(tmp_path / "ne"),
+                 "--bootstrap", "0", "--grid", "coarse", "--params", "nonembedding"]) == 0
+    env = json.loads((tmp_path / "ne" / "scratch-envelope-zh.json").read_text())
+    assert env["meta"]["sizes"] == sorted(set(pts.loc[pts["init"] == "scratch", "params_nonemb"].astype(float)))
+    assert env["settings"]["params"] == "nonembedding" and env["meta"]["bootstrap"] == {"n_requested": 0}
     bad = tmp_path / "bad.csv"
     bad.write_text("N,D,loss\n1,2,3\n")
     assert main(["fit-study", "--points", str(bad), "--out-dir", str(tmp_path / "o")]) == 2

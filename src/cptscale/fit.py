@@ -1015,6 +1015,7 @@ def _transfer_table(db: str | None, transfer: str | None, study: str | None) -> 
         if not {"transfer", "runs"} <= have:
             return None
         q = """select t.run_id, r.lang, coalesce(r.replay, 0.0) as replay, r.params::DOUBLE as N,
+                      r.params_nonemb::DOUBLE as params_nonemb,
                       t.target_tokens::DOUBLE as D_F, t.effective_data_transferred as D_T, t.step, r.steps
                from transfer t join runs r on r.study = t.study and r.run_id = t.run_id
                where not coalesce(t.extrapolated, false) and t.effective_data_transferred is not null"""
@@ -1031,15 +1032,17 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
               delta: float = 1e-3, reduction: str = "sum", grid: str = "chinchilla",
               next_run_budget: float | None = None, db: str | None = None, transfer: str | None = None,
               min_step_fraction: float = 0.0, cpt_replay: str = "min", seed: int = 0,
-              study: str | None = None) -> dict[str, Any]:
+              study: str | None = None, params: str = "total") -> dict[str, Any]:
     """Every fit of a study from the points table of ``cptscale db points``; one JSON per fit + summary.json.
 
     Per target language: Chinchilla on scratch runs; the extended CPT law on CPT runs with E, A, alpha
     frozen from that scratch fit; free Chinchilla on CPT and the extended law on scratch (the paper's
     Table 3 comparison); loss–compute envelopes of both; Hernandez's law when transfer metrics are
     given; IsoFLOP for both. CPT fits use the target-language tokens D_target and, by default, the
-    runs with the study's smallest replay ratio (``cpt_replay="all"`` pools every ratio). A law with too
-    few points or sizes is written as skipped, with the reason.
+    runs with the study's smallest replay ratio (``cpt_replay="all"`` pools every ratio). N counts every
+    parameter (``params="total"``, Chinchilla's and the paper's convention) or the non-embedding ones
+    (``"nonembedding"``, Kaplan's; the study's ``budget.param_count``). A law with too few points or sizes
+    is written as skipped, with the reason.
     """
 
     from cptscale.util import file_hash, provenance, write_json
@@ -1059,6 +1062,12 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
         df["D_target"] = df["D"] * (1 - df["replay"])
     if cpt_replay not in ("min", "all"):
         raise _err(f"--cpt-replay must be 'min' or 'all', not {cpt_replay!r}")
+    if params == "nonembedding":
+        if "params_nonemb" not in df.columns:
+            raise _err(f"{points}: --params nonembedding needs the column params_nonemb (cptscale db points writes it)")
+        df["N"] = df["params_nonemb"].astype(float)
+    elif params != "total":
+        raise _err(f"--params must be 'total' or 'nonembedding', not {params!r}")
     n_in = len(df)
     if min_step_fraction > 0 and "step" in df.columns:
         last = df.groupby("run")["step"].transform("max")
@@ -1069,7 +1078,7 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
     settings = {"delta": delta, "reduction": reduction, "grid": grid, "bootstrap": bootstrap,
                 "budgets": [float(b) for b in budgets], "next_run_budget": next_run_budget,
                 "min_step_fraction": min_step_fraction, "cpt_replay": cpt_replay, "seed": seed,
-                "level": _LEVEL}
+                "level": _LEVEL, "params": params}
     kw = {"delta": delta, "reduction": reduction, "grid": grid}
     records: list[dict[str, Any]] = []
     langs = sorted(df.loc[df["init"] == "cpt", "lang"].unique()) or sorted(df["lang"].unique())
@@ -1085,7 +1094,8 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
         base_sel = {"points_file": str(points), "lang": lang, "rows_in_file": n_in,
                     "min_step_fraction": min_step_fraction,
                     "what": "every evaluated checkpoint (step > 0) of each run after min_step_fraction of its "
-                            "steps, target-language validation loss; D = tokens seen; N = parameters with embeddings"}
+                            "steps, target-language validation loss; D = tokens seen",
+                    "N": "parameters with embeddings" if params == "total" else "non-embedding parameters"}
         sc = df[(df["init"] == "scratch") & (df["lang"] == lang)]
         cp = df[(df["init"] == "cpt") & (df["lang"] == lang)]
         rep_used = None
@@ -1154,7 +1164,7 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
                                            [r for r in records if r["status"] == "ok" and r["kind"] == kind
                                             and r["law"] == ("chinchilla" if kind == "scratch" else "cpt")]))
         records.append(_hernandez_record(f"cpt-hernandez-{lang}", lang, tr_df, tr_note, rep_used, cpt_replay,
-                                         min_step_fraction, bootstrap, seed))
+                                         min_step_fraction, bootstrap, seed, params))
     for rec in records:
         rec["provenance"] = prov
         rec["settings"] = settings
@@ -1248,22 +1258,27 @@ def _isoflop_record(fit_id: str, kind: str, lang: str, frame: Any, sel: dict[str
 
 
 def _hernandez_record(fit_id: str, lang: str, tr: Any, note: str, rep_used: float | None, cpt_replay: str,
-                      min_step_fraction: float, nboot: int, seed: int) -> dict[str, Any]:
+                      min_step_fraction: float, nboot: int, seed: int, params: str = "total") -> dict[str, Any]:
     sel: dict[str, Any] = {"lang": lang, "replay": rep_used if cpt_replay == "min" else "all",
-                           "what": "non-extrapolated transfer points with D_T > 0; D_F = CPT target tokens, "
-                                   "N = parameters with embeddings"}
+                           "what": "non-extrapolated transfer points with D_T > 0; D_F = CPT target tokens",
+                           "N": "parameters with embeddings" if params == "total" else "non-embedding parameters"}
     if tr is None:
         return _skipped(fit_id, "hernandez", "cpt", lang, f"no transfer metrics: {note}", selection=sel)
     t = tr
+    if params == "nonembedding":
+        if "params_nonemb" not in t.columns:
+            return _skipped(fit_id, "hernandez", "cpt", lang, "transfer table has no params_nonemb", selection=sel)
+        t = t.assign(N=t["params_nonemb"].astype(float))
     if "lang" in t.columns:
         t = t[t["lang"] == lang]
     if "replay" in t.columns and cpt_replay == "min" and rep_used is not None:
         t = t[t["replay"].fillna(0.0) == rep_used]
     if min_step_fraction > 0 and {"step", "steps"} <= set(t.columns):
         t = t[t["step"] >= min_step_fraction * t["steps"].fillna(0)]
-    t = t[(t["D_T"] > 0) & (t["D_F"] > 0) & (t["N"] > 0)]
+    pos = (t["D_T"] > 0) & (t["D_F"] > 0) & (t["N"] > 0)
+    sel["n_dropped_nonpositive"] = int((~pos).sum())  # D_T <= 0: CPT not ahead of scratch at that point
+    t = t[pos]
     rc = "run_id" if "run_id" in t.columns else "run" if "run" in t.columns else None
-    sel["n_rows_dropped_nonpositive"] = int(len(tr) - len(t)) if "lang" not in tr.columns else None
     n_sizes = t["N"].nunique()
     if len(t) < 4 or n_sizes < 2:
         return _skipped(fit_id, "hernandez", "cpt", lang, f"{len(t)} transfer points of {n_sizes} sizes with "
@@ -1403,7 +1418,7 @@ def _cmd_fit_study(args: Any) -> int:
     s = fit_study(args.points, args.out_dir, args.budgets or [], args.bootstrap, args.delta, args.reduction,
                   args.grid, args.next_run_budget, db=args.db, transfer=args.transfer,
                   min_step_fraction=args.min_step_fraction, cpt_replay=args.cpt_replay, seed=args.seed,
-                  study=args.study)
+                  study=args.study, params=args.params)
     for f in s["fits"]:
         extra = f" — {f['reason']}" if f["status"] != "ok" else (
             f" — held-out MAE {f['heldout_mae']:.4g}" if f.get("heldout_mae") is not None else "")
@@ -1450,5 +1465,7 @@ def add_commands(subparsers: Any) -> None:
     s.add_argument("--min-step-fraction", type=float, default=0.0, help="drop points before this share of each run's last step")
     s.add_argument("--cpt-replay", choices=("min", "all"), default="min",
                    help="CPT fits on the runs with the smallest replay ratio (default) or on all, by target tokens")
+    s.add_argument("--params", choices=("total", "nonembedding"), default="total",
+                   help="N = all parameters (Chinchilla, the paper) or non-embedding ones (Kaplan)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_fit_study)

@@ -29,13 +29,15 @@ rule fit:
         grid=CFG.fit.grid,
         min_step_fraction=CFG.fit.min_step_fraction,
         next_run=f" --next-run-budget {CFG.fit.next_run_budget:g}" if CFG.fit.next_run_budget else "",
+        # N as the study counts it for its budgets ("paper" sizes include the embeddings: total)
+        param_count="nonembedding" if CFG.budget.param_count == "nonembedding" else "total",
     log:
         f"{LOGS}/fit.log",
     shell:
         "cptscale fit-study --points {input.points} --db {input.db} --study {CFG.study}"
         " --out-dir $(dirname {output}) --budgets {params.budgets} --bootstrap {params.bootstrap}"
         " --delta {params.delta} --reduction {params.reduction} --grid {params.grid}"
-        " --min-step-fraction {params.min_step_fraction}{params.next_run} > {log} 2>&1"
+        " --min-step-fraction {params.min_step_fraction} --params {params.param_count}{params.next_run} > {log} 2>&1"
 
 
 rule database:
