@@ -132,13 +132,16 @@ class LadderConfig(_Model):
             custom = self.shapes()
         except ValueError as exc:
             raise ValueError(f"ladder.custom: {exc}") from None
-        known = set(known_sizes(custom))
+        from cptscale.ladder import get_shape
+
         for name in self.sizes:
-            if name not in known:
+            try:
+                get_shape(name, custom)
+            except (KeyError, ValueError):
                 raise ValueError(
-                    f"size {name!r} is not in the ladder; known: {', '.join(known_sizes(custom))} "
-                    "(or add it under ladder.custom)"
-                )
+                    f"size {name!r} is not in the ladder; known: {', '.join(known_sizes(custom))}, or any "
+                    "d<hidden>l<layers> (or add it under ladder.custom)"
+                ) from None
         if len(set(self.sizes)) != len(self.sizes):
             raise ValueError(f"sizes repeat: {self.sizes}")
         return self
@@ -245,15 +248,20 @@ class ReportConfig(_Model):
 
 
 class SlurmConfig(_Model):
+    """Cluster resources per training job, derived from each run's size and layout (see plan.py)."""
+
     partition: str | None = None
     account: str | None = None
     gpus: bool = Field(True, description="request GPUs (TP x PP x DP per run); false on CPU-only clusters")
-    gpus_per_node: int = Field(8, ge=1)
-    cpus_per_gpu: int = Field(8, ge=1)
+    gpus_per_node: int = Field(8, ge=1, description="a run's TP x PP x DP must fit on one node")
+    cpus_per_gpu: int = Field(8, ge=1, description="CPU cores per GPU (data loading, launcher)")
+    threads_per_rank: int = Field(1, ge=1, description="CPU-only runs: cores (torch threads) per process")
     mem_gb_per_gpu: int = Field(64, ge=1)
     gpu_peak_flops: float = Field(989e12, gt=0, description="bf16 dense peak per GPU (H100: 989 TFLOP/s)")
     assumed_mfu: float = Field(0.3, gt=0, le=1, description="for runtime estimates")
-    min_runtime_minutes: int = Field(30, ge=1)
+    cpu_flops_per_core: float = Field(2e9, gt=0, description="CPU-only runs: sustained training FLOP/s per core")
+    runtime_overhead_minutes: int = Field(10, ge=0, description="added to each estimate (start-up, evals, saves)")
+    min_runtime_minutes: int = Field(30, ge=1, description="floor of a training job's time limit (attempt 1)")
 
 
 class StudyConfig(_Model):
@@ -301,6 +309,11 @@ class StudyConfig(_Model):
                 raise ValueError(f"size {key!r} (parallel.per_size / budget.tokens) is not in ladder.sizes")
         for size in self.ladder.sizes:
             layout = self.layout(size)
+            if self.slurm.gpus and layout.world > self.slurm.gpus_per_node:
+                raise ValueError(
+                    f"size {size!r}: layout tp x pp x dp = {layout.world} GPUs exceeds slurm.gpus_per_node "
+                    f"({self.slurm.gpus_per_node}); runs are single-node: lower dp (or tp/pp) in parallel.per_size"
+                )
             need = self.train.micro_batch_size * layout.dp * self.train.seq_length
             if self.batch_tokens(size) < need:
                 raise ValueError(

@@ -51,8 +51,9 @@ class PlannedRun:
     pp: int
     dp: int
     flops_6nd: float
-    gpus: int
-    runtime_minutes: int
+    gpus: int  #: GPUs requested (0 on CPU-only clusters); one node, torchrun starts tp*pp*dp ranks
+    cpus: int  #: CPU cores requested for the job
+    runtime_minutes: int  #: time limit of attempt 1 (retries multiply it by the attempt number)
     mem_gb: int
 
     def as_dict(self) -> dict[str, Any]:
@@ -105,30 +106,44 @@ def plan_study(cfg: StudyConfig) -> list[PlannedRun]:
 
 
 def _planned(
-    cfg: StudyConfig, size: str, init: str, lang: str, source: str | None, replay: float, variant: str | None = None
+    cfg: StudyConfig, size: str, init: str, lang: str, source: str | None, replay: float, variant: str | None = None,
+    *, tokens: float | None = None, rid: str | None = None,
 ) -> PlannedRun:
     shape = cfg.shape(size)
     layout = cfg.layout(size)
     gbs, accum = batch_layout(cfg, size)
-    tokens_target = cfg.tokens(size)
+    tokens_target = cfg.tokens(size) if tokens is None else tokens
     steps = max(1, math.ceil(tokens_target / (gbs * cfg.train.seq_length)))
     tokens = steps * gbs * cfg.train.seq_length
     params = shape.params(cfg.vocab_size, tp=layout.tp)
     flops = 6.0 * params * tokens
-    gpus = layout.world
-    s = cfg.slurm
-    minutes = flops / (gpus * s.gpu_peak_flops * s.assumed_mfu) / 60 * 1.5 + 10
+    res = job_resources(cfg, layout.world, params, flops)
     return PlannedRun(
-        run_id=run_id(size, init, lang, replay if init == "cpt" else None, variant),
+        run_id=rid or run_id(size, init, lang, replay if init == "cpt" else None, variant),
         size=size, init=init, lang=lang, source_lang=source, replay=replay, variant=variant,
         parent=run_id(size, "scratch", source) if init == "cpt" and source else None,
         params=params, params_nonemb=shape.params(cfg.vocab_size, embeddings=False),
         tokens=tokens, seq_length=cfg.train.seq_length, global_batch_size=gbs,
         micro_batch_size=cfg.train.micro_batch_size, grad_accum=accum, steps=steps,
-        tp=layout.tp, pp=layout.pp, dp=layout.dp, flops_6nd=flops, gpus=gpus,
-        runtime_minutes=max(s.min_runtime_minutes, math.ceil(minutes)),
-        mem_gb=max(4, gpus * s.mem_gb_per_gpu if gpus > 1 else 4 + int(params * 16 / 2**30) * 2),
+        tp=layout.tp, pp=layout.pp, dp=layout.dp, flops_6nd=flops, **res,
     )
+
+
+def job_resources(cfg: StudyConfig, world: int, params: int, flops: float) -> dict[str, int]:
+    """GPUs, cores, memory and time limit of one training job (single node; torchrun starts ``world``
+    ranks once). Time = FLOPs / sustained throughput x 1.5 + overhead; memory ~16 bytes per parameter
+    (fp32 weights, grads, two Adam moments) per rank on CPU, per-GPU host memory on GPU."""
+    s = cfg.slurm
+    if s.gpus:
+        rate = world * s.gpu_peak_flops * s.assumed_mfu
+        gpus, cpus, mem = world, world * s.cpus_per_gpu, world * s.mem_gb_per_gpu
+    else:
+        cpus = world * s.threads_per_rank
+        rate = cpus * s.cpu_flops_per_core
+        gpus, mem = 0, 2 + math.ceil(world * (1 + params * 16 * 2 / 2**30))
+    minutes = flops / rate / 60 * 1.5 + s.runtime_overhead_minutes
+    return {"gpus": gpus, "cpus": cpus, "runtime_minutes": max(s.min_runtime_minutes, math.ceil(minutes)),
+            "mem_gb": max(4, mem)}
 
 
 def find_run(cfg: StudyConfig, rid: str) -> PlannedRun:
@@ -136,6 +151,37 @@ def find_run(cfg: StudyConfig, rid: str) -> PlannedRun:
         if run.run_id == rid:
             return run
     raise KeyError(f"run {rid!r} is not part of study {cfg.study!r}; `cptscale plan CONFIG` lists its runs")
+
+
+# -- the fit's suggested next run ----------------------------------------------------------------
+def next_run_id(lang: str) -> str:
+    return f"next-{lang}"
+
+
+def suggested_run(fits_dir: str | Path, lang: str) -> dict[str, Any] | None:
+    """The compute-optimal scratch run of ``lang`` for ``fit.next_run_budget``, as the target
+    language's scratch Chinchilla fit predicts it (None when that fit was skipped or has none)."""
+    for path in sorted(Path(fits_dir).glob("*.json")):
+        rec = read_json(path)
+        if not (isinstance(rec, dict) and rec.get("law") == "chinchilla" and rec.get("kind") == "scratch"
+                and rec.get("lang") == lang and rec.get("status") == "ok"):
+            continue
+        nxt = rec.get("next_run") or {}
+        if nxt.get("valid"):
+            return {**nxt, "fit_id": rec.get("fit_id", path.stem), "fit_file": str(path)}
+    return None
+
+
+def plan_next_run(cfg: StudyConfig, suggestion: dict[str, Any], lang: str) -> PlannedRun:
+    """A scratch run of the ladder family's shape nearest the suggested N, for the suggested tokens."""
+    from cptscale.ladder import PAPER_SHAPES, shape_for_params
+
+    family = "paper" if all(size in PAPER_SHAPES for size in cfg.ladder.sizes) else "tiny"
+    # the fits count N as the budget does (fit-study --params): with or without embeddings
+    shape = shape_for_params(float(suggestion["N"]), cfg.vocab_size, family,
+                             embeddings=cfg.budget.param_count != "nonembedding")
+    return _planned(cfg, shape.name, "scratch", lang, None, 0.0, tokens=float(suggestion["D"]),
+                    rid=next_run_id(lang))
 
 
 # -- schedules ---------------------------------------------------------------------------------
@@ -191,6 +237,16 @@ def config_hash(cfg: StudyConfig) -> str:
     return stable_hash(cfg.model_dump(mode="json"))
 
 
+#: Config sections that change how results are shown or where jobs run, never what they compute.
+PRESENTATION_KEYS = ("description", "report", "slurm")
+
+
+def results_hash(cfg: StudyConfig) -> str:
+    """Hash of the config without its presentation sections: the study manifest's rerun trigger, so a
+    new report title or SLURM partition does not re-aggregate and refit the study."""
+    return stable_hash(cfg.model_dump(mode="json", exclude=set(PRESENTATION_KEYS)))
+
+
 def training_hash(cfg: StudyConfig, run: PlannedRun) -> str:
     """Hash of everything that changes this run's training, and nothing else (rerun trigger)."""
     keep = {
@@ -222,11 +278,12 @@ def manifest_numbers(manifest: dict[str, Any]) -> dict[str, int]:
             "valid_bytes": int(valid["bytes"])}
 
 
-def run_spec(cfg: StudyConfig, rid: str) -> dict[str, Any]:
-    """The complete ``run.json`` for one run: what the training engine needs and nothing it must guess."""
+def run_spec(cfg: StudyConfig, rid: str, planned: PlannedRun | None = None) -> dict[str, Any]:
+    """The complete ``run.json`` for one run: what the training engine needs and nothing it must guess.
+    ``planned`` gives a run that is not in the study's grid (the fit's suggested next run)."""
     from cptscale.mix import MixConfig, plan_blend
 
-    run = find_run(cfg, rid)
+    run = planned or find_run(cfg, rid)
     sched = schedule_for(cfg, run)
     ddir = data_dir(cfg)
     langs = cfg.languages.all
@@ -299,6 +356,8 @@ def run_spec(cfg: StudyConfig, rid: str) -> dict[str, Any]:
         "parent": parent,
         "out_dir": str(run_dir(cfg, run.run_id)),
         "loss_spike_factor": t.loss_spike_factor,
+        "resources": {"gpus": run.gpus, "cpus": run.cpus, "runtime_minutes": run.runtime_minutes,
+                      "mem_gb": run.mem_gb},
         "config_hash": chash,
         "provenance": provenance(chash, {f"data/{k}": str(v) for k, v in sorted(numbers.items())}),
     }
@@ -329,13 +388,14 @@ def _fmt_num(x: float) -> str:
 
 
 def format_plan(cfg: StudyConfig, runs: list[PlannedRun]) -> str:
-    head = ("run", "N", "N_nonemb", "tokens", "FLOPs", "steps", "batch", "mbs x acc", "tp/pp/dp", "gpus", "time", "mem")
+    head = ("run", "N", "N_nonemb", "tokens", "FLOPs", "steps", "batch", "mbs x acc", "tp/pp/dp", "gpus", "cpus",
+            "time", "mem")
     rows = [head]
     for r in runs:
         rows.append((
             r.run_id, _fmt_num(r.params), _fmt_num(r.params_nonemb), _fmt_num(r.tokens), _fmt_num(r.flops_6nd),
             str(r.steps), f"{r.global_batch_size}x{r.seq_length}", f"{r.micro_batch_size}x{r.grad_accum}",
-            f"{r.tp}/{r.pp}/{r.dp}", str(r.gpus), f"{r.runtime_minutes}m", f"{r.mem_gb}G",
+            f"{r.tp}/{r.pp}/{r.dp}", str(r.gpus), str(r.cpus), f"{r.runtime_minutes}m", f"{r.mem_gb}G",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))

@@ -20,7 +20,7 @@ rule study_manifest:
     output:
         f"{S}/study.json",
     params:
-        config_hash=P.config_hash(CFG),
+        results_hash=P.results_hash(CFG),
     shell:
         "cptscale plan {CONFIG_FILE:q} --study-json {output}"
 

@@ -15,6 +15,8 @@ rule run_spec:
         _run_spec_inputs,
     output:
         f"{S}/runs/{{run}}/run.json",
+    wildcard_constraints:
+        run=_alternatives(RUNS),  # the suggested next run's spec comes from the fit (next_run_spec)
     params:
         # rerun trigger: only what changes this run's training (not comments, fits or report options)
         training_hash=lambda wc: P.training_hash(CFG, RUNS[wc.run]),
@@ -45,13 +47,13 @@ rule train:
         f"{LOGS}/train/{{run}}.log",
     benchmark:
         f"{S}/benchmarks/train/{{run}}.tsv"
-    threads: 1
+    threads: run_world
     retries: 2
     resources:
-        mem_mb=lambda wc, attempt: run_resources(wc.run, attempt)["mem_mb"],
-        runtime=lambda wc, attempt: run_resources(wc.run, attempt)["runtime"],
-        tasks=1,
-        cpus_per_task=lambda wc: run_resources(wc.run, 1)["cpus_per_task"],
-        gpu=lambda wc: train_gpus(wc.run) if CFG.slurm.gpus else 0,
+        **train_resources(),
+    params:
+        omp=TRAIN_OMP_THREADS,
+    # `exec`: the trainer replaces the job's shell, so a SIGTERM at the time limit reaches it and the
+    # job step lives until its checkpoint is written (a shell killed first would end the step early)
     shell:
-        "OMP_NUM_THREADS={threads} cptscale train --spec {input.spec} >> {log} 2>&1"
+        "OMP_NUM_THREADS={params.omp} exec cptscale train --spec {input.spec} >> {log} 2>&1"
