@@ -37,10 +37,17 @@ RUNS = {r.run_id: r for r in P.plan_study(CFG)}
 CPT_RUNS = [r for r in RUNS.values() if r.init == "cpt"]
 LANGS = CFG.languages.all
 LOGS = f"{S}/logs"
+# fit.next_run_budget: after the fits, train the suggested compute-optimal run of each target language
+NEXT_RUNS = [P.next_run_id(lang) for lang in CFG.languages.targets] if CFG.fit.next_run_budget else []
+
+
+def _alternatives(names):
+    return "|".join(sorted(names, key=len, reverse=True)).replace(".", r"\.")
+
 
 wildcard_constraints:
     lang="|".join(LANGS),
-    run="|".join(sorted(RUNS, key=len, reverse=True)).replace(".", r"\."),
+    run=_alternatives([*RUNS, *NEXT_RUNS]),
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"

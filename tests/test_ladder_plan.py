@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cptscale.config import load_config, parse_config
-from cptscale.ladder import PAPER_SHAPES, TINY_SHAPES, get_shape, padded_vocab
-from cptscale.plan import eval_steps, parse_run_id, plan_study, schedule_for
+from cptscale.config import ConfigError, load_config, parse_config
+from cptscale.ladder import PAPER_SHAPES, TINY_SHAPES, get_shape, padded_vocab, shape_for_params
+from cptscale.plan import eval_steps, parse_run_id, plan_next_run, plan_study, schedule_for, suggested_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,3 +110,64 @@ def test_bad_variant_override_is_named() -> None:
 
     with pytest.raises(ConfigError, match=r"variants\.bad\.cpt"):
         parse_config(raw, base_dir=ROOT)
+
+
+def _paper_cfg(**slurm):
+    raw = yaml.safe_load((ROOT / "workflow/studies/paper.yaml").read_text())
+    raw["slurm"] = {**(raw.get("slurm") or {}), **slurm}
+    return parse_config(raw, base_dir=ROOT)
+
+
+def test_job_resources_single_node_one_launcher() -> None:
+    """GPUs = TP x PP x DP on one node; cores follow the GPUs; the time limit follows FLOPs / throughput."""
+    cfg = _paper_cfg(gpus=True, cpus_per_gpu=6, gpu_peak_flops=1e15, assumed_mfu=0.5, runtime_overhead_minutes=7,
+                     min_runtime_minutes=1)
+    for r in plan_study(cfg):
+        world = r.tp * r.pp * r.dp
+        assert r.gpus == world and r.cpus == 6 * world
+        expect = r.flops_6nd / (world * 1e15 * 0.5) / 60 * 1.5 + 7
+        assert r.runtime_minutes == max(1, -(-expect // 1))
+    cpu = _paper_cfg(gpus=False, threads_per_rank=3, cpu_flops_per_core=1e10)
+    r = plan_study(cpu)[0]
+    assert r.gpus == 0 and r.cpus == 3 * r.tp * r.pp * r.dp
+
+
+def test_layout_beyond_one_node_is_refused() -> None:
+    raw = yaml.safe_load((ROOT / "workflow/studies/paper.yaml").read_text())
+    raw["parallel"] = {"default": {"tp": 4, "pp": 2, "dp": 2}}
+    raw["slurm"] = {"gpus": True, "gpus_per_node": 8}
+    with pytest.raises(ConfigError, match=r"exceeds slurm\.gpus_per_node"):
+        parse_config(raw, base_dir=ROOT)
+
+
+def test_generic_tiny_names_and_nearest_shape() -> None:
+    assert get_shape("d96l5").heads == 3 and get_shape("d48l2") == TINY_SHAPES["d48l2"]
+    with pytest.raises(ValueError):
+        get_shape("d80l3")  # 80 is not a multiple of the 32-wide heads above d=64
+    for target in (3e5, 2e6, 5e7):
+        best = shape_for_params(target, 4096)
+        ratio = best.params(4096) / target
+        assert 0.8 < ratio < 1.25, (target, best)
+    for name in ("49M", "1393M", "5534M"):  # a paper shape's own count finds it again
+        for emb in (True, False):
+            n = PAPER_SHAPES[name].params(32000, embeddings=emb)
+            assert shape_for_params(n, 32000, "paper", embeddings=emb).name == name
+
+
+def test_next_run_planned_from_a_fit_suggestion(tmp_path: Path) -> None:
+    """The scratch fit's next_run (N, D) becomes a run of the nearest ladder shape for D tokens."""
+    import json
+
+    cfg = load_config(ROOT / "config.yaml")
+    fit = {"fit_id": "scratch-chinchilla-zh", "law": "chinchilla", "kind": "scratch", "lang": "zh", "status": "ok",
+           "next_run": {"C": 1e15, "valid": True, "N": 9.0e5, "D": 1.9e8, "predicted_loss": 3.1}}
+    (tmp_path / "scratch-chinchilla-zh.json").write_text(json.dumps(fit))
+    (tmp_path / "cpt-extended-zh.json").write_text(json.dumps({**fit, "kind": "cpt", "law": "cpt"}))
+    assert suggested_run(tmp_path, "es") is None
+    sug = suggested_run(tmp_path, "zh")
+    assert sug["fit_id"] == "scratch-chinchilla-zh"
+    run = plan_next_run(cfg, sug, "zh")
+    assert run.run_id == "next-zh" and run.init == "scratch" and run.lang == "zh"
+    n = cfg.shape(run.size).params(cfg.vocab_size, embeddings=cfg.budget.param_count != "nonembedding")
+    assert 0.8 < n / 9.0e5 < 1.25
+    assert 1.9e8 <= run.tokens < 1.9e8 + run.global_batch_size * run.seq_length

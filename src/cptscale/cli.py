@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "cptscale.transfer",
     "cptscale.store",
     "cptscale.fit",
+    "cptscale.nextrun",
     "cptscale.report",
     "cptscale.summary",
 )

@@ -122,14 +122,25 @@ LADDER: dict[str, ModelShape] = {**TINY_SHAPES, **PAPER_SHAPES}
 _TINY_NAME = re.compile(r"^d(\d+)l(\d+)$")
 
 
+def tiny_shape(hidden: int, layers: int) -> ModelShape:
+    """A CPU shape ``d<hidden>l<layers>`` outside the table: head size 16 up to d=64, 32 above."""
+    head = 16 if hidden <= 64 else 32
+    if hidden % head:
+        raise ValueError(f"d{hidden}l{layers}: hidden must be a multiple of {head}")
+    return ModelShape(f"d{hidden}l{layers}", hidden, layers, hidden // head, tiny_ffn(hidden))
+
+
 def get_shape(name: str, custom: dict[str, ModelShape] | None = None) -> ModelShape:
-    """Look a size name up in the custom shapes, then the built-in ladder."""
+    """Look a size name up in the custom shapes, the built-in ladder, then the ``d<h>l<n>`` rule."""
     if custom and name in custom:
         return custom[name]
     if name in LADDER:
         return LADDER[name]
+    m = _TINY_NAME.match(name)
+    if m:
+        return tiny_shape(int(m.group(1)), int(m.group(2)))
     raise KeyError(
-        f"unknown model size {name!r}; known sizes: {', '.join(known_sizes(custom))} "
+        f"unknown model size {name!r}; known sizes: {', '.join(known_sizes(custom))}, or any d<hidden>l<layers> "
         "(or define it under ladder.custom in the config)"
     )
 
@@ -145,3 +156,14 @@ def batch_tier_tokens(paper_params: int) -> int:
     if paper_params <= 2.5e9:
         return 2**21
     return 2**22
+
+
+def shape_for_params(target: float, vocab: int, family: str = "tiny", *, embeddings: bool = True) -> ModelShape:
+    """The shape of a ladder family whose parameter count (with or without embeddings, as the fits
+    count N) is closest to ``target`` in log space: the paper's 42 shapes, or tiny ``d<h>l<n>`` shapes
+    (hidden a multiple of 32 from 32 to 1024, 1-24 layers, layers <= hidden/16 for a sane aspect)."""
+    if family == "paper":
+        cands = list(PAPER_SHAPES.values())
+    else:
+        cands = [tiny_shape(d, n) for d in range(32, 1025, 32) for n in range(1, 25) if n <= max(2, d // 16)]
+    return min(cands, key=lambda s: (abs(math.log(s.params(vocab, embeddings=embeddings) / target)), s.hidden))

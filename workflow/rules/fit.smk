@@ -15,7 +15,8 @@ rule points:
 
 # Every law of the study (cptscale.fit.fit_study): one JSON per fit in fits/ plus fits/summary.json; the
 # transfer table of runs.duckdb feeds the Hernandez law. A law without enough points is recorded as skipped.
-rule fit:
+# A checkpoint: with fit.next_run_budget, what trains next depends on what the fit suggests.
+checkpoint fit:
     input:
         points=f"{S}/fits/points.csv",
         db=f"{S}/db/runs.duckdb",
@@ -40,10 +41,44 @@ rule fit:
         " --min-step-fraction {params.min_step_fraction} --params {params.param_count}{params.next_run} > {log} 2>&1"
 
 
+def _next_run_checks(wc=None):
+    """fits/next-<lang>.json for every target language whose scratch fit suggested a run."""
+    if not NEXT_RUNS:
+        return []
+    fits_dir = Path(checkpoints.fit.get().output[0]).parent
+    return [f"{S}/fits/{rid}.json" for rid, lang in zip(NEXT_RUNS, CFG.languages.targets)
+            if P.suggested_run(fits_dir, lang)]
+
+
+rule next_run_spec:
+    input:
+        fits=f"{S}/fits/summary.json",
+        data=expand(f"{S}/data/{{lang}}/data.json", lang=LANGS),
+        tokenizer=f"{S}/tokenizer/tokenizer.json",
+    output:
+        f"{S}/runs/next-{{lang}}/run.json",
+    log:
+        f"{LOGS}/next_run/{{lang}}.log",
+    shell:
+        "cptscale next-run spec {CONFIG_FILE:q} --fits $(dirname {input.fits}) --lang {wildcards.lang}"
+        " --out {output} 2> {log}"
+
+
+rule next_run_check:
+    input:
+        spec=f"{S}/runs/next-{{lang}}/run.json",
+        done=f"{S}/runs/next-{{lang}}/done.json",
+    output:
+        f"{S}/fits/next-{{lang}}.json",
+    shell:
+        "cptscale next-run check --spec {input.spec} --done {input.done} --out {output}"
+
+
 rule database:
     input:
         _all_run_files,
         f"{S}/fits/summary.json",
+        _next_run_checks,
     output:
         f"{S}/cptscale.duckdb",
     log:
