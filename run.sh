@@ -55,6 +55,17 @@ test_system_packages() {
   apt_install slurmctld slurmd slurm-client munge || true
 }
 
+clear_stale_lock() {
+  # A killed Snakemake leaves its lock behind; remove it only when no Snakemake runs in this directory.
+  [ -n "$(ls -A .snakemake/locks 2>/dev/null)" ] || return 0
+  local pid
+  for pid in $(pgrep -f 'bin/snakemake' 2>/dev/null); do
+    [ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" = "$PWD" ] && { log "another Snakemake (pid $pid) runs here"; return 0; }
+  done
+  log "removing a stale Snakemake lock left by an interrupted run"
+  snakemake --unlock --profile workflow/profiles/local --configfile "$cfg" >/dev/null
+}
+
 cmd=${1:-demo}
 shift || true
 case "$cmd" in
@@ -63,7 +74,9 @@ case "$cmd" in
   demo)
     setup
     cfg=${CPTSCALE_CONFIG:-config.yaml}
-    log "running study $cfg (Snakemake, local profile)"
+    cptscale validate "$cfg"
+    clear_stale_lock
+    log "running study $cfg (Snakemake, local profile; an interrupted run resumes where it stopped)"
     snakemake --profile workflow/profiles/local --configfile "$cfg" "$@"
     cptscale summary --config "$cfg" ;;
   test)

@@ -1,7 +1,13 @@
-"""Real SLURM test: a one-node cluster on localhost (scripts/local-slurm.sh) + snakemake --executor slurm."""
+"""Real SLURM tests: a one-node cluster on localhost (scripts/local-slurm.sh) + snakemake --executor slurm.
+
+Toy workflow (tests/workflows/slurm): jobs get their own allocations, a failing job is reported
+failed, a 2-rank job starts torchrun once. The study itself (the project's Snakefile and SLURM
+profile): a tiny study's data, TP=2 training (2 ranks per job, one torchrun launch) and CPT transfer
+metrics; and a training job killed at its time limit resumes, in the retry, from its checkpoint."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -11,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slurm
 
@@ -86,3 +93,74 @@ def test_torchrun_launched_once(slurm_cluster: None, workdir: Path) -> None:
     assert len({r[1] for r in rows}) == 1, f"more than one torchrun launcher: {rows}"
     assert len({r[2] for r in rows}) == 1, rows
     assert rows[0][3].isdigit(), rows
+
+
+# -- the study itself -------------------------------------------------------------------------------
+def _study_config(tmp_path: Path) -> Path:
+    """The micro study at one tiny size trained with TP=2 (two gloo ranks per job), plus a size whose
+    scratch run outlasts a 1-minute time limit. Time limits: 1 minute x attempt (no overhead)."""
+    raw = yaml.safe_load((ROOT / "tests" / "configs" / "micro.yaml").read_text())
+    raw.update(study="slurm-micro", results_dir=str(tmp_path / "results"))
+    raw["ladder"] = {"sizes": ["d32l2", "d48l2"]}
+    raw["replay"] = {"ratios": [0.25]}
+    raw["budget"]["tokens"] = {"d32l2": 40_960, "d48l2": 3_000_000}
+    raw["train"]["checkpoint_every"] = 20
+    raw["parallel"] = {"default": {"tp": 2, "pp": 1, "dp": 1}, "per_size": {"d48l2": {"tp": 1, "pp": 1, "dp": 1}}}
+    raw["slurm"] = {"gpus": False, "min_runtime_minutes": 1, "runtime_overhead_minutes": 0,
+                    "cpu_flops_per_core": 1e15}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(slurm_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("slurm-study")
+    cfg = _study_config(tmp)
+    return cfg, tmp / "results" / "slurm-micro"
+
+
+def _study_snakemake(cfg: Path, *targets: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    flags = subprocess.run(["bash", str(SCRIPT), "env"], capture_output=True, text=True, check=True).stdout.split()
+    cmd = [str(SNAKEMAKE), *targets, "--profile", "workflow/profiles/slurm", "--configfile", str(cfg),
+           "--jobs", "4", "--latency-wait", "5", *flags]
+    return _run(cmd, timeout, dict(os.environ))
+
+
+def test_study_on_slurm_tp2_one_torchrun_per_job(study: tuple[Path, Path]) -> None:
+    cfg, sdir = study
+    res = _study_snakemake(cfg, str(sdir / "runs" / "d32l2-cpt-zh-r0.25" / "transfer.json"), timeout=900)
+    assert res.returncode == 0, res.stdout[-6000:]
+    jobs = set()
+    for run in ("d32l2-scratch-en", "d32l2-scratch-zh", "d32l2-cpt-zh-r0.25"):
+        done = json.loads((sdir / "runs" / run / "done.json").read_text())
+        assert done["world_size"] == 2, done
+        assert done["launch"]["slurm_job_id"] and done["launch"]["torchrun_id"], done
+        jobs.add(done["launch"]["slurm_job_id"])
+        log = (sdir / "logs" / "train" / f"{run}.log").read_text()
+        assert log.count("launching 2 ranks with torchrun") == 1, log[-3000:]
+        evals = [json.loads(x) for x in (sdir / "runs" / run / "evals.jsonl").read_text().splitlines()]
+        assert {e["lang"] for e in evals} == {"en", "zh"}
+    assert len(jobs) == 3  # each training run its own SLURM allocation
+    transfer = json.loads((sdir / "runs" / "d32l2-cpt-zh-r0.25" / "transfer.json").read_text())
+    assert transfer["forgetting"], transfer.keys()
+
+
+def test_time_limit_kill_resumes_from_checkpoint(study: tuple[Path, Path]) -> None:
+    """d48l2's scratch run needs ~2 minutes but its first attempt gets a 1-minute limit: SLURM sends
+    SIGTERM, the trainer checkpoints and exits, Snakemake resubmits with 2 minutes, and the retry
+    continues from the checkpoint instead of step 0."""
+    cfg, sdir = study
+    run = "d48l2-scratch-en"
+    res = _study_snakemake(cfg, str(sdir / "runs" / run / "done.json"), timeout=1200)
+    assert res.returncode == 0, res.stdout[-6000:]
+    done = json.loads((sdir / "runs" / run / "done.json").read_text())
+    events = [json.loads(x) for x in (sdir / "runs" / run / "events.jsonl").read_text().splitlines()]
+    stopped = [e for e in events if e["event"] == "stopped"]
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert stopped and resumed, events
+    # the retry resumed from the checkpoint written on SIGTERM (not a periodic one), in another SLURM job
+    assert done["resumed_from"] == stopped[-1]["step"] == resumed[-1]["step"] > 0, (done, events)
+    assert stopped[-1]["slurm_job_id"] != resumed[-1]["slurm_job_id"] == done["launch"]["slurm_job_id"]
+    steps = [json.loads(x)["step"] for x in (sdir / "runs" / run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(done["steps"]))

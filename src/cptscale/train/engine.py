@@ -292,7 +292,7 @@ class Trainer:
         if latest is not None:
             ck.load_weights(latest, model)
         else:
-            for name in ("metrics.jsonl", "evals.jsonl", "prune.jsonl"):  # a fresh start: drop logs of a failed attempt
+            for name in ("metrics.jsonl", "evals.jsonl", "prune.jsonl", "events.jsonl"):  # a fresh start: drop logs of a failed attempt
                 if self.rank == 0 and (self.out_dir / name).exists():
                     (self.out_dir / name).unlink()
             if spec["init"] == "cpt":
@@ -303,6 +303,8 @@ class Trainer:
             start_step = ck.load_full(latest, model, opt)
             resumed_from = start_step
             self.log(f"resumed from {latest} at step {start_step}")
+            self._append("events.jsonl", {"event": "resumed", "step": start_step, "checkpoint": str(latest),
+                                          "time": time.time(), **_launch_info()})
         if resumed_from is not None:
             self._truncate_logs(start_step)
 
@@ -461,6 +463,8 @@ class Trainer:
                     ck.save_full(self.ckpt_dir, done_steps, model, opt, spec, keep=keep, extra=ck_extra())
                 if term and done_steps != steps:
                     self.log(f"stop signal: checkpoint saved at step {done_steps}; a re-run resumes from it")
+                    self._append("events.jsonl", {"event": "stopped", "step": done_steps, "time": time.time(),
+                                                  **_launch_info()})
                     raise Terminated(f"SIGTERM/SIGINT: checkpoint saved at step {done_steps}")
         finally:
             for sig, handler in old_handlers.items():
@@ -476,9 +480,7 @@ class Trainer:
                 "params_nonemb": shape.params(int(spec["vocab_size"]), embeddings=False),
                 "resumed_from": resumed_from, "flops_spent": flops, "flops_spent_6nd": flops_6nd,
                 "final_shape": cur_shape, "final_params": n_params, "world_size": dist.get_world_size(),
-                "launch": {k: os.environ.get(v) for k, v in (("torchrun_id", "TORCHELASTIC_RUN_ID"),
-                                                             ("slurm_job_id", "SLURM_JOB_ID"),
-                                                             ("host", "HOSTNAME"))}}
+                "launch": _launch_info()}
         if self.rank == 0:
             from cptscale.util import write_json
 
@@ -552,6 +554,14 @@ class Trainer:
                 from cptscale.util import atomic_write
 
                 atomic_write(p, "".join(ln + "\n" for ln in lines))
+
+
+def _launch_info() -> dict[str, str | None]:
+    """Which launch this is: torchrun's run id, the SLURM job, the host (run provenance)."""
+    import socket
+
+    return {"torchrun_id": os.environ.get("TORCHELASTIC_RUN_ID"), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "host": socket.gethostname()}
 
 
 def _main_thread() -> bool:
