@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "cptscale.nextrun",
     "cptscale.report",
     "cptscale.summary",
+    "cptscale.prune",
 )
 
 
