@@ -1,0 +1,105 @@
+"""Peak memory of the data stage on a large generated corpus (default 1 GB of text).
+
+Generates English-like and Chinese-like documents (no third-party text), then runs the real commands
+(`cptscale data ingest`, `cptscale data index`) as subprocesses and samples the peak PSS of each
+process tree every 50 ms. Memory must not grow with corpus size: compare with a smaller --mb.
+
+    .venv/bin/python bench/index_memory.py --mb 1000 --workers 2
+    .venv/bin/python bench/index_memory.py --mb 100            # the same figure for 10x less text
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HAN = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
+
+
+def make_corpus(path: Path, mb: float, seed: int = 0) -> int:
+    """JSONL of documents of 2-20 KB, two thirds English-like, one third Chinese-like."""
+    r = random.Random(seed)
+    words = ["".join(r.choice("etaoinshrdlucmfwypvbgkjqxz") for _ in range(r.randint(1, 9))) for _ in range(20000)]
+    target, written, i = int(mb * 1e6), 0, 0
+    with open(path, "w", encoding="utf-8") as fh:
+        while written < target:
+            if i % 3 == 2:
+                body = "，".join("".join(r.choices(HAN, k=r.randint(4, 20))) for _ in range(r.randint(60, 600))) + "。"
+            else:
+                body = " ".join(r.choices(words, k=r.randint(400, 3500))) + "."
+            line = json.dumps({"text": f"{i} {body}"}, ensure_ascii=False) + "\n"
+            fh.write(line)
+            written += len(line.encode("utf-8"))
+            i += 1
+    return i
+
+
+def peak_pss(cmd: list[str]) -> tuple[int, float]:
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            peak = max(peak, sum(p.memory_full_info().pss for p in [proc, *proc.children(recursive=True)]))
+        time.sleep(0.05)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()[-3000:]}")
+    return peak, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mb", type=float, default=1000.0, help="MB of UTF-8 text to generate")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--keep", help="work in this folder and keep it (default: a temp dir, removed)")
+    a = ap.parse_args()
+    root = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="cptscale-mem-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        corpus = root / "corpus.jsonl"
+        t = time.perf_counter()
+        n_docs = make_corpus(corpus, a.mb)
+        print(f"generated {corpus.stat().st_size / 1e6:.0f} MB, {n_docs:,} documents in {time.perf_counter() - t:.0f} s")
+        src = root / "sources.json"
+        src.write_text(json.dumps([{"name": "gen", "kind": "local", "paths": [str(corpus)], "format": "jsonl"}]))
+        exe = [sys.executable, "-m", "cptscale.cli", "data"]
+        docs = root / "xx" / "docs.parquet"
+        pk_ing, s_ing = peak_pss([*exe, "ingest", "--lang", "xx", "--sources-json", str(src), "--out", str(docs),
+                                  "--no-progress"])
+        sample = root / "sample" / "docs.parquet"  # the tokenizer trains on a small sample (as in studies)
+        small = root / "small.jsonl"
+        with open(corpus, encoding="utf-8") as fin, open(small, "w", encoding="utf-8") as fout:
+            for _, line in zip(range(300), fin, strict=False):
+                fout.write(line)
+        src2 = root / "sources2.json"
+        src2.write_text(json.dumps([{"name": "gen", "kind": "local", "paths": [str(small)], "format": "jsonl"}]))
+        subprocess.run([*exe, "ingest", "--lang", "xx", "--sources-json", str(src2), "--out", str(sample),
+                        "--no-progress"], check=True, capture_output=True)
+        tok = root / "tok" / "tokenizer.json"
+        subprocess.run([*exe, "tokenizer", "--docs", str(sample), "--vocab-size", "4096", "--valid-tokens", "0",
+                        "--out", str(tok), "--no-progress"], check=True, capture_output=True)
+        pk_idx, s_idx = peak_pss([*exe, "index", "--lang", "xx", "--docs", str(docs), "--tokenizer", str(tok),
+                                  "--valid-tokens", "1000000", "--out-dir", str(docs.parent), "--workers",
+                                  str(a.workers), "--no-progress"])
+        manifest = json.loads((docs.parent / "data.json").read_text())
+        mb = manifest["train"]["bytes"] / 1e6
+        print(f"ingest: peak PSS {pk_ing / 2**20:.0f} MiB, {s_ing:.0f} s")
+        print(f"index ({a.workers} workers): peak PSS {pk_idx / 2**20:.0f} MiB (process tree), {s_idx:.0f} s, "
+              f"{mb / s_idx:.1f} MB/s, {manifest['train']['tokens']:,} train tokens")
+    finally:
+        if not a.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
