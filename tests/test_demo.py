@@ -66,6 +66,7 @@ def test_demo_killed_mid_training_resumes_and_finishes(tmp_path: Path) -> None:
     assert (study / "report" / "index.html").stat().st_size > 10_000
     summary = json.loads((study / "summary.json").read_text())
     assert summary["fits"], summary
+    _renders_in_chromium(study)
 
     # The finished study answers partial re-runs from the config alone (dry runs, counting jobs):
     raw = yaml.safe_load(cfg.read_text())
@@ -102,3 +103,19 @@ def _dry_run(cfg: Path, raw: dict) -> dict[str, int]:
     counts.pop("total", None)
     counts.pop("all", None)
     return counts
+
+
+def _renders_in_chromium(study: Path) -> None:
+    """The report of real runs, opened offline in headless Chromium: no console errors, every drawn
+    figure rendered with marks; a screenshot is kept in test-artifacts/."""
+    from test_report import ARTIFACTS, CHROMIUM, render
+
+    if not os.path.exists(CHROMIUM):
+        return  # the browser tests in test_report.py report the skip
+    info = json.loads((study / "report" / "report.json").read_text())
+    res = render(study / "report" / "index.html", ARTIFACTS / "report-demo-micro.png")
+    st = res["status"]
+    assert st is not None, res["stderr"][-2000:]
+    assert st["errors"] == [], st["errors"]
+    assert set(st["rendered"]) == set(info["drawn"]) and len(info["drawn"]) >= 6, (st, info["missing"])
+    assert all(n > 0 for n in st["rendered"].values()), st["rendered"]
