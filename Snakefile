@@ -34,7 +34,8 @@ shell.prefix(f'export PATH="{Path(sys.executable).parent}:$PATH"; ')
 S = str(CFG.study_dir)
 CONFIG_FILE = str(_CONFIG_FILE)
 RUNS = {r.run_id: r for r in P.plan_study(CFG)}
-CPT_RUNS = [r for r in RUNS.values() if r.init == "cpt"]
+# transfer metrics pair CPT runs with same-size scratch runs; IPLT arms (cptscale.iplt) are compared with each other
+CPT_RUNS = [r for r in RUNS.values() if r.init == "cpt" and not r.arm]
 LANGS = CFG.languages.all
 LOGS = f"{S}/logs"
 # fit.next_run_budget: after the fits, train the suggested compute-optimal run of each target language

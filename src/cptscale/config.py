@@ -209,6 +209,90 @@ class Variant(_Model):
         return v
 
 
+#: Run-id suffixes (``variant``) of the IPLT arms start with this; `variants` may not use it.
+IPLT_PREFIX = "iplt"
+
+
+def _no_schema_default(schema: dict[str, Any]) -> None:
+    """Drop ``default: null`` from an optional section's JSON schema: Snakemake's validator fills defaults
+    in and then checks the section's own properties against the filled-in null, which fails."""
+    schema.pop("default", None)
+
+
+class IPLTCPTConfig(_Model):
+    """The CPT half of the IPLT study: the dense source model S (``<size>-scratch-<source>``) pruned at
+    the start of CPT (one prune at step 0) vs incrementally during CPT (``increments`` prunes spread
+    from step 0 over ``span`` of the token budget), beside the dense CPT arm; same FLOP budget."""
+
+    targets: list[LangCode] = Field(min_length=1, description="target languages of the CPT arms (from languages.targets)")
+    replay: float = Field(0.0, ge=0.0, lt=1.0, description="replay ratio of the CPT arms' blend (the study's `mix` applies)")
+
+
+class IPLTConfig(_Model):
+    """IPLT (Li, Zhao & Shang 2019: Incremental Pruning based on Less Training) as a study: prune early in
+    training vs after all of it vs train the small model from scratch, at equal total training FLOPs.
+
+    **Budget rule.** F_dense = the exact training FLOPs (the trainer's own count,
+    ``cptscale.transfer.flops_per_token`` per token) of the dense model ``size`` on its study token budget
+    D_L (the ordinary run ``<size>-scratch-<lang>``: budget.tokens_per_param x N, whole steps). Every arm
+    spends B = ``budget_factor`` x F_dense:
+
+    * ``dense``: ``size`` trained from scratch for B / fpt(size) tokens (no pruning);
+    * ``small``: the target shape trained from scratch for B / fpt(target) tokens;
+    * IPLT at start fraction f < 1: ``size`` trains f x D_L tokens, then prunes in ``increments`` steps to the
+      target, the increments spread evenly from f x D_L to (f + ``span``) x D_L tokens with training at each
+      intermediate shape, then trains the target shape until the run's FLOPs reach B;
+    * ``classic`` (f = 1.0, prune after full training): the ordinary dense run (F_dense, counted as the arm's
+      inherited FLOPs), then a run from its final checkpoint that prunes in ``increments`` steps over the first
+      ``span`` x D_L tokens and retrains with the study's ``cpt`` LR recipe until B - F_dense is spent;
+    * CPT arms (``cpt``): from the dense source model, whose pretraining every CPT arm shares and none counts
+      (the marginal view): ``cpt-dense``, ``cpt-start`` (one prune at step 0), ``cpt-incremental``
+      (``increments`` prunes from step 0 to ``span`` x D_L tokens); each spends B of its own.
+
+    Every arm uses the batch of ``size``; its steps are whole, so its FLOPs meet B within half a step of its
+    final shape. FLOPs before an arm's last prune must leave at least one step of budget (else an error
+    names the arm: raise ``budget_factor`` or lower the start fraction / ``span``).
+    """
+
+    size: str = Field(description="the dense model to prune: a ladder size name (need not be in ladder.sizes)")
+    target: str | dict[str, int] = Field(
+        description="the pruned shape: a ladder size name with the same hidden size and head_dim, or per-unit "
+        "targets {heads, ffn, layers, kv_heads} (missing units are not pruned)")
+    langs: list[LangCode] | None = Field(
+        None, description="languages of the pretraining arms (default: [languages.source]); [] = CPT arms only")
+    start_fractions: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+        default_factory=lambda: [0.01, 0.05, 0.2, 1.0], min_length=1,
+        description="fractions of the dense token budget D_L at which the first prune happens; 1.0 = the classic "
+        "order (prune after full training, then retrain)")
+    increments: int = Field(3, ge=1, description="k: prunes from the dense shape to the target (1 = one-shot)")
+    span: float = Field(0.1, gt=0.0, le=1.0, description="the k prunes are spread over this fraction of D_L tokens")
+    importance: Literal["activation", "weight"] = Field("activation", description="unit scores (cptscale.prune)")
+    calib_batches: int = Field(4, ge=1, description="micro-batches of training data that score the units")
+    budget_factor: float = Field(2.0, ge=1.0, description="every arm spends budget_factor x F_dense training FLOPs")
+    cpt: IPLTCPTConfig | None = Field(None, description="CPT arms (prune the source at the start vs during CPT)",
+                                      json_schema_extra=_no_schema_default)
+
+    @field_validator("target")
+    @classmethod
+    def _target_keys(cls, v: str | dict[str, int]) -> str | dict[str, int]:
+        if isinstance(v, dict):
+            allowed = ("heads", "ffn", "layers", "kv_heads")
+            bad = sorted(set(v) - set(allowed))
+            if bad:
+                raise ValueError(f"unknown per-unit target(s) {bad}; allowed: {', '.join(allowed)} (the hidden size "
+                                 "and head_dim are never pruned)")
+            if not v:
+                raise ValueError("per-unit targets must name at least one of heads, ffn, layers")
+        return v
+
+    @field_validator("start_fractions")
+    @classmethod
+    def _distinct_fractions(cls, v: list[float]) -> list[float]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"start_fractions repeat: {v}")
+        return v
+
+
 class Layout(_Model):
     tp: int = Field(1, ge=1, description="tensor parallel")
     pp: int = Field(1, ge=1, description="pipeline parallel")
@@ -283,6 +367,9 @@ class StudyConfig(_Model):
         default_factory=dict, description="extra CPT recipe variants by name (run ids end in -<name>)"
     )
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    iplt: IPLTConfig | None = Field(None, description="IPLT pruning study (arms: dense, small, prune at start "
+                                    "fractions, classic; optional CPT arms); see cptscale.iplt",
+                                    json_schema_extra=_no_schema_default)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     fit: FitConfig = Field(default_factory=FitConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
@@ -330,15 +417,19 @@ class StudyConfig(_Model):
         for name, variant in self.variants.items():
             if variant.mix is not None:
                 _validate_mix(variant.mix, f"variants.{name}.mix")
+            if name.startswith(IPLT_PREFIX):
+                raise ValueError(f"variants.{name}: names starting with {IPLT_PREFIX!r} are reserved for the IPLT arms")
+        if self.iplt is not None:
+            _validate_iplt(self)
         return self
 
     def cpt_for(self, variant: str | None) -> CPTConfig:
-        if not variant:
+        if not variant or variant.startswith(IPLT_PREFIX):  # IPLT arms follow the study's recipe
             return self.cpt
         return CPTConfig.model_validate({**self.cpt.model_dump(), **self.variants[variant].cpt})
 
     def mix_for(self, variant: str | None) -> dict[str, Any]:
-        if variant and self.variants[variant].mix is not None:
+        if variant and not variant.startswith(IPLT_PREFIX) and self.variants[variant].mix is not None:
             return self.variants[variant].mix  # type: ignore[return-value]
         return self.mix
 
@@ -419,6 +510,45 @@ def resolve_corpora(cfg: StudyConfig, lang: str, base: str | Path) -> list[dict[
     return out
 
 
+def _validate_iplt(cfg: StudyConfig) -> None:
+    """The IPLT section against the rest of the study, then its arms planned (every arm must fit its budget)."""
+    from cptscale.ladder import get_shape
+
+    ic = cfg.iplt
+    assert ic is not None
+    try:
+        get_shape(ic.size, cfg.ladder.shapes())
+    except (KeyError, ValueError):
+        raise ValueError(f"iplt.size {ic.size!r} is not a ladder size; known: {', '.join(known_sizes(cfg.ladder.shapes()))}, "
+                         "or any d<hidden>l<layers> (or add it under ladder.custom)") from None
+    layout = cfg.layout(ic.size)
+    if layout.tp != 1 or layout.pp != 1:
+        raise ValueError(f"iplt.size {ic.size!r}: structured pruning needs tp = pp = 1, but its layout has tp={layout.tp}, "
+                         f"pp={layout.pp}; set parallel.per_size.{ic.size} to tp: 1, pp: 1 (dp is fine)")
+    for lang in ic.langs or []:
+        if lang not in cfg.languages.all:
+            raise ValueError(f"iplt.langs: {lang!r} is not a language of the study ({', '.join(cfg.languages.all)})")
+    if ic.langs is not None and len(set(ic.langs)) != len(ic.langs):
+        raise ValueError(f"iplt.langs repeat a language: {ic.langs}")
+    if ic.cpt is not None:
+        for lang in ic.cpt.targets:
+            if lang not in cfg.languages.targets:
+                raise ValueError(f"iplt.cpt.targets: {lang!r} is not a target language ({', '.join(cfg.languages.targets)})")
+    if not (ic.langs is None or ic.langs) and ic.cpt is None:
+        raise ValueError("iplt: no arms (iplt.langs is [] and iplt.cpt is not set)")
+    need = cfg.train.micro_batch_size * layout.dp * cfg.train.seq_length
+    if cfg.batch_tokens(ic.size) < need:
+        raise ValueError(f"train.batch_tokens {cfg.batch_tokens(ic.size)} for iplt.size {ic.size!r} is below one batch "
+                         f"(micro_batch_size x dp x seq_length = {need})")
+    from cptscale.iplt import plan_arms
+    from cptscale.prune import PruneError
+
+    try:
+        plan_arms(cfg)
+    except PruneError as exc:
+        raise ValueError(f"iplt.target: {exc}") from None
+
+
 def _validate_mix(mix: dict[str, Any], where: str) -> None:
     try:
         from cptscale.mix import MixConfig
@@ -494,7 +624,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
-    runs = len(cfg.ladder.sizes) * (1 + len(cfg.languages.targets) * (1 + len(cfg.replay.ratios)))
+    from cptscale.plan import plan_study
+
+    runs = len(plan_study(cfg))  # variants and IPLT arms included
     print(f"{args.config}: OK (study {cfg.study!r}, {len(cfg.ladder.sizes)} sizes, {runs} training runs)")
     return 0
 

@@ -523,7 +523,7 @@ def _plan_specs(config_path: str) -> list[dict[str, Any]]:
     out = []
     for run in P.plan_study(cfg):
         base = {"run_id": run.run_id, "init": run.init, "lang": run.lang, "replay": run.replay, "steps": run.steps}
-        mix_cfg = MixConfig.model_validate(cfg.mix_for(run.variant)) if run.init == "cpt" else MixConfig()
+        mix_cfg = MixConfig.model_validate(P.mix_for_run(cfg, run))
         missing = [lang for lang in langs if lang not in tokens]
         known = {lang: tokens.get(lang, 1 << 62) for lang in langs}  # unknown: plan shares, skip data checks
         try:

@@ -55,6 +55,7 @@ class PlannedRun:
     cpus: int  #: CPU cores requested for the job
     runtime_minutes: int  #: time limit of attempt 1 (retries multiply it by the attempt number)
     mem_gb: int
+    arm: str | None = None  #: IPLT arm (cptscale.iplt); None for the study's ordinary runs
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,7 +64,7 @@ class PlannedRun:
 def run_id(size: str, init: str, lang: str, replay: float | None = None, variant: str | None = None) -> str:
     if init == "cpt":
         return f"{size}-cpt-{lang}-r{replay:g}" + (f"-{variant}" if variant else "")
-    return f"{size}-scratch-{lang}"
+    return f"{size}-scratch-{lang}" + (f"-{variant}" if variant else "")  # variant: IPLT arms only
 
 
 def parse_run_id(rid: str) -> dict[str, Any]:
@@ -102,6 +103,12 @@ def plan_study(cfg: StudyConfig) -> list[PlannedRun]:
             for r in cfg.replay.ratios:
                 for variant in (None, *cfg.variants):
                     runs.append(_planned(cfg, size, "cpt", tgt, src, r, variant))
+    if cfg.iplt is not None:  # the IPLT arms (and the dense runs they start from, when not in the ladder)
+        from cptscale.iplt import parent_runs, plan_arms
+
+        have = {r.run_id for r in runs}
+        runs += [r for r in parent_runs(cfg) if r.run_id not in have]
+        runs += [a.run for a in plan_arms(cfg)]
     return runs
 
 
@@ -233,8 +240,15 @@ def checkpoint_dir(cfg: StudyConfig, rid: str) -> Path:
     return cfg.study_dir / "checkpoints" / rid
 
 
+def _dump(cfg: StudyConfig, **kw: Any) -> dict[str, Any]:
+    d = cfg.model_dump(mode="json", **kw)
+    if d.get("iplt", 0) is None:  # a study without IPLT hashes as it did before the section existed
+        d.pop("iplt")
+    return d
+
+
 def config_hash(cfg: StudyConfig) -> str:
-    return stable_hash(cfg.model_dump(mode="json"))
+    return stable_hash(_dump(cfg))
 
 
 #: Config sections that change how results are shown or where jobs run, never what they compute.
@@ -244,22 +258,37 @@ PRESENTATION_KEYS = ("description", "report", "slurm")
 def results_hash(cfg: StudyConfig) -> str:
     """Hash of the config without its presentation sections: the study manifest's rerun trigger, so a
     new report title or SLURM partition does not re-aggregate and refit the study."""
-    return stable_hash(cfg.model_dump(mode="json", exclude=set(PRESENTATION_KEYS)))
+    return stable_hash(_dump(cfg, exclude=set(PRESENTATION_KEYS)))
+
+
+def mix_for_run(cfg: StudyConfig, run: PlannedRun) -> dict[str, Any]:
+    """The ``mix`` section a run's blend follows: the study's (or its variant's) for CPT into another
+    language; none (its own language only) for scratch runs and same-language continued training."""
+    if run.init != "cpt" or run.lang == run.source_lang:
+        return {}
+    return cfg.mix_for(run.variant)
 
 
 def training_hash(cfg: StudyConfig, run: PlannedRun) -> str:
     """Hash of everything that changes this run's training, and nothing else (rerun trigger)."""
+    rd = run.as_dict()
+    if rd.get("arm") is None:  # ordinary runs hash as they did before IPLT arms existed
+        rd.pop("arm", None)
     keep = {
-        "run": run.as_dict(),
+        "run": rd,
         "train": cfg.train.model_dump(mode="json"),
         "cpt": cfg.cpt_for(run.variant).model_dump(mode="json") if run.init == "cpt" else None,
-        "mix": cfg.mix_for(run.variant) if run.init == "cpt" else None,
+        "mix": mix_for_run(cfg, run) if run.init == "cpt" else None,
         "tokenizer": cfg.tokenizer.model_dump(mode="json"),
         "corpora": {k: cfg.corpora[k] for k in sorted({run.lang, run.source_lang or run.lang})},
         "data": cfg.data.model_dump(mode="json"),
         "seed": cfg.seed,
         "eval": cfg.evaluation.model_dump(mode="json"),
     }
+    if run.arm is not None:
+        from cptscale.iplt import hash_part
+
+        keep["iplt"] = hash_part(cfg, run)
     return stable_hash(keep)
 
 
@@ -288,7 +317,7 @@ def run_spec(cfg: StudyConfig, rid: str, planned: PlannedRun | None = None) -> d
     ddir = data_dir(cfg)
     langs = cfg.languages.all
     numbers = {lang: manifest_numbers(_manifest(cfg, lang)) for lang in langs}
-    mix_cfg = MixConfig.model_validate(cfg.mix_for(run.variant)) if run.init == "cpt" else MixConfig()
+    mix_cfg = MixConfig.model_validate(mix_for_run(cfg, run))
     data = plan_blend(
         mix_cfg,
         replay=run.replay if run.init == "cpt" else 0.0,
@@ -316,7 +345,7 @@ def run_spec(cfg: StudyConfig, rid: str, planned: PlannedRun | None = None) -> d
         }
     t = cfg.train
     chash = training_hash(cfg, run)
-    return {
+    spec = {
         "run_id": run.run_id,
         "study": cfg.study,
         "size": run.size,
@@ -325,7 +354,7 @@ def run_spec(cfg: StudyConfig, rid: str, planned: PlannedRun | None = None) -> d
         "source_lang": run.source_lang,
         "replay": run.replay,
         "variant": run.variant,
-        "shape": cfg.shape(run.size).as_dict(),
+        "shape": cfg.shape(run.size).as_dict() if run.arm is None else None,  # arms: set by spec_extras
         "vocab_size": cfg.vocab_size,
         "params": run.params,
         "params_nonemb": run.params_nonemb,
@@ -361,6 +390,11 @@ def run_spec(cfg: StudyConfig, rid: str, planned: PlannedRun | None = None) -> d
         "config_hash": chash,
         "provenance": provenance(chash, {f"data/{k}": str(v) for k, v in sorted(numbers.items())}),
     }
+    if run.arm is not None:  # an IPLT arm: its own shape, prune events, evaluations and budget
+        from cptscale.iplt import spec_extras
+
+        spec_extras(cfg, run, spec)
+    return spec
 
 
 def study_manifest(cfg: StudyConfig) -> dict[str, Any]:
@@ -371,7 +405,7 @@ def study_manifest(cfg: StudyConfig) -> dict[str, Any]:
         "config": cfg.model_dump(mode="json"),
         "expected_runs": [
             {"run_id": r.run_id, "size": r.size, "init": r.init, "lang": r.lang, "replay": r.replay,
-             "variant": r.variant, "parent": r.parent,
+             "variant": r.variant, "parent": r.parent, "arm": r.arm,
              "params": r.params, "tokens": r.tokens, "steps": r.steps}
             for r in plan_study(cfg)
         ],
@@ -436,13 +470,20 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
             print(json.dumps(spec, indent=2, sort_keys=True))
         return 0
-    runs = plan_study(cfg)
+    try:
+        runs = plan_study(cfg)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     if args.json:
         import json
 
         print(json.dumps([r.as_dict() for r in runs], indent=2))
     else:
         print(format_plan(cfg, runs))
+        if cfg.iplt is not None:
+            from cptscale.iplt import format_arms
+
+            print("\n" + format_arms(cfg))
     return 0
 
 

@@ -34,6 +34,9 @@ FIGURES = (
     "health_lr",
     "blend",
     "fertility",
+    "iplt",
+    "variants",
+    "next_run",
 )
 
 
@@ -416,12 +419,13 @@ def fig_replay(con: Any, study: str, mp: int) -> tuple[Any, int]:
 
     _need(con, "evals", ["run_id", "tokens", "loss", "flops", "lang"])
     _need(con, "runs", ["run_id", "size", "init", "lang", "source_lang", "replay"])
+    no_arm = "and r.arm is null" if "arm" in _columns(con, "runs") else ""  # IPLT arms: figure `iplt`
     df = _df(
         con,
-        """select e.run_id, r.size, coalesce(r.replay, 0) as replay, e.step, e.tokens, e.flops, e.loss,
+        f"""select e.run_id, r.size, coalesce(r.replay, 0) as replay, e.step, e.tokens, e.flops, e.loss,
                   case when e.lang = r.lang then 'target' else 'source' end as which
            from evals e join runs r on r.study = e.study and r.run_id = e.run_id
-           where e.study = ? and r.init = 'cpt' and (e.lang = r.lang or e.lang = r.source_lang)""",
+           where e.study = ? and r.init = 'cpt' and (e.lang = r.lang or e.lang = r.source_lang) {no_arm}""",
         [study],
     )
     if df.empty or df["replay"].nunique() < 1:
@@ -663,6 +667,287 @@ def fig_fertility(con: Any, study: str, mp: int) -> tuple[Any, int]:
     return chart, len(df)
 
 
+# ---------------------------------------------------------------- IPLT, recipe variants, next run
+
+
+def _arm_key(arm: str) -> tuple[int, float, str]:
+    from cptscale.iplt import arm_sort_key
+
+    return arm_sort_key(arm)
+
+
+def _json_col(v: Any) -> Any:
+    """A JSON column's value as Python (None for SQL NULL, which pandas may hand over as NaN)."""
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except ValueError:
+            return None
+    return v if isinstance(v, dict | list) else None
+
+
+def fig_iplt(con: Any, study: str, mp: int) -> tuple[Any, int]:
+    """IPLT: validation loss vs the training FLOPs each arm actually spent (the classic arm's curve
+    starts with its full dense training), prune events marked, the budget as a rule; a table of each
+    arm's final loss and FLOPs."""
+    import altair as alt
+    import numpy as np
+    import pandas as pd
+
+    _need(con, "runs", ["run_id", "lang", "arm", "arm_panel", "iplt", "flops_spent", "prune"])
+    _need(con, "evals", ["run_id", "step", "lang", "loss", "flops"])
+    runs = _df(con, """select run_id, arm, arm_panel as panel, lang, iplt, flops_spent, prune, final_params
+                       from runs where study = ? and arm is not null""", [study])
+    if runs.empty:
+        raise Missing("IPLT arms in `runs` (config `iplt`; see cptscale.iplt)")
+    runs["iplt"] = [_json_col(x) or {} for x in runs["iplt"]]
+    runs["prune"] = [_json_col(x) or [] for x in runs["prune"]]
+    runs["inherited"] = [float(i.get("flops_inherited") or 0.0) for i in runs["iplt"]]
+    parents = [i.get("inherited_from") if isinstance(i.get("inherited_from"), str) else "" for i in runs["iplt"]]
+    runs["parent"] = parents
+    ids = sorted({*runs["run_id"], *(p for p in parents if p)})
+    ev = _df(con, "select run_id, step, lang, loss, flops from evals where study = ? and list_contains(?, run_id) "
+                  "and flops is not null order by run_id, step", [study, ids])
+    # training speed-up of each arm's final shape: median tokens/s after its last prune over the median
+    # before its first prune in the same run (adjacent in time, so a shared machine's load cancels), or,
+    # for arms without 5 steps before their first prune, over the panel's dense arm (marked †)
+    speed: dict[str, str] = {}
+    if {"run_id", "step", "tokens_per_s"} <= _columns(con, "train_metrics"):
+        tm = _df(con, "select run_id, step, tokens_per_s from train_metrics where study = ? and "
+                      "list_contains(?, run_id) and tokens_per_s > 0", [study, list(runs["run_id"])])
+        after: dict[str, float] = {}
+        for r in runs.itertuples():
+            last = max((int(p["step"]) for p in r.prune), default=-1)
+            t = tm[(tm["run_id"] == r.run_id) & (tm["step"] > last)]["tokens_per_s"]
+            if len(t):
+                after[r.run_id] = float(t.median())
+        dense = {r.panel: after.get(r.run_id) for r in runs.itertuples() if r.arm in ("dense", "cpt-dense")}
+        for r in runs.itertuples():
+            first = min((int(p["step"]) for p in r.prune), default=-1)
+            before = tm[(tm["run_id"] == r.run_id) & (tm["step"] < first)]["tokens_per_s"]
+            if r.run_id in after and len(before) >= 5:
+                speed[r.run_id] = f"{after[r.run_id] / float(before.median()):.2f}x"
+            elif r.run_id in after and dense.get(r.panel):
+                speed[r.run_id] = f"{after[r.run_id] / dense[r.panel]:.2f}x" + ("" if r.arm.endswith("dense") else " †")
+    curves, marks, table = [], [], []
+    for r in runs.itertuples():
+        own = ev[(ev["run_id"] == r.run_id) & (ev["lang"] == r.lang)]
+        if own.empty:
+            continue
+        series = f"{r.panel}: {r.arm}"
+        if r.parent:  # classic: full dense training first, then the arm's own run (pruned, retrained)
+            par = ev[(ev["run_id"] == r.parent) & (ev["lang"] == r.lang)]
+            curves.append(par.assign(arm=r.arm, panel=r.panel, series=series, part="full training",
+                                     x=par["flops"]))
+        curves.append(own.assign(arm=r.arm, panel=r.panel, series=series, part="arm run",
+                                 x=own["flops"] + r.inherited))
+        steps, losses = own["step"].to_numpy(float), own["loss"].to_numpy(float)
+        pos = own[own["flops"] > 0]
+        for p in r.prune:
+            px = float(p.get("flops") or 0.0) + r.inherited
+            at = float(p["step"])
+            if px <= 0 and not pos.empty:  # a step-0 prune: drawn at the first evaluation (log axis)
+                px, at = float(pos["flops"].iloc[0]) + r.inherited, float(pos["step"].iloc[0])
+            marks.append({"panel": r.panel, "arm": r.arm, "series": series, "step": p.get("step"), "x": px,
+                          "loss": float(np.interp(at, steps, losses)),
+                          "params_before": p.get("params_before"), "params": p.get("params"),
+                          "calib_loss_before": p.get("calib_loss_before"),
+                          "calib_loss_after": p.get("calib_loss_after")})
+        last = own.loc[own["step"].idxmax()]
+        spent = (float(r.flops_spent) if r.flops_spent is not None and not pd.isna(r.flops_spent)
+                 else float(last["flops"])) + r.inherited
+        budget = float(r.iplt.get("budget_flops") or np.nan)
+        table.append({"panel": r.panel, "arm": r.arm, "run_id": r.run_id, "final loss": f"{last['loss']:.4f}",
+                      "FLOPs spent": f"{spent:.4g}", "/ budget": f"{spent / budget:.4f}",
+                      "prunes": str(len(r.prune)), "final params": f"{int(r.final_params):,}"
+                      if r.final_params is not None and not pd.isna(r.final_params) else "?",
+                      "tokens/s after/before": speed.get(r.run_id, "?"),
+                      "budget": budget})
+    if not curves:
+        raise Missing("evals of the IPLT arms (no arm has finished an evaluation yet)")
+    df = pd.concat(curves, ignore_index=True)
+    df = df[df["x"] > 0]  # log FLOPs axis: the untrained step-0 evaluations are left out
+    df = _downsample(df, "series", "x", mp)
+    order = sorted(set(df["arm"]), key=_arm_key)
+    color = alt.Color("arm:N", sort=order, scale=alt.Scale(scheme="category10"), title="arm")
+    x = alt.X("x:Q", scale=alt.Scale(type="log"), axis=alt.Axis(format=".0e"),
+              title="training FLOPs spent (classic: incl. its full training)")
+    y = alt.Y("loss:Q", scale=alt.Scale(zero=False), title="validation loss (training language)")
+    panels = []
+    mk = pd.DataFrame(marks)
+    tb = pd.DataFrame(table)
+    from cptscale.iplt import panel_sort_key
+
+    for panel in sorted(set(df["panel"]), key=panel_sort_key):
+        d = df[df["panel"] == panel]
+        layers = [alt.Chart(d).mark_line(point=alt.OverlayMarkDef(size=10)).encode(
+            x=x, y=y, color=color, detail="series:N", strokeDash=alt.StrokeDash("part:N", title=None),
+            tooltip=["arm", "run_id", "step", alt.Tooltip("loss:Q", format=".4f"), alt.Tooltip("x:Q", format=".3e")])]
+        m = mk[mk["panel"] == panel] if not mk.empty else mk
+        if not m.empty:
+            layers.append(alt.Chart(m).mark_point(shape="triangle-down", size=90, filled=True, stroke="black").encode(
+                x="x:Q", y="loss:Q", color=color,
+                tooltip=["arm", "step", "params_before", "params", alt.Tooltip("calib_loss_before:Q", format=".4f"),
+                         alt.Tooltip("calib_loss_after:Q", format=".4f"), alt.Tooltip("x:Q", format=".3e")]))
+        b = tb[tb["panel"] == panel]["budget"].dropna()
+        if len(b):
+            layers.append(alt.Chart(pd.DataFrame({"x": [float(b.iloc[0])]})).mark_rule(
+                color="gray", strokeDash=[4, 4]).encode(x="x:Q", tooltip=[alt.Tooltip("x:Q", title="budget B",
+                                                                                       format=".3e")]))
+        panels.append(alt.layer(*layers).properties(width=360, height=260, title=panel))
+    tb = tb.sort_values(["panel", "arm"], key=lambda s: s.map(_arm_key) if s.name == "arm"
+                        else s.map(panel_sort_key))
+    cols = ["final loss", "FLOPs spent", "/ budget", "prunes", "final params", "tokens/s after/before"]
+    long = tb.melt(id_vars=["panel", "arm"], value_vars=cols, var_name="column", value_name="text")
+    long["row"] = long["panel"] + ": " + long["arm"]
+    rows = list(dict.fromkeys(long["row"]))
+    text = alt.Chart(long).mark_text(align="left", dx=-40).encode(
+        x=alt.X("column:N", sort=cols, axis=alt.Axis(orient="top", labelAngle=0), title=None),
+        y=alt.Y("row:N", sort=rows, title=None), text="text:N",
+    ).properties(width=620, height=18 * len(rows), title=[
+        "final loss and FLOPs per arm (loss at the last eval); tokens/s: median training speed after the last prune",
+        "over the median before the first prune in the same run († over the panel's dense arm, another run)"])
+    chart = alt.vconcat(alt.hconcat(*panels), text).properties(
+        title={"text": "IPLT: prune early vs after training vs small from scratch, at equal FLOPs",
+               "subtitle": ["▼ = a prune event (one at step 0 is drawn at the first evaluation); dashed rule = the "
+                            "budget B every arm spends; classic's dashed segment = its full dense training"]})
+    return chart, len(df) + len(mk) + len(tb)
+
+
+def _recipe_text(spec: Any) -> str:
+    """A CPT run's LR recipe and blend switch, from its run.json (runs.config)."""
+    s = _json_col(spec) or {}
+    sc = s.get("schedule") or {}
+    txt = (f"{sc.get('kind', '?')} {float(sc.get('max_lr') or 0):.2g}→{float(sc.get('min_lr') or 0):.2g}, "
+           f"warmup {sc.get('warmup_steps', '?')}")
+    phases = (s.get("data") or {}).get("phases") or []
+    if len(phases) > 1:
+        txt += ", switch at step " + ", ".join(str(p.get("end_step")) for p in phases[:-1])
+    return txt
+
+
+def fig_variants(con: Any, study: str, mp: int) -> tuple[Any, int]:
+    """CPT recipe variants (config `variants`, e.g. the Reuse, Don't Retrain ablation): target and source
+    loss vs CPT tokens per variant, their LR schedules, and each variant's final losses side by side."""
+    import altair as alt
+
+    _need(con, "runs", ["run_id", "size", "init", "lang", "source_lang", "variant", "replay"])
+    _need(con, "evals", ["run_id", "step", "tokens", "lang", "loss"])
+    rcols = _columns(con, "runs")
+    no_arm = "and r.arm is null" if "arm" in rcols else ""
+    cfg = "r.config" if "config" in rcols else "null"
+    df = _df(con, f"""select e.run_id, r.size, coalesce(r.replay, 0) as replay,
+                             coalesce(r.variant, '(study recipe)') as variant, {cfg} as config, e.step, e.tokens,
+                             e.loss, case when e.lang = r.lang then 'target' else 'source' end as which
+                      from evals e join runs r on r.study = e.study and r.run_id = e.run_id
+                      where e.study = ? and r.init = 'cpt' {no_arm}
+                        and (e.lang = r.lang or e.lang = r.source_lang)""", [study])
+    if df.empty or (df["variant"] == "(study recipe)").all():
+        raise Missing("CPT recipe variants (config `variants`) with evals")
+    recipes = {rid: _recipe_text(c) for rid, c in df.groupby("run_id")["config"].first().items()}
+    df = df.drop(columns="config")
+    df["recipe"] = df["run_id"].map(recipes)
+    many = df[["size", "replay"]].drop_duplicates().shape[0] > 1
+    df["label"] = df["variant"] + (" (" + df["size"] + ", r" + df["replay"].map("{:g}".format) + ")" if many else "")
+    df["series"] = df["run_id"] + ":" + df["which"]
+    df = _downsample(df, "series", "step", mp)
+    order = sorted(set(df["label"]), key=lambda v: (not v.startswith("(study recipe)"), v))
+    color = alt.Color("label:N", sort=order, title="CPT recipe", scale=alt.Scale(scheme="tableau20"))
+    sel = alt.selection_point(fields=["label"], bind="legend")
+    op = alt.condition(sel, alt.value(0.9), alt.value(0.1))
+    curves, finals = [], []
+    last = df.sort_values("step").groupby(["run_id", "which"]).tail(1)
+    for which in ("target", "source"):
+        d = df[(df["which"] == which) & (df["tokens"] > 0)]  # log axis: the loaded source model is step 0
+        if d.empty:
+            continue
+        c = alt.Chart(d).mark_line(point=alt.OverlayMarkDef(size=10)).encode(
+            x=alt.X("tokens:Q", title="CPT tokens", scale=alt.Scale(type="log"), axis=alt.Axis(format="~s")),
+            y=alt.Y("loss:Q", scale=alt.Scale(zero=False), title=f"{which} loss"),
+            color=color, detail="run_id:N", opacity=op,
+            tooltip=["run_id", "label", "recipe", "step", alt.Tooltip("loss:Q", format=".4f")],
+        ).properties(width=300, height=230, title=f"{which}-language loss")
+        curves.append(c if curves else c.add_params(sel))  # one legend selection drives every view
+        finals.append(alt.Chart(last[last["which"] == which]).mark_point(filled=True, size=80).encode(
+            x=alt.X("loss:Q", scale=alt.Scale(zero=False), title=f"final {which} loss"),
+            y=alt.Y("label:N", sort=order, title=None), color=color,
+            tooltip=["run_id", "label", "recipe", alt.Tooltip("loss:Q", format=".4f")],
+        ).properties(width=200, height=max(120, 22 * len(order)), title=f"final {which} loss per recipe"))
+    rows = [alt.hconcat(*curves)]
+    bottom = list(finals)
+    n_lr = 0
+    if "lr" in _columns(con, "train_metrics"):
+        lr = _df(con, "select run_id, step, lr from train_metrics where study = ? and list_contains(?, run_id) "
+                      "and lr is not null", [study, sorted(set(df["run_id"]))])
+        if not lr.empty:
+            lr["label"] = lr["run_id"].map(df.groupby("run_id")["label"].first())
+            lr = _downsample(lr, "run_id", "step", min(mp, 150))
+            n_lr = len(lr)
+            bottom.append(alt.Chart(lr).mark_line(strokeWidth=1.5).encode(
+                x=alt.X("step:Q"), y=alt.Y("lr:Q", axis=alt.Axis(format=".1e"), title="LR"), color=color,
+                detail="run_id:N", opacity=op, tooltip=["run_id", "label", "step", alt.Tooltip("lr:Q", format=".2e")],
+            ).properties(width=260, height=max(120, 22 * len(order)), title="LR schedule per recipe"))
+    rows.append(alt.hconcat(*bottom))
+    chart = alt.vconcat(*rows).properties(title={
+        "text": "CPT recipes: warmup, minimum LR, blend switch (Reuse, Don't Retrain ablation)",
+        "subtitle": ["one colour per recipe variant (config `variants`); legend entries select a recipe"]})
+    return chart, len(df) + len(last) + n_lr
+
+
+def fig_next_run(con: Any, study: str, mp: int) -> tuple[Any, int]:
+    """The fit's suggested compute-optimal next run: observed vs predicted loss with the bootstrap interval."""
+    import altair as alt
+    import pandas as pd
+
+    _need(con, "predictions", ["fit_id", "row_kind", "predicted_loss", "observed_loss"])
+    have = _columns(con, "predictions")
+    cols = [c for c in ("run_id", "N", "D", "C", "extra") if c in have]
+    df = _df(con, f"""select fit_id, predicted_loss, observed_loss{''.join(', "' + c + '"' for c in cols)}
+                      from predictions where study = ? and row_kind = 'comparison'
+                        and predicted_loss is not null and observed_loss is not null""", [study])
+    if df.empty:
+        raise Missing("the suggested next run's check (fit.next_run_budget: fits/next-<lang>.json)")
+    ex = [_json_col(x) or {} for x in df["extra"]] if "extra" in df else [{}] * len(df)
+    df["lo"] = [e.get("predicted_loss_lo") for e in ex]
+    df["hi"] = [e.get("predicted_loss_hi") for e in ex]
+    df = df.drop(columns=[c for c in ("extra",) if c in df])
+    df["rel_err"] = (df["observed_loss"] - df["predicted_loss"]).abs() / df["observed_loss"]
+    sub = []
+    for r in df.itertuples():
+        iv = (f" [{r.lo:.4f}, {r.hi:.4f}]" if r.lo is not None and r.hi is not None and not pd.isna(r.lo) else "")
+        inside = ("" if not iv else (", inside the interval" if r.lo <= r.observed_loss <= r.hi
+                                     else ", outside the interval"))
+        sub.append(f"{r.fit_id}: predicted {r.predicted_loss:.4f}{iv}, observed {r.observed_loss:.4f} "
+                   f"(relative error {r.rel_err:.2%}{inside})")
+    vals = [v for c in ("predicted_loss", "observed_loss", "lo", "hi") for v in df[c].dropna().astype(float)]
+    pad = 0.05 * (max(vals) - min(vals) or 0.1)
+    dom = [min(vals) - pad, max(vals) + pad]
+    x = alt.X("predicted_loss:Q", scale=alt.Scale(domain=dom, zero=False), title="predicted loss")
+    tip = ["fit_id", *(["run_id"] if "run_id" in df else []), alt.Tooltip("predicted_loss:Q", format=".4f"),
+           alt.Tooltip("observed_loss:Q", format=".4f"), alt.Tooltip("rel_err:Q", format=".2%")]
+    tip += [alt.Tooltip(f"{c}:Q", format=".3g") for c in ("N", "D", "C") if c in df]
+    layers = [
+        alt.Chart(pd.DataFrame({"a": dom})).mark_line(color="gray", strokeDash=[4, 4]).encode(
+            x=alt.X("a:Q", scale=alt.Scale(domain=dom)), y=alt.Y("a:Q", scale=alt.Scale(domain=dom))),
+        alt.Chart(df).mark_point(filled=True, size=90).encode(
+            x=x, y=alt.Y("observed_loss:Q", scale=alt.Scale(domain=dom, zero=False), title="observed loss"),
+            color="fit_id:N", tooltip=tip),
+    ]
+    band = df.dropna(subset=["lo", "hi"])
+    if not band.empty:  # the rule spans the interval; ticks mark its ends (visible when it is narrow)
+        layers.insert(1, alt.Chart(band).mark_rule(strokeWidth=2).encode(
+            x="lo:Q", x2="hi:Q", y="observed_loss:Q", color="fit_id:N"))
+        ends = band.melt(id_vars=["fit_id", "observed_loss"], value_vars=["lo", "hi"], value_name="end")
+        layers.insert(2, alt.Chart(ends).mark_tick(orient="vertical", thickness=2, size=14).encode(
+            x="end:Q", y="observed_loss:Q", color="fit_id:N",
+            tooltip=["fit_id", "variable", alt.Tooltip("end:Q", format=".4f")]))
+    chart = alt.layer(*layers).properties(width=300, height=260, title={
+        "text": "Next run: the scratch law's compute-optimal suggestion, trained",
+        "subtitle": [*sub, "point: prediction at the trained N, D; bar: bootstrap interval at the suggested N, D",
+                     "(the trained shape is the nearest ladder shape); dashed: observed = predicted"]})
+    return chart, len(df)
+
+
 BUILDERS: dict[str, Callable[[Any, str, int], tuple[Any, int]]] = {
     "loss_compute": fig_loss_compute,
     "transfer": fig_transfer,
@@ -673,6 +958,9 @@ BUILDERS: dict[str, Callable[[Any, str, int], tuple[Any, int]]] = {
     "health_lr": fig_health_lr,
     "blend": fig_blend,
     "fertility": fig_fertility,
+    "iplt": fig_iplt,
+    "variants": fig_variants,
+    "next_run": fig_next_run,
 }
 
 

@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cptscale.transfer import flops_6nd, forgetting, run_compute
+from cptscale.transfer import flops_6nd, flops_at_step, forgetting, run_compute
 from cptscale.util import file_hash, read_json, stable_hash
 
-SCHEMA_VERSION = 1
+#: 2: runs gained the IPLT arm, the trainer's FLOPs and the prune events (cptscale.iplt, cptscale.prune)
+SCHEMA_VERSION = 2
 
 #: table -> column DDL. Names are a contract with the report and fit stages.
 SCHEMA: dict[str, str] = {
@@ -49,6 +50,8 @@ SCHEMA: dict[str, str] = {
         wall_s DOUBLE, status VARCHAR, flops_6nd DOUBLE, flops_6nd_nonemb DOUBLE, flops_exact DOUBLE,
         flops_exact_nonemb DOUBLE, out_dir VARCHAR, config_hash VARCHAR, git_commit VARCHAR, git_dirty BOOLEAN,
         packages JSON, input_hashes JSON, file_hashes JSON, config JSON, blend JSON, ingested_at TIMESTAMP,
+        arm VARCHAR, arm_panel VARCHAR, iplt JSON, flops_spent DOUBLE, flops_spent_6nd DOUBLE,
+        flops_inherited DOUBLE, final_params BIGINT, final_shape JSON, prune JSON,
         PRIMARY KEY (study, run_id)""",
     "checkpoints": """study VARCHAR, run_id VARCHAR, kind VARCHAR, step BIGINT, path VARCHAR, config_hash VARCHAR""",
     "train_metrics": """study VARCHAR, run_id VARCHAR, step BIGINT, tokens BIGINT, loss DOUBLE, lr DOUBLE,
@@ -82,7 +85,15 @@ SCHEMA: dict[str, str] = {
 }
 RUN_TABLES = ("runs", "checkpoints", "train_metrics", "evals", "blend_realizations", "transfer", "forgetting")
 TABLES = tuple(t for t in SCHEMA if t not in ("ingest_log", "meta"))
-RUN_FILES = ("run.json", "metrics.jsonl", "evals.jsonl", "done.json", "blend.json", "transfer.json")
+RUN_FILES = ("run.json", "metrics.jsonl", "evals.jsonl", "done.json", "blend.json", "transfer.json", "prune.jsonl")
+
+#: Columns added after schema version 1, by table: an older database gains them on the next ingest
+#: (and every run is re-ingested once, so the new columns are filled for old runs too).
+ADDED_COLUMNS: dict[str, dict[str, str]] = {
+    "runs": {"arm": "VARCHAR", "arm_panel": "VARCHAR", "iplt": "JSON", "flops_spent": "DOUBLE",
+             "flops_spent_6nd": "DOUBLE", "flops_inherited": "DOUBLE", "final_params": "BIGINT",
+             "final_shape": "JSON", "prune": "JSON"},
+}
 
 
 class BadInput(Exception):
@@ -204,6 +215,21 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
     comp = run_compute(spec) if "shape" in spec else {}
     fpt = comp.get("flops_per_token")
     params = comp.get("params", spec.get("params"))
+    pruned = bool((spec.get("prune") or {}).get("events"))
+    tps = int(spec.get("global_batch_size") or 0) * int(spec.get("seq_length") or 0)
+
+    def eval_flops(e: dict[str, Any]) -> tuple[float | None, float | None]:
+        """FLOPs at an eval: the trainer's own count when it wrote one (exact after a prune), else the
+        count from the spec's shape(s) at that step."""
+        if e.get("flops") is not None:
+            return float(e["flops"]), (float(e["flops_6nd"]) if e.get("flops_6nd") is not None else None)
+        if e.get("tokens") is None:
+            return None, None
+        if pruned and tps:
+            f = flops_at_step(spec, int(e["step"]))
+            return f["flops_exact"], f["flops_6nd"]
+        return (fpt * e["tokens"] if fpt is not None else None,
+                flops_6nd(params, e["tokens"]) if params else None)
     key = {"study": study, "run_id": rid, "config_hash": chash}
     out: dict[str, Any] = {}
 
@@ -227,10 +253,8 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
         out["evals"] = [
             {**key, "step": int(e["step"]), "tokens": e.get("tokens"), "lang": e["lang"], "loss": e["loss"],
              "ppl": e.get("ppl", math.exp(min(e["loss"], 700))), "bpb": e.get("bpb"),
-             "n_tokens": e.get("n_tokens"),
-             "flops": fpt * e["tokens"] if fpt is not None and e.get("tokens") is not None else None,
-             "flops_6nd": flops_6nd(params, e["tokens"]) if params and e.get("tokens") is not None else None}
-            for e in ev_rows
+             "n_tokens": e.get("n_tokens"), "flops": fl, "flops_6nd": f6}
+            for e in ev_rows for fl, f6 in [eval_flops(e)]
         ]
 
     # blend realization
@@ -292,6 +316,18 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
                 ck.append({**key, "kind": "saved", "step": int(m.group(1)), "path": str(p)})
     out["checkpoints"] = ck
 
+    # prune events as the trainer recorded them (prune.jsonl; the units kept are left in the file)
+    prune_rows = None
+    if (run_dir / "prune.jsonl").exists():
+        prune_rows = [{k: v for k, v in r.items() if k != "kept"} for r in read_jsonl_rows(
+            run_dir / "prune.jsonl", ("step", "shape"), allow_partial=allow_partial, problems=problems)]
+    iplt = spec.get("iplt") or {}
+    d = done or {}
+    # the trainer's FLOPs (done.json) are the run's FLOPs; the spec's count stands in until it is done
+    if d.get("flops_spent") is not None:
+        comp = {**comp, "flops_exact": float(d["flops_spent"])}
+        if d.get("flops_spent_6nd") is not None:
+            comp["flops_6nd"] = float(d["flops_spent_6nd"])
     shape = spec.get("shape") or {}
     inputs = dict(prov.get("input_hashes") or {})
     out["runs"] = [{
@@ -312,6 +348,10 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
         "out_dir": spec.get("out_dir"), "git_commit": prov.get("git_commit"), "git_dirty": prov.get("git_dirty"),
         "packages": _j(prov.get("packages")), "input_hashes": _j(inputs), "file_hashes": None,
         "config": _j(spec), "blend": _j(blend), "ingested_at": _now(),
+        "arm": iplt.get("arm"), "arm_panel": iplt.get("panel"), "iplt": _j(iplt or None),
+        "flops_spent": d.get("flops_spent"), "flops_spent_6nd": d.get("flops_spent_6nd"),
+        "flops_inherited": iplt.get("flops_inherited"), "final_params": d.get("final_params"),
+        "final_shape": _j(d.get("final_shape")), "prune": _j(prune_rows),
     }]
     return out
 
@@ -448,8 +488,19 @@ def _fsync_dir(d: Path) -> None:
 
 
 def create_schema(con: Any) -> None:
+    """Create the tables; an older database gains the columns added since (ADDED_COLUMNS) and forgets
+    its ingest log, so the next ingest re-reads every run and fills them."""
+    old = None
+    if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'").fetchone()[0]:
+        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        old = int(row[0]) if row else None
     for t, cols in SCHEMA.items():
         con.execute(f"CREATE TABLE IF NOT EXISTS {t} ({cols})")
+    for t, cols in ADDED_COLUMNS.items():
+        for name, typ in cols.items():
+            con.execute(f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {name} {typ}")
+    if old is not None and old < SCHEMA_VERSION:
+        con.execute("DELETE FROM ingest_log")
     con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
 
 
@@ -657,20 +708,21 @@ def write_points_table(db: str | os.PathLike[str] | Any, study: str, out_csv: st
     source pre-training excluded, replay included; ``D_target = D·(1 - replay)``), C = 6·N·D.
     ``min_step_fraction`` drops the earliest evals (warm-up) of every run. Only runs in ``langs`` are
     written (default: the CPT target languages, so source-language scratch runs stay out of the fit;
-    every run when the study has no CPT runs).
+    every run when the study has no CPT runs). IPLT arms (``runs.arm``) change shape mid-run and are left
+    out: they are compared with each other (report figure ``iplt``), not fitted.
     """
     from cptscale.util import atomic_path
 
     con = connect(db) if isinstance(db, str | os.PathLike) else db
     if langs is None:  # the target languages of the study's CPT runs; the source runs are not fitted
         langs = [r[0] for r in con.execute(
-            "SELECT DISTINCT lang FROM runs WHERE study = ? AND init = 'cpt'", [study]).fetchall()]
+            "SELECT DISTINCT lang FROM runs WHERE study = ? AND init = 'cpt' AND arm IS NULL", [study]).fetchall()]
     df = con.execute(
         """SELECT e.run_id AS run, r.params::DOUBLE AS N, e.tokens::DOUBLE AS D, e.loss, r.init, r.lang, r.size,
                   coalesce(r.replay, 0.0) AS replay, 6.0 * r.params * e.tokens AS C, e.step,
                   e.tokens * (1 - coalesce(r.replay, 0.0)) AS D_target, r.params_nonemb AS params_nonemb
            FROM evals e JOIN runs r ON r.study = e.study AND r.run_id = e.run_id
-           WHERE e.study = ? AND e.lang = r.lang AND e.step > 0
+           WHERE e.study = ? AND e.lang = r.lang AND e.step > 0 AND r.arm IS NULL
              AND e.step >= ? * coalesce(r.steps, 0)
              AND (list_contains(?::VARCHAR[], r.lang) OR ? IS NULL)
            ORDER BY r.init, r.params, r.replay, e.run_id, e.step""",
@@ -682,7 +734,8 @@ def write_points_table(db: str | os.PathLike[str] | Any, study: str, out_csv: st
 
 
 def status_table(study_dir: str | os.PathLike[str], db: str | os.PathLike[str] | None = None) -> Any:
-    """Expected vs present runs and eval rows per size x init x replay (from the files, plus the DB)."""
+    """Expected vs present runs and eval rows per size x init x replay x variant (CPT recipe variants and
+    IPLT arms are their own rows), from the files, plus the DB."""
     import pandas as pd
 
     from cptscale.cli import CLIError
@@ -699,7 +752,8 @@ def status_table(study_dir: str | os.PathLike[str], db: str | os.PathLike[str] |
         if p.parent.name not in known:
             s = read_json(p)
             expected.append({"run_id": s["run_id"], "size": s.get("size"), "init": s.get("init"),
-                             "replay": s.get("replay"), "params": s.get("params"), "unplanned": True})
+                             "replay": s.get("replay"), "variant": s.get("variant"), "params": s.get("params"),
+                             "unplanned": True})
     if not expected:
         raise CLIError(f"{sdir}: no study.json and no runs; run `cptscale plan CONFIG --study-json "
                        f"{sdir}/study.json` first")
@@ -723,22 +777,23 @@ def status_table(study_dir: str | os.PathLike[str], db: str | os.PathLike[str] |
                 n_ev = sum(1 for line in fh if line.strip())
         recs.append({
             "size": e.get("size"), "params": e.get("params") or spec.get("params") or 0, "init": e.get("init"),
-            "replay": float(e.get("replay") or 0.0), "expected": 0 if e.get("unplanned") else 1,
+            "replay": float(e.get("replay") or 0.0), "variant": e.get("variant") or "",
+            "expected": 0 if e.get("unplanned") else 1,
             "done": int((d / "done.json").exists()),
             "partial": int((d / "run.json").exists() and not (d / "done.json").exists()
                            and (d / "metrics.jsonl").exists()),
             "evals": n_ev, "evals_expected": n_exp,
-            "transfer": int((d / "transfer.json").exists()) if e.get("init") == "cpt" else None,
+            "transfer": int((d / "transfer.json").exists()) if e.get("init") == "cpt" and not e.get("arm") else None,
             "in_db": int(e["run_id"] in in_db),
         })
     df = pd.DataFrame.from_records(recs)
-    g = (df.groupby(["params", "size", "init", "replay"], dropna=False)
+    g = (df.groupby(["params", "size", "init", "replay", "variant"], dropna=False)
          .agg(expected=("expected", "sum"), done=("done", "sum"), partial=("partial", "sum"),
               evals=("evals", "sum"), evals_expected=("evals_expected", "sum"),
               transfer=("transfer", "sum"), in_db=("in_db", "sum"))
-         .reset_index().sort_values(["params", "init", "replay"]).drop(columns="params"))
+         .reset_index().sort_values(["params", "init", "replay", "variant"]).drop(columns="params"))
     g["missing"] = (g["expected"] - g["done"] - g["partial"]).clip(lower=0)
-    return g[["size", "init", "replay", "expected", "done", "partial", "missing", "evals", "evals_expected",
+    return g[["size", "init", "replay", "variant", "expected", "done", "partial", "missing", "evals", "evals_expected",
               "transfer", "in_db"]]
 
 

@@ -100,6 +100,52 @@ def compute_saving(db: Path, study: str) -> dict[str, Any]:
     return {"per_run": per_run, "median_frac_saved": median}
 
 
+def arm_results(db: Path, study: str) -> dict[str, Any]:
+    """Final loss (training language, last evaluation) and FLOPs of every IPLT arm and of every CPT recipe
+    variant, from the store (empty lists when the study has none)."""
+    import duckdb
+
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        cols = {r[0] for r in con.execute(
+            "select column_name from information_schema.columns where table_name = 'runs'").fetchall()}
+        last = """with last as (select run_id, lang, max(step) as step from evals where study = ? group by 1, 2)
+                  select e.run_id, e.lang, e.loss, e.flops from evals e join last using (run_id, lang, step)
+                  where e.study = ?"""
+        arms, variants = [], []
+        if "arm" in cols:
+            for rid, arm, panel, loss, spent, iplt in con.execute(
+                    f"""select r.run_id, r.arm, r.arm_panel, l.loss, coalesce(r.flops_spent, l.flops), r.iplt
+                        from runs r join ({last}) l on l.run_id = r.run_id and l.lang = r.lang
+                        where r.study = ? and r.arm is not null order by r.arm_panel, r.run_id""",
+                    [study, study, study]).fetchall():
+                ip = json.loads(iplt) if isinstance(iplt, str) else (iplt or {})
+                total = float(spent or 0.0) + float(ip.get("flops_inherited") or 0.0)
+                budget = ip.get("budget_flops")
+                arms.append({"run_id": rid, "arm": arm, "panel": panel, "final_loss": loss, "flops": total,
+                             "budget_flops": budget, "flops_over_budget": total / budget if budget else None})
+        if "variant" in cols:
+            arm_filter = "and r.arm is null" if "arm" in cols else ""
+            for rid, variant, which, loss in con.execute(
+                    f"""select r.run_id, coalesce(r.variant, '(study recipe)'),
+                               case when l.lang = r.lang then 'target' else 'source' end, l.loss
+                        from runs r join ({last}) l on l.run_id = r.run_id
+                        where r.study = ? and r.init = 'cpt' {arm_filter}
+                          and (l.lang = r.lang or l.lang = r.source_lang) order by 1, 3 desc""",
+                    [study, study, study]).fetchall():
+                variants.append({"run_id": rid, "variant": variant, "which": which, "final_loss": loss})
+        if not any(v["variant"] != "(study recipe)" for v in variants):
+            variants = []
+        from cptscale.iplt import arm_sort_key, panel_sort_key
+
+        arms.sort(key=lambda a: (panel_sort_key(a["panel"]), arm_sort_key(a["arm"])))
+        return {"iplt": arms, "variants": variants}
+    except duckdb.Error as exc:
+        return {"iplt": [], "variants": [], "error": str(exc)}
+    finally:
+        con.close()
+
+
 def summarize(study_dir: Path, study: str) -> dict[str, Any]:
     fits_dir = study_dir / "fits"
     out: dict[str, Any] = {"study": study, "report": str(study_dir / "report" / "index.html")}
@@ -121,6 +167,8 @@ def summarize(study_dir: Path, study: str) -> dict[str, Any]:
     out["law_comparison"] = fsum.get("law_comparison") or []
     db = study_dir / "cptscale.duckdb"
     out["compute_saving"] = compute_saving(db, study) if db.exists() else {"error": f"{db} missing"}
+    if db.exists():
+        out.update({k: v for k, v in arm_results(db, study).items() if k in ("iplt", "variants")})
     return out
 
 
@@ -147,6 +195,19 @@ def format_summary(s: dict[str, Any]) -> str:
             lines.append(f"      {row['size']:>8} replay {row['replay']:<5g} saved {row['frac_saved']:.1%} of FLOPs")
     else:
         lines.append(f"  CPT compute saving: {cs.get('error', 'not available (no CPT run reached a scratch loss)')}")
+    if s.get("iplt"):
+        lines.append("  IPLT arms (final loss on the training language at equal FLOPs; FLOPs / budget):")
+        for a in s["iplt"]:
+            ratio = f"{a['flops_over_budget']:.4f}" if a.get("flops_over_budget") is not None else "?"
+            lines.append(f"      {a['panel']:>14} {a['arm']:<16} loss {_num(a['final_loss'], '.4f')}  "
+                         f"FLOPs {_num(a['flops'], '.4g')} ({ratio})")
+    if s.get("variants"):
+        lines.append("  CPT recipe variants (final loss, target / source):")
+        by: dict[str, dict[str, float]] = {}
+        for v in s["variants"]:
+            by.setdefault(f"{v['variant']} ({v['run_id']})", {})[v["which"]] = v["final_loss"]
+        for name, d in by.items():
+            lines.append(f"      {name}: {_num(d.get('target'), '.4f')} / {_num(d.get('source'), '.4f')}")
     return "\n".join(lines)
 
 

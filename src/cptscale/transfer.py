@@ -21,9 +21,12 @@ import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cptscale.ladder import ModelShape, padded_vocab
+
+if TYPE_CHECKING:
+    from cptscale.prune import PrunedShape
 
 Row = Mapping[str, Any]
 
@@ -35,7 +38,7 @@ def flops_6nd(params: float, tokens: float) -> float:
 
 
 def flops_per_token(
-    shape: ModelShape, vocab: int, seq_length: int, *, embeddings: bool = True, causal_half: bool = False
+    shape: ModelShape | PrunedShape, vocab: int, seq_length: int, *, embeddings: bool = True, causal_half: bool = False
 ) -> float:
     """Training FLOPs per token (forward + backward = 3 x forward); see :func:`flops_exact`."""
     d, L, hd = shape.hidden, shape.layers, shape.head_dim
@@ -52,7 +55,7 @@ def flops_per_token(
 
 
 def flops_exact(
-    shape: ModelShape,
+    shape: ModelShape | PrunedShape,
     vocab: int,
     seq_length: int,
     tokens: float,
@@ -85,22 +88,66 @@ def flops_exact(
     )
 
 
-def shape_from_spec(spec: Mapping[str, Any]) -> ModelShape:
-    """The :class:`ModelShape` recorded in a ``run.json`` (``shape`` object)."""
+def shape_from_spec(spec: Mapping[str, Any]) -> ModelShape | PrunedShape:
+    """The shape recorded in a ``run.json`` (``shape`` object): a :class:`ModelShape`, or a
+    :class:`cptscale.prune.PrunedShape` when ``shape.head_dim`` differs from hidden / heads (a pruned
+    shape keeps head_dim while heads shrink; both give the same FLOPs and parameter counts)."""
+    from cptscale.prune import PrunedShape
+
     s = spec["shape"]
+    hidden, heads = int(s["hidden"]), int(s["heads"])
+    hd = s.get("head_dim")
+    if hd is not None and (hidden % heads or int(hd) != hidden // heads):
+        return PrunedShape(hidden, int(s["layers"]), heads, int(s["ffn"]), s.get("kv_heads"), int(hd))
     return ModelShape(
         name=str(s.get("name", spec.get("size", "?"))),
-        hidden=int(s["hidden"]),
+        hidden=hidden,
         layers=int(s["layers"]),
-        heads=int(s["heads"]),
+        heads=heads,
         ffn=int(s["ffn"]),
         kv_heads=s.get("kv_heads"),
     )
 
 
+def _prune_segments(spec: Mapping[str, Any], steps: int) -> list[tuple[int, Any]] | None:
+    """(steps, shape) pieces of a run spec with prune events (None without): each event prunes at the
+    start of its step, as the trainer does."""
+    events = (spec.get("prune") or {}).get("events") or []
+    if not events:
+        return None
+    from cptscale.prune import PrunedShape, resolve_target
+
+    out, cur, prev = [], PrunedShape.from_dict(dict(spec["shape"])), 0
+    for ev in sorted(events, key=lambda e: int(e["step"])):
+        st = min(int(ev["step"]), steps)
+        out.append((st - prev, cur))
+        cur, prev = resolve_target(cur, ev["shape"]), st
+    out.append((steps - prev, cur))
+    return [(n, sh) for n, sh in out if n > 0]
+
+
+def flops_at_step(spec: Mapping[str, Any], step: int) -> dict[str, float]:
+    """Cumulative training FLOPs after ``step`` optimizer steps of a run spec, exact and 6ND, with and
+    without embeddings, shape by shape through its prune events (the trainer's count)."""
+    seq = int(spec["seq_length"])
+    tps = int(spec["global_batch_size"]) * seq
+    vocab = int(spec["vocab_size"])
+    pieces = _prune_segments(spec, step) or [(step, shape_from_spec(spec))]
+    out = dict.fromkeys(("flops_exact", "flops_exact_nonemb", "flops_6nd", "flops_6nd_nonemb"), 0.0)
+    for n, sh in pieces:
+        toks = float(n * tps)
+        out["flops_exact"] += flops_exact(sh, vocab, seq, toks)
+        out["flops_exact_nonemb"] += flops_exact(sh, vocab, seq, toks, embeddings=False)
+        out["flops_6nd"] += flops_6nd(sh.params(vocab), toks)
+        out["flops_6nd_nonemb"] += flops_6nd(sh.params(vocab, embeddings=False), toks)
+    return out
+
+
 def run_compute(spec: Mapping[str, Any], tokens: float | None = None) -> dict[str, float]:
     """All four compute figures for one run spec (tokens default to the planned tokens, else
-    steps x global batch x sequence length; params to the spec's, else counted from the shape)."""
+    steps x global batch x sequence length; params to the spec's, else counted from the shape).
+    A spec with prune events is counted shape by shape (:func:`flops_at_step`); its per-token
+    figures are then averages over the run."""
     shape = shape_from_spec(spec)
     vocab, seq = int(spec["vocab_size"]), int(spec["seq_length"])
     if tokens is None:
@@ -108,6 +155,12 @@ def run_compute(spec: Mapping[str, Any], tokens: float | None = None) -> dict[st
     toks = float(tokens)
     params = spec.get("params") or shape.params(vocab)
     params_ne = spec.get("params_nonemb") or shape.params(vocab, embeddings=False)
+    tps = int(spec.get("global_batch_size") or 0) * seq
+    if (spec.get("prune") or {}).get("events") and tps:
+        f = flops_at_step(spec, round(toks / tps))
+        return {"tokens": toks, "params": params, "params_nonemb": params_ne, **f,
+                "flops_per_token": f["flops_exact"] / toks if toks else 0.0,
+                "flops_per_token_nonemb": f["flops_exact_nonemb"] / toks if toks else 0.0}
     return {
         "tokens": toks, "params": params, "params_nonemb": params_ne,
         "flops_6nd": flops_6nd(params, toks),

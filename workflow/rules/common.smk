@@ -47,9 +47,12 @@ def train_resources():
 
 
 def run_world(wc):
-    """Ranks of a run (local scheduling counts them as threads); the next run uses the default layout."""
-    layout = CFG.layout(RUNS[wc.run].size) if wc.run in RUNS else CFG.parallel.default
-    return layout.world
+    """Ranks of a run (local scheduling counts them as threads), from its planned layout (IPLT arms use
+    the layout of the size they prune); the next run uses the default layout."""
+    if wc.run in RUNS:
+        r = RUNS[wc.run]
+        return r.tp * r.pp * r.dp
+    return CFG.parallel.default.world
 
 
 #: torch threads per rank
