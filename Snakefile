@@ -50,6 +50,20 @@ wildcard_constraints:
     lang="|".join(LANGS),
     run=_alternatives([*RUNS, *NEXT_RUNS]),
 
+# Bookkeeping rules that read and write small JSON/CSV files run where Snakemake runs, not as cluster
+# jobs (a SLURM job costs ~15 s of scheduling for a second of work).
+localrules:
+    all,
+    corpus_sources,
+    study_manifest,
+    run_spec,
+    next_run_spec,
+    next_run_check,
+    transfer,
+    points,
+    summary,
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"

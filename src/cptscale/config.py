@@ -343,7 +343,8 @@ class SlurmConfig(_Model):
     mem_gb_per_gpu: int = Field(64, ge=1)
     gpu_peak_flops: float = Field(989e12, gt=0, description="bf16 dense peak per GPU (H100: 989 TFLOP/s)")
     assumed_mfu: float = Field(0.3, gt=0, le=1, description="for runtime estimates")
-    cpu_flops_per_core: float = Field(2e9, gt=0, description="CPU-only runs: sustained training FLOP/s per core")
+    cpu_flops_per_core: float = Field(
+        2e10, gt=0, description="CPU-only runs: sustained 6ND FLOP/s per core (measured ~5e10 on tiny models)")
     runtime_overhead_minutes: int = Field(10, ge=0, description="added to each estimate (start-up, evals, saves)")
     min_runtime_minutes: int = Field(30, ge=1, description="floor of a training job's time limit (attempt 1)")
 

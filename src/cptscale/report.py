@@ -96,7 +96,15 @@ def _downsample(df: Any, key: str, order: str, max_points: int) -> Any:
 
 
 def _size_key(size: Any) -> float:
-    """Numeric order for size labels like '20M', '1.4B' (lexicographic order puts 1009M before 20M)."""
+    """Numeric order for size labels like '20M', '1.4B' (lexicographic order puts 1009M before 20M),
+    and ladder names like 'd64l3' (by their non-embedding parameter count)."""
+    from cptscale.ladder import get_shape
+
+    if re.fullmatch(r"d\d+l\d+", str(size)):
+        try:
+            return float(get_shape(str(size)).params(0, embeddings=False))
+        except (KeyError, ValueError):
+            pass
     m = re.match(r"\s*([0-9.]+)\s*([kKmMbBtT]?)", str(size))
     if not m:
         return math.inf
@@ -214,14 +222,21 @@ def fig_loss_compute(con: Any, study: str, mp: int) -> tuple[Any, int]:
     import pandas as pd
 
     _need(con, "evals", ["run_id", "tokens", "loss", "flops", "lang"])
-    _need(con, "runs", ["run_id", "size", "init", "lang"])
+    _need(con, "runs", ["run_id", "size", "init", "lang", "params"])
     rcols = _columns(con, "runs")
     rep = "coalesce(r.replay, 0)" if "replay" in rcols else "0"
+    nonemb = "r.params_nonemb" if "params_nonemb" in rcols else "null::bigint"
+    no_arm = "and r.arm is null" if "arm" in rcols else ""  # IPLT arms change shape mid-run: figure `iplt`
+    # the paper's Fig. 1 compares scratch and CPT in the target language: when the study has CPT runs,
+    # the source language's scratch runs (the CPT parents) stay out of the scratch panel
+    targets = """and (r.lang in (select lang from runs where study = e.study and init = 'cpt')
+                      or not exists (select 1 from runs where study = e.study and init = 'cpt'))"""
     df = _df(
         con,
-        f"""select e.run_id, r.size, r.init, e.tokens, e.loss, e.flops from evals e
+        f"""select e.run_id, r.size, r.init, e.tokens, e.loss, e.flops, {nonemb} as params_nonemb,
+                  r.params from evals e
             join runs r on r.study = e.study and r.run_id = e.run_id
-            where e.study = ? and e.lang = r.lang and {rep} = 0 and e.flops > 0""",
+            where e.study = ? and e.lang = r.lang and {rep} = 0 and e.flops > 0 {no_arm} {targets}""",
         [study],
     )
     if df.empty:
@@ -229,6 +244,11 @@ def fig_loss_compute(con: Any, study: str, mp: int) -> tuple[Any, int]:
     df = _downsample(df, "run_id", "tokens", mp)
     env_rows, titles = [], []
     fitted = {_fit_kind(f): f for f in _fits(con, study) if str(f.get("law")) == "envelope" and f.get("params")}
+    # the x axis is the fits' compute C = 6·N·D, with N counted as the fits counted it (fit-study --params)
+    sel_n = " ".join(str(((f.get("meta") or {}).get("selection") or {}).get("N", "")) for f in fitted.values())
+    nonemb_n = "non-embedding" in sel_n and df["params_nonemb"].notna().all()
+    df["flops"] = 6.0 * df["params_nonemb" if nonemb_n else "params"].astype(float) * df["tokens"].astype(float)
+    x_title = f"compute C = 6·N·D (N: {'non-embedding' if nonemb_n else 'all'} parameters)"
     for init, g in df.groupby("init"):
         ef = fitted.get(str(init))
         if ef is not None and {"k", "m"} <= set(ef["params"]):
@@ -252,7 +272,7 @@ def fig_loss_compute(con: Any, study: str, mp: int) -> tuple[Any, int]:
             titles.append(f"{init}: L = {math.exp(c0):.4g}·C^{k:.4f} (binned minima; no envelope fit)")
     sel = _size_sel(alt)
     base = alt.Chart().encode(  # no data of its own: inside the facet a layer with data is not faceted
-        x=alt.X("flops:Q", scale=alt.Scale(type="log"), title="training FLOPs"),
+        x=alt.X("flops:Q", scale=alt.Scale(type="log"), axis=alt.Axis(format=".0e"), title=x_title),
         y=alt.Y("loss:Q", scale=alt.Scale(zero=False), title="validation loss"),
     )
     lines = base.mark_line(point=alt.OverlayMarkDef(size=12)).encode(
@@ -288,20 +308,25 @@ def fig_transfer(con: Any, study: str, mp: int) -> tuple[Any, int]:
     _need(con, "transfer", ["run_id", "size", "tokens", "flops_saved", "effective_data_transferred"])
     have = _columns(con, "transfer")
     rep = "and coalesce(replay, 0) = 0" if "replay" in have else ""
+    frac = "frac_saved" if "frac_saved" in have else "null::double as frac_saved"
+    # step 0 (no CPT tokens yet) has nothing to compare and would break the log axis
     df = _df(
         con,
-        f"""select run_id, size, tokens, flops_saved, effective_data_transferred from transfer
-            where study = ? {rep}""",
+        f"""select run_id, size, tokens, flops_saved, {frac}, effective_data_transferred from transfer
+            where study = ? and tokens > 0 {rep}""",
         [study],
     )
     if df.empty:
         raise Missing("transfer rows (needs CPT and scratch runs of the same size)")
     df = _downsample(df, "run_id", "tokens", mp)
+    df["frac_saved"] = df["frac_saved"] * 100.0
+    df = df.rename(columns={"flops_saved": "FLOPs saved", "frac_saved": "FLOPs saved (%)",
+                            "effective_data_transferred": "effective data transferred (tokens)"})
     long = df.melt(
         id_vars=["run_id", "size", "tokens"],
-        value_vars=["flops_saved", "effective_data_transferred"],
+        value_vars=["FLOPs saved", "FLOPs saved (%)", "effective data transferred (tokens)"],
         var_name="metric",
-    )
+    ).dropna(subset=["value"])
     sel = _size_sel(alt)
     chart = (
         alt.Chart(long)
@@ -315,8 +340,9 @@ def fig_transfer(con: Any, study: str, mp: int) -> tuple[Any, int]:
             tooltip=["run_id", "size", "tokens", "metric", alt.Tooltip("value:Q", format=".4g")],
         )
         .add_params(sel)
-        .properties(width=340, height=240)
-        .facet(column=alt.Column("metric:N", title=None))
+        .properties(width=280, height=240)
+        .facet(column=alt.Column("metric:N", title=None,
+                                 sort=["FLOPs saved", "FLOPs saved (%)", "effective data transferred (tokens)"]))
         .resolve_scale(y="independent")
         .properties(title="FLOPs saved and effective data transferred (Fig. 2)")
         .interactive()
@@ -436,10 +462,11 @@ def fig_replay(con: Any, study: str, mp: int) -> tuple[Any, int]:
     df = _downsample(df, "series", "tokens", mp)
     sel = alt.selection_point(fields=["replay"], bind="legend")
     curves = (
-        alt.Chart(df)
+        alt.Chart(df[df["target_flops"] > 0])  # step 0 has no compute yet: off a log axis
         .mark_line(point=alt.OverlayMarkDef(size=10))
         .encode(
-            x=alt.X("target_flops:Q", scale=alt.Scale(type="log"), title="target-language FLOPs"),
+            x=alt.X("target_flops:Q", scale=alt.Scale(type="log"), axis=alt.Axis(format=".0e"),
+                    title="target-language FLOPs"),
             y=alt.Y("loss:Q", scale=alt.Scale(zero=False)),
             color=alt.Color("replay:O", scale=alt.Scale(scheme="plasma")),
             detail="run_id:N",
