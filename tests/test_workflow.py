@@ -21,6 +21,8 @@ def _dry_run(configfile: Path, *targets: str, timeout: int = 120) -> dict[str, i
         cwd=ROOT, capture_output=True, text=True, timeout=timeout,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    if "Nothing to be done" in out.stdout:
+        return {}
     stats = re.search(r"Job stats:\n(.*?)\n\n", out.stdout, re.S)
     assert stats, out.stdout[-2000:]
     counts = {}
