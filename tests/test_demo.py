@@ -67,6 +67,7 @@ def test_demo_killed_mid_training_resumes_and_finishes(tmp_path: Path) -> None:
     summary = json.loads((study / "summary.json").read_text())
     assert summary["fits"], summary
     _renders_in_chromium(study)
+    _snakemake_report_bundles(cfg, study, tmp_path / "report.zip")
 
     # The finished study answers partial re-runs from the config alone (dry runs, counting jobs):
     raw = yaml.safe_load(cfg.read_text())
@@ -93,6 +94,24 @@ def _dry_run(cfg: Path, raw: dict) -> dict[str, int]:
     counts.pop("total", None)
     counts.pop("all", None)
     return counts
+
+
+def _snakemake_report_bundles(cfg: Path, study: Path, out: Path) -> None:
+    """`snakemake --report report.zip`: the HTML report and every drawn figure, each with its caption."""
+    import zipfile
+
+    res = subprocess.run([str(ROOT / ".venv" / "bin" / "snakemake"), "--report", str(out), "--profile",
+                          "workflow/profiles/local", "--configfile", str(cfg)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    drawn = json.loads((study / "report" / "report.json").read_text())["drawn"]
+    with zipfile.ZipFile(out) as z:
+        names = z.namelist()
+        page = z.read(next(n for n in names if n.endswith("report.html"))).decode()
+    assert any(n.endswith("index.html") for n in names)
+    for fig in drawn:
+        assert any(n.endswith(f"{fig}.svg") for n in names), (fig, names)
+    assert "Validation loss on the target language vs training compute" in page  # a figure's caption
 
 
 def _renders_in_chromium(study: Path) -> None:
