@@ -1,8 +1,8 @@
 """Peak memory of the data stage on a large generated corpus (default 1 GB of text).
 
 Generates English-like and Chinese-like documents (no third-party text), then runs the real commands
-(`cptscale data ingest`, `cptscale data index`) as subprocesses and samples the peak PSS of each
-process tree every 50 ms. Memory must not grow with corpus size: compare with a smaller --mb.
+(`cptscale data ingest`, `cptscale data index`) as subprocesses and samples the peak RSS, PSS and
+USS of each process tree every 50 ms. Memory must not grow with corpus size: compare with a smaller --mb.
 
     .venv/bin/python bench/index_memory.py --mb 1000 --workers 2
     .venv/bin/python bench/index_memory.py --mb 100            # the same figure for 10x less text
@@ -42,19 +42,27 @@ def make_corpus(path: Path, mb: float, seed: int = 0) -> int:
     return i
 
 
-def peak_pss(cmd: list[str]) -> tuple[int, float]:
+def peak_memory(cmd: list[str]) -> tuple[dict[str, int], float]:
+    """Peak RSS, PSS and USS (bytes) of the command's process tree, sampled every 50 ms, and seconds.
+    RSS counts shared library pages once per process; PSS shares them out; USS is private memory."""
     import psutil
 
     t0 = time.perf_counter()
     proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
+    peak = {"rss": 0, "pss": 0, "uss": 0}
     while proc.poll() is None:
         with contextlib.suppress(psutil.Error):
-            peak = max(peak, sum(p.memory_full_info().pss for p in [proc, *proc.children(recursive=True)]))
+            infos = [p.memory_full_info() for p in [proc, *proc.children(recursive=True)]]
+            for k in peak:
+                peak[k] = max(peak[k], sum(getattr(i, k) for i in infos))
         time.sleep(0.05)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()[-3000:]}")
     return peak, time.perf_counter() - t0
+
+
+def _mib(peak: dict[str, int]) -> str:
+    return ", ".join(f"{k.upper()} {v / 2**20:.0f} MiB" for k, v in peak.items())
 
 
 def main() -> None:
@@ -74,7 +82,7 @@ def main() -> None:
         src.write_text(json.dumps([{"name": "gen", "kind": "local", "paths": [str(corpus)], "format": "jsonl"}]))
         exe = [sys.executable, "-m", "cptscale.cli", "data"]
         docs = root / "xx" / "docs.parquet"
-        pk_ing, s_ing = peak_pss([*exe, "ingest", "--lang", "xx", "--sources-json", str(src), "--out", str(docs),
+        pk_ing, s_ing = peak_memory([*exe, "ingest", "--lang", "xx", "--sources-json", str(src), "--out", str(docs),
                                   "--no-progress"])
         sample = root / "sample" / "docs.parquet"  # the tokenizer trains on a small sample (as in studies)
         small = root / "small.jsonl"
@@ -88,13 +96,13 @@ def main() -> None:
         tok = root / "tok" / "tokenizer.json"
         subprocess.run([*exe, "tokenizer", "--docs", str(sample), "--vocab-size", "4096", "--valid-tokens", "0",
                         "--out", str(tok), "--no-progress"], check=True, capture_output=True)
-        pk_idx, s_idx = peak_pss([*exe, "index", "--lang", "xx", "--docs", str(docs), "--tokenizer", str(tok),
+        pk_idx, s_idx = peak_memory([*exe, "index", "--lang", "xx", "--docs", str(docs), "--tokenizer", str(tok),
                                   "--valid-tokens", "1000000", "--out-dir", str(docs.parent), "--workers",
                                   str(a.workers), "--no-progress"])
         manifest = json.loads((docs.parent / "data.json").read_text())
         mb = manifest["train"]["bytes"] / 1e6
-        print(f"ingest: peak PSS {pk_ing / 2**20:.0f} MiB, {s_ing:.0f} s")
-        print(f"index ({a.workers} workers): peak PSS {pk_idx / 2**20:.0f} MiB (process tree), {s_idx:.0f} s, "
+        print(f"ingest: peak {_mib(pk_ing)}, {s_ing:.0f} s")
+        print(f"index ({a.workers} workers, process tree): peak {_mib(pk_idx)}, {s_idx:.0f} s, "
               f"{mb / s_idx:.1f} MB/s, {manifest['train']['tokens']:,} train tokens")
     finally:
         if not a.keep:
