@@ -11,6 +11,7 @@ cd "$(dirname "$0")"
 VENV=${CPTSCALE_VENV:-.venv}
 PY=${PYTHON:-python3}
 STAMP="$VENV/.cptscale-setup"
+TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 
 log() { printf '\033[1m[cptscale]\033[0m %s\n' "$*" >&2; }
 
@@ -28,6 +29,38 @@ apt_install() {
     || { log "could not install ${missing[*]} (not root?); tests that need them will be skipped"; return 1; }
 }
 
+has_nvidia_gpu() { command -v nvidia-smi >/dev/null 2>&1 || [ -e /proc/driver/nvidia ] || [ -e /dev/nvidia0 ]; }
+
+index_reachable() {
+  # One HEAD request with a 5 s timeout, no retries (a machine without internet answers at once or times out).
+  "$VENV/bin/python" -c 'import sys, urllib.request as u; u.urlopen(u.Request(sys.argv[1], method="HEAD"), timeout=5)' \
+    "$1" >/dev/null 2>&1
+}
+
+install_torch() {
+  # torch before the lock, so that the lock's `torch==X` is already satisfied by the wheel chosen here:
+  #   CPTSCALE_TORCH_INDEX set     -> that index (e.g. a CUDA or CPU wheel index);
+  #   an NVIDIA GPU (driver seen)  -> PyPI's default build (CUDA);
+  #   no NVIDIA GPU                -> PyTorch's CPU wheel index (~200 MB instead of several GB of CUDA
+  #                                   libraries; its dependencies come from the lock), tried once with a short
+  #                                   timeout and no retries; if that index cannot be reached, plain
+  #                                   `pip install torch==X` (PyPI's default build, or what pip's own
+  #                                   configuration provides, e.g. a local wheel directory).
+  # A torch==X already installed satisfies every branch without any download (idempotent).
+  local version=$1 pip="$VENV/bin/pip"
+  if [ -n "${CPTSCALE_TORCH_INDEX:-}" ]; then
+    "$pip" install -q "torch==$version" --index-url "$CPTSCALE_TORCH_INDEX"
+  elif has_nvidia_gpu; then
+    "$pip" install -q "torch==$version"
+  elif index_reachable "$TORCH_CPU_INDEX/torch/" \
+      && "$pip" install -q --no-deps --timeout 10 --retries 0 --index-url "$TORCH_CPU_INDEX" "torch==$version"; then
+    log "no NVIDIA GPU: CPU build of torch $version (from $TORCH_CPU_INDEX)"
+  else
+    log "no NVIDIA GPU and $TORCH_CPU_INDEX unreachable: torch $version from pip's default sources"
+    "$pip" install -q "torch==$version"
+  fi
+}
+
 setup() {
   "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' \
     || { log "Python 3.11 is required (found $("$PY" --version 2>&1))"; exit 1; }
@@ -39,9 +72,7 @@ setup() {
   if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
     log "installing pinned Python dependencies into $VENV (first run: a few minutes)"
     "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-    # torch first: a CPU-only machine gets the CPU wheel when CPTSCALE_TORCH_INDEX points at a CPU wheel index.
-    "$VENV/bin/pip" install -q "torch==$(sed -n 's/^torch==//p' requirements.lock)" \
-      ${CPTSCALE_TORCH_INDEX:+--index-url "$CPTSCALE_TORCH_INDEX"}
+    install_torch "$(sed -n 's/^torch==//p' requirements.lock)"
     "$VENV/bin/pip" install -q -r requirements.lock
     "$VENV/bin/pip" install -q --no-deps -e .
     echo "$want" > "$STAMP"

@@ -1,11 +1,14 @@
 """Peak memory of the data stage on a large generated corpus (default 1 GB of text).
 
 Generates English-like and Chinese-like documents (no third-party text), then runs the real commands
-(`cptscale data ingest`, `cptscale data index`) as subprocesses and samples the peak RSS, PSS and
-USS of each process tree every 50 ms. Memory must not grow with corpus size: compare with a smaller --mb.
+(`cptscale data ingest`, `cptscale data index`) as subprocesses and samples the peak RSS, PSS, USS and
+anonymous memory of each process tree every 50 ms. Memory must not grow with corpus size: compare with a
+smaller --mb. RSS/PSS/USS include library pages (torch), whose sharing with other processes moves them
+by tens of MB; anonymous memory (heap, arrays, Arrow buffers) is what the data held costs.
 
     .venv/bin/python bench/index_memory.py --mb 1000 --workers 2
     .venv/bin/python bench/index_memory.py --mb 100            # the same figure for 10x less text
+    .venv/bin/python bench/index_memory.py --mb 100 --short    # ~100-byte documents: per-document state
 """
 
 from __future__ import annotations
@@ -24,14 +27,19 @@ from pathlib import Path
 HAN = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
 
 
-def make_corpus(path: Path, mb: float, seed: int = 0) -> int:
-    """JSONL of documents of 2-20 KB, two thirds English-like, one third Chinese-like."""
+def make_corpus(path: Path, mb: float, seed: int = 0, short: bool = False) -> int:
+    """JSONL of documents of 2-20 KB (``short``: 60-140 bytes), two thirds English-like, one third
+    Chinese-like."""
     r = random.Random(seed)
     words = ["".join(r.choice("etaoinshrdlucmfwypvbgkjqxz") for _ in range(r.randint(1, 9))) for _ in range(20000)]
     target, written, i = int(mb * 1e6), 0, 0
     with open(path, "w", encoding="utf-8") as fh:
         while written < target:
-            if i % 3 == 2:
+            if short and i % 3 == 2:
+                body = "，".join("".join(r.choices(HAN, k=r.randint(4, 8))) for _ in range(r.randint(2, 4))) + "。"
+            elif short:
+                body = " ".join(r.choices(words, k=r.randint(10, 25))) + "."
+            elif i % 3 == 2:
                 body = "，".join("".join(r.choices(HAN, k=r.randint(4, 20))) for _ in range(r.randint(60, 600))) + "。"
             else:
                 body = " ".join(r.choices(words, k=r.randint(400, 3500))) + "."
@@ -42,19 +50,31 @@ def make_corpus(path: Path, mb: float, seed: int = 0) -> int:
     return i
 
 
+def _anon(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("Anonymous:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def peak_memory(cmd: list[str]) -> tuple[dict[str, int], float]:
-    """Peak RSS, PSS and USS (bytes) of the command's process tree, sampled every 50 ms, and seconds.
-    RSS counts shared library pages once per process; PSS shares them out; USS is private memory."""
+    """Peak RSS, PSS, USS and anonymous memory (bytes) of the command's process tree, sampled every 50 ms,
+    and seconds. RSS counts shared library pages once per process; PSS shares them out; USS is private
+    memory; anon is heap and arrays only."""
     import psutil
 
     t0 = time.perf_counter()
     proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = {"rss": 0, "pss": 0, "uss": 0}
+    peak = {"rss": 0, "pss": 0, "uss": 0, "anon": 0}
     while proc.poll() is None:
-        with contextlib.suppress(psutil.Error):
-            infos = [p.memory_full_info() for p in [proc, *proc.children(recursive=True)]]
-            for k in peak:
-                peak[k] = max(peak[k], sum(getattr(i, k) for i in infos))
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.cmdline() == cmd:  # after exec: before it, the child still maps this process's memory
+                procs = [proc, *proc.children(recursive=True)]
+                infos = [p.memory_full_info() for p in procs]
+                for k in ("rss", "pss", "uss"):
+                    peak[k] = max(peak[k], sum(getattr(i, k) for i in infos))
+                peak["anon"] = max(peak["anon"], sum(_anon(p.pid) for p in procs))
         time.sleep(0.05)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()[-3000:]}")
@@ -70,13 +90,14 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=1000.0, help="MB of UTF-8 text to generate")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", help="work in this folder and keep it (default: a temp dir, removed)")
+    ap.add_argument("--short", action="store_true", help="~100-byte documents (many documents per MB)")
     a = ap.parse_args()
     root = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="cptscale-mem-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
         corpus = root / "corpus.jsonl"
         t = time.perf_counter()
-        n_docs = make_corpus(corpus, a.mb)
+        n_docs = make_corpus(corpus, a.mb, short=a.short)
         print(f"generated {corpus.stat().st_size / 1e6:.0f} MB, {n_docs:,} documents in {time.perf_counter() - t:.0f} s")
         src = root / "sources.json"
         src.write_text(json.dumps([{"name": "gen", "kind": "local", "paths": [str(corpus)], "format": "jsonl"}]))
@@ -87,8 +108,12 @@ def main() -> None:
         sample = root / "sample" / "docs.parquet"  # the tokenizer trains on a small sample (as in studies)
         small = root / "small.jsonl"
         with open(corpus, encoding="utf-8") as fin, open(small, "w", encoding="utf-8") as fout:
-            for _, line in zip(range(300), fin, strict=False):
+            size = 0
+            for line in fin:  # the first ~3 MB
                 fout.write(line)
+                size += len(line)
+                if size > 3_000_000:
+                    break
         src2 = root / "sources2.json"
         src2.write_text(json.dumps([{"name": "gen", "kind": "local", "paths": [str(small)], "format": "jsonl"}]))
         subprocess.run([*exe, "ingest", "--lang", "xx", "--sources-json", str(src2), "--out", str(sample),
@@ -101,7 +126,7 @@ def main() -> None:
                                   str(a.workers), "--no-progress"])
         manifest = json.loads((docs.parent / "data.json").read_text())
         mb = manifest["train"]["bytes"] / 1e6
-        print(f"ingest: peak {_mib(pk_ing)}, {s_ing:.0f} s")
+        print(f"ingest: peak {_mib(pk_ing)}, {s_ing:.0f} s, {manifest['ingest']['docs']:,} documents kept")
         print(f"index ({a.workers} workers, process tree): peak {_mib(pk_idx)}, {s_idx:.0f} s, "
               f"{mb / s_idx:.1f} MB/s, {manifest['train']['tokens']:,} train tokens")
     finally:

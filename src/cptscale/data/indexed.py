@@ -7,85 +7,104 @@ input order; a document is in exactly one set. The tokenizer sample is drawn fro
 hash order (see :mod:`cptscale.data.tokenizer`), and the manifest reports any overlap with it.
 
 Indexing streams the docs store in row groups, tokenizes batches in ``workers`` processes (ordered, with a
-bounded number of batches in flight, so peak memory does not grow with corpus size) and writes through
-``IndexedDatasetBuilder`` to temp files, renamed ``.bin`` then ``.idx`` once complete.
+bounded number of batches in flight) and writes through Megatron-Core's ``IndexedDatasetBuilder`` (a
+subclass that appends whole batches and streams the ``.idx``) to temp files, renamed ``.bin`` then ``.idx``
+once complete. Per-corpus training splits (``train.<corpus>``, for ``lang/corpus`` blend keys) are written
+in the same pass.
+
+Memory per document: the split keeps only the validation prefix (:func:`cptscale.data.keys.hash_prefix`)
+and its boundary key; each dataset being written keeps one int32 length per document (4 B/doc; the stock
+builder keeps two Python lists, ~70 B/doc, and builds a third at finalize). Everything else is bounded by
+a row group and the batches in flight.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import multiprocessing as mp
 import os
+import struct
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from cptscale.data.ingest import check_enough_text
+from cptscale.data.keys import hash_prefix, iter_keyed_batches, key_hex
 from cptscale.data.sources import SourceError
 from cptscale.data.tokenizer import RESERVE_BYTES_PER_TOKEN, Tokenizer
 from cptscale.util import file_hash, provenance, read_json, write_json
 
 BATCH_DOCS = 256
 BATCH_BYTES = 1 << 20
+T = TypeVar("T")
 
 # ----------------------------------------------------------------------------------------------------
 # tokenization workers
 
 _TOK: Tokenizer | None = None
 
+#: one encoded batch: token ids with EOD after each document, per-document token counts, chars and bytes
+Encoded = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
 
 def _init_worker(path: str) -> None:
     global _TOK
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
+    if mp.parent_process() is not None:  # a worker process: bounded like the command that started it
+        from cptscale.data.keys import bound_heap_growth
+
+        bound_heap_growth()
     _TOK = Tokenizer(path)
 
 
-def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Token ids of a batch with EOD after each document, per-document lengths, chars, bytes."""
+def _encode(texts: list[str]) -> Encoded:
+    """Token ids of a batch with EOD after each document, and per-document tokens (EOD included), chars, bytes."""
     assert _TOK is not None
     encs = _TOK.hf.encode_batch_fast(texts, add_special_tokens=False)  # no offsets: faster
-    eod = _TOK.eod
-    parts: list[list[int]] = []
-    lengths = np.empty(len(texts), dtype=np.int64)
-    for i, e in enumerate(encs):
-        ids = e.ids
-        ids.append(eod)
-        parts.append(ids)
-        lengths[i] = len(ids)
-    flat = np.array(list(chain.from_iterable(parts)), dtype=_TOK.dtype)
-    n_chars = sum(len(t) for t in texts)
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return flat, lengths, n_chars, n_bytes
+    eod = [_TOK.eod]
+    ids = [e.ids for e in encs]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
+    flat = np.fromiter(chain.from_iterable(chain.from_iterable((i, eod) for i in ids)), dtype=_TOK.dtype,
+                       count=int(lengths.sum()))
+    chars = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    nbytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
+    return flat, lengths, chars, nbytes
 
 
-def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
+def _batches(items: Iterable[tuple[str, int]]) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Group (text, tag) items into batches of at most BATCH_DOCS documents / about BATCH_BYTES chars."""
+    texts: list[str] = []
+    tags: list[int] = []
     size = 0
-    for t in texts:
-        batch.append(t)
+    for t, g in items:
+        texts.append(t)
+        tags.append(g)
         size += len(t)
-        if len(batch) >= BATCH_DOCS or size >= BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+        if len(texts) >= BATCH_DOCS or size >= BATCH_BYTES:
+            yield texts, np.asarray(tags, dtype=np.int32)
+            texts, tags, size = [], [], 0
+    if texts:
+        yield texts, np.asarray(tags, dtype=np.int32)
 
 
-def encode_stream(texts: Iterable[str], tok_path: str | Path, workers: int = 1
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray, int, int]]:
-    """Encoded batches in input order; at most ``2 * workers`` batches in flight."""
+def encode_stream(batches: Iterable[tuple[list[str], T]], tok_path: str | Path, workers: int = 1
+                  ) -> Iterator[tuple[Encoded, T]]:
+    """Encoded batches in input order, each with its tag; at most ``2 * workers`` batches in flight."""
     if workers <= 1:
         old = os.environ.get("TOKENIZERS_PARALLELISM")
         _init_worker(str(tok_path))
         try:
-            for b in _batches(texts):
-                yield _encode(b)
+            for texts, tag in batches:
+                yield _encode(texts), tag
         finally:
             if old is None:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -95,61 +114,169 @@ def encode_stream(texts: Iterable[str], tok_path: str | Path, workers: int = 1
     ctx = mp.get_context("forkserver")  # lean workers: no torch/Megatron pages copied from the parent
     with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok_path),)) as pool:
         pending: deque = deque()
-        for b in _batches(texts):
-            pending.append(pool.apply_async(_encode, (b,)))
+        for texts, tag in batches:
+            pending.append((pool.apply_async(_encode, (texts,)), tag))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                res, tag0 = pending.popleft()
+                yield res.get(), tag0
         while pending:
-            yield pending.popleft().get()
+            res, tag0 = pending.popleft()
+            yield res.get(), tag0
+
+
+# ----------------------------------------------------------------------------------------------------
+# writing Megatron-Core indexed datasets
+
+#: sequences per chunk when streaming the .idx arrays
+_IDX_CHUNK = 1 << 20
+
+
+@functools.cache
+def _builder_class() -> type:
+    """Megatron-Core's ``IndexedDatasetBuilder`` with whole-batch appends and compact index state.
+
+    The ``.bin`` bytes are what ``add_document`` writes (the token arrays in ``dtype``, back to back). The
+    stock builder keeps ``sequence_lengths`` and ``document_indices`` as Python lists (~70 B/doc) and its
+    ``_IndexWriter.write`` builds a Python list of pointers (~40 B/doc more) at finalize; this subclass keeps
+    int32 lengths (4 B/doc) and streams the same ``.idx`` layout in chunks after the header that Megatron's
+    ``_IndexWriter`` writes. The files are byte-identical to the stock builder's (tested)."""
+    import warnings
+
+    with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed": not relevant here
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, _IndexWriter
+
+    class CompactIndexedDatasetBuilder(IndexedDatasetBuilder):
+        def __init__(self, bin_path: str, dtype: type[np.number]) -> None:
+            super().__init__(bin_path, dtype=dtype, multimodal=False)
+            self._chunks: list[np.ndarray] = []  # int32 sequence lengths, one document = one sequence
+            self._pending: list[np.ndarray] = []
+            self._n_pending = 0
+
+        def add_documents(self, flat: np.ndarray, lengths: np.ndarray) -> None:
+            """Append documents: ``flat`` holds their tokens back to back, ``lengths`` their token counts."""
+            if not len(lengths):
+                return
+            flat = np.ascontiguousarray(flat, dtype=self.dtype)
+            self.data_file.write(memoryview(flat).cast("B"))
+            self._pending.append(np.asarray(lengths, dtype=np.int32))
+            self._n_pending += len(lengths)
+            if self._n_pending >= 1 << 16:  # few large arrays: ~0 bytes of object overhead per document
+                self._chunks.append(np.concatenate(self._pending))
+                self._pending, self._n_pending = [], 0
+
+        def finalize(self, idx_path: str) -> None:
+            self.data_file.close()
+            if self._pending:
+                self._chunks.append(np.concatenate(self._pending))
+                self._pending, self._n_pending = [], 0
+            n = sum(len(c) for c in self._chunks)
+            itemsize = DType.size(self.dtype)
+            with _IndexWriter(idx_path, self.dtype) as writer:  # header, version, dtype code
+                f = writer.idx_writer
+                f.write(struct.pack("<Q", n))  # sequences
+                f.write(struct.pack("<Q", n + 1))  # document indices: 0, 1, ..., n
+                for c in self._chunks:
+                    f.write(c.astype("<i4", copy=False).tobytes())
+                ptr = 0
+                for c in self._chunks:  # byte offset of each sequence
+                    ends = np.cumsum(c, dtype=np.int64) * itemsize + ptr
+                    starts = np.empty_like(ends)
+                    starts[0] = ptr
+                    starts[1:] = ends[:-1]
+                    f.write(starts.astype("<i8", copy=False).tobytes())
+                    ptr = int(ends[-1])
+                for a in range(0, n + 1, _IDX_CHUNK):
+                    f.write(np.arange(a, min(n + 1, a + _IDX_CHUNK), dtype="<i8").tobytes())
+
+    return CompactIndexedDatasetBuilder
+
+
+class _Output:
+    """One dataset being written: temp .bin/.idx beside ``prefix``, renamed into place by :meth:`commit`."""
+
+    def __init__(self, prefix: Path, dtype: type[np.number]) -> None:
+        self.prefix = prefix
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        for stale in prefix.parent.glob(f"{prefix.name}.[bi][id][nx].tmp*"):  # left by a killed (SIGKILL) run
+            stale.unlink(missing_ok=True)
+        tag = f".tmp{os.getpid()}"
+        self.tmp_bin, self.tmp_idx = Path(f"{prefix}.bin{tag}"), Path(f"{prefix}.idx{tag}")
+        self.builder = _builder_class()(str(self.tmp_bin), dtype)
+        self.stats: dict[str, Any] = {"docs": 0, "chars": 0, "bytes": 0, "tokens": 0}
+
+    def add(self, flat: np.ndarray, lengths: np.ndarray, chars: np.ndarray, nbytes: np.ndarray) -> None:
+        self.builder.add_documents(flat, lengths)
+        self.stats["docs"] += len(lengths)
+        self.stats["chars"] += int(chars.sum())
+        self.stats["bytes"] += int(nbytes.sum())
+        self.stats["tokens"] += int(lengths.sum())
+
+    def finalize(self) -> None:
+        self.builder.finalize(str(self.tmp_idx))
+
+    def commit(self) -> dict[str, Any]:
+        os.replace(self.tmp_bin, f"{self.prefix}.bin")
+        os.replace(self.tmp_idx, f"{self.prefix}.idx")
+        st = self.stats
+        st["tokens_per_byte"] = st["tokens"] / st["bytes"] if st["bytes"] else None
+        st["tokens_per_char"] = st["tokens"] / st["chars"] if st["chars"] else None
+        st["bin_hash"] = file_hash(f"{self.prefix}.bin")
+        st["idx_hash"] = file_hash(f"{self.prefix}.idx")
+        return st
+
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self.builder.data_file.close()
+        for p in (self.tmp_bin, self.tmp_idx):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+def write_datasets(batches: Iterable[tuple[list[str], np.ndarray]], tok: Tokenizer, prefix: str | Path,
+                   subsets: Sequence[tuple[str, str | Path]] = (), *, workers: int = 1, progress: bool = True,
+                   total_bytes: int | None = None, desc: str = "index") -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Tokenize tagged batches into ``prefix.bin/.idx`` (every document, EOD-terminated) and, in the same
+    pass, each ``subsets[i] = (name, prefix_i)`` with the documents tagged ``i`` (same order). All outputs
+    are written to temp files and renamed only when every one is complete. Returns (stats, {name: stats})."""
+    from tqdm import tqdm
+
+    outs: list[_Output] = []
+    bar = tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, disable=not progress,
+               file=sys.stderr, mininterval=1.0)
+    try:
+        main = _Output(Path(prefix), tok.dtype)
+        outs.append(main)
+        subs = []
+        for _name, p in subsets:
+            subs.append(_Output(Path(p), tok.dtype))
+            outs.append(subs[-1])
+        for (flat, lengths, chars, nbytes), tags in encode_stream(batches, tok.path, workers):
+            main.add(flat, lengths, chars, nbytes)
+            for i, out in enumerate(subs):
+                m = tags == i
+                if m.all():
+                    out.add(flat, lengths, chars, nbytes)
+                elif m.any():
+                    out.add(flat[np.repeat(m, lengths)], lengths[m], chars[m], nbytes[m])
+            bar.update(int(nbytes.sum()))
+        for out in outs:
+            out.finalize()
+        stats = [out.commit() for out in outs]
+    except BaseException:
+        for out in outs:
+            out.discard()
+        raise
+    finally:
+        bar.close()
+    return stats[0], {name: st for (name, _p), st in zip(subsets, stats[1:], strict=True)}
 
 
 def write_indexed(texts: Iterable[str], tok: Tokenizer, prefix: str | Path, *, workers: int = 1,
                   progress: bool = True, total_bytes: int | None = None, desc: str = "index") -> dict[str, Any]:
     """Tokenize ``texts`` into ``prefix.bin/.idx`` (one document per text, EOD-terminated), atomically."""
-    import warnings
-
-    from tqdm import tqdm
-
-    with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed": not relevant here
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    for stale in prefix.parent.glob(f"{prefix.name}.[bi][id][nx].tmp*"):  # left by a killed (SIGKILL) run
-        stale.unlink(missing_ok=True)
-    tag = f".tmp{os.getpid()}"
-    tmp_bin, tmp_idx = Path(f"{prefix}.bin{tag}"), Path(f"{prefix}.idx{tag}")
-    stats = {"docs": 0, "chars": 0, "bytes": 0, "tokens": 0}
-    bar = tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, disable=not progress,
-               file=sys.stderr, mininterval=1.0)
-    try:
-        builder = IndexedDatasetBuilder(str(tmp_bin), dtype=tok.dtype)
-        for flat, lengths, n_chars, n_bytes in encode_stream(texts, tok.path, workers):
-            off = 0
-            for n in lengths.tolist():
-                builder.add_document(flat[off: off + n], [n])
-                off += n
-            stats["docs"] += len(lengths)
-            stats["chars"] += n_chars
-            stats["bytes"] += n_bytes
-            stats["tokens"] += int(lengths.sum())
-            bar.update(n_bytes)
-        builder.finalize(str(tmp_idx))
-        os.replace(tmp_bin, f"{prefix}.bin")
-        os.replace(tmp_idx, f"{prefix}.idx")
-    except BaseException:
-        for p in (tmp_bin, tmp_idx):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        raise
-    finally:
-        bar.close()
-    b = stats["bytes"]
-    stats["tokens_per_byte"] = stats["tokens"] / b if b else None
-    stats["tokens_per_char"] = stats["tokens"] / stats["chars"] if stats["chars"] else None
-    stats["bin_hash"] = file_hash(f"{prefix}.bin")
-    stats["idx_hash"] = file_hash(f"{prefix}.idx")
+    stats, _ = write_datasets(_batches((t, 0) for t in texts), tok, prefix, workers=workers, progress=progress,
+                              total_bytes=total_bytes, desc=desc)
     return stats
 
 
@@ -157,97 +284,151 @@ def write_indexed(texts: Iterable[str], tok: Tokenizer, prefix: str | Path, *, w
 # split
 
 
-def select_validation(docs: Path, tok: Tokenizer, valid_tokens: int, lang: str) -> tuple[list[str], list[str], int]:
-    """Validation docs (texts and hashes, ascending hash) holding >= ``valid_tokens`` tokens (EOD counted).
+@dataclass(frozen=True)
+class Validation:
+    """The validation set: its texts and keys (ascending hash), and totals of the whole docs store.
+    It is a prefix of the hash order, so training data is exactly the documents with key > ``boundary``."""
 
-    Only a low-hash candidate window is loaded (bytes ~ ``valid_tokens * 8``), widened if needed.
-    Raises a clear error before anything is written when the language has too little text.
+    texts: list[str]
+    keys: np.ndarray
+    total_bytes: int
+    total_docs: int
+
+    @property
+    def boundary(self) -> int | None:
+        return int(self.keys[-1]) if len(self.keys) else None
+
+    @property
+    def hashes(self) -> list[str]:
+        return [key_hex(k) for k in self.keys.tolist()]
+
+
+def select_validation(docs: Path, tok: Tokenizer, valid_tokens: int, lang: str) -> Validation:
+    """Validation docs (ascending hash) holding >= ``valid_tokens`` tokens (EOD counted).
+
+    Only a low-hash candidate window is kept (bytes ~ ``valid_tokens * 8``), widened if needed; memory
+    grows with the window, not the corpus. Raises a clear error before anything is written when the
+    language has too little text.
     """
-    import pyarrow.parquet as pq
+    import pyarrow as pa
 
-    from cptscale.data.ingest import iter_doc_batches
-
-    meta = pq.read_table(docs, columns=["hash", "bytes"])
-    hashes = np.asarray(meta.column("hash").to_pylist(), dtype="U16")
-    nbytes = meta.column("bytes").to_numpy()
-    total_bytes = int(nbytes.sum())
-    order = np.argsort(hashes, kind="stable")
     if valid_tokens <= 0:
-        return [], [], total_bytes
-    if total_bytes < 2 * valid_tokens:  # each byte-level token covers >= 1 byte
-        raise SourceError(
-            f"language {lang!r}: only {total_bytes:,} bytes of text, too little for {valid_tokens:,} validation "
-            f"tokens plus training data; add corpora for {lang!r} or lower the validation size (data.validation_tokens)"
-        )
+        pre = hash_prefix(docs, "bytes", 0)
+        return Validation([], np.empty(0, np.uint64), pre.total_weight, pre.total_docs)
     window = valid_tokens * RESERVE_BYTES_PER_TOKEN
+    checked = False
     while True:
-        cum = np.cumsum(nbytes[order])
-        k = int(np.searchsorted(cum, window)) + 1
-        cand = {str(h) for h in hashes[order[:k]]}
-        texts: dict[str, str] = {}
-        for batch in iter_doc_batches(docs, ("text", "hash")):
-            for t, h in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
-                if h in cand:
-                    texts[h] = t
-        got = 0
-        chosen: list[str] = []
-        for h in hashes[order[:k]]:
-            h = str(h)
-            chosen.append(h)
-            got += len(tok.encode(texts[h])) + 1
-            if got >= valid_tokens:
+        pre = hash_prefix(docs, "bytes", window)
+        if not checked:
+            check_enough_text(lang, pre.total_weight, pre.total_docs, valid_tokens)
+            checked = True
+        upto = np.uint64(pre.boundary)
+        texts: dict[int, str] = {}
+        for keys, batch in iter_keyed_batches(docs, ["text"]):
+            m = keys <= upto
+            if m.any():
+                texts.update(zip(keys[m].tolist(), batch.column(1).filter(pa.array(m)).to_pylist(), strict=True))
+        got = chosen = 0
+        cand = pre.keys.tolist()
+        for i in range(0, len(cand), BATCH_DOCS):
+            chunk = cand[i: i + BATCH_DOCS]
+            counts = np.cumsum([len(ids) + 1 for ids in tok.encode_batch([texts[k] for k in chunk])]) + got
+            j = int(np.searchsorted(counts, valid_tokens))
+            if j < len(counts):
+                chosen, got = i + j + 1, int(counts[j])
                 break
+            chosen, got = i + len(chunk), int(counts[-1])
         if got >= valid_tokens:
             break
-        if k >= len(order):
+        if len(cand) >= pre.total_docs:
             raise SourceError(
                 f"language {lang!r}: the whole corpus has only {got:,} tokens, fewer than the {valid_tokens:,} "
                 "validation tokens requested; add corpora or lower the validation size (data.validation_tokens)"
             )
         window *= 4
-    valid_bytes = int(sum(len(texts[h].encode("utf-8")) for h in chosen))
-    if valid_bytes * 2 > total_bytes:
+    keys = pre.keys[:chosen]
+    valid_bytes = int(pre.weights[:chosen].sum())
+    if valid_bytes * 2 > pre.total_weight:
         raise SourceError(
             f"language {lang!r}: {valid_tokens:,} validation tokens would take {valid_bytes:,} of its "
-            f"{total_bytes:,} bytes (more than half); add corpora for {lang!r} or lower the validation size"
+            f"{pre.total_weight:,} bytes (more than half); add corpora for {lang!r} or lower the validation size"
         )
-    return [texts[h] for h in chosen], chosen, total_bytes
+    return Validation([texts[k] for k in keys.tolist()], keys, pre.total_weight, pre.total_docs)
+
+
+def store_corpora(docs: str | Path) -> list[str]:
+    """Corpus names (the ``source`` column) of a docs store, in order of first appearance."""
+    import pyarrow.compute as pc
+
+    from cptscale.data.ingest import iter_doc_batches
+
+    seen: dict[str, None] = {}
+    for batch in iter_doc_batches(docs, ("source",), batch_size=1 << 16):
+        for name in pc.unique(batch.column(0)).to_pylist():
+            seen.setdefault(name, None)
+    return list(seen)
 
 
 def prepare(lang: str, docs: str | Path, tokenizer: str | Path, valid_tokens: int, out_dir: str | Path,
-            *, workers: int = 1, progress: bool = True) -> dict[str, Any]:
-    """Split + index one language: writes valid.bin/.idx, train.bin/.idx and data.json in ``out_dir``."""
+            *, workers: int = 1, split_corpora: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
+    """Split + index one language: writes valid.bin/.idx, train.bin/.idx, ``train.<corpus>.bin/.idx`` for
+    each of ``split_corpora`` (its training documents, same order) and data.json in ``out_dir``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     docs, out_dir = Path(docs), Path(out_dir)
     if not docs.exists():
         raise SourceError(f"language {lang!r}: docs store {docs} is missing; run `cptscale data ingest` first")
     tok = Tokenizer(tokenizer)
+    split_corpora = list(dict.fromkeys(split_corpora))
+    if split_corpora:
+        known = store_corpora(docs)
+        unknown = [n for n in split_corpora if n not in known]
+        if unknown:
+            raise SourceError(
+                f"language {lang!r}: --split-corpora names {', '.join(map(repr, unknown))}, but the docs store "
+                f"{docs} has documents only from the corpora {', '.join(known)}; blend keys '{lang}/<corpus>' "
+                f"must use one of these names (from corpora.{lang} in the study config)"
+            )
+        bad = [n for n in split_corpora if "/" in n or n.startswith(".")]
+        if bad:
+            raise SourceError(f"language {lang!r}: corpus names {bad} cannot name files; rename them in corpora.{lang}")
     t0 = time.time()
-    valid_texts, valid_hashes, total_bytes = select_validation(docs, tok, valid_tokens, lang)
-    valid_set = set(valid_hashes)
+    val = select_validation(docs, tok, valid_tokens, lang)
+    valid_hashes = val.hashes
     (out_dir / "data.json").unlink(missing_ok=True)  # never leave a manifest describing older outputs
     tok_report_path = Path(tokenizer).parent / "report.json"
     tok_report = read_json(tok_report_path) if tok_report_path.exists() else {}
     lowest = (tok_report.get("sample") or {}).get(lang, {}).get("lowest_hash")
-    overlap = sum(1 for h in valid_hashes if lowest is not None and h >= lowest)
+    overlap = int((val.keys >= np.uint64(int(lowest, 16))).sum()) if lowest is not None else 0
 
-    valid = write_indexed(valid_texts, tok, out_dir / "valid", workers=1, progress=progress,
-                          desc=f"valid {lang}")
-    del valid_texts
+    valid = write_indexed(val.texts, tok, out_dir / "valid", workers=1, progress=progress, desc=f"valid {lang}")
+    boundary, total_bytes = val.boundary, val.total_bytes
+    del val
 
-    def train_texts() -> Iterator[str]:
-        from cptscale.data.ingest import iter_doc_batches
+    value_set = pa.array(split_corpora, type=pa.string())
 
-        for batch in iter_doc_batches(docs, ("text", "hash")):
-            for t, h in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
-                if h not in valid_set:
-                    yield t
+    def train_items() -> Iterator[tuple[str, int]]:
+        for keys, batch in iter_keyed_batches(docs, ["text", "source"] if split_corpora else ["text"]):
+            m = keys > np.uint64(boundary) if boundary is not None else None
+            texts = batch.column(1)
+            if split_corpora:
+                tags = pc.fill_null(pc.index_in(batch.column(2), value_set=value_set), -1).to_numpy()
+            else:
+                tags = np.zeros(len(keys), dtype=np.int32)
+            if m is not None and not m.all():
+                texts, tags = texts.filter(pa.array(m)), tags[m]
+            yield from zip(texts.to_pylist(), tags.tolist(), strict=True)
 
-    train = write_indexed(train_texts(), tok, out_dir / "train", workers=workers, progress=progress,
-                          total_bytes=total_bytes - valid["bytes"], desc=f"train {lang}")
+    subsets = [(name, out_dir / f"train.{name}") for name in split_corpora]
+    train, train_corpora = write_datasets(_batches(train_items()), tok, out_dir / "train", subsets, workers=workers,
+                                          progress=progress, total_bytes=total_bytes - valid["bytes"],
+                                          desc=f"train {lang}")
     ingest_path = docs.parent / "ingest.json"
     manifest = {
         "lang": lang,
         "train": train,
+        "train_corpora": train_corpora,
         "valid": {**valid, "doc_hashes": valid_hashes},
         "valid_tokens_requested": valid_tokens,
         "valid_bytes": valid["bytes"],

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from cptscale.data.keys import hash_prefix, iter_keyed_batches, key_hex
 from cptscale.data.sources import SourceError
 from cptscale.util import atomic_path, file_hash, provenance, write_json
 
@@ -126,43 +127,34 @@ def _strip_lang(docs_path: str | Path) -> Path:
     return Path(s.split("=", 1)[1] if "=" in s else s)
 
 
-def select_sample(docs: str | Path, sample_chars: int, reserve_bytes: int) -> tuple[set[str], str | None, int]:
-    """Hashes of the tokenizer sample: descending hash order, skipping the low-hash reserve.
+def select_sample(docs: str | Path, sample_chars: int, reserve_bytes: int) -> tuple[int | None, int, int]:
+    """The tokenizer sample: documents in descending hash order, skipping the low-hash reserve, until
+    ``sample_chars`` characters.
 
-    Returns (hashes, lowest sampled hash, chars sampled)."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(docs, columns=["hash", "chars", "bytes"])
-    order = np.argsort(np.asarray(table.column("hash").to_numpy(zero_copy_only=False), dtype="U16"), kind="stable")
-    hashes = table.column("hash").to_pylist()
-    chars = table.column("chars").to_numpy()
-    nbytes = table.column("bytes").to_numpy()
-    reserved = 0
-    cum = 0
-    for i in order:
-        if cum >= reserve_bytes:
-            break
-        cum += int(nbytes[i])
-        reserved += 1
-    picked: set[str] = set()
-    got = 0
-    lowest: str | None = None
-    for i in order[reserved:][::-1]:
-        if got >= sample_chars:
-            break
-        picked.add(hashes[i])
-        lowest = hashes[i]
-        got += int(chars[i])
-    return picked, lowest, got
+    The sample is a prefix of the descending key order, so it is exactly the documents whose key is >=
+    the lowest sampled key: returns (lowest sampled key or None, chars sampled, documents sampled). Memory
+    grows with the reserve and the sample, not the corpus (:func:`cptscale.data.keys.hash_prefix`)."""
+    reserve = hash_prefix(docs, "bytes", reserve_bytes)
+    sample = hash_prefix(docs, "chars", sample_chars, descending=True, exclude_upto=reserve.boundary)
+    return sample.boundary, sample.weight, len(sample.keys)
 
 
-def _iter_texts(docs: Path, wanted: set[str]) -> Iterator[str]:
-    from cptscale.data.ingest import iter_doc_batches
+def _iter_texts(docs: Path, lo: int | None = None, hi: int | None = None) -> Iterator[str]:
+    """Texts (store order) whose key lies in [lo, hi] (either bound may be open)."""
+    for keys, batch in iter_keyed_batches(docs, ["text"]):
+        m = np.ones(len(keys), dtype=bool)
+        if lo is not None:
+            m &= keys >= np.uint64(lo)
+        if hi is not None:
+            m &= keys <= np.uint64(hi)
+        if not m.any():
+            continue
+        texts = batch.column(1)
+        if not m.all():
+            import pyarrow as pa
 
-    for batch in iter_doc_batches(docs, ("text", "hash")):
-        for text, h in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
-            if h in wanted:
-                yield text
+            texts = texts.filter(pa.array(m))
+        yield from texts.to_pylist()
 
 
 def train_tokenizer(
@@ -182,22 +174,22 @@ def train_tokenizer(
 
     if vocab_size < 300:
         raise SourceError(f"--vocab-size {vocab_size} is too small for byte-level BPE; use at least 300")
-    samples: dict[str, tuple[Path, set[str], str | None, int]] = {}
+    samples: dict[str, tuple[Path, int, int, int]] = {}  # lang -> (docs, lowest key, docs, chars)
     for d in docs:
         lang, path = lang_of(d), _strip_lang(d)
         if not path.exists():
             raise SourceError(f"language {lang!r}: docs store {path} is missing; run `cptscale data ingest` first")
-        picked, lowest, got = select_sample(path, sample_chars_per_language, valid_tokens * RESERVE_BYTES_PER_TOKEN)
-        if not picked:
+        lowest, got, n = select_sample(path, sample_chars_per_language, valid_tokens * RESERVE_BYTES_PER_TOKEN)
+        if lowest is None:
             raise SourceError(
                 f"language {lang!r}: no documents left for the tokenizer sample after reserving "
                 f"{valid_tokens} validation tokens; add text or lower the validation size"
             )
-        samples[lang] = (path, picked, lowest, got)
+        samples[lang] = (path, lowest, n, got)
 
     def corpus() -> Iterator[str]:
-        for path, picked, _lowest, _got in samples.values():
-            yield from _iter_texts(path, picked)
+        for path, lowest, _n, _got in samples.values():
+            yield from _iter_texts(path, lo=lowest)
 
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -223,7 +215,7 @@ def train_tokenizer(
         "tokenizer_hash": loaded.hash,
         "trained": True,
         "sample": {
-            lang: {"chars": s[3], "docs": len(s[1]), "lowest_hash": s[2], "docs_hash": file_hash(s[0])}
+            lang: {"chars": s[3], "docs": s[2], "lowest_hash": key_hex(s[1]), "docs_hash": file_hash(s[0])}
             for lang, s in samples.items()
         },
         "reserve_bytes_per_language": valid_tokens * RESERVE_BYTES_PER_TOKEN,
@@ -233,9 +225,31 @@ def train_tokenizer(
     return report
 
 
-def copy_tokenizer(src: str | Path, out: str | Path, docs: Sequence[str | Path] = ()) -> dict[str, Any]:
-    """``--from FILE``: validate a given tokenizer.json (must have the EOD token) and copy it."""
-    Tokenizer(src)  # validates
+def check_given_tokenizer(src: str | Path, vocab_size: int | None, field: str = "tokenizer.vocab_size") -> Tokenizer:
+    """Load a given tokenizer.json (``tokenizer.kind: file``) and check it against the config: it must load,
+    have the EOD token and, when ``vocab_size`` is given, exactly that many tokens (added tokens included),
+    since the models' embedding and parameter counts are sized from the config."""
+    if not Path(src).is_file():
+        raise SourceError(f"tokenizer file {src} does not exist; fix tokenizer.path (a Hugging Face tokenizer.json)")
+    tok = Tokenizer(src)
+    if vocab_size is not None and tok.vocab_size != vocab_size:
+        raise SourceError(
+            f"tokenizer file {src} has a vocabulary of {tok.vocab_size:,} tokens (added tokens included) but "
+            f"{field} is {vocab_size:,}; set {field}: {tok.vocab_size} (models are sized from it) or give "
+            "another tokenizer file"
+        )
+    return tok
+
+
+def copy_tokenizer(src: str | Path, out: str | Path, docs: Sequence[str | Path] = (),
+                   vocab_size: int | None = None) -> dict[str, Any]:
+    """``--from FILE``: validate a given tokenizer.json (EOD token, vocabulary size when ``vocab_size`` is
+    given: see :func:`check_given_tokenizer`) and copy it, with a fertility report on ``docs``."""
+    check_given_tokenizer(src, vocab_size)
+    for d in docs:
+        if not _strip_lang(d).exists():
+            raise SourceError(f"language {lang_of(d)!r}: docs store {_strip_lang(d)} is missing; "
+                              "run `cptscale data ingest` first")
     out = Path(out)
     with atomic_path(out) as tmp:
         shutil.copyfile(src, tmp)
@@ -250,22 +264,11 @@ def copy_tokenizer(src: str | Path, out: str | Path, docs: Sequence[str | Path] 
 def fertility_report(tok: Tokenizer, docs: dict[str, Path], max_chars: int = 1_000_000) -> dict[str, Any]:
     """Tokens per byte and per character on up to ``max_chars`` of each language's lowest-hash docs
     (the validation region, never in the tokenizer sample)."""
-    import pyarrow.parquet as pq
-
     out: dict[str, Any] = {}
     for lang, path in docs.items():
-        table = pq.read_table(path, columns=["hash", "chars"])
-        hashes = table.column("hash").to_pylist()
-        chars = table.column("chars").to_pylist()
-        wanted: set[str] = set()
-        got = 0
-        for h, c in sorted(zip(hashes, chars, strict=True)):
-            if got >= max_chars:
-                break
-            wanted.add(h)
-            got += c
+        upto = hash_prefix(path, "chars", max_chars).boundary
         n_chars = n_bytes = n_tok = 0
-        for text in _iter_texts(path, wanted):
+        for text in _iter_texts(path, hi=upto) if upto is not None else ():
             n_chars += len(text)
             n_bytes += len(text.encode("utf-8"))
             n_tok += len(tok.encode(text))
