@@ -66,6 +66,7 @@ def main() -> int:
 
     from cptscale.mix import MixConfig, build_training_dataset, plan_blend, realize
     from cptscale.schedule import Schedule
+    from cptscale.util import file_hash
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="bench-mix-"))
     try:
@@ -77,6 +78,9 @@ def main() -> int:
             Path(prefixes[lang]).parent.mkdir(parents=True, exist_ok=True)
             avail[lang] = write_corpus(Path(prefixes[lang]), tokens // 2, lo, hi, seed=i)
         t_gen = time.perf_counter() - t0
+        # content hashes, as the data manifest carries them: the index cache is keyed by content
+        hashes = {lang: {"bin_hash": file_hash(pre + ".bin"), "idx_hash": file_hash(pre + ".idx")}
+                  for lang, pre in prefixes.items()}
 
         gbs, seq = args.global_batch_size, args.seq_length
         steps = max(2, round(tokens / (gbs * seq)))
@@ -87,7 +91,7 @@ def main() -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             spec = plan_blend(mix, replay=args.replay, target="zh", source="en", train_prefixes=prefixes,
-                              train_tokens=avail, schedule=sched, steps=steps, global_batch_size=gbs,
+                              train_tokens=avail, train_hashes=hashes, schedule=sched, steps=steps, global_batch_size=gbs,
                               seq_length=seq, seed=1234, cache_dir=str(work / "cache"))
         t_plan = time.perf_counter() - t0
         tok = _Tok(60000)

