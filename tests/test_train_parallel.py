@@ -5,8 +5,18 @@ DP=2: the init-sanity gate (tolerance 1e-5) proves the TP=2 checkpoint reshards 
 the same validation loss, and the CPT loss curves are compared step by step.
 
 Tolerance: fp32 with different reduction orders (TP all-reduce of partial matmuls, DP gradient
-averaging, per-stage loss sums) differs at ~1e-7 relative per op; after a few Adam steps the
-measured spread is ~1e-6, so we allow 1e-4 absolute on losses (~1e-5 relative at loss ~5).
+averaging, per-stage loss sums) differs at ~1e-7 relative per op. Measured (megatron-core 0.16.1,
+torch 2.13 CPU, 2 cores; d32l2, 4 CPT steps, losses ~5.4):
+
+    layout  |step-0 en loss - TP=2 parent's final loss|  max |loss - TP=1 loss| over 4 steps
+    tp2     0.0                                          2.4e-7
+    pp2     1.05e-7                                      0.0
+    dp2     1.05e-7                                      0.0
+
+i.e. at most ~1 fp32 ulp of a loss near 5 (4.8e-7). The bounds are ~10x the measured spread:
+GATE_TOL = 1e-6 on the resharded checkpoint's loss (also the init-sanity gate's tolerance here) and
+LOSS_TOL = 2.5e-6 on the training losses; a real layout bug (a wrong shard, a missing all-reduce, a
+skipped micro-batch) moves losses by 1e-3 or more.
 """
 
 from __future__ import annotations
@@ -20,11 +30,13 @@ from train_helpers import make_data, make_spec, read_jsonl, write_spec
 pytest.importorskip("megatron.core")
 
 LAYOUTS = {"tp2": (2, 1, 1), "pp2": (1, 2, 1), "dp2": (1, 1, 2)}
+GATE_TOL = 1e-6  # ~10x the measured 1.05e-7
+LOSS_TOL = 2.5e-6  # ~10x the measured 2.4e-7
 
 
 def _cpt(root, data, parent_done, run_id, tp, pp, dp):
     par = {"run_id": "par-tp2", "checkpoint": parent_done["final_checkpoint"], "lang": "en",
-           "final_loss": parent_done["final_loss"]["en"], "tolerance": 1e-5}
+           "final_loss": parent_done["final_loss"]["en"], "tolerance": GATE_TOL}
     return make_spec(root, data, run_id=run_id, lang="zh", init="cpt", parent=par, steps=4, tp=tp, pp=pp, dp=dp,
                      eval_steps=[0], every=0)
 
@@ -50,6 +62,6 @@ def test_layouts_match_and_checkpoint_reshards(tmp_path):
         loss = [m["loss"] for m in read_jsonl(Path(spec["out_dir"]) / "metrics.jsonl")]
         diff = max(abs(a - b) for a, b in zip(ref_loss, loss, strict=True))
         report[name] = (gate_diff, diff)
-        assert gate_diff < 1e-5, name
-        assert diff < 1e-4, name
+        assert gate_diff <= GATE_TOL, name
+        assert diff <= LOSS_TOL, name
     print("layout: (|step-0 en loss - TP=2 parent final loss|, max |loss - TP=1 loss| over 4 steps)", report)

@@ -1,5 +1,13 @@
 """Validation loss / perplexity / bits-per-byte over a held-out indexed dataset, and the
-``cptscale evaluate`` subcommand. The trainer calls :func:`evaluate_model` at log-spaced steps."""
+``cptscale evaluate`` subcommand. The trainer calls :func:`evaluate_model` at log-spaced steps.
+
+Bits per byte = summed token cross-entropy (nats) / (ln 2 x UTF-8 bytes of the evaluated text). Over
+the whole set the bytes are the data stage's count (``eval.languages.<lang>.bytes``). When
+``eval.max_tokens`` caps the set, only the first ``max_tokens`` predictions are scored, so the bytes
+are those of the predicted tokens, counted with the run's tokenizer (byte-level BPE: each token's
+byte length; special tokens such as EOD stand for no text); without a usable tokenizer bpb is
+reported as null rather than divided by the bytes of text that was never scored.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +16,82 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+
+def token_byte_lengths(tokenizer: str | Path) -> np.ndarray | None:
+    """UTF-8 bytes each token id stands for (0 for special tokens) for a byte-level BPE tokenizer;
+    None if some token is not a byte-level string (then bytes are counted by decoding)."""
+    from tokenizers import pre_tokenizers
+
+    from cptscale.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer)
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    special = set(tok.hf.get_added_tokens_decoder())
+    out = np.zeros(tok.vocab_size, dtype=np.int64)
+    for i in range(tok.vocab_size):
+        if i in special:
+            continue
+        s = tok.hf.id_to_token(i)
+        if s is None or not set(s) <= alphabet:
+            return None
+        out[i] = len(s)
+    return out
+
+
+def text_bytes(tokenizer: str | Path, ids: np.ndarray) -> int:
+    """UTF-8 bytes of the text that the token ids ``ids`` encode (special tokens excluded)."""
+    lens = token_byte_lengths(tokenizer)
+    ids = np.asarray(ids, dtype=np.int64)
+    if lens is not None:
+        return int(lens[ids].sum())
+    from cptscale.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer)  # not byte-level: decode document by document (EOD separates them)
+    cuts = np.flatnonzero(ids == tok.eod)
+    total, a = 0, 0
+    for b in [*cuts.tolist(), len(ids)]:
+        if b > a:
+            total += len(tok.hf.decode(ids[a:b].tolist(), skip_special_tokens=True).encode("utf-8"))
+        a = b + 1
+    return total
+
+
+def _evaluated_bytes(tokenizer: str | Path | None, labels: np.ndarray) -> int | None:
+    if not tokenizer or not Path(tokenizer).is_file():
+        return None
+    try:
+        return text_bytes(tokenizer, labels)
+    except Exception as exc:  # an unreadable tokenizer: no bpb, said once per evaluation set
+        import sys
+
+        print(f"cptscale evaluate: warning: cannot count bytes with tokenizer {tokenizer} ({exc}); bpb of the "
+              "capped validation set is null", file=sys.stderr)
+        return None
+
 
 def evaluate_model(model, prefix: str, seq_length: int, micro_batch_size: int, *, val_bytes: int | None = None,
-                   max_tokens: int | None = None, cache: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Mean token cross-entropy over the full validation set (fixed order and batching).
+                   max_tokens: int | None = None, cache: dict[str, Any] | None = None,
+                   tokenizer: str | Path | None = None) -> dict[str, Any]:
+    """Mean token cross-entropy over the full validation set (or its first ``max_tokens``
+    predictions), fixed order and batching; ``bytes`` is the byte count bpb divides by.
 
     Works under TP/PP/DP (every rank evaluates the whole set; Megatron's schedules handle PP)."""
     import torch
 
-    from cptscale.train.data import validation_windows
+    from cptscale.train.data import validation_tokens, validation_windows
     from cptscale.train.engine import collate, run_microbatches
 
     key = f"{prefix}:{seq_length}:{max_tokens}"
     if cache is not None and key in cache:
-        tokens, labels, mask = cache[key]
+        tokens, labels, mask, n_bytes = cache[key]
     else:
         tokens, labels, mask = validation_windows(prefix, seq_length, max_tokens)
+        toks, truncated = validation_tokens(prefix, max_tokens)
+        n_bytes = _evaluated_bytes(tokenizer, toks[1:]) if truncated else val_bytes
         if cache is not None:
-            cache[key] = (tokens, labels, mask)
+            cache[key] = (tokens, labels, mask, n_bytes)
     mb = micro_batch_size
     pos = torch.arange(seq_length)
     batches = []
@@ -45,45 +111,79 @@ def evaluate_model(model, prefix: str, seq_length: int, micro_batch_size: int, *
     model.train(was_training)
     loss = total / max(count, 1.0)
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "n_tokens": int(count),
-            "bpb": (total / (math.log(2) * val_bytes)) if val_bytes else None}
+            "bpb": (total / (math.log(2) * n_bytes)) if n_bytes else None, "bytes": n_bytes}
 
 
 # ----------------------------------------------------------------------------------------------
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("evaluate", help="validation loss/ppl/bpb of a checkpoint on languages' held-out sets")
     p.add_argument("checkpoint", help="checkpoint dir (e.g. <checkpoint.dir>/final or step_N)")
-    p.add_argument("--spec", required=True, help="run.json (model shape, seq length, validation sets)")
+    p.add_argument("--spec", default=None,
+                   help="run.json (seq length, validation sets); default: the run.json of the run that wrote the "
+                   "checkpoint (its out_dir, or <study>/runs/<run_id>/run.json beside <study>/checkpoints/)")
     p.add_argument("--lang", default=None, help="comma-separated languages (default: all in eval.languages)")
     p.add_argument("--out", default=None, help="write results JSON here (default: print)")
     p.set_defaults(func=_cmd)
 
 
+def find_spec(checkpoint: str | Path) -> Path:
+    """The run.json of the run that wrote ``checkpoint``: ``<out_dir>/run.json`` recorded in its
+    state.json, else the planner's layout ``<study>/checkpoints/<run_id>/<ckpt>`` ->
+    ``<study>/runs/<run_id>/run.json``. Raises FileNotFoundError naming what was tried."""
+    from cptscale.train.checkpoint import read_state
+
+    ck = Path(checkpoint)
+    state = read_state(ck)
+    rid = state.get("run_id")
+    tried = []
+    if state.get("out_dir"):
+        tried.append(Path(state["out_dir"]) / "run.json")
+    if rid:
+        root = ck.resolve().parent
+        if root.name == rid:
+            tried.append(root.parent.parent / "runs" / rid / "run.json")
+    for p in tried:
+        if p.is_file():
+            return p
+    raise FileNotFoundError(
+        f"no run.json found for checkpoint {ck} (run {rid!r}); looked at "
+        f"{', '.join(map(str, tried)) or 'nothing (state.json records neither out_dir nor run_id)'}; pass --spec run.json")
+
+
 def _cmd(args: argparse.Namespace) -> int:
     import json
+    import os
 
     from cptscale.cli import CLIError
+    from cptscale.train.checkpoint import CheckpointError, read_state
     from cptscale.train.spec import SpecError, load_spec
 
+    if not Path(args.checkpoint).is_dir():
+        raise CLIError(f"checkpoint {args.checkpoint} does not exist")
     try:
-        spec = load_spec(args.spec)
-    except SpecError as exc:
+        state = read_state(args.checkpoint)
+        spec_path = args.spec or find_spec(args.checkpoint)
+        spec = load_spec(spec_path)
+    except (SpecError, CheckpointError, FileNotFoundError) as exc:
         raise CLIError(str(exc)) from exc
     langs = args.lang.split(",") if args.lang else list(spec["eval"].get("languages", {}))
     known = spec["eval"].get("languages", {})
     for lang in langs:
         if lang not in known:
-            raise CLIError(f"--lang {lang}: not in the spec's eval.languages ({', '.join(known) or 'none'})")
-    if not Path(args.checkpoint).is_dir():
-        raise CLIError(f"checkpoint {args.checkpoint} does not exist")
-    from cptscale.train.checkpoint import CheckpointError, load_weights
+            raise CLIError(f"--lang {lang}: not in the spec's eval.languages of {spec_path} "
+                           f"({', '.join(known) or 'none'})")
+    from cptscale.train.checkpoint import load_weights
     from cptscale.train.engine import setup_parallel, teardown_parallel
     from cptscale.train.model import build_model
 
+    # the checkpoint's own shape (a pruned run's final model is smaller than its spec's shape)
+    shape = state.get("shape") or spec["shape"]
+    vocab = int(state.get("vocab_size") or spec["vocab_size"])
     lay = spec["layout"]
+    tp, pp = (int(lay["tp"]), int(lay["pp"])) if "RANK" in os.environ else (1, 1)
     try:
-        setup_parallel(1, 1, int(spec["seed"])) if "RANK" not in __import__("os").environ else setup_parallel(
-            int(lay["tp"]), int(lay["pp"]), int(spec["seed"]))
-        model = build_model(spec["shape"], int(spec["vocab_size"]), int(spec["seq_length"]))
+        setup_parallel(tp, pp, int(spec["seed"]))
+        model = build_model(shape, vocab, int(spec["seq_length"]), tp=tp, pp=pp)
         try:
             state = load_weights(args.checkpoint, model)
         except CheckpointError as exc:
@@ -93,7 +193,8 @@ def _cmd(args: argparse.Namespace) -> int:
             v = known[lang]
             out[lang] = {"step": state.get("step"), **evaluate_model(
                 model, v["prefix"], int(spec["seq_length"]), int(spec["eval"].get("micro_batch_size", 8)),
-                val_bytes=v.get("bytes"), max_tokens=spec["eval"].get("max_tokens"))}
+                val_bytes=v.get("bytes"), max_tokens=spec["eval"].get("max_tokens"),
+                tokenizer=spec.get("tokenizer"))}
     finally:
         teardown_parallel()
     text = json.dumps(out, indent=1)

@@ -19,10 +19,16 @@ DecayShape = Literal["linear", "cosine", "1-sqrt"]
 class Schedule:
     """One run's LR schedule.
 
-    ``warmup_steps`` ramp linearly from ``start_lr`` to ``max_lr`` (step 0 trains at ``start_lr``,
-    or at ``max_lr / warmup_steps`` when ``start_lr`` is 0, so no step is wasted at LR 0). After
-    warmup: ``cosine`` decays to ``min_lr`` at ``total_steps``; ``wsd`` holds ``max_lr`` and decays
-    over the last ``decay_steps``; ``constant`` holds ``max_lr``.
+    ``warmup_steps`` ramp linearly from ``start_lr`` to ``max_lr``: warmup step k (0-based) trains
+    at ``start_lr + (max_lr - start_lr) * (k + 1) / warmup_steps``, so step 0 is already one
+    increment above ``start_lr`` (``max_lr / warmup_steps`` when ``start_lr`` is 0: no step is
+    wasted at LR 0) and the last warmup step reaches ``max_lr``. After warmup: ``cosine`` decays to
+    ``min_lr`` at ``total_steps``; ``wsd`` holds ``max_lr`` and decays over the last ``decay_steps``;
+    ``constant`` holds ``max_lr``.
+
+    ``branches`` (WSD only): total step counts < ``total_steps`` of extra decay branches taken from
+    this run's stable phase (:meth:`branch`), so one run yields several token budgets; the trainer
+    runs each branch's decay from a snapshot of the main run and then continues the main run.
     """
 
     kind: ScheduleKind
@@ -33,6 +39,7 @@ class Schedule:
     start_lr: float = 0.0
     decay_steps: int = 0
     decay_shape: DecayShape = "linear"
+    branches: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
@@ -43,6 +50,21 @@ class Schedule:
             raise ValueError(f"need 0 <= min_lr <= max_lr and max_lr > 0, got {self.min_lr}, {self.max_lr}")
         if self.kind == "wsd" and not 0 < self.decay_steps <= self.total_steps - self.warmup_steps:
             raise ValueError("wsd needs 0 < decay_steps <= total_steps - warmup_steps")
+        if self.branches:
+            self._check_branches()
+
+    def _check_branches(self) -> None:
+        b = list(self.branches)
+        if self.kind != "wsd":
+            raise ValueError(f"decay branches {b} need a wsd schedule, not {self.kind!r}")
+        if b != sorted(set(b)):
+            raise ValueError(f"decay branches must be distinct and increasing, got {b}")
+        for total in b:
+            if not self.warmup_steps < total < self.total_steps:
+                raise ValueError(f"decay branch of {total} steps must end after warmup ({self.warmup_steps} steps) "
+                                 f"and before the run's end ({self.total_steps} steps)")
+            if self.branch(total).decay_start > self.decay_start:  # cannot happen with a shared decay share
+                raise ValueError(f"decay branch of {total} steps would start decaying after the main run does")
 
     @property
     def decay_start(self) -> int:
@@ -62,6 +84,10 @@ class Schedule:
         decay = max(1, round(frac * (total_steps - self.warmup_steps)))
         return Schedule("wsd", self.max_lr, self.min_lr, self.warmup_steps, total_steps, self.start_lr, decay,
                         self.decay_shape)
+
+    def branch_schedules(self) -> list[Schedule]:
+        """The decay branches (``branches``) as schedules of their own, shortest first."""
+        return [self.branch(total) for total in self.branches]
 
 
 def lr_at(s: Schedule, step: int) -> float:

@@ -1,6 +1,18 @@
 """Checkpoints: model weights and optimizer state via Megatron-Core dist_checkpointing (reshardable
 across TP/PP, and the form the distributed optimizer needs), RNG per rank, a small common-state JSON;
-written to a temp dir then renamed."""
+written to a temp dir then renamed.
+
+A complete checkpoint is a ``step_N`` dir holding ``state.json`` (written last, then the dir is
+renamed into place); ``.step_N.tmp`` dirs and ``step_N`` dirs without ``state.json`` are ignored.
+
+**Verified** checkpoints: a checkpoint saved after update N-1 holds weights whose loss nobody has
+seen yet. The trainer marks it verified (``verified.json``) once the training loss computed from
+those weights (step N's forward, or the final evaluation) was finite and not a spike. Rotation keeps
+the newest ``keep`` checkpoints *and* the newest verified one; a checkpoint that fails its check is
+renamed ``rejected-step_N`` (ignored by resume, kept for inspection), so a re-run resumes from the
+last verified one. state.json records the run's ``config_hash``: a trainer whose spec has another
+hash moves the whole dir aside (:func:`set_aside_stale`) instead of resuming from another config.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +30,7 @@ from typing import Any
 import numpy as np
 
 STATE = "state.json"
+VERIFIED = "verified.json"
 _STEP = re.compile(r"^step_(\d+)$")
 
 
@@ -58,8 +71,93 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The newest complete ``step_N`` checkpoint (verified or not: a SIGTERM checkpoint is verified
+    by the first step after the resume)."""
     cks = list_checkpoints(ckpt_dir)
     return cks[-1][1] if cks else None
+
+
+def is_verified(path: str | Path) -> bool:
+    return (Path(path) / VERIFIED).is_file()
+
+
+def latest_verified(ckpt_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint whose weights gave a finite, non-spike loss."""
+    ver = [p for _, p in list_checkpoints(ckpt_dir) if is_verified(p)]
+    return ver[-1] if ver else None
+
+
+def mark_verified(path: str | Path, info: dict[str, Any]) -> None:
+    """Rank 0: record that the loss computed from this checkpoint's weights was good (``info``: which
+    step's loss, its value)."""
+    from cptscale.util import atomic_write
+
+    if _rank() == 0:
+        atomic_write(Path(path) / VERIFIED, json.dumps(info) + "\n")
+
+
+def reject(path: str | Path) -> Path:
+    """Rank 0: rename a checkpoint whose weights gave a bad loss to ``rejected-step_N`` (resume and
+    rotation ignore it; kept, not deleted, for inspection). Returns the new path."""
+    p = Path(path)
+    dest = p.with_name(f"rejected-{p.name}")
+    if _rank() == 0 and p.exists():
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = p.with_name(f"rejected-{p.name}.{n}")
+        p.rename(dest)
+    return dest
+
+
+def _rotate(d: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints and, always, the newest verified one."""
+    if keep <= 0:
+        return
+    cks = [p for _, p in list_checkpoints(d)]
+    keep_paths = set(cks[-keep:])
+    verified = [p for p in cks if is_verified(p)]
+    if verified:
+        keep_paths.add(verified[-1])
+    for p in cks:
+        if p not in keep_paths:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def recorded_hashes(ckpt_dir: str | Path) -> dict[str, Any]:
+    """``config_hash`` recorded by each complete checkpoint in the dir (``step_N`` and ``final``;
+    a ``final`` written before final checkpoints recorded it is left out)."""
+    d = Path(ckpt_dir)
+    out: dict[str, Any] = {}
+    paths = [p for _, p in list_checkpoints(d)] + ([d / "final"] if (d / "final" / STATE).is_file() else [])
+    for p in paths:
+        try:
+            state = json.loads((p / STATE).read_text())
+        except (OSError, ValueError):
+            out[p.name] = None
+            continue
+        if "config_hash" in state or p.name != "final":
+            out[p.name] = state.get("config_hash")
+    return out
+
+
+def set_aside_stale(ckpt_dir: str | Path, config_hash: Any) -> Path | None:
+    """Call on rank 0 only (then barrier): if any complete checkpoint in ``ckpt_dir`` was written
+    under another ``config_hash`` (the run's spec changed), rename the whole dir to
+    ``<dir>.stale-<old hash>`` (never deleted) and return the new path; None if nothing is stale."""
+    d = Path(ckpt_dir)
+    hashes = recorded_hashes(d)
+    stale = {name: h for name, h in hashes.items() if h != config_hash}
+    if not stale:
+        return None
+    old = next(iter(stale.values()))
+    dest = d.with_name(f"{d.name}.stale-{old}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = d.with_name(f"{d.name}.stale-{old}.{n}")
+    d.rename(dest)
+    return dest
 
 
 def _rng_state() -> dict[str, Any]:
@@ -159,14 +257,17 @@ def _publish(tmp: Path, final: Path, state: dict[str, Any]) -> None:
 
 
 def save_full(ckpt_dir: str | Path, step: int, model, opt, spec: dict[str, Any], keep: int = 2,
-              extra: dict[str, Any] | None = None) -> Path:
+              extra: dict[str, Any] | None = None, name: str | None = None) -> Path:
     """Everything needed for an exact resume at the same layout. ``extra`` goes into state.json
-    (the trainer's current ``shape`` after pruning, cumulative ``flops``)."""
+    (the trainer's current ``shape`` after pruning, cumulative ``flops``). ``name`` (default
+    ``step_<step>``) saves elsewhere in the dir, e.g. a WSD branch's snapshot, which resume and
+    rotation ignore; rotation (``keep``, see :func:`_rotate`) runs only for ``step_N`` saves."""
     import torch
 
     d = Path(ckpt_dir)
-    final = d / f"step_{step}"
-    tmp = d / f".step_{step}.tmp"
+    name = name or f"step_{step}"
+    final = d / name
+    tmp = d / f".{name}.tmp"
     if _rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -178,12 +279,29 @@ def save_full(ckpt_dir: str | Path, step: int, model, opt, spec: dict[str, Any],
     _barrier()
     if _rank() == 0:
         state = {"step": step, "consumed_samples": step * int(spec["global_batch_size"]), "layout": _layout(),
-                 "run_id": spec["run_id"], "config_hash": spec.get("config_hash"), "kind": "full", **(extra or {})}
+                 "run_id": spec["run_id"], "config_hash": spec.get("config_hash"), "out_dir": spec.get("out_dir"),
+                 "kind": "full", **(extra or {})}
         _publish(tmp, final, state)
-        for _, p in list_checkpoints(d)[:-keep] if keep > 0 else []:
-            shutil.rmtree(p, ignore_errors=True)
+        if _STEP.match(name):
+            _rotate(d, keep)
     _barrier()
     return final
+
+
+def promote(snapshot: str | Path, step: int) -> Path:
+    """Rank 0: turn a full snapshot (e.g. a WSD branch's, taken at ``step``) into ``step_<step>`` by
+    renaming it; if that checkpoint already exists (same state), drop the snapshot instead."""
+    src = Path(snapshot)
+    dest = src.parent / f"step_{step}"
+    if _rank() == 0:
+        if (dest / STATE).exists():
+            shutil.rmtree(src, ignore_errors=True)
+        else:
+            if dest.exists():  # an incomplete dir of that name (no state.json): not a checkpoint
+                shutil.rmtree(dest)
+            src.rename(dest)
+    _barrier()
+    return dest
 
 
 def save_final(ckpt_dir: str | Path, step: int, model, spec: dict[str, Any],
@@ -202,7 +320,9 @@ def save_final(ckpt_dir: str | Path, step: int, model, spec: dict[str, Any],
     _barrier()
     if _rank() == 0:
         _publish(tmp, final, {"step": step, "run_id": spec["run_id"], "layout": _layout(), "kind": "weights",
-                              "shape": spec["shape"], "vocab_size": spec["vocab_size"], **(extra or {})})
+                              "shape": spec["shape"], "vocab_size": spec["vocab_size"],
+                              "config_hash": spec.get("config_hash"), "out_dir": spec.get("out_dir"),
+                              **(extra or {})})
     _barrier()
     return final
 

@@ -9,8 +9,12 @@ that each is still needed, so an upgrade that changes them fails loudly.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 PATCHED_VERSION = "0.16.1"
 _applied = False
+_mode = None  # the active device-rewriting TorchFunctionMode (patch 3)
 
 
 class CPURNGStatesTracker:  # built lazily as a subclass of Megatron's tracker
@@ -113,9 +117,10 @@ def apply() -> None:
     # 2. synchronize -> no-op (p2p communication, DDP buffer management)
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     # 3. device="cuda" in factory calls (schedules, optimizers, multi_tensor_applier fallbacks)
-    global _CudaFactoriesOnCPU
+    global _CudaFactoriesOnCPU, _mode
     _CudaFactoriesOnCPU = _make_device_mode()
-    _CudaFactoriesOnCPU().__enter__()
+    _mode = _CudaFactoriesOnCPU()
+    _mode.__enter__()
     # 4. RNG tracker (see CPURNGStatesTracker and seed_rng_tracker)
     for name in ("CudaRNGStatesTracker", "_CUDA_RNG_STATE_TRACKER", "get_cuda_rng_tracker"):
         if not hasattr(mrandom, name):
@@ -139,3 +144,21 @@ def seed_rng_tracker(seed: int, tp_rank: int = 0) -> None:
     tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
     tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
     tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 + tp_rank)
+
+
+@contextlib.contextmanager
+def device_mode_suspended() -> Iterator[None]:
+    """Run the block outside the device-rewriting TorchFunctionMode (patch 3), e.g. a plain PyTorch
+    baseline in bench/train.py, which must not pay the mode's per-op Python dispatch. A no-op when
+    the mode is not the innermost one (or was never entered)."""
+    from torch.overrides import _get_current_function_mode_stack, _pop_mode, _push_mode
+
+    stack = _get_current_function_mode_stack()
+    if _mode is None or not stack or stack[-1] is not _mode:
+        yield
+        return
+    mode = _pop_mode()
+    try:
+        yield
+    finally:
+        _push_mode(mode)

@@ -58,12 +58,19 @@ def build_train_dataset(spec: dict[str, Any]):
                                   spec["seed"], str(Path(spec["out_dir"]) / "data_cache"))
 
 
+def validation_tokens(prefix: str, max_tokens: int | None = None) -> tuple[np.ndarray, bool]:
+    """The evaluated token stream (the first ``max_tokens`` + 1 tokens when capped: ``max_tokens``
+    predictions) and whether the cap cut the set short."""
+    toks = _read_tokens(prefix)
+    if max_tokens and len(toks) > max_tokens + 1:
+        return toks[: max_tokens + 1], True
+    return toks, False
+
+
 def validation_windows(prefix: str, seq_length: int, max_tokens: int | None = None
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every validation token predicted exactly once: (tokens, labels, mask) arrays [n, seq]."""
-    toks = _read_tokens(prefix)
-    if max_tokens:
-        toks = toks[: max_tokens + 1]
+    toks, _ = validation_tokens(prefix, max_tokens)
     n_pred = len(toks) - 1
     n = max(1, -(-n_pred // seq_length))
     tokens = np.zeros((n, seq_length), dtype=np.int64)

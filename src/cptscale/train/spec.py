@@ -92,10 +92,39 @@ def validate_spec(spec: dict[str, Any], where: str = "run.json") -> None:
         par = spec.get("parent")
         if not isinstance(par, dict) or "checkpoint" not in par:
             raise SpecError(f"{where}: init 'cpt' needs parent.checkpoint (the source run's final checkpoint)")
+        _check_parent_loss(spec, where)
     if spec.get("precision", "auto") not in ("auto", "fp32", "bf16"):
         raise SpecError(f"{where}: precision must be auto, fp32 or bf16")
     if spec.get("prune") is not None:
         validate_prune(spec, where)
+        if sched.get("branches"):
+            raise SpecError(f"{where}: schedule.branches (WSD decay branches) cannot be combined with prune; "
+                            "drop one of them (train.wsd_branches in the study config)")
+
+
+def parent_done_path(spec: dict[str, Any]) -> Path:
+    """Where the source run's done.json is: ``parent.done`` if given, else the planner's layout
+    (run dirs side by side: ``<out_dir>/../<parent.run_id>/done.json``)."""
+    par = spec.get("parent") or {}
+    if par.get("done"):
+        return Path(par["done"])
+    return Path(spec["out_dir"]).parent / str(par.get("run_id")) / "done.json"
+
+
+def _check_parent_loss(spec: dict[str, Any], where: str) -> None:
+    """The init-sanity gate compares against ``parent.final_loss``: without it the gate would pass
+    silently, so a CPT spec without a finite number there is refused."""
+    import math
+
+    par = spec["parent"]
+    v = par.get("final_loss")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        lang = par.get("lang") or spec.get("source_lang")
+        raise SpecError(
+            f"{where}: parent.final_loss is {v!r}, so the init-sanity gate has nothing to compare with: the source "
+            f"run {par.get('run_id')!r} must have recorded its final {lang} validation loss in "
+            f"{parent_done_path(spec)} (final_loss.{lang}); finish (or re-run) that run, then regenerate this "
+            "run.json with `cptscale plan CONFIG --run RUN_ID --out run.json` (or set parent.final_loss by hand)")
 
 
 PRUNE_KEYS = ("importance", "calib_batches", "events")
@@ -154,5 +183,5 @@ def make_schedule(d: dict[str, Any]):
         kind=d["kind"], max_lr=float(d["max_lr"]), min_lr=float(d.get("min_lr", 0.0)),
         warmup_steps=int(d.get("warmup_steps", 0)), total_steps=int(d["total_steps"]),
         start_lr=float(d.get("start_lr", 0.0)), decay_steps=int(d.get("decay_steps", 0) or 0),
-        decay_shape=d.get("decay_shape", "linear"),
+        decay_shape=d.get("decay_shape", "linear"), branches=tuple(int(b) for b in d.get("branches") or ()),
     )
