@@ -24,7 +24,7 @@ QUERIES = {
     "final target loss per size x init x replay": """
         SELECT r.size, r.init, r.replay, e.loss, e.flops
         FROM evals e JOIN runs r USING (study, run_id)
-        WHERE e.lang = r.lang AND e.step = r.steps ORDER BY r.params, r.init, r.replay""",
+        WHERE e.lang = r.lang AND e.step = r.steps AND e.branch IS NULL ORDER BY r.params, r.init, r.replay""",
     "mean train loss over the last 10% of steps, per run": """
         SELECT t.run_id, avg(t.loss) AS loss, max(t.tokens) AS tokens
         FROM train_metrics t JOIN runs r USING (study, run_id)

@@ -12,8 +12,15 @@ Ingest is
   run is skipped (its old rows stay) and the exit status is 1, unless ``allow_partial`` keeps the
   good lines.
 
-Every ``runs`` row carries config hash, git commit + dirty flag, package versions and input hashes;
-every other run-level row carries ``study``, ``run_id`` and ``config_hash`` so it joins back to them.
+* **published, not exposed**: the workflow ingests into a persistent store (``db/store.duckdb``) that is
+  not a Snakemake output (Snakemake deletes outputs before a job runs and after it fails) and then
+  copies it atomically to the declared output (``--publish``, :func:`publish`).
+
+Every ``runs`` row carries config hash, git commit + dirty flag, package versions and input hashes (the
+trainer's record from done.json where it wrote one, else the planner's from run.json; ``runs.provenance``
+says which); every other run-level row carries ``study``, ``run_id`` and ``config_hash`` so it joins back
+to them. ``evals.branch`` is NULL for the main trajectory and a WSD decay branch's total steps for that
+branch's evals: queries of loss curves read ``WHERE branch IS NULL``.
 """
 
 from __future__ import annotations
@@ -26,16 +33,18 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cptscale.transfer import flops_6nd, flops_at_step, forgetting, run_compute
+from cptscale.transfer import flops_6nd, flops_at_step, forgetting, main_trajectory, run_compute
 from cptscale.util import file_hash, read_json, stable_hash
 
 #: 2: runs gained the IPLT arm, the trainer's FLOPs and the prune events (cptscale.iplt, cptscale.prune)
-SCHEMA_VERSION = 2
+#: 3: evals gained ``branch`` (WSD decay branches; NULL = the main trajectory), runs gained ``branches``
+#:    (done.json) and ``provenance`` (the merged record), fits gained the fitting choices as columns
+SCHEMA_VERSION = 3
 
 #: table -> column DDL. Names are a contract with the report and fit stages.
 SCHEMA: dict[str, str] = {
@@ -51,13 +60,13 @@ SCHEMA: dict[str, str] = {
         flops_exact_nonemb DOUBLE, out_dir VARCHAR, config_hash VARCHAR, git_commit VARCHAR, git_dirty BOOLEAN,
         packages JSON, input_hashes JSON, file_hashes JSON, config JSON, blend JSON, ingested_at TIMESTAMP,
         arm VARCHAR, arm_panel VARCHAR, iplt JSON, flops_spent DOUBLE, flops_spent_6nd DOUBLE,
-        flops_inherited DOUBLE, final_params BIGINT, final_shape JSON, prune JSON,
+        flops_inherited DOUBLE, final_params BIGINT, final_shape JSON, prune JSON, branches JSON, provenance JSON,
         PRIMARY KEY (study, run_id)""",
     "checkpoints": """study VARCHAR, run_id VARCHAR, kind VARCHAR, step BIGINT, path VARCHAR, config_hash VARCHAR""",
     "train_metrics": """study VARCHAR, run_id VARCHAR, step BIGINT, tokens BIGINT, loss DOUBLE, lr DOUBLE,
         grad_norm DOUBLE, tokens_per_s DOUBLE, mem_bytes DOUBLE, mfu DOUBLE, config_hash VARCHAR""",
     "evals": """study VARCHAR, run_id VARCHAR, step BIGINT, tokens BIGINT, lang VARCHAR, loss DOUBLE, ppl DOUBLE,
-        bpb DOUBLE, n_tokens BIGINT, flops DOUBLE, flops_6nd DOUBLE, config_hash VARCHAR""",
+        bpb DOUBLE, n_tokens BIGINT, flops DOUBLE, flops_6nd DOUBLE, config_hash VARCHAR, branch BIGINT""",
     "data_manifests": """study VARCHAR, lang VARCHAR, train_docs BIGINT, train_tokens BIGINT, train_bytes BIGINT,
         train_chars BIGINT, valid_docs BIGINT, valid_tokens BIGINT, valid_bytes BIGINT, valid_chars BIGINT,
         tokens_per_byte DOUBLE, tokens_per_char DOUBLE, vocab_size INTEGER, tokenizer_hash VARCHAR,
@@ -76,7 +85,8 @@ SCHEMA: dict[str, str] = {
         config_hash VARCHAR""",
     "fits": """study VARCHAR, fit_id VARCHAR, file VARCHAR, law VARCHAR, kind VARCHAR, params JSON, fixed JSON,
         meta JSON, intervals JSON, heldout JSON, raw JSON, file_hash VARCHAR, config_hash VARCHAR,
-        git_commit VARCHAR, git_dirty BOOLEAN""",
+        git_commit VARCHAR, git_dirty BOOLEAN, loss VARCHAR, delta DOUBLE, reduction VARCHAR, optimizer VARCHAR,
+        grid JSON, selection JSON, excluded JSON, input_hash VARCHAR""",
     "predictions": """study VARCHAR, fit_id VARCHAR, kind VARCHAR, row_kind VARCHAR, run_id VARCHAR, N DOUBLE,
         D DOUBLE, C DOUBLE, predicted_loss DOUBLE, observed_loss DOUBLE, extra JSON""",
     "ingest_log": """study VARCHAR, key VARCHAR, fingerprint VARCHAR, ingested_at TIMESTAMP,
@@ -88,12 +98,20 @@ TABLES = tuple(t for t in SCHEMA if t not in ("ingest_log", "meta"))
 RUN_FILES = ("run.json", "metrics.jsonl", "evals.jsonl", "done.json", "blend.json", "transfer.json", "prune.jsonl")
 
 #: Columns added after schema version 1, by table: an older database gains them on the next ingest
-#: (and every run is re-ingested once, so the new columns are filled for old runs too).
+#: (and every run and fit file is re-ingested once, so the new columns are filled for old rows too).
 ADDED_COLUMNS: dict[str, dict[str, str]] = {
     "runs": {"arm": "VARCHAR", "arm_panel": "VARCHAR", "iplt": "JSON", "flops_spent": "DOUBLE",
              "flops_spent_6nd": "DOUBLE", "flops_inherited": "DOUBLE", "final_params": "BIGINT",
-             "final_shape": "JSON", "prune": "JSON"},
+             "final_shape": "JSON", "prune": "JSON", "branches": "JSON", "provenance": "JSON"},
+    "evals": {"branch": "BIGINT"},
+    "fits": {"loss": "VARCHAR", "delta": "DOUBLE", "reduction": "VARCHAR", "optimizer": "VARCHAR", "grid": "JSON",
+             "selection": "JSON", "excluded": "JSON", "input_hash": "VARCHAR"},
 }
+#: The fits columns filled from a fit's ``meta`` (the choices every loss-law fit records).
+FIT_CHOICES = ("loss", "delta", "reduction", "optimizer", "grid", "selection", "excluded", "input_hash")
+#: Provenance fields the trainer's done.json may record at training time (preferred over run.json's,
+#: which the planner wrote before the job ran, possibly from another checkout).
+PROVENANCE_FIELDS = ("git_commit", "git_dirty", "packages", "config_hash", "input_hashes")
 
 
 class BadInput(Exception):
@@ -136,12 +154,13 @@ def _now() -> Any:
 
 
 def read_jsonl_rows(path: Path, required: Sequence[str], *, allow_partial: bool,
-                    problems: list[str]) -> list[dict[str, Any]]:
+                    problems: list[str], check: Callable[[dict[str, Any]], str | None] | None = None,
+                    ) -> list[dict[str, Any]]:
     """Rows of a JSONL file, validated line by line.
 
     A bad line (not JSON, not an object, missing a required key: typically the truncated last line of
-    a killed job) raises :class:`BadInput` naming ``path:line`` — or, with ``allow_partial``, is
-    recorded in ``problems`` and skipped.
+    a killed job; or refused by ``check``, which returns what is wrong) raises :class:`BadInput` naming
+    ``path:line`` — or, with ``allow_partial``, is recorded in ``problems`` and skipped.
     """
     rows: list[dict[str, Any]] = []
     with open(path, encoding="utf-8", errors="replace") as fh:
@@ -155,6 +174,9 @@ def read_jsonl_rows(path: Path, required: Sequence[str], *, allow_partial: bool,
                 missing = [k for k in required if row.get(k) is None]
                 if missing:
                     raise ValueError(f"missing {', '.join(missing)}")
+                wrong = check(row) if check else None
+                if wrong:
+                    raise ValueError(wrong)
             except ValueError as exc:  # JSONDecodeError is a ValueError
                 msg = f"{path}:{i}: malformed line ({exc})"
                 if not allow_partial:
@@ -211,7 +233,8 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
             raise BadInput(f"{run_dir / 'done.json'}: malformed JSON ({exc})") from None
     rid = spec.get("run_id") or run_dir.name
     chash = spec.get("config_hash")
-    prov = spec.get("provenance") or {}
+    prov = merged_provenance(spec.get("provenance"), (done or {}).get("provenance"))
+    branches = _branches(run_dir / "done.json", (done or {}).get("branches"))
     comp = run_compute(spec) if "shape" in spec else {}
     fpt = comp.get("flops_per_token")
     params = comp.get("params", spec.get("params"))
@@ -245,17 +268,20 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
     ev_rows: list[dict[str, Any]] = []
     epath = run_dir / "evals.jsonl"
     if epath.exists():
-        ev_rows = read_jsonl_rows(epath, ("step", "lang", "loss"), allow_partial=allow_partial, problems=problems)
-        dedup: dict[tuple[int, str], dict[str, Any]] = {}
+        ev_rows = read_jsonl_rows(epath, ("step", "lang", "loss"), allow_partial=allow_partial, problems=problems,
+                                  check=_check_branch)
+        # a resumed run may re-log an eval: the last one of each (step, lang, branch) wins
+        dedup: dict[tuple[int, str, int | None], dict[str, Any]] = {}
         for e in ev_rows:
-            dedup[(int(e["step"]), str(e["lang"]))] = e
+            dedup[(int(e["step"]), str(e["lang"]), e.get("branch"))] = e
         ev_rows = list(dedup.values())
         out["evals"] = [
             {**key, "step": int(e["step"]), "tokens": e.get("tokens"), "lang": e["lang"], "loss": e["loss"],
              "ppl": e.get("ppl", math.exp(min(e["loss"], 700))), "bpb": e.get("bpb"),
-             "n_tokens": e.get("n_tokens"), "flops": fl, "flops_6nd": f6}
+             "n_tokens": e.get("n_tokens"), "flops": fl, "flops_6nd": f6, "branch": e.get("branch")}
             for e in ev_rows for fl, f6 in [eval_flops(e)]
         ]
+        ev_rows = main_trajectory(ev_rows)  # forgetting is a main-trajectory curve
 
     # blend realization
     blend = None
@@ -351,8 +377,57 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
         "arm": iplt.get("arm"), "arm_panel": iplt.get("panel"), "iplt": _j(iplt or None),
         "flops_spent": d.get("flops_spent"), "flops_spent_6nd": d.get("flops_spent_6nd"),
         "flops_inherited": iplt.get("flops_inherited"), "final_params": d.get("final_params"),
-        "final_shape": _j(d.get("final_shape")), "prune": _j(prune_rows),
+        "final_shape": _j(d.get("final_shape")), "prune": _j(prune_rows), "branches": _j(branches),
+        "provenance": _j(prov),
     }]
+    return out
+
+
+def _check_branch(row: dict[str, Any]) -> str | None:
+    b = row.get("branch")
+    if b is None:
+        return None
+    if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
+        return f"'branch' must be the branch's total steps (a positive integer), not {b!r}"
+    if int(row["step"]) > b:
+        return f"step {row['step']} lies past the end of its branch ({b} steps)"
+    return None
+
+
+def _branches(path: Path, branches: Any) -> list[dict[str, Any]] | None:
+    """done.json's ``branches`` (one entry per WSD decay branch: steps, tokens, final_loss by language),
+    validated so a malformed one is reported with the file, not stored."""
+    if branches is None:
+        return None
+    if not isinstance(branches, list):
+        raise BadInput(f"{path}: 'branches' must be a list of {{steps, tokens, final_loss}}, not "
+                       f"{type(branches).__name__}; re-run the job that wrote it")
+    for i, b in enumerate(branches):
+        ok = (isinstance(b, dict) and isinstance(b.get("steps"), int) and not isinstance(b["steps"], bool)
+              and b["steps"] > 0 and isinstance(b.get("final_loss", {}), dict))
+        if not ok:
+            raise BadInput(f"{path}: branches[{i}] = {b!r} is not {{steps: int > 0, tokens, final_loss: "
+                           "{lang: loss}}; re-run the job that wrote it")
+    return branches
+
+
+def merged_provenance(plan: dict[str, Any] | None, train: dict[str, Any] | None) -> dict[str, Any]:
+    """The provenance a run's rows carry: the trainer's (done.json, written when the run trained) where
+    it has a field, else the planner's (run.json). ``from`` says which file each field came from;
+    ``plan`` keeps the planner's record when the trainer's overrides any of it."""
+    plan, train = dict(plan or {}), dict(train or {})
+    out: dict[str, Any] = {**plan}
+    src = dict.fromkeys(plan, "run.json")
+    for k, v in train.items():
+        if v is None or (isinstance(v, dict | list | str) and not v):
+            continue
+        if k == "input_hashes" and isinstance(plan.get(k), dict):
+            v = {**plan[k], **v}  # the trainer may hash only what it read; keep the plan's other inputs
+        out[k] = v
+        src[k] = "done.json"
+    out["from"] = {k: src[k] for k in sorted(src) if k in PROVENANCE_FIELDS or k in train}
+    if any(v == "done.json" for v in src.values()) and plan:
+        out["plan"] = plan
     return out
 
 
@@ -453,7 +528,18 @@ def _fit_rows(study: str, path: Path, fh: str) -> tuple[list[dict[str, Any]], li
         prov = f.get("provenance") or meta.get("provenance") or {}
         kind = f.get("kind") or meta.get("kind") or ("cpt" if "cpt" in fid.lower() else
                                                       "scratch" if "scratch" in fid.lower() else None)
-        fits.append({
+        choices = {k: meta.get(k) for k in FIT_CHOICES}
+        if isinstance(meta.get("grid_spec"), dict):  # the grid's values and hash, not just its name
+            choices["grid"] = meta["grid_spec"]
+        if isinstance(meta.get("excluded_points"), dict):  # the excluded rows' values, not just their numbers
+            choices["excluded"] = meta["excluded_points"]
+        for k in ("grid", "selection", "excluded"):
+            choices[k] = _j(choices[k])
+        if choices["delta"] is not None:
+            choices["delta"] = float(choices["delta"])
+        if choices["optimizer"] is not None:
+            choices["optimizer"] = str(choices["optimizer"])
+        fits.append({**choices,
             "study": study, "fit_id": fid, "file": str(path), "law": f.get("law"), "kind": kind,
             "params": _j(f.get("params")), "fixed": _j(f.get("fixed")), "meta": _j(meta),
             "intervals": _j(f.get("intervals") or meta.get("intervals")),
@@ -502,6 +588,29 @@ def create_schema(con: Any) -> None:
     if old is not None and old < SCHEMA_VERSION:
         con.execute("DELETE FROM ingest_log")
     con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+
+
+def publish(store: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Copy the persistent store to ``dest`` atomically (temp file beside it, fsync, rename).
+
+    The workflow ingests into a store that is *not* a Snakemake output (Snakemake deletes a job's
+    outputs before it runs and after it fails, which would lose the database) and publishes a copy as
+    the declared output. The copy is taken under the store's ingest lock, so it is never half-updated.
+    """
+    from cptscale.util import atomic_path
+
+    src, dst = Path(store), Path(dest)
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"--publish {dest}: the published copy must differ from the store --db {store}")
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no store to publish; ingest into it first")
+    with _lock(src), atomic_path(dst) as tmp, open(src, "rb") as fi, open(tmp, "wb") as fo:
+        while block := fi.read(1 << 24):
+            fo.write(block)
+        fo.flush()
+        os.fsync(fo.fileno())
+    _fsync_dir(dst.parent)
+    return dst
 
 
 def _insert(con: Any, table: str, df: Any) -> int:
@@ -678,6 +787,8 @@ def _ingest_into(con: Any, sdir: Path, study: str, sj: dict[str, Any], run_dirs:
                 continue
             if isinstance(b[0], dict):
                 df = pd.DataFrame.from_records(b)
+                if "branch" in df.columns:  # NULL for the main trajectory: a nullable integer, not float NaN
+                    df["branch"] = df["branch"].astype("Int64")
             else:
                 df = b[0] if len(b) == 1 else pd.concat(b, ignore_index=True)
             rep.rows[t] += _insert(con, t, df)
@@ -701,9 +812,12 @@ def connect(db: str | os.PathLike[str], read_only: bool = True) -> Any:
 
 def write_points_table(db: str | os.PathLike[str] | Any, study: str, out_csv: str | os.PathLike[str], *,
                        min_step_fraction: float = 0.0, langs: Sequence[str] | None = None) -> int:
-    """The fitting input: one row per eval step > 0 of each run's target-language loss.
+    """The fitting input: one row per eval step > 0 of each run's target-language loss, plus the final
+    eval of each of its WSD decay branches (``branch`` = the branch's total steps; empty for the main
+    trajectory): a branch is a completed short run, so its end is an extra (N, D, loss) point of that
+    run (same ``run``, so the bootstrap resamples it with the run).
 
-    Columns ``run, N, D, loss, init, lang, size, replay, C`` (+ ``step, D_target, params_nonemb``).
+    Columns ``run, N, D, loss, init, lang, size, replay, C`` (+ ``step, D_target, params_nonemb, branch``).
     N = parameters **with** embeddings (``runs.params``), D = tokens seen by the run (for CPT: CPT tokens,
     source pre-training excluded, replay included; ``D_target = D·(1 - replay)``), C = 6·N·D.
     ``min_step_fraction`` drops the earliest evals (warm-up) of every run. Only runs in ``langs`` are
@@ -718,16 +832,22 @@ def write_points_table(db: str | os.PathLike[str] | Any, study: str, out_csv: st
         langs = [r[0] for r in con.execute(
             "SELECT DISTINCT lang FROM runs WHERE study = ? AND init = 'cpt' AND arm IS NULL", [study]).fetchall()]
     df = con.execute(
-        """SELECT e.run_id AS run, r.params::DOUBLE AS N, e.tokens::DOUBLE AS D, e.loss, r.init, r.lang, r.size,
+        """WITH ev AS (
+               SELECT *, max(step) OVER (PARTITION BY run_id, lang, branch) AS branch_end
+               FROM evals WHERE study = ?)
+           SELECT e.run_id AS run, r.params::DOUBLE AS N, e.tokens::DOUBLE AS D, e.loss, r.init, r.lang, r.size,
                   coalesce(r.replay, 0.0) AS replay, 6.0 * r.params * e.tokens AS C, e.step,
-                  e.tokens * (1 - coalesce(r.replay, 0.0)) AS D_target, r.params_nonemb AS params_nonemb
-           FROM evals e JOIN runs r ON r.study = e.study AND r.run_id = e.run_id
-           WHERE e.study = ? AND e.lang = r.lang AND e.step > 0 AND r.arm IS NULL
+                  e.tokens * (1 - coalesce(r.replay, 0.0)) AS D_target, r.params_nonemb AS params_nonemb,
+                  e.branch
+           FROM ev e JOIN runs r ON r.study = ? AND r.run_id = e.run_id
+           WHERE e.lang = r.lang AND e.step > 0 AND r.arm IS NULL
+             AND (e.branch IS NULL OR e.step = e.branch_end)
              AND e.step >= ? * coalesce(r.steps, 0)
              AND (list_contains(?::VARCHAR[], r.lang) OR ? IS NULL)
-           ORDER BY r.init, r.params, r.replay, e.run_id, e.step""",
-        [study, float(min_step_fraction), list(langs), 1 if langs else None],
+           ORDER BY r.init, r.params, r.replay, e.run_id, e.step, e.branch NULLS FIRST""",
+        [study, study, float(min_step_fraction), list(langs), 1 if langs else None],
     ).df()
+    df["branch"] = df["branch"].astype("Int64")
     with atomic_path(out_csv) as tmp:
         df.to_csv(tmp, index=False)
     return len(df)
@@ -771,10 +891,14 @@ def status_table(study_dir: str | os.PathLike[str], db: str | os.PathLike[str] |
         spec = read_json(d / "run.json") if (d / "run.json").exists() else {}
         ev_cfg = spec.get("eval") or {}
         n_exp = len(ev_cfg.get("steps") or []) * len(ev_cfg.get("languages") or {}) if ev_cfg else 0
-        n_ev = 0
+        n_ev = n_br = 0
         if (d / "evals.jsonl").exists():
             with open(d / "evals.jsonl", "rb") as fh:
-                n_ev = sum(1 for line in fh if line.strip())
+                for line in fh:
+                    if b'"branch"' in line and _branch_of(line) is not None:
+                        n_br += 1  # a WSD decay branch's eval: not one of the planned main-trajectory evals
+                    elif line.strip():
+                        n_ev += 1
         recs.append({
             "size": e.get("size"), "params": e.get("params") or spec.get("params") or 0, "init": e.get("init"),
             "replay": float(e.get("replay") or 0.0), "variant": e.get("variant") or "",
@@ -782,7 +906,7 @@ def status_table(study_dir: str | os.PathLike[str], db: str | os.PathLike[str] |
             "done": int((d / "done.json").exists()),
             "partial": int((d / "run.json").exists() and not (d / "done.json").exists()
                            and (d / "metrics.jsonl").exists()),
-            "evals": n_ev, "evals_expected": n_exp,
+            "evals": n_ev, "evals_expected": n_exp, "branch_evals": n_br,
             "transfer": int((d / "transfer.json").exists()) if e.get("init") == "cpt" and not e.get("arm") else None,
             "in_db": int(e["run_id"] in in_db),
         })
@@ -790,11 +914,19 @@ def status_table(study_dir: str | os.PathLike[str], db: str | os.PathLike[str] |
     g = (df.groupby(["params", "size", "init", "replay", "variant"], dropna=False)
          .agg(expected=("expected", "sum"), done=("done", "sum"), partial=("partial", "sum"),
               evals=("evals", "sum"), evals_expected=("evals_expected", "sum"),
-              transfer=("transfer", "sum"), in_db=("in_db", "sum"))
+              transfer=("transfer", "sum"), in_db=("in_db", "sum"), branch_evals=("branch_evals", "sum"))
          .reset_index().sort_values(["params", "init", "replay", "variant"]).drop(columns="params"))
     g["missing"] = (g["expected"] - g["done"] - g["partial"]).clip(lower=0)
     return g[["size", "init", "replay", "variant", "expected", "done", "partial", "missing", "evals", "evals_expected",
-              "transfer", "in_db"]]
+              "transfer", "in_db", "branch_evals"]]
+
+
+def _branch_of(line: bytes) -> Any:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row.get("branch") if isinstance(row, dict) else None
 
 
 # -- synthetic studies (tests, benchmarks, report development) ----------------------------------
@@ -971,12 +1103,18 @@ def _cmd_ingest(args: Any) -> int:
 
     if not Path(args.study_dir).is_dir():
         raise CLIError(f"{args.study_dir}: not a directory (pass the study dir, results/<study>)")
-    rep = ingest(args.study_dir, args.db, allow_partial=args.allow_partial)
+    db = Path(args.db) if args.db else default_db(args.study_dir)
+    if args.publish and Path(args.publish).resolve() == db.resolve():
+        raise CLIError(f"--publish {args.publish} is the store itself (--db); publish to another path")
+    rep = ingest(args.study_dir, db, allow_partial=args.allow_partial)
     for w in rep.warnings:
         print(f"warning: {w}", file=sys.stderr)
     for e in rep.errors:
         print(f"error: {e}", file=sys.stderr)
     print(rep.summary())
+    if args.publish:  # the store is consistent even when some inputs were skipped: publish it either way
+        publish(db, args.publish)
+        print(f"published {db} -> {args.publish}")
     if rep.errors:
         print(f"{len(rep.errors)} input(s) skipped; their previous rows (if any) are unchanged. Fix them and "
               "ingest again, or pass --allow-partial to keep the good lines.", file=sys.stderr)
@@ -1022,17 +1160,28 @@ def _cmd_sql(args: Any) -> int:
 
 def export(db: str | os.PathLike[str], out_dir: str | os.PathLike[str], fmt: str = "parquet",
            tables: Sequence[str] | None = None) -> list[Path]:
-    """Write every table to ``out_dir/<table>.<fmt>`` (each file atomically)."""
+    """Write every table (or ``tables``) to ``out_dir/<table>.<fmt>``, each file atomically.
+
+    Table names are checked against the schema before anything is written (they end up in SQL)."""
+    from cptscale.cli import CLIError
     from cptscale.util import atomic_path
 
+    if fmt not in ("parquet", "csv"):
+        raise CLIError(f"export format must be parquet or csv, not {fmt!r}")
+    chosen = list(tables) if tables else list(TABLES)
+    unknown = [t for t in chosen if t not in TABLES]
+    if unknown:
+        raise CLIError(f"--tables: unknown table(s) {', '.join(map(repr, unknown))}; the store has "
+                       f"{', '.join(TABLES)}")
     con = connect(db)
     out = []
     try:
-        for t in tables or TABLES:
+        for t in dict.fromkeys(chosen):
             dest = Path(out_dir) / f"{t}.{fmt}"
             with atomic_path(dest) as tmp:
                 opts = "(FORMAT parquet)" if fmt == "parquet" else "(FORMAT csv, HEADER)"
-                con.execute(f"COPY (SELECT * FROM {t}) TO '{tmp}' {opts}")
+                path = str(tmp).replace("'", "''")
+                con.execute(f"COPY (SELECT * FROM \"{t}\") TO '{path}' {opts}")
             out.append(dest)
     finally:
         con.close()
@@ -1067,7 +1216,10 @@ def add_commands(subparsers: Any) -> None:
 
     q = sub.add_parser("ingest", help="ingest a study directory's files (atomic, idempotent)")
     q.add_argument("--study-dir", required=True)
-    q.add_argument("--db", help="database file (default: STUDY_DIR/cptscale.duckdb)")
+    q.add_argument("--db", help="database file, updated in place (default: STUDY_DIR/cptscale.duckdb)")
+    q.add_argument("--publish", metavar="PATH",
+                   help="then copy the database atomically to PATH (the workflow's declared output: the store "
+                        "itself is not a Snakemake output, so a failed job cannot delete it)")
     q.add_argument("--allow-partial", action="store_true", help="keep the good lines of malformed files")
     q.set_defaults(func=_cmd_ingest)
 

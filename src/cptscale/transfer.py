@@ -172,6 +172,17 @@ def run_compute(spec: Mapping[str, Any], tokens: float | None = None) -> dict[st
     }
 
 
+# -- evaluation rows ---------------------------------------------------------------------------
+def main_trajectory(rows: Iterable[Row]) -> list[Row]:
+    """The eval rows of a run's main trajectory: rows without a ``branch`` (or with ``branch: null``).
+
+    A WSD decay branch (``"branch": <branch total steps>``) is a short run that shares the main run's
+    warmup and stable phase and decays early; its evals are not points of the main loss curve, so
+    curves, forgetting and transfer read the main trajectory only (the fit points add each branch's
+    final eval, see :func:`cptscale.store.write_points_table`)."""
+    return [r for r in rows if r.get("branch") is None]
+
+
 # -- forgetting --------------------------------------------------------------------------------
 def forgetting(cpt_evals: Iterable[Row], source_final_loss: float, source_lang: str) -> list[dict[str, Any]]:
     """Source-language loss at every CPT eval step minus the source model's final loss.
@@ -179,7 +190,7 @@ def forgetting(cpt_evals: Iterable[Row], source_final_loss: float, source_lang: 
     Positive = forgotten. Step 0 is the loaded source model, so its value is ~0 (a check that the
     CPT run really started from the source checkpoint and evaluates on the same validation set).
     """
-    rows = [e for e in cpt_evals if e.get("lang") == source_lang and e.get("loss") is not None]
+    rows = [e for e in main_trajectory(cpt_evals) if e.get("lang") == source_lang and e.get("loss") is not None]
     rows.sort(key=lambda e: int(e["step"]))
     return [
         {
@@ -239,9 +250,9 @@ def transfer_curve(
     al. do, while tokens/FLOPs saved compare everything the CPT run trained on. Rows whose loss falls
     outside the scratch curve's range get ``None`` for every derived number and ``extrapolated=True``.
     """
-    scratch = [(float(e["tokens"]), float(e["loss"])) for e in scratch_evals
+    scratch = [(float(e["tokens"]), float(e["loss"])) for e in main_trajectory(scratch_evals)
                if e.get("lang") == lang and e.get("loss") is not None and int(e["step"]) > 0]
-    rows = sorted((e for e in cpt_evals if e.get("lang") == lang and e.get("loss") is not None),
+    rows = sorted((e for e in main_trajectory(cpt_evals) if e.get("lang") == lang and e.get("loss") is not None),
                   key=lambda e: int(e["step"]))
     out = []
     for e in rows:
@@ -309,7 +320,7 @@ def source_final_loss(source_dir: Path, source_lang: str) -> float:
         fl = (read_json(done).get("final_loss") or {}).get(source_lang)
         if fl is not None:
             return float(fl)
-    ev = [e for e in read_jsonl(source_dir / "evals.jsonl") if e.get("lang") == source_lang] \
+    ev = [e for e in main_trajectory(read_jsonl(source_dir / "evals.jsonl")) if e.get("lang") == source_lang] \
         if (source_dir / "evals.jsonl").exists() else []
     if not ev:
         raise CLIError(f"{source_dir}: no final {source_lang!r} loss in done.json or evals.jsonl; "
@@ -332,7 +343,9 @@ def compute_transfer(cpt_dir: Path, scratch_dir: Path, source_dir: Path | None =
     if (cpt["shape"]["hidden"], cpt["shape"]["layers"]) != (scratch["shape"]["hidden"], scratch["shape"]["layers"]):
         raise CLIError(f"{scratch_dir}: scratch shape differs from {cpt_dir}; pair runs of the same size")
     lang, slang = cpt["lang"], cpt.get("source_lang")
-    cpt_ev, scr_ev = read_jsonl(cpt_dir / "evals.jsonl"), read_jsonl(scratch_dir / "evals.jsonl")
+    # main trajectories only: a WSD decay branch is not a point of either curve
+    cpt_ev = main_trajectory(read_jsonl(cpt_dir / "evals.jsonl"))
+    scr_ev = main_trajectory(read_jsonl(scratch_dir / "evals.jsonl"))
     comp = run_compute(cpt)
     src_flops, src_final, src_id = 0.0, None, None
     if source_dir is not None:

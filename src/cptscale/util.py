@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -101,8 +102,14 @@ def file_hash(path: str | os.PathLike[str], length: int = 16, chunk: int = 1 << 
     return h.hexdigest()[:length]
 
 
+#: ``git_commit`` when the code does not run from a git checkout (an installed wheel, a copied tree):
+#: explicit, so a missing commit is never mistaken for a lost one.
+UNKNOWN_COMMIT = "unknown"
+
+
 def git_version(repo: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Commit and dirty flag of the code that produced a result (``None`` outside a git checkout)."""
+    """Commit and dirty flag of the code that produced a result: a 40-hex commit, or
+    :data:`UNKNOWN_COMMIT` (dirty flag ``None``) outside a git checkout or without git."""
     cwd = Path(repo) if repo else Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
@@ -115,7 +122,9 @@ def git_version(repo: str | os.PathLike[str] | None = None) -> dict[str, Any]:
             ).stdout.strip()
         )
     except (OSError, subprocess.SubprocessError):
-        return {"git_commit": None, "git_dirty": None}
+        return {"git_commit": UNKNOWN_COMMIT, "git_dirty": None}
+    if not re.fullmatch(r"[0-9a-f]{40}", commit):
+        return {"git_commit": UNKNOWN_COMMIT, "git_dirty": None}
     return {"git_commit": commit, "git_dirty": dirty}
 
 
@@ -126,6 +135,29 @@ def package_versions(names: tuple[str, ...] = PROVENANCE_PACKAGES) -> dict[str, 
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
+    return out
+
+
+#: Content hashes a data manifest (``data/<lang>/data.json``, written by ``cptscale.data.indexed.prepare``)
+#: carries, as (key suffix, path in the manifest).
+MANIFEST_HASHES = (("docs", "docs_hash"), ("tokenizer", "tokenizer_hash"), ("train.bin", "train.bin_hash"),
+                   ("train.idx", "train.idx_hash"), ("valid.bin", "valid.bin_hash"), ("valid.idx", "valid.idx_hash"))
+
+
+def manifest_hashes(manifests: dict[str, dict[str, Any]], where: str = "data/{lang}/data.json") -> dict[str, str]:
+    """The input hashes of a run: every content hash of each language's data manifest, keyed
+    ``data/<lang>/<what>`` (docs, tokenizer, train/valid .bin/.idx). A manifest without one of them
+    is an error naming the file and field: provenance must hold real hashes, never placeholders."""
+    out: dict[str, str] = {}
+    for lang, m in sorted(manifests.items()):
+        for key, path in MANIFEST_HASHES:
+            cur: Any = m
+            for part in path.split("."):
+                cur = cur.get(part) if isinstance(cur, dict) else None
+            if not isinstance(cur, str) or not re.fullmatch(r"[0-9a-f]{8,}", cur):
+                raise ValueError(f"{where.format(lang=lang)}: field {path!r} is {cur!r}, not a hex content hash; "
+                                 f"re-run the data stage for {lang!r} (cptscale data index) to rewrite the manifest")
+            out[f"data/{lang}/{key}"] = cur
     return out
 
 
