@@ -77,3 +77,10 @@ rule all:
         f"{S}/report/index.html",
         f"{S}/summary.json",
     default_target: True
+
+
+# Partition and account from the study config (slurm.partition / slurm.account) for every rule: a rule's
+# own setting, --set-resources and --default-resources on the command line win.
+for _rule in workflow.rules:
+    for _key, _value in slurm_common().items():
+        _rule.resources.setdefault(_key, _value)

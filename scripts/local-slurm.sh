@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-node SLURM cluster on localhost (Debian slurm-wlm + munge), recipe: docs/local-slurm.md.
 # Usage: scripts/local-slurm.sh start|stop|status|env
+# Partitions: main (default) and cpt, both on this node.
 set -euo pipefail
 
 CONF=/etc/slurm/slurm.conf
@@ -19,13 +20,13 @@ install_pkgs() {
     || die "apt-get install slurmctld slurmd slurm-client munge failed"
 }
 
-write_conf() {
+# The cluster's slurm.conf on stdout.
+conf_text() {
   local host cpus mem
   host=$(hostname -s)
   cpus=$(nproc)
   mem=$(awk '/MemTotal/ {printf "%d", $2/1024*0.8}' /proc/meminfo)
-  mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
-  cat > "$CONF" <<CONF
+  cat <<CONF
 ClusterName=local
 SlurmctldHost=${host}
 SlurmUser=root
@@ -51,7 +52,20 @@ MpiDefault=none
 KillWait=30
 NodeName=${host} CPUs=${cpus} RealMemory=${mem} State=UNKNOWN
 PartitionName=main Nodes=${host} Default=YES MaxTime=INFINITE State=UP
+# A second, non-default partition on the same node: a study that sets slurm.partition: cpt must land here.
+PartitionName=cpt Nodes=${host} Default=NO MaxTime=INFINITE State=UP
 CONF
+}
+
+# Write slurm.conf; print "changed" when its content changed.
+write_conf() {
+  mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
+  local new
+  new=$(conf_text)
+  if [[ ! -s $CONF ]] || [[ "$(cat "$CONF")" != "$new" ]]; then
+    printf '%s\n' "$new" > "$CONF.tmp" && mv "$CONF.tmp" "$CONF"
+    echo changed
+  fi
 }
 
 alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -59,10 +73,12 @@ alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 start() {
   [[ $(id -u) -eq 0 ]] || die "must be root to start daemons"
   install_pkgs
-  if alive /run/slurmctld.pid && alive /run/slurmd.pid && sinfo -h -o %t 2>/dev/null | grep -q idle; then
+  if alive /run/slurmctld.pid && alive /run/slurmd.pid && sinfo -h -o %t 2>/dev/null | grep -qE 'idle|mix|alloc'; then
+    # running daemons pick up a changed slurm.conf (e.g. a partition added) without a restart
+    if [[ -n $(write_conf) ]]; then scontrol reconfigure && echo "local-slurm: reconfigured"; fi
     echo "local-slurm: already running"; return 0
   fi
-  write_conf
+  write_conf >/dev/null
   if [[ ! -s /etc/munge/munge.key ]]; then
     mungekey -c -k /etc/munge/munge.key 2>/dev/null || dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
   fi
@@ -96,8 +112,11 @@ status() {
   sinfo 2>/dev/null || true
 }
 
+# Snakemake flags for this cluster: no accounting database (status from squeue), fast polling, no
+# account. No partition: jobs go to the default partition `main` unless the study config (or a rule)
+# names one (slurm.partition).
 env_flags() {
-  echo "--executor slurm --slurm-status-command squeue --slurm-init-seconds-before-status-checks 1 --seconds-between-status-checks 1 --slurm-no-account --default-resources slurm_partition=main"
+  echo "--executor slurm --slurm-status-command squeue --slurm-init-seconds-before-status-checks 1 --seconds-between-status-checks 1 --slurm-no-account"
 }
 
 case "${1:-}" in

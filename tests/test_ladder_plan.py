@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -171,3 +172,105 @@ def test_next_run_planned_from_a_fit_suggestion(tmp_path: Path) -> None:
     n = cfg.shape(run.size).params(cfg.vocab_size, embeddings=cfg.budget.param_count != "nonembedding")
     assert 0.8 < n / 9.0e5 < 1.25
     assert 1.9e8 <= run.tokens < 1.9e8 + run.global_batch_size * run.seq_length
+
+
+# -- rerun triggers and the plan table -------------------------------------------------------------
+def _demo_raw() -> dict:
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def _hashes(raw: dict) -> dict[str, str]:
+    from cptscale.plan import training_hash
+
+    cfg = parse_config(raw, base_dir=ROOT)
+    return {r.run_id: training_hash(cfg, r) for r in plan_study(cfg)}
+
+
+@pytest.mark.parametrize("edit", [
+    {"slurm": {"gpus": False, "min_runtime_minutes": 90, "runtime_overhead_minutes": 3, "threads_per_rank": 2,
+               "cpu_flops_per_core": 5e9, "partition": "gpu-long", "account": "proj"}},
+    {"data": {"workers": 7, "cache_dir": "/tmp/elsewhere"}},
+    {"train": {"checkpoint_every": 7, "keep_checkpoints": 5}},
+    {"report": {"title": "retitled", "max_points": 50}, "description": "edited"},
+], ids=["slurm-resources", "data-io", "checkpoints", "presentation"])
+def test_training_hash_ignores_resources_and_io(edit: dict) -> None:
+    """Job resources, runtime estimates, thread counts, data workers/cache, checkpoint cadence and report
+    options change no run's training hash (the rerun trigger of run.json, hence of training) and not the
+    study manifest's trigger either, while they do change the plan's resources where they should."""
+    from cptscale.plan import results_hash
+
+    raw = _demo_raw()
+    edited = copy.deepcopy(raw)
+    for section, values in edit.items():
+        edited[section] = {**edited[section], **values} if isinstance(values, dict) else values
+    assert _hashes(edited) == _hashes(raw)
+    assert results_hash(parse_config(edited, base_dir=ROOT)) == results_hash(parse_config(raw, base_dir=ROOT))
+    if "slurm" in edit:  # the resources themselves did change
+        before = plan_study(parse_config(raw, base_dir=ROOT))[0]
+        after = plan_study(parse_config(edited, base_dir=ROOT))[0]
+        assert (after.cpus, after.runtime_minutes) != (before.cpus, before.runtime_minutes)
+
+
+def test_training_hash_follows_what_a_run_computes() -> None:
+    """A hyper-parameter of one size changes that size's runs only; study-wide ones change every run."""
+    raw = _demo_raw()
+    base = _hashes(raw)
+    one_size = copy.deepcopy(raw)
+    one_size["budget"]["tokens"] = {"d48l2": 600_000}
+    changed = {k for k, v in _hashes(one_size).items() if v != base[k]}
+    assert changed == {r for r in base if r.startswith("d48l2-")} and len(changed) == 4
+    for section, key, value in [("train", "lr", 1e-3), ("train", "warmup_fraction", 0.1), ("data", "max_chars", 10**6),
+                                ("tokenizer", "vocab_size", 4096), ("evaluation", "points", 5)]:
+        edited = copy.deepcopy(raw)
+        edited[section] = {**edited[section], key: value}
+        new = _hashes(edited)
+        assert all(new[k] != base[k] for k in base), (section, key)
+    seeded = dict(raw, seed=99)
+    assert all(v != base[k] for k, v in _hashes(seeded).items())
+
+
+def test_plan_table_columns_and_totals(capsys: pytest.CaptureFixture[str]) -> None:
+    """`cptscale plan config.yaml`: one row per run with N (with and without embeddings), tokens, FLOPs,
+    steps, batch, micro-batch x accumulation, layout and resources; a totals line in CPU core-hours for
+    this CPU study (GPU-hours only for GPU studies)."""
+    import math
+    import re
+
+    from cptscale.cli import main
+    from cptscale.plan import PLAN_COLUMNS, _fmt_num
+
+    cfg = load_config(ROOT / "config.yaml")
+    assert main(["plan", str(ROOT / "config.yaml")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert re.split(r"\s{2,}", lines[0].strip()) == list(PLAN_COLUMNS)
+    assert PLAN_COLUMNS == ("run", "N", "N_nonemb", "tokens", "FLOPs", "steps", "batch", "mbs x acc", "tp/pp/dp",
+                            "gpus", "cpus", "time", "mem")
+    assert set(lines[1]) == {"-"}
+    runs = plan_study(cfg)
+    rows = [ln.split() for ln in lines[2:2 + len(runs)]]
+    assert lines[2 + len(runs)] == ""
+    s = cfg.slurm
+    for row, r in zip(rows, runs, strict=True):
+        shape = cfg.shape(r.size)
+        n, n_nonemb = shape.params(cfg.vocab_size), shape.params(cfg.vocab_size, embeddings=False)
+        assert n > n_nonemb
+        batch_seqs = cfg.train.batch_tokens // cfg.train.seq_length
+        steps = math.ceil(cfg.tokens(r.size) / cfg.train.batch_tokens)
+        tokens = steps * cfg.train.batch_tokens
+        cpus = s.threads_per_rank  # tp = pp = dp = 1
+        minutes = max(s.min_runtime_minutes, math.ceil(6 * n * tokens / (cpus * s.cpu_flops_per_core) / 60 * 1.5
+                                                        + s.runtime_overhead_minutes))
+        assert row == [r.run_id, _fmt_num(n), _fmt_num(n_nonemb), _fmt_num(tokens), _fmt_num(6 * n * tokens), str(steps),
+                       f"{batch_seqs}x{cfg.train.seq_length}",
+                       f"{cfg.train.micro_batch_size}x{batch_seqs // cfg.train.micro_batch_size}", "1/1/1", "0",
+                       str(cpus), f"{minutes}m", f"{r.mem_gb}G"], row
+    total = lines[-1]
+    flops = sum(6 * r.params * r.tokens for r in runs)
+    assert total.startswith(f"study {cfg.study}: {len(runs)} runs, {_fmt_num(sum(r.tokens for r in runs))} tokens, "
+                            f"{_fmt_num(flops)} FLOPs (6ND), ~{flops / s.cpu_flops_per_core / 3600:.3g} CPU core-hours")
+    requested = sum(r.cpus * r.runtime_minutes for r in runs) / 60
+    assert total.endswith(f"time limits request {requested:.3g} CPU core-hours") and "GPU" not in total
+
+    assert main(["plan", str(ROOT / "workflow/studies/paper.yaml")]) == 0
+    paper_total = capsys.readouterr().out.splitlines()[-1]
+    assert "GPU-hours at 30% MFU" in paper_total and "core-hours" not in paper_total

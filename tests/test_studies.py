@@ -382,7 +382,7 @@ def test_store_schema_v1_database_gains_the_new_columns(tmp_path: Path) -> None:
     the columns are added and every run is read again, so they are filled for old runs too."""
     import duckdb
 
-    from cptscale.store import ADDED_COLUMNS, generate_study, ingest
+    from cptscale.store import ADDED_COLUMNS, SCHEMA_VERSION, generate_study, ingest
 
     sdir = tmp_path / "s"
     ids = generate_study(sdir, sizes=["d32l2"], replays=[0.0], steps_per_run=5, evals_per_run=3)
@@ -393,12 +393,12 @@ def test_store_schema_v1_database_gains_the_new_columns(tmp_path: Path) -> None:
         con.execute(f"ALTER TABLE runs DROP COLUMN {name}")
     con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     con.close()
-    assert ingest(sdir, db).runs_unchanged == 0  # schema 1 -> 2: every run is read again
+    assert ingest(sdir, db).runs_unchanged == 0  # schema 1 -> current: every run is read again
     con = duckdb.connect(str(db), read_only=True)
     cols = {r[0] for r in con.execute("select column_name from information_schema.columns "
                                       "where table_name = 'runs'").fetchall()}
     version = con.execute("select value from meta where key = 'schema_version'").fetchone()[0]
     n = con.execute("select count(*) from runs where arm is null").fetchone()[0]
     con.close()
-    assert set(ADDED_COLUMNS["runs"]) <= cols and version == "2" and n == len(ids)
+    assert set(ADDED_COLUMNS["runs"]) <= cols and version == str(SCHEMA_VERSION) and n == len(ids)
     assert ingest(sdir, db).runs_unchanged == len(ids)

@@ -80,3 +80,20 @@ def test_paper_scale_dry_run_is_fast(tmp_path: Path) -> None:
     elapsed = time.perf_counter() - t0
     assert counts["train"] == 42 * (1 + 1 + 6)  # 42 sizes x (en, zh scratch + 6 replay ratios)
     assert elapsed < 30, f"snakemake -n took {elapsed:.1f}s"
+
+
+@pytest.mark.parametrize("target", [
+    "runs/d99l9-scratch-en/done.json",  # a size not in ladder.sizes
+    "runs/d32l2-cpt-zh-r0.5/done.json",  # a replay ratio not in replay.ratios
+    "runs/d32l2-scratch-fr/done.json",  # a language the study does not have
+    "data/xx/train.bin",  # the data stage of an unknown language
+])
+def test_wildcard_constraints_reject_unplanned_targets(demo_config: Path, target: str) -> None:
+    """Run and language wildcards only match what config.yaml plans: anything else has no rule."""
+    raw = yaml.safe_load(demo_config.read_text())
+    path = f"{raw['results_dir']}/{raw['study']}/{target}"
+    out = subprocess.run([SNAKEMAKE, path, "-n", "--profile", "workflow/profiles/local", "--configfile", str(demo_config)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0, out.stdout[-2000:]
+    text = out.stdout + out.stderr
+    assert "MissingRuleException" in text and f"No rule to produce {path}" in text, text[-2000:]

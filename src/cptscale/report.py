@@ -120,7 +120,10 @@ def _size_color(df: Any) -> Any:
     import altair as alt
 
     order = sorted({str(x) for x in df["size"]}, key=_size_key)
-    return alt.Color("size:O", sort=order, scale=alt.Scale(scheme="viridis"), title="size")
+    # every size in the legend (Vega drops entries past 30, and a legend entry is how a size is selected),
+    # in columns of at most 25 so a 40-size ladder stays about as tall as the chart
+    legend = alt.Legend(symbolLimit=len(order), columns=-(-len(order) // 25))
+    return alt.Color("size:O", sort=order, scale=alt.Scale(scheme="viridis"), title="size", legend=legend)
 
 
 def _fits(con: Any, study: str) -> list[dict[str, Any]]:
@@ -211,6 +214,15 @@ def _iv_text(fit: dict[str, Any], name: str, fmt: str) -> str:
 # ---------------------------------------------------------------- figures
 
 
+def _lang_names(codes: Any) -> str:
+    """'English' for ['en', 'en'], 'English/French' for two source languages: axis titles name the
+    study's languages (cptscale.config.LANGUAGES), not a hard-coded pair."""
+    from cptscale.config import LANGUAGES
+
+    uniq = sorted({str(c) for c in codes if c is not None and str(c) not in ("", "nan", "None")})
+    return "/".join(LANGUAGES.get(c, c) for c in uniq) or "?"
+
+
 def _size_sel(alt: Any) -> Any:
     return alt.selection_point(fields=["size"], bind="legend")
 
@@ -236,7 +248,7 @@ def fig_loss_compute(con: Any, study: str, mp: int) -> tuple[Any, int]:
         f"""select e.run_id, r.size, r.init, e.tokens, e.loss, e.flops, {nonemb} as params_nonemb,
                   r.params from evals e
             join runs r on r.study = e.study and r.run_id = e.run_id
-            where e.study = ? and e.lang = r.lang and {rep} = 0 and e.flops > 0 {no_arm} {targets}""",
+            where e.study = ? and e.branch is null and e.lang = r.lang and {rep} = 0 and e.flops > 0 {no_arm} {targets}""",
         [study],
     )
     if df.empty:
@@ -385,13 +397,18 @@ def fig_isoloss(con: Any, study: str, mp: int) -> tuple[Any, int]:
     nr = [min(r["N"][0] for r in ranges) / 30, max(r["N"][1] for r in ranges) * 30] if ranges else [1e7, 10**10.5]
     dr = [min(r["D"][0] for r in ranges) / 30, max(r["D"][1] for r in ranges) * 30] if ranges else [1e8, 1e12]
     ns = np.logspace(np.log10(nr[0]), np.log10(nr[1]), 160)
-    corners = [_law_loss(main, n, d) for n in nr for d in dr]
-    levels = np.quantile(np.linspace(min(corners), max(corners), 400), np.linspace(0.04, 0.9, 9))
+    # levels: quantiles of the loss over the (N, D) box, so every level is reached inside it (levels spaced
+    # between the corner losses all fall outside when one corner explodes, e.g. a fit with alpha at its bound)
+    gd = np.logspace(np.log10(dr[0]), np.log10(dr[1]), 80)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        grid = _law_loss(main, ns[::2, None], gd[None, :])
+    grid = grid[np.isfinite(grid)]
+    levels = sorted({float(f"{q:.4g}") for q in np.quantile(grid, np.linspace(0.05, 0.9, 9))}) if grid.size else []
     contour = []
     for lv in levels:
-        dd = _isoloss_curve(main, float(lv), ns)
+        dd = _isoloss_curve(main, lv, ns)
         ok = np.isfinite(dd) & (dd >= dr[0]) & (dd <= dr[1])
-        contour += [{"level": round(float(lv), 3), "N": float(n), "D": float(d)} for n, d in zip(ns[ok], dd[ok], strict=True)]
+        contour += [{"level": lv, "N": float(n), "D": float(d)} for n, d in zip(ns[ok], dd[ok], strict=True)]
     front = []
     cmin, cmax = 6 * nr[0] * dr[0], 6 * nr[1] * dr[1]
     for kind, f in laws.items():
@@ -401,13 +418,16 @@ def fig_isoloss(con: Any, study: str, mp: int) -> tuple[Any, int]:
                               "loss": _law_loss(f["law_params"], n, d)})
     x = alt.X("N:Q", scale=alt.Scale(type="log", domain=nr), axis=alt.Axis(format="~s"), title="parameters N")
     y = alt.Y("D:Q", scale=alt.Scale(type="log", domain=dr), axis=alt.Axis(format="~s"), title="tokens D")
-    layers = [
-        alt.Chart(pd.DataFrame(contour)).mark_line(strokeWidth=1.2).encode(
+    if not contour and not front:
+        raise Missing(f"an IsoLoss contour or frontier of {main_fit.get('fit_id')} inside N {nr[0]:.3g}..{nr[1]:.3g}, "
+                      f"D {dr[0]:.3g}..{dr[1]:.3g} (the fitted law is degenerate there)")
+    layers = []
+    if contour:
+        layers.append(alt.Chart(pd.DataFrame(contour)).mark_line(strokeWidth=1.2).encode(
             x=x, y=y, detail="level:N",
             color=alt.Color("level:Q", scale=alt.Scale(scheme="viridis"), title=f"IsoLoss ({main_fit.get('fit_id')})"),
             tooltip=[alt.Tooltip("level:Q", title="loss"), alt.Tooltip("N:Q", format=".3s"), alt.Tooltip("D:Q", format=".3s")],
-        )
-    ]
+        ))
     if front:
         layers.append(
             alt.Chart(pd.DataFrame(front)).mark_line(strokeWidth=3).encode(
@@ -434,6 +454,7 @@ def fig_isoloss(con: Any, study: str, mp: int) -> tuple[Any, int]:
         .resolve_scale(color="independent")
         .properties(width=520, height=360,
                     title={"text": "IsoLoss and compute-optimal frontiers (Fig. 4)", "subtitle": eq})
+        .interactive()
     )
     return chart, len(contour) + len(front)
 
@@ -449,13 +470,16 @@ def fig_replay(con: Any, study: str, mp: int) -> tuple[Any, int]:
     df = _df(
         con,
         f"""select e.run_id, r.size, coalesce(r.replay, 0) as replay, e.step, e.tokens, e.flops, e.loss,
-                  case when e.lang = r.lang then 'target' else 'source' end as which
+                  case when e.lang = r.lang then 'target' else 'source' end as which,
+                  r.lang as target_lang, r.source_lang
            from evals e join runs r on r.study = e.study and r.run_id = e.run_id
-           where e.study = ? and r.init = 'cpt' and (e.lang = r.lang or e.lang = r.source_lang) {no_arm}""",
+           where e.study = ? and e.branch is null and r.init = 'cpt' and (e.lang = r.lang or e.lang = r.source_lang) {no_arm}""",
         [study],
     )
     if df.empty or df["replay"].nunique() < 1:
         raise Missing("CPT runs with target/source evals")
+    src_name, tgt_name = _lang_names(df["source_lang"]), _lang_names(df["target_lang"])
+    df = df.drop(columns=["source_lang", "target_lang"])
     # target-language compute: total compute scaled by the target share of the blend
     df["target_flops"] = df["flops"] * (1 - df["replay"].astype(float))
     df["series"] = df["run_id"] + ":" + df["which"]
@@ -498,14 +522,15 @@ def fig_replay(con: Any, study: str, mp: int) -> tuple[Any, int]:
                 alt.Chart(t)
                 .mark_line(point=alt.OverlayMarkDef(size=40))
                 .encode(
-                    x=alt.X("source_loss:Q", scale=alt.Scale(zero=False), title="source (English) loss"),
-                    y=alt.Y("target_loss:Q", scale=alt.Scale(zero=False), title="target loss"),
+                    x=alt.X("source_loss:Q", scale=alt.Scale(zero=False), title=f"source ({src_name}) loss"),
+                    y=alt.Y("target_loss:Q", scale=alt.Scale(zero=False), title=f"target ({tgt_name}) loss"),
                     color=_size_color(t),
                     order="replay:Q",
                     tooltip=["run_id", "size", "replay", alt.Tooltip("target_flops:Q", format=".2e"),
                              alt.Tooltip("source_loss:Q", format=".4f"), alt.Tooltip("target_loss:Q", format=".4f")],
                 )
                 .properties(width=300, height=230, title="trade-off at each run's final budget (line = size, ordered by replay)")
+                .interactive(name="zoom_tradeoff")
             )
     chart = alt.vconcat(*charts).properties(title="Replay: forgetting vs target loss (Fig. 5)").resolve_scale(color="independent")
     return chart, len(df) + n_trade
@@ -563,7 +588,7 @@ def fig_fit_quality(con: Any, study: str, mp: int) -> tuple[Any, int]:
         x=alt.X("predicted_loss:Q", scale=alt.Scale(zero=False), title="predicted loss"),
         y=alt.Y("observed_loss:Q", scale=alt.Scale(zero=False), title="observed loss"),
         color=color, shape=shape, opacity=op, tooltip=tip,
-    ).add_params(sel)
+    ).add_params(sel, alt.selection_interval(bind="scales", name="zoom_fit"))  # zooms the whole panel
     diag = alt.Chart(df).mark_line(color="gray", strokeDash=[4, 4]).encode(x="predicted_loss:Q", y="predicted_loss:Q")
     left = [diag, pts]
     band = df.dropna(subset=[lo, hi]) if lo and hi else pd.DataFrame()
@@ -574,13 +599,13 @@ def fig_fit_quality(con: Any, study: str, mp: int) -> tuple[Any, int]:
         x=alt.X("predicted_loss:Q", scale=alt.Scale(zero=False), title="predicted loss"),
         y=alt.Y("residual:Q", title="observed − predicted"),
         color=color, shape=shape, opacity=op, tooltip=[*tip, alt.Tooltip("residual:Q", format=".4f")],
-    )
+    ).add_params(alt.selection_interval(bind="scales", name="zoom_residuals"))
     layers_r = [resid]
     if not band.empty:
         b2 = band.assign(r_lo=band["observed_loss"] - band[hi], r_hi=band["observed_loss"] - band[lo])
         layers_r.insert(0, alt.Chart(b2).mark_rule(opacity=0.5).encode(
             x="predicted_loss:Q", y="r_lo:Q", y2="r_hi:Q", color=color, opacity=op))
-    zero = alt.Chart(df).mark_rule(color="gray").encode(y=alt.datum(0))
+    zero = alt.Chart(pd.DataFrame({"zero": [0.0]})).mark_rule(color="gray").encode(y="zero:Q")  # one rule
     chart = alt.hconcat(
         alt.layer(*left).properties(width=300, height=260),
         alt.layer(*layers_r, zero).properties(width=300, height=260),
@@ -666,6 +691,7 @@ def fig_blend(con: Any, study: str, mp: int) -> tuple[Any, int]:
                      alt.Tooltip("realized_share:Q", format=".3f"), alt.Tooltip("delta:Q", format="+.4f")],
         )
         .properties(width=260, height=220, title="Blend: planned vs realized share")
+        .interactive()  # zoom in: a realized share off by 0.1 % is invisible on [0, 1]
     )
     return chart, len(df)
 
@@ -733,7 +759,7 @@ def fig_iplt(con: Any, study: str, mp: int) -> tuple[Any, int]:
     parents = [i.get("inherited_from") if isinstance(i.get("inherited_from"), str) else "" for i in runs["iplt"]]
     runs["parent"] = parents
     ids = sorted({*runs["run_id"], *(p for p in parents if p)})
-    ev = _df(con, "select run_id, step, lang, loss, flops from evals where study = ? and list_contains(?, run_id) "
+    ev = _df(con, "select run_id, step, lang, loss, flops from evals where study = ? and branch is null and list_contains(?, run_id) "
                   "and flops is not null order by run_id, step", [study, ids])
     # training speed-up of each arm's final shape: median tokens/s after its last prune over the median
     # before its first prune in the same run (adjacent in time, so a shared machine's load cancels), or,
@@ -821,7 +847,8 @@ def fig_iplt(con: Any, study: str, mp: int) -> tuple[Any, int]:
             layers.append(alt.Chart(pd.DataFrame({"x": [float(b.iloc[0])]})).mark_rule(
                 color="gray", strokeDash=[4, 4]).encode(x="x:Q", tooltip=[alt.Tooltip("x:Q", title="budget B",
                                                                                        format=".3e")]))
-        panels.append(alt.layer(*layers).properties(width=360, height=260, title=panel))
+        panels.append(alt.layer(*layers).properties(width=360, height=260, title=panel)
+                      .interactive(name=f"zoom_panel{len(panels)}"))
     tb = tb.sort_values(["panel", "arm"], key=lambda s: s.map(_arm_key) if s.name == "arm"
                         else s.map(panel_sort_key))
     cols = ["final loss", "FLOPs spent", "/ budget", "prunes", "final params", "tokens/s after/before"]
@@ -867,7 +894,7 @@ def fig_variants(con: Any, study: str, mp: int) -> tuple[Any, int]:
                              coalesce(r.variant, '(study recipe)') as variant, {cfg} as config, e.step, e.tokens,
                              e.loss, case when e.lang = r.lang then 'target' else 'source' end as which
                       from evals e join runs r on r.study = e.study and r.run_id = e.run_id
-                      where e.study = ? and r.init = 'cpt' {no_arm}
+                      where e.study = ? and e.branch is null and r.init = 'cpt' {no_arm}
                         and (e.lang = r.lang or e.lang = r.source_lang)""", [study])
     if df.empty or (df["variant"] == "(study recipe)").all():
         raise Missing("CPT recipe variants (config `variants`) with evals")
@@ -893,13 +920,14 @@ def fig_variants(con: Any, study: str, mp: int) -> tuple[Any, int]:
             y=alt.Y("loss:Q", scale=alt.Scale(zero=False), title=f"{which} loss"),
             color=color, detail="run_id:N", opacity=op,
             tooltip=["run_id", "label", "recipe", "step", alt.Tooltip("loss:Q", format=".4f")],
-        ).properties(width=300, height=230, title=f"{which}-language loss")
+        ).properties(width=300, height=230, title=f"{which}-language loss").interactive(name=f"zoom_{which}")
         curves.append(c if curves else c.add_params(sel))  # one legend selection drives every view
         finals.append(alt.Chart(last[last["which"] == which]).mark_point(filled=True, size=80).encode(
             x=alt.X("loss:Q", scale=alt.Scale(zero=False), title=f"final {which} loss"),
             y=alt.Y("label:N", sort=order, title=None), color=color,
             tooltip=["run_id", "label", "recipe", alt.Tooltip("loss:Q", format=".4f")],
-        ).properties(width=200, height=max(120, 22 * len(order)), title=f"final {which} loss per recipe"))
+        ).properties(width=200, height=max(120, 22 * len(order)), title=f"final {which} loss per recipe")
+            .interactive(name=f"zoom_final_{which}", bind_y=False))  # y: recipes (nominal)
     rows = [alt.hconcat(*curves)]
     bottom = list(finals)
     n_lr = 0
@@ -913,7 +941,8 @@ def fig_variants(con: Any, study: str, mp: int) -> tuple[Any, int]:
             bottom.append(alt.Chart(lr).mark_line(strokeWidth=1.5).encode(
                 x=alt.X("step:Q"), y=alt.Y("lr:Q", axis=alt.Axis(format=".1e"), title="LR"), color=color,
                 detail="run_id:N", opacity=op, tooltip=["run_id", "label", "step", alt.Tooltip("lr:Q", format=".2e")],
-            ).properties(width=260, height=max(120, 22 * len(order)), title="LR schedule per recipe"))
+            ).properties(width=260, height=max(120, 22 * len(order)), title="LR schedule per recipe")
+                .interactive(name="zoom_lr"))
     rows.append(alt.hconcat(*bottom))
     chart = alt.vconcat(*rows).properties(title={
         "text": "CPT recipes: warmup, minimum LR, blend switch (Reuse, Don't Retrain ablation)",
@@ -971,7 +1000,7 @@ def fig_next_run(con: Any, study: str, mp: int) -> tuple[Any, int]:
     chart = alt.layer(*layers).properties(width=300, height=260, title={
         "text": "Next run: the scratch law's compute-optimal suggestion, trained",
         "subtitle": [*sub, "point: prediction at the trained N, D; bar: bootstrap interval at the suggested N, D",
-                     "(the trained shape is the nearest ladder shape); dashed: observed = predicted"]})
+                     "(the trained shape is the nearest ladder shape); dashed: observed = predicted"]}).interactive()
     return chart, len(df)
 
 
@@ -1005,39 +1034,53 @@ body{{font-family:system-ui,sans-serif;margin:1.5em;color:#222}}
 code{{background:#f2f2f2;padding:0 .2em}}
 </style>
 <script>
+// Render checks (read by the tests from #render-status): errors, warnings and any network request.
 window.__errors = [];
-window.addEventListener('error', e => window.__errors.push(String(e.message)));
+window.__warnings = [];
+window.addEventListener('error', e => window.__errors.push(e.message ? String(e.message)
+  : 'failed to load ' + ((e.target && (e.target.src || e.target.href)) || 'a resource')), true);
+window.addEventListener('unhandledrejection', e => window.__errors.push('unhandled rejection: ' + e.reason));
 window.addEventListener('securitypolicyviolation', e => window.__errors.push('CSP: ' + e.blockedURI));
+for (const [level, sink] of [['error', window.__errors], ['warn', window.__warnings]]) {{
+  const orig = console[level].bind(console);
+  console[level] = (...a) => {{ sink.push(a.map(String).join(' ')); orig(...a); }};
+}}
 </script>
 <script type="module">{bundle}</script>
 </head><body>
 <h1>{title}</h1>
 <p>Study <code>{study}</code> &middot; generated {when} &middot; {n_ok} figures drawn, {n_missing} missing.
-Legend entries select a size / replay ratio; drag to pan and scroll to zoom.</p>
+Legend entries select a size / replay ratio; drag to pan and scroll to zoom (every figure with
+continuous axes).</p>
 {missing_list}
 {sections}
 <pre id="render-status" style="display:none"></pre>
 <script type="module">
 const specs = {specs};
-const status = {{rendered: {{}}, errors: window.__errors}};
-const origErr = console.error;
-console.error = (...a) => {{ window.__errors.push(a.map(String).join(' ')); origErr(...a); }};
+const status = {{rendered: {{}}, marks: {{}}, errors: window.__errors, warnings: window.__warnings, requests: []}};
+// data marks only (role "mark": lines, points, rules, bars, text of the figures), not axes, legends or
+// titles: per figure the total and the count per mark type
 function countMarks(node) {{
-  let n = 0;
+  const byType = {{}};
   const walk = (s) => {{
     if (!s) return;
-    if (s.marktype && s.marktype !== 'group') n += (s.items || []).length;
+    if (s.marktype && s.marktype !== 'group' && s.role === 'mark')
+      byType[s.marktype] = (byType[s.marktype] || 0) + (s.items || []).length;
     for (const it of (s.items || [])) if (it.items) walk(it);
   }};
   walk(node);
-  return n;
+  return byType;
 }}
 for (const [name, spec] of Object.entries(specs)) {{
   try {{
     const res = await vegaEmbed('#vis-' + name, spec, {{renderer: 'svg', actions: {{export: true, source: false, compiled: false, editor: false}}}});
-    status.rendered[name] = countMarks(res.view.scenegraph().root);
+    const byType = countMarks(res.view.scenegraph().root);
+    status.marks[name] = byType;
+    status.rendered[name] = Object.values(byType).reduce((a, b) => a + b, 0);
   }} catch (e) {{ window.__errors.push(name + ': ' + e); }}
 }}
+// an offline page requests nothing: every resource entry (blocked or not) is reported
+status.requests = performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith('data:'));
 const el = document.getElementById('render-status');
 el.textContent = JSON.stringify(status);
 document.body.setAttribute('data-rendered', 'done');
@@ -1069,7 +1112,8 @@ def build_report(
     missing: dict[str, str] = {}
     specs: dict[str, Any] = {}
     if not Path(db_path).exists():
-        missing = {n: f"database {db_path}" for n in BUILDERS}
+        missing = {n: f"database {db_path} (it does not exist yet: the workflow's `database` rule writes it "
+                      "once runs have finished; `cptscale db ingest` builds it by hand)" for n in BUILDERS}
     else:
         con = _connect(db_path)
         try:
@@ -1142,8 +1186,9 @@ def build_report(
 def _cmd_report(args: argparse.Namespace) -> int:
     from cptscale.cli import CLIError
 
-    if not Path(args.db).exists():
-        raise CLIError(f"database not found: {args.db}")
+    if args.max_points < 10:
+        raise CLIError(f"--max-points {args.max_points}: give at least 10 points per curve")
+    # a database that does not exist yet gives the "what is missing" page (exit 0), like missing tables
     info = build_report(
         args.db, args.study, args.out_dir, fits_dir=args.fits_dir, title=args.title,
         max_points=args.max_points, images=not args.no_images,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,8 @@ def _heldout_text(fit: dict[str, Any]) -> str | None:
 
 def compute_saving(db: Path, study: str) -> dict[str, Any]:
     """Median share of FLOPs CPT saved (vs scratch at equal target loss), over each CPT run's last
-    evaluation, per size; read from the store's ``transfer`` table."""
+    evaluation (an even count averages the middle two), with the per-run values; read from the store's
+    ``transfer`` table."""
     import duckdb
 
     con = duckdb.connect(str(db), read_only=True)
@@ -95,9 +97,8 @@ def compute_saving(db: Path, study: str) -> dict[str, Any]:
     per_run = [
         {"size": s, "replay": r, "frac_saved": f, "tokens": t, "scratch_tokens_equiv": e} for s, r, f, t, e in rows
     ]
-    fracs = sorted(x["frac_saved"] for x in per_run)
-    median = fracs[len(fracs) // 2] if fracs else None
-    return {"per_run": per_run, "median_frac_saved": median}
+    fracs = [float(x["frac_saved"]) for x in per_run]
+    return {"per_run": per_run, "median_frac_saved": statistics.median(fracs) if fracs else None}
 
 
 def arm_results(db: Path, study: str) -> dict[str, Any]:
@@ -109,9 +110,10 @@ def arm_results(db: Path, study: str) -> dict[str, Any]:
     try:
         cols = {r[0] for r in con.execute(
             "select column_name from information_schema.columns where table_name = 'runs'").fetchall()}
-        last = """with last as (select run_id, lang, max(step) as step from evals where study = ? group by 1, 2)
+        last = """with last as (select run_id, lang, max(step) as step from evals
+                                where study = ? and branch is null group by 1, 2)
                   select e.run_id, e.lang, e.loss, e.flops from evals e join last using (run_id, lang, step)
-                  where e.study = ?"""
+                  where e.study = ? and e.branch is null"""
         arms, variants = [], []
         if "arm" in cols:
             for rid, arm, panel, loss, spent, iplt in con.execute(

@@ -3,7 +3,9 @@
 from cptscale.util import read_json
 
 
-def _slurm_common():
+def slurm_common():
+    """Partition and account from the study config (``slurm.partition``/``slurm.account``): the Snakefile
+    gives them to every rule that does not set its own."""
     res = {}
     if CFG.slurm.partition:
         res["slurm_partition"] = CFG.slurm.partition
@@ -12,13 +14,17 @@ def _slurm_common():
     return res
 
 
-def _from_spec(key, per_attempt=False, scale=1):
-    """A training job's resource, read from its run.json (the plan wrote it there): the same code
-    serves the study's grid and the fit's suggested next run, whose shape is known only after the fit.
-    Snakemake evaluates it once run.json exists."""
+def _planned_resource(key, per_attempt=False, scale=1):
+    """A training job's resource. Runs of the study's grid take it from the plan of the current config
+    (so a new runtime estimate or thread count applies at once: resources are not part of run.json's
+    rerun trigger, and a run.json written earlier may hold older values); the fit's suggested next run,
+    whose shape is known only after the fit, from its run.json (Snakemake evaluates it once that exists)."""
 
     def resource(wildcards, input, attempt):
-        value = read_json(input.spec)["resources"][key] * scale
+        if wildcards.run in RUNS:
+            value = getattr(RUNS[wildcards.run], key) * scale
+        else:
+            value = read_json(input.spec)["resources"][key] * scale
         return value * attempt if per_attempt else value
 
     return resource
@@ -31,16 +37,16 @@ def train_resources():
     starts tp*pp*dp ranks. GPU jobs therefore set no `tasks` (the SLURM executor plugin turns `tasks`
     on a GPU job into --ntasks-per-gpu, one launcher per GPU) but `gpu`, and give the single task
     every core (`cpus_per_task`, which the plugin prefers over `cpus_per_gpu`); CPU jobs set one task
-    with all the ranks' cores. The time limit grows with the attempt, so a retry after a time-limit
-    kill (which checkpointed on SIGTERM) gets longer."""
+    with all the ranks' cores. (Even a job given more tasks runs its command once: the plugin starts
+    it with `srun -n1`.) The time limit grows with the attempt, so a retry after a time-limit kill
+    (which checkpointed on SIGTERM) gets longer."""
     res = {
-        "mem_mb": _from_spec("mem_gb", scale=1024),
-        "runtime": _from_spec("runtime_minutes", per_attempt=True),
-        "cpus_per_task": _from_spec("cpus"),
-        **_slurm_common(),
+        "mem_mb": _planned_resource("mem_gb", scale=1024),
+        "runtime": _planned_resource("runtime_minutes", per_attempt=True),
+        "cpus_per_task": _planned_resource("cpus"),
     }
     if CFG.slurm.gpus:
-        res["gpu"] = _from_spec("gpus")
+        res["gpu"] = _planned_resource("gpus")
     else:
         res["tasks"] = 1
     return res

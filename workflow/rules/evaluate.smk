@@ -34,12 +34,17 @@ def _all_run_files(wc=None):
     return files
 
 
+# The database lives in db/store.duckdb, which is NOT a Snakemake output: Snakemake deletes a job's
+# outputs before it runs and after it fails, so the store would lose everything already ingested. Ingest
+# updates the store idempotently and atomically, then publishes an atomic copy as the declared output.
 rule aggregate_runs:
     input:
         _all_run_files,
     output:
         f"{S}/db/runs.duckdb",
+    params:
+        store=f"{S}/db/store.duckdb",
     log:
         f"{LOGS}/aggregate_runs.log",
     shell:
-        "cptscale db ingest --study-dir {S} --db {output} 2> {log}"
+        "cptscale db ingest --study-dir {S} --db {params.store} --publish {output} 2> {log}"

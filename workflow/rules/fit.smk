@@ -81,7 +81,9 @@ rule database:
         _next_run_checks,
     output:
         f"{S}/cptscale.duckdb",
+    params:
+        store=f"{S}/db/store.duckdb",  # the persistent store (see aggregate_runs); the output is its copy
     log:
         f"{LOGS}/database.log",
     shell:
-        "cptscale db ingest --study-dir {S} --db {output} 2> {log}"
+        "cptscale db ingest --study-dir {S} --db {params.store} --publish {output} 2> {log}"

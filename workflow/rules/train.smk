@@ -51,9 +51,11 @@ rule train:
     retries: 2
     resources:
         **train_resources(),
-    params:
-        omp=TRAIN_OMP_THREADS,
+        omp_threads=TRAIN_OMP_THREADS,
+    # no `params`, and nothing from the config in the command text: a training run's rerun trigger is
+    # its run.json (cptscale.plan.training_hash); torch threads per rank are an execution setting (a
+    # resource), so changing them retrains nothing.
     # `exec`: the trainer replaces the job's shell, so a SIGTERM at the time limit reaches it and the
     # job step lives until its checkpoint is written (a shell killed first would end the step early)
     shell:
-        "OMP_NUM_THREADS={params.omp} exec cptscale train --spec {input.spec} >> {log} 2>&1"
+        "OMP_NUM_THREADS={resources.omp_threads} exec cptscale train --spec {input.spec} >> {log} 2>&1"
