@@ -20,18 +20,14 @@ one, and the share of its starts that reach it (the basin share).
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
-# bench/tokenize.py would shadow the stdlib module pandas needs: drop this script's folder from the path.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from scipy.optimize import minimize  # noqa: E402
-
-from cptscale.fit import BOUNDS, LAWS, _grid, _obj, _Prep, _to_params, fit_law  # noqa: E402
+from cptscale.fit import BOUNDS, LAWS, _grid, _obj, _Prep, _to_params, fit_law
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--naive-sample", type=int, default=300, help="starts timed in the naive loop (0: all 4,500)")

@@ -12,13 +12,9 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-# bench/tokenize.py would shadow the stdlib module that pandas imports
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 QUERIES = {
     "final target loss per size x init x replay": """

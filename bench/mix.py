@@ -21,10 +21,7 @@ import warnings
 from collections import OrderedDict
 from pathlib import Path
 
-# bench/tokenize.py would shadow the stdlib module that some imports need
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 class _Tok:

@@ -12,18 +12,11 @@ token (cptscale.transfer's exact count) for comparison.
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import statistics
+import time
 
-# bench/tokenize.py would shadow the stdlib module when this file is run as a script
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.modules.pop("tokenize", None)
-
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 
 def main() -> None:

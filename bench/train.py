@@ -19,21 +19,16 @@ under torchrun (the plain model has no tensor parallelism)::
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
+import subprocess
 import sys
+import time
 
-# bench/tokenize.py would shadow the stdlib module when this file is run as a script
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.modules.pop("tokenize", None)
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 class Block(nn.Module):
