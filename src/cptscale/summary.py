@@ -14,6 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from cptscale.plan import RUN_ID
 from cptscale.util import read_json, write_json
 
 
@@ -84,9 +85,9 @@ def compute_saving(db: Path, study: str) -> dict[str, Any]:
             with last as (
               select run_id, size, replay, max(step) as step from transfer
               where study = ? and frac_saved is not null group by run_id, size, replay)
-            select t.size, t.replay, t.frac_saved, t.tokens, t.scratch_tokens_equiv
+            select t.run_id, t.size, t.replay, t.frac_saved, t.tokens, t.scratch_tokens_equiv
             from transfer t join last using (run_id, step)
-            where t.study = ? order by t.size, t.replay
+            where t.study = ? order by t.size, t.replay, t.run_id
             """,
             [study, study],
         ).fetchall()
@@ -95,7 +96,8 @@ def compute_saving(db: Path, study: str) -> dict[str, Any]:
     finally:
         con.close()
     per_run = [
-        {"size": s, "replay": r, "frac_saved": f, "tokens": t, "scratch_tokens_equiv": e} for s, r, f, t, e in rows
+        {"run_id": i, "size": s, "replay": r, "frac_saved": f, "tokens": t, "scratch_tokens_equiv": e}
+        for i, s, r, f, t, e in rows
     ]
     fracs = [float(x["frac_saved"]) for x in per_run]
     return {"per_run": per_run, "median_frac_saved": statistics.median(fracs) if fracs else None}
@@ -194,7 +196,10 @@ def format_summary(s: dict[str, Any]) -> str:
     if cs.get("median_frac_saved") is not None:
         lines.append(f"  CPT compute saving (median over CPT runs, last evaluation): {cs['median_frac_saved']:.1%}")
         for row in cs["per_run"]:
-            lines.append(f"      {row['size']:>8} replay {row['replay']:<5g} saved {row['frac_saved']:.1%} of FLOPs")
+            m = RUN_ID.match(row.get("run_id") or "")
+            variant = m.group("variant") if m else None
+            label = f"{row['size']:>8} replay {row['replay']:<5g}" + (f" {variant:<10}" if variant else "")
+            lines.append(f"      {label} saved {row['frac_saved']:.1%} of FLOPs")
     else:
         lines.append(f"  CPT compute saving: {cs.get('error', 'not available (no CPT run reached a scratch loss)')}")
     if s.get("iplt"):
