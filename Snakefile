@@ -4,7 +4,7 @@
 #   snakemake --profile workflow/profiles/local --configfile my.yaml # another study
 #   snakemake --profile workflow/profiles/slurm --configfile my.yaml # on a SLURM cluster
 #
-# The study config is validated (JSON schema + typed schema) before any job runs; every run, path and
+# The study config is validated (typed schema, then the JSON schema generated from it) before any job runs; every run, path and
 # resource below is derived from it by cptscale.plan. Rules are thin: one `cptscale` call each.
 
 import sys
@@ -17,16 +17,17 @@ min_version("9.0")
 if not config:
     configfile: "config.yaml"
 
-validate(config, "workflow/schemas/config.schema.json")
-
 from cptscale.config import ConfigError, parse_config, resolve_corpora  # noqa: E402
 from cptscale import plan as P  # noqa: E402
 
 _CONFIG_FILE = Path(workflow.configfiles[-1]) if workflow.configfiles else Path("config.yaml")
+# The typed schema first: it reports every problem with its field path, value and what is allowed
+# (the JSON schema generated from it stops at the first problem, with a long jsonschema dump).
 try:
     CFG = parse_config(config, base_dir=_CONFIG_FILE.resolve().parent, where=str(_CONFIG_FILE))
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
+validate(config, "workflow/schemas/config.schema.json")
 
 # Jobs call the `cptscale` of the environment Snakemake runs in (also inside SLURM allocations).
 shell.prefix(f'export PATH="{Path(sys.executable).parent}:$PATH"; ')

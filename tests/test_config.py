@@ -253,6 +253,24 @@ def test_snakefile_start_up_refuses_a_bad_blend(raw: dict, tmp_path: Path) -> No
     assert not (tmp_path / "results").exists()
 
 
+def test_snakefile_reports_typed_problems_first(raw: dict, tmp_path: Path) -> None:
+    """A bad config fails the dry run with the typed schema's messages (every problem, with its path),
+    not a jsonschema dump of the first one."""
+    raw["results_dir"] = str(tmp_path / "results")
+    raw["replay"]["ratios"] = [1.2]
+    raw["ladder"]["sizez"] = 1
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = subprocess.run([str(Path(sys.executable).with_name("snakemake")), "-n", "--profile", "workflow/profiles/local",
+                          "--configfile", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "replay.ratios.0: must be >= 0 and < 1 (got 1.2)" in text
+    assert "ladder.sizez" in text
+    assert "jsonschema" not in text.lower() and "Failed validating" not in text
+    assert not (tmp_path / "results").exists()
+
+
 def test_cli_validate_exit_codes(raw: dict, tmp_path: Path) -> None:
     bad = copy.deepcopy(raw)
     bad["replay"]["ratios"] = [1.2]
