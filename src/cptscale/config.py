@@ -704,19 +704,10 @@ def _matches(pattern: str, base: Path) -> bool:
     return any(Path(m).is_file() for m in glob.glob(full, recursive=True))
 
 
-def _package_cache_root(spec: Any, cache: Path) -> Path | None:
-    """The unpacked root of a package in the data stage's cache, or None when it has not been fetched.
-    Mirrors the layout of ``cptscale.data.sources.fetch_package`` (which has no helper for it)."""
-    key = f"{spec.package.replace('/', '+').replace('@', '')}-{spec.version or 'latest'}"
-    base = Path(cache).resolve() / "packages" / spec.registry / key
-    root, dl = base / "root", base / "download"
-    return root if root.is_dir() and dl.is_dir() and any(dl.iterdir()) else None
-
-
 def _package_problems(spec: Any, where: str, cache: Path, registries: _RegistryCheck) -> Iterator[Problem]:
-    from cptscale.data.sources import SourceError, resolve_package
+    from cptscale.data.sources import SourceError, cached_package, resolve_package
 
-    if _package_cache_root(spec, cache) is not None:  # fetched already: its members must be there
+    if cached_package(spec, cache) is not None:  # fetched already: its members must be there
         for j, member in enumerate(spec.members):
             try:
                 resolve_package(spec.model_copy(update={"members": [member]}), cache)

@@ -161,17 +161,32 @@ def _run(cmd: list[str], cwd: Path, spec: PackageSource, fix: str) -> None:
         )
 
 
+def _package_dir(spec: PackageSource, cache_dir: Path) -> Path:
+    """Where a package's archive (``download/``) and unpacked tree (``root/``) live in the cache."""
+    key = f"{spec.package.replace('/', '+').replace('@', '')}-{spec.version or 'latest'}"
+    return Path(cache_dir).resolve() / "packages" / spec.registry / key
+
+
+def cached_package(spec: PackageSource, cache_dir: Path) -> tuple[Path, Path] | None:
+    """(unpacked root, archive) of a package fetched before, or None; never touches the network."""
+    base = _package_dir(spec, cache_dir)
+    root, dl = base / "root", base / "download"
+    if root.is_dir() and dl.is_dir() and any(dl.iterdir()):
+        return root, next(iter(sorted(dl.iterdir())))
+    return None
+
+
 def fetch_package(spec: PackageSource, cache_dir: Path) -> tuple[Path, Path]:
     """Download and unpack a registry package into the cache (re-used when present).
 
     Returns (unpacked root, downloaded archive). Unpacking goes to a temp dir renamed into place, so a
     killed fetch never leaves a half-unpacked root that a later run would trust.
     """
-    key = f"{spec.package.replace('/', '+').replace('@', '')}-{spec.version or 'latest'}"
-    base = Path(cache_dir).resolve() / "packages" / spec.registry / key
+    cached = cached_package(spec, cache_dir)
+    if cached is not None:
+        return cached
+    base = _package_dir(spec, cache_dir)
     root, dl = base / "root", base / "download"
-    if root.is_dir() and dl.is_dir() and any(dl.iterdir()):
-        return root, next(iter(sorted(dl.iterdir())))
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".fetch.", dir=base))
     try:
