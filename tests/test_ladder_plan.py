@@ -192,7 +192,8 @@ def _hashes(raw: dict) -> dict[str, str]:
     {"data": {"workers": 7, "cache_dir": "/tmp/elsewhere"}},
     {"train": {"checkpoint_every": 7, "keep_checkpoints": 5}},
     {"report": {"title": "retitled", "max_points": 50}, "description": "edited"},
-], ids=["slurm-resources", "data-io", "checkpoints", "presentation"])
+    {"store": {"allow_partial": True}},
+], ids=["slurm-resources", "data-io", "checkpoints", "presentation", "store"])
 def test_training_hash_ignores_resources_and_io(edit: dict) -> None:
     """Job resources, runtime estimates, thread counts, data workers/cache, checkpoint cadence and report
     options change no run's training hash (the rerun trigger of run.json, hence of training) and not the

@@ -97,3 +97,18 @@ def test_wildcard_constraints_reject_unplanned_targets(demo_config: Path, target
     assert out.returncode != 0, out.stdout[-2000:]
     text = out.stdout + out.stderr
     assert "MissingRuleException" in text and f"No rule to produce {path}" in text, text[-2000:]
+
+
+@pytest.mark.parametrize("allow_partial", [False, True])
+def test_store_allow_partial_reaches_both_aggregate_commands(demo_config: Path, allow_partial: bool) -> None:
+    """``store.allow_partial`` in the study config is what lets the workflow's aggregate jobs keep the good
+    lines of a malformed metrics file: Snakemake renders it into both ingest commands."""
+    raw = yaml.safe_load(demo_config.read_text())
+    raw["store"] = {"allow_partial": allow_partial}
+    demo_config.write_text(yaml.safe_dump(raw))
+    out = subprocess.run([SNAKEMAKE, "-n", "-p", "--profile", "workflow/profiles/local", "--configfile",
+                          str(demo_config)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ingests = [line for line in out.stdout.splitlines() if "cptscale db ingest" in line]
+    assert len(ingests) == 2, ingests
+    assert all(("--allow-partial" in line) == allow_partial for line in ingests), ingests

@@ -296,6 +296,12 @@ class FitConfig(_Model):
     next_run_budget: float | None = Field(None, gt=0, description="train the predicted compute-optimal run")
 
 
+class StoreConfig(_Model):
+    allow_partial: bool = Field(
+        False, description="aggregate: keep the good lines of a truncated or malformed metrics file (each "
+        "problem is logged by path and line) instead of failing the aggregate job")
+
+
 class ReportConfig(_Model):
     title: str | None = None
     max_points: int = Field(400, ge=10, description="curves are downsampled to this many points")
@@ -343,6 +349,7 @@ class StudyConfig(_Model):
                                     json_schema_extra=_no_schema_default)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     fit: FitConfig = Field(default_factory=FitConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 

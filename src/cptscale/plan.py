@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cptscale.config import StudyConfig
+from cptscale.config import StoreConfig, StudyConfig
 from cptscale.schedule import Schedule
 from cptscale.util import manifest_hashes, provenance, read_json, stable_hash
 
@@ -261,6 +261,8 @@ def _dump(cfg: StudyConfig, **kw: Any) -> dict[str, Any]:
     d = cfg.model_dump(mode="json", **kw)
     if d.get("iplt", 0) is None:  # a study without IPLT hashes as it did before the section existed
         d.pop("iplt")
+    if d.get("store") == StoreConfig().model_dump(mode="json"):  # likewise for a default store section
+        d.pop("store")
     return d
 
 
@@ -269,7 +271,7 @@ def config_hash(cfg: StudyConfig) -> str:
 
 
 #: Config sections that change how results are shown or where jobs run, never what they compute.
-PRESENTATION_KEYS = ("description", "report", "slurm")
+PRESENTATION_KEYS = ("description", "report", "slurm", "store")
 #: Config fields that only change I/O: worker processes, caches, checkpoint cadence and retention (a run
 #: resumes exactly from any checkpoint, so how often it saves does not change what it computes).
 IO_KEYS: dict[str, set[str]] = {"data": {"workers", "cache_dir"}, "train": {"checkpoint_every", "keep_checkpoints"}}

@@ -1117,7 +1117,8 @@ def _cmd_ingest(args: Any) -> int:
         print(f"published {db} -> {args.publish}")
     if rep.errors:
         print(f"{len(rep.errors)} input(s) skipped; their previous rows (if any) are unchanged. Fix them and "
-              "ingest again, or pass --allow-partial to keep the good lines.", file=sys.stderr)
+              "ingest again, or pass --allow-partial to keep the good lines (in the workflow: "
+              "`store: {allow_partial: true}` in the study config).", file=sys.stderr)
         return 1
     return 0
 

@@ -44,7 +44,8 @@ rule aggregate_runs:
         f"{S}/db/runs.duckdb",
     params:
         store=f"{S}/db/store.duckdb",
+        partial="--allow-partial" if CFG.store.allow_partial else "",
     log:
         f"{LOGS}/aggregate_runs.log",
     shell:
-        "cptscale db ingest --study-dir {S} --db {params.store} --publish {output} 2> {log}"
+        "cptscale db ingest --study-dir {S} --db {params.store} --publish {output} {params.partial} 2> {log}"

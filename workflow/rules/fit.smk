@@ -83,7 +83,8 @@ rule database:
         f"{S}/cptscale.duckdb",
     params:
         store=f"{S}/db/store.duckdb",  # the persistent store (see aggregate_runs); the output is its copy
+        partial="--allow-partial" if CFG.store.allow_partial else "",
     log:
         f"{LOGS}/database.log",
     shell:
-        "cptscale db ingest --study-dir {S} --db {params.store} --publish {output} 2> {log}"
+        "cptscale db ingest --study-dir {S} --db {params.store} --publish {output} {params.partial} 2> {log}"
