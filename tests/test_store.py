@@ -493,6 +493,35 @@ def test_bad_branch_rows_name_file_and_line(study):
     assert not rep.ok and f"{d}: branches[0]" in rep.errors[0]
 
 
+def test_branch_training_steps_are_ingested_apart_from_the_main_trajectory(study):
+    """branch_metrics.jsonl (the training steps of WSD decay branches) lands in train_metrics keyed by
+    ``branch``; the main trajectory is unchanged, a redone branch step keeps its last row, and a bad line
+    is named by path and line."""
+    db = study / "db.duckdb"
+    assert ingest(study, db).ok
+    main_before = q(db, "select step, loss from train_metrics where run_id = ? order by step", [RUN])
+    bm = study / "runs" / RUN / "branch_metrics.jsonl"
+    rows = [{"step": s, "tokens": 64 * s, "loss": 3.0 - 0.01 * s, "lr": 1e-4 * (12 - s), "grad_norm": 1.0,
+             "tokens_per_s": 100.0, "branch": 12} for s in (10, 11)]
+    redo = {**rows[1], "loss": 2.5}  # a resumed run redoes the branch: the last row of a step wins
+    bm.write_text("".join(json.dumps(r) + "\n" for r in [*rows, redo]))
+    rep = ingest(study, db)
+    assert rep.ok and rep.runs_ingested == 1, rep.errors
+    assert q(db, "select step, loss from train_metrics where run_id = ? and branch is null order by step",
+             [RUN]) == main_before
+    assert q(db, "select branch, step, loss from train_metrics where run_id = ? and branch is not null "
+                 "order by step", [RUN]) == [(12, 10, 2.9), (12, 11, 2.5)]
+    assert ingest(study, db).runs_unchanged == 8  # the branch file is part of the run's fingerprint
+    n = 3
+    bm.write_text(bm.read_text() + json.dumps({**rows[0], "step": 13}) + "\n")
+    rep = ingest(study, db)
+    assert not rep.ok and f"{bm}:{n + 1}:" in rep.errors[0] and "past the end of its branch" in rep.errors[0]
+    assert q(db, "select count(*) from train_metrics where branch is not null")[0][0] == 2  # nothing lost
+    bm.write_text(bm.read_text() + json.dumps({k: v for k, v in rows[0].items() if k != "branch"}) + "\n")
+    rep = ingest(study, db, allow_partial=True)
+    assert rep.ok and any(f"{bm}:{n + 2}:" in w and "missing branch" in w for w in rep.warnings)
+
+
 def test_schema_2_database_is_migrated(study):
     """A database written before schema 3 gains evals.branch, runs.branches/provenance and the fit
     choice columns on the next ingest, and every run and fit is re-read to fill them."""

@@ -63,6 +63,12 @@ def _columns(con: Any, table: str) -> set[str]:
     return {r[0] for r in rows}
 
 
+def _main_steps(con: Any, alias: str = "") -> str:
+    """SQL condition keeping a run's main trajectory in train_metrics (WSD decay branches' steps carry
+    ``branch``); empty for a database from before the column existed."""
+    return f" and {alias}branch is null" if "branch" in _columns(con, "train_metrics") else ""
+
+
 def _need(con: Any, table: str, cols: list[str]) -> None:
     have = _columns(con, table)
     if not have:
@@ -623,7 +629,8 @@ def fig_health_curves(con: Any, study: str, mp: int) -> tuple[Any, int]:
     df = _df(
         con,
         """select t.run_id, r.size, r.init, t.step, t.loss from train_metrics t
-           join runs r on r.study = t.study and r.run_id = t.run_id where t.study = ? and t.loss is not null""",
+           join runs r on r.study = t.study and r.run_id = t.run_id where t.study = ? and t.loss is not null"""
+        + _main_steps(con, "t."),
         [study],
     )
     if df.empty:
@@ -652,7 +659,8 @@ def fig_health_lr(con: Any, study: str, mp: int) -> tuple[Any, int]:
     import altair as alt
 
     _need(con, "train_metrics", ["run_id", "step", "lr"])
-    df = _df(con, "select run_id, step, lr from train_metrics where study = ? and lr is not null", [study])
+    df = _df(con, "select run_id, step, lr from train_metrics where study = ? and lr is not null"
+             + _main_steps(con), [study])
     if df.empty:
         raise Missing("learning rates in train_metrics")
     df = _downsample(df, "run_id", "step", min(mp, 100))
@@ -767,7 +775,8 @@ def fig_iplt(con: Any, study: str, mp: int) -> tuple[Any, int]:
     speed: dict[str, str] = {}
     if {"run_id", "step", "tokens_per_s"} <= _columns(con, "train_metrics"):
         tm = _df(con, "select run_id, step, tokens_per_s from train_metrics where study = ? and "
-                      "list_contains(?, run_id) and tokens_per_s > 0", [study, list(runs["run_id"])])
+                      "list_contains(?, run_id) and tokens_per_s > 0" + _main_steps(con),
+                 [study, list(runs["run_id"])])
         after: dict[str, float] = {}
         for r in runs.itertuples():
             last = max((int(p["step"]) for p in r.prune), default=-1)
@@ -933,7 +942,7 @@ def fig_variants(con: Any, study: str, mp: int) -> tuple[Any, int]:
     n_lr = 0
     if "lr" in _columns(con, "train_metrics"):
         lr = _df(con, "select run_id, step, lr from train_metrics where study = ? and list_contains(?, run_id) "
-                      "and lr is not null", [study, sorted(set(df["run_id"]))])
+                      "and lr is not null" + _main_steps(con), [study, sorted(set(df["run_id"]))])
         if not lr.empty:
             lr["label"] = lr["run_id"].map(df.groupby("run_id")["label"].first())
             lr = _downsample(lr, "run_id", "step", min(mp, 150))

@@ -20,7 +20,8 @@ Every ``runs`` row carries config hash, git commit + dirty flag, package version
 trainer's record from done.json where it wrote one, else the planner's from run.json; ``runs.provenance``
 says which); every other run-level row carries ``study``, ``run_id`` and ``config_hash`` so it joins back
 to them. ``evals.branch`` is NULL for the main trajectory and a WSD decay branch's total steps for that
-branch's evals: queries of loss curves read ``WHERE branch IS NULL``.
+branch's evals: queries of loss curves read ``WHERE branch IS NULL``. ``train_metrics.branch`` is the
+same for the training steps (branch_metrics.jsonl) of those branches.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from cptscale.util import file_hash, read_json, stable_hash
 #: 2: runs gained the IPLT arm, the trainer's FLOPs and the prune events (cptscale.iplt, cptscale.prune)
 #: 3: evals gained ``branch`` (WSD decay branches; NULL = the main trajectory), runs gained ``branches``
 #:    (done.json) and ``provenance`` (the merged record), fits gained the fitting choices as columns
-SCHEMA_VERSION = 3
+#: 4: train_metrics gained ``branch`` (the steps of WSD decay branches, from branch_metrics.jsonl)
+SCHEMA_VERSION = 4
 
 #: table -> column DDL. Names are a contract with the report and fit stages.
 SCHEMA: dict[str, str] = {
@@ -64,7 +66,8 @@ SCHEMA: dict[str, str] = {
         PRIMARY KEY (study, run_id)""",
     "checkpoints": """study VARCHAR, run_id VARCHAR, kind VARCHAR, step BIGINT, path VARCHAR, config_hash VARCHAR""",
     "train_metrics": """study VARCHAR, run_id VARCHAR, step BIGINT, tokens BIGINT, loss DOUBLE, lr DOUBLE,
-        grad_norm DOUBLE, tokens_per_s DOUBLE, mem_bytes DOUBLE, mfu DOUBLE, config_hash VARCHAR""",
+        grad_norm DOUBLE, tokens_per_s DOUBLE, mem_bytes DOUBLE, mfu DOUBLE, config_hash VARCHAR,
+        branch BIGINT""",
     "evals": """study VARCHAR, run_id VARCHAR, step BIGINT, tokens BIGINT, lang VARCHAR, loss DOUBLE, ppl DOUBLE,
         bpb DOUBLE, n_tokens BIGINT, flops DOUBLE, flops_6nd DOUBLE, config_hash VARCHAR, branch BIGINT""",
     "data_manifests": """study VARCHAR, lang VARCHAR, train_docs BIGINT, train_tokens BIGINT, train_bytes BIGINT,
@@ -95,7 +98,8 @@ SCHEMA: dict[str, str] = {
 }
 RUN_TABLES = ("runs", "checkpoints", "train_metrics", "evals", "blend_realizations", "transfer", "forgetting")
 TABLES = tuple(t for t in SCHEMA if t not in ("ingest_log", "meta"))
-RUN_FILES = ("run.json", "metrics.jsonl", "evals.jsonl", "done.json", "blend.json", "transfer.json", "prune.jsonl")
+RUN_FILES = ("run.json", "metrics.jsonl", "evals.jsonl", "done.json", "blend.json", "transfer.json", "prune.jsonl",
+             "branch_metrics.jsonl")
 
 #: Columns added after schema version 1, by table: an older database gains them on the next ingest
 #: (and every run and fit file is re-ingested once, so the new columns are filled for old rows too).
@@ -104,6 +108,7 @@ ADDED_COLUMNS: dict[str, dict[str, str]] = {
              "flops_spent_6nd": "DOUBLE", "flops_inherited": "DOUBLE", "final_params": "BIGINT",
              "final_shape": "JSON", "prune": "JSON", "branches": "JSON", "provenance": "JSON"},
     "evals": {"branch": "BIGINT"},
+    "train_metrics": {"branch": "BIGINT"},
     "fits": {"loss": "VARCHAR", "delta": "DOUBLE", "reduction": "VARCHAR", "optimizer": "VARCHAR", "grid": "JSON",
              "selection": "JSON", "excluded": "JSON", "input_hash": "VARCHAR"},
 }
@@ -188,31 +193,41 @@ def read_jsonl_rows(path: Path, required: Sequence[str], *, allow_partial: bool,
     return rows
 
 
-def _metrics_frame(path: Path, *, allow_partial: bool, problems: list[str]) -> Any:
-    """metrics.jsonl as a DataFrame: pyarrow's reader when the file is clean, line-by-line otherwise."""
+def _metrics_frame(path: Path, *, allow_partial: bool, problems: list[str], branches: bool = False) -> Any:
+    """metrics.jsonl (or, with ``branches``, branch_metrics.jsonl: every row keyed by its WSD decay
+    branch's total steps) as a DataFrame: pyarrow's reader when the file is clean, line-by-line otherwise."""
     import pandas as pd
 
-    cols = ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mem_bytes", "mfu"]
+    cols = ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mem_bytes", "mfu", "branch"]
+    required = ("step", "loss", "branch") if branches else ("step", "loss")
     df = None
     try:
         import pyarrow.json as pj
 
         tbl = pj.read_json(path)
-        if {"step", "loss"} <= set(tbl.column_names) and tbl.num_rows:
+        if set(required) <= set(tbl.column_names) and tbl.num_rows:
             df = tbl.to_pandas()
-            if df["step"].isna().any() or df["loss"].isna().any():
-                df = None
+            missing = any(df[c].isna().any() for c in required)
+            if missing or (branches and (df["branch"].dtype.kind != "i" or (df["branch"] <= 0).any()
+                                         or (df["step"] > df["branch"]).any())):
+                df = None  # the slow path names the offending line
     except Exception:  # malformed somewhere: the slow path finds and reports the line
         df = None
     if df is None:
-        rows = read_jsonl_rows(path, ("step", "loss"), allow_partial=allow_partial, problems=problems)
+        rows = read_jsonl_rows(path, required, allow_partial=allow_partial, problems=problems,
+                               check=_check_branch if branches else None)
         df = pd.DataFrame.from_records(rows)
     for c in cols:
         if c not in df.columns:
             df[c] = None
     df = df[cols]
-    if len(df) and not df["step"].is_unique:
-        df = df.drop_duplicates("step", keep="last")  # a resumed run may re-log steps after its checkpoint
+    if not branches:
+        df["branch"] = None
+    df["branch"] = df["branch"].astype("Int64")  # NULL for the main trajectory: nullable integer, not float NaN
+    # a resumed run may re-log steps after its checkpoint (and redo a branch): the last row wins
+    keys = ["branch", "step"] if branches else ["step"]
+    if len(df) and df.duplicated(keys).any():
+        df = df.drop_duplicates(keys, keep="last")
     return df
 
 
@@ -259,6 +274,15 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
     # train metrics
     mpath = run_dir / "metrics.jsonl"
     tm = _metrics_frame(mpath, allow_partial=allow_partial, problems=problems) if mpath.exists() else None
+    bpath = run_dir / "branch_metrics.jsonl"
+    if bpath.exists():  # the training steps of WSD decay branches (keyed by branch, like their evals)
+        bm = _metrics_frame(bpath, allow_partial=allow_partial, problems=problems, branches=True)
+        if tm is None:
+            tm = bm
+        elif len(bm):
+            import pandas as pd
+
+            tm = pd.concat([tm, bm], ignore_index=True)
     if tm is not None:
         for k, v in key.items():
             tm.insert(0, k, v)
