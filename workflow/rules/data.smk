@@ -26,11 +26,12 @@ TOKENIZER_ARGS = (
     f" --valid-tokens {CFG.data.validation_tokens}"
 )
 
-#: per language, the corpora a blend weights separately ("lang/corpus" keys, checked by the config
-#: validation): index writes train.<corpus>
 #: where fetched packages are cached: a location, not part of the ingest's rerun trigger
 CACHE_ARG = f"--cache-dir {shlex.quote(CFG.data.cache_dir)}" if CFG.data.cache_dir else ""
 
+#: per language, the corpora a blend weights separately ("lang/corpus" keys, checked by the config
+#: validation): index also writes train.<corpus>.bin/.idx for them. They are not declared outputs (an
+#: output list cannot differ per wildcard value); data.json, which lists them, is.
 SPLIT_CORPORA = {lang: CFG.blend_corpora(lang) for lang in LANGS}
 
 
