@@ -271,6 +271,37 @@ def test_replay_axes_name_the_study_languages(tmp_path: Path) -> None:
     assert "English" not in text
 
 
+def test_wsd_branches_drawn_in_the_lr_chart_and_kept_out_of_loss_curves(tmp_path: Path) -> None:
+    """A WSD run's decay branches (branch_metrics.jsonl, ingested with ``branch``) are their own dashed
+    lines in the LR chart; the training-loss curves show the main trajectory only."""
+    import duckdb
+
+    from cptscale import store
+
+    db = tmp_path / "b.duckdb"
+    make_db(db, n_sizes=2, replays=(0.0,), with_fits=False, n_steps=50)
+    sdir = tmp_path / "gen" / "s"
+    run = sorted(p.name for p in (sdir / "runs").iterdir())[0]
+    rows = [{"step": st, "tokens": 64 * (st + 1), "loss": 9.0, "lr": 1e-4 * (40 - st) / 10, "grad_norm": 1.0,
+             "tokens_per_s": 1.0, "branch": 40} for st in range(30, 40)]
+    (sdir / "runs" / run / "branch_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert store.ingest(sdir, db).ok
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        lr_chart, n_lr = report.fig_health_lr(con, "s", 400)
+        loss_chart, _ = report.fig_health_curves(con, "s", 400)
+        n_main = con.execute("select count(*) from train_metrics where branch is null and lr is not null").fetchone()[0]
+    finally:
+        con.close()
+    lr = lr_chart.data
+    branch = lr[lr["trajectory"] == "decay branch"]
+    assert set(branch["series"]) == {f"{run} / branch 40"} and sorted(branch["step"]) == list(range(30, 40))
+    assert n_lr == n_main + len(rows) and set(lr.loc[lr["trajectory"] == "main", "series"]) == set(lr["run_id"])
+    assert "strokeDash" in lr_chart.to_dict()["encoding"]
+    loss = loss_chart.data
+    assert not (loss["loss"] == 9.0).any()  # the branch steps are not drawn as the run's training loss
+
+
 def test_summary_median_compute_saving(tmp_path: Path) -> None:
     """The summary's CPT compute saving is the median over CPT runs: an even count averages the middle two."""
     from cptscale.summary import compute_saving

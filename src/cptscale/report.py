@@ -659,15 +659,24 @@ def fig_health_lr(con: Any, study: str, mp: int) -> tuple[Any, int]:
     import altair as alt
 
     _need(con, "train_metrics", ["run_id", "step", "lr"])
-    df = _df(con, "select run_id, step, lr from train_metrics where study = ? and lr is not null"
-             + _main_steps(con), [study])
+    branch = "branch" if "branch" in _columns(con, "train_metrics") else "null::bigint as branch"
+    df = _df(con, f"select run_id, step, lr, {branch} from train_metrics where study = ? and lr is not null",
+             [study])
     if df.empty:
         raise Missing("learning rates in train_metrics")
-    df = _downsample(df, "run_id", "step", min(mp, 100))
+    # a WSD decay branch is its own dashed line from its decay start (its steps are in train_metrics
+    # with ``branch`` = its total steps), so a wrong decay shows next to the main schedule
+    is_branch = df["branch"].notna()
+    df["trajectory"] = is_branch.map({False: "main", True: "decay branch"})
+    df["series"] = df["run_id"].where(~is_branch, df["run_id"] + " / branch " +
+                                      df["branch"].astype("Int64").astype(str))
+    df = _downsample(df.drop(columns="branch"), "series", "step", min(mp, 100))
     chart = (
         alt.Chart(df).mark_line(strokeWidth=1, opacity=0.6)
-        .encode(x="step:Q", y=alt.Y("lr:Q", axis=alt.Axis(format=".1e")), detail="run_id:N",
-                tooltip=["run_id", "step", alt.Tooltip("lr:Q", format=".2e")])
+        .encode(x="step:Q", y=alt.Y("lr:Q", axis=alt.Axis(format=".1e")), detail="series:N",
+                strokeDash=alt.StrokeDash("trajectory:N", sort=["main", "decay branch"],
+                                          legend=alt.Legend(title=None) if is_branch.any() else None),
+                tooltip=["series", "step", alt.Tooltip("lr:Q", format=".2e")])
         .properties(width=340, height=200, title="Run health: learning-rate schedules")
         .interactive()
     )
