@@ -102,11 +102,17 @@ def reject(path: str | Path) -> Path:
     p = Path(path)
     dest = p.with_name(f"rejected-{p.name}")
     if _rank() == 0 and p.exists():
-        n = 1
-        while dest.exists():
-            n += 1
-            dest = p.with_name(f"rejected-{p.name}.{n}")
+        dest = _unused_name(p, dest.name)
         p.rename(dest)
+    return dest
+
+
+def _unused_name(p: Path, name: str) -> Path:
+    """``name`` beside ``p``, or ``name.2``, ``name.3``, ... when taken (set-aside dirs are never overwritten)."""
+    dest, n = p.with_name(name), 1
+    while dest.exists():
+        n += 1
+        dest = p.with_name(f"{name}.{n}")
     return dest
 
 
@@ -150,12 +156,7 @@ def set_aside_stale(ckpt_dir: str | Path, config_hash: Any) -> Path | None:
     stale = {name: h for name, h in hashes.items() if h != config_hash}
     if not stale:
         return None
-    old = next(iter(stale.values()))
-    dest = d.with_name(f"{d.name}.stale-{old}")
-    n = 1
-    while dest.exists():
-        n += 1
-        dest = d.with_name(f"{d.name}.stale-{old}.{n}")
+    dest = _unused_name(d, f"{d.name}.stale-{next(iter(stale.values()))}")
     d.rename(dest)
     return dest
 
