@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 #: Modules that contribute subcommands, in the order they appear in ``--help``.
 COMMAND_MODULES = (
@@ -31,6 +32,17 @@ COMMAND_MODULES = (
 
 class CLIError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def load_study(path: str) -> Any:
+    """The validated study config of a command's CONFIG argument; a bad config is a CLIError that lists
+    every problem (the same text as ``cptscale validate``)."""
+    from cptscale.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

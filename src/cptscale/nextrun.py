@@ -18,14 +18,10 @@ from cptscale.util import read_json, write_json
 
 
 def build_spec(config: str, fits_dir: str, lang: str) -> dict[str, Any]:
-    from cptscale.cli import CLIError
-    from cptscale.config import ConfigError, load_config
+    from cptscale.cli import CLIError, load_study
     from cptscale.plan import plan_next_run, run_spec, suggested_run
 
-    try:
-        cfg = load_config(config)
-    except ConfigError as exc:
-        raise CLIError(str(exc)) from None
+    cfg = load_study(config)
     if lang not in cfg.languages.targets:
         raise CLIError(f"--lang {lang!r} is not a target language of study {cfg.study!r} ({cfg.languages.targets})")
     suggestion = suggested_run(fits_dir, lang)

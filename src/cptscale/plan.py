@@ -561,14 +561,10 @@ def format_plan(cfg: StudyConfig, runs: list[PlannedRun]) -> str:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from cptscale.cli import CLIError
-    from cptscale.config import ConfigError, load_config
+    from cptscale.cli import CLIError, load_study
     from cptscale.util import write_json
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        raise CLIError(str(exc)) from None
+    cfg = load_study(args.config)
     if args.study_json:
         write_json(args.study_json, study_manifest(cfg))
         return 0

@@ -219,13 +219,9 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from cptscale.cli import CLIError
-    from cptscale.config import ConfigError, load_config
+    from cptscale.cli import load_study
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        raise CLIError(str(exc)) from None
+    cfg = load_study(args.config)
     s = summarize(cfg.study_dir, cfg.study)
     if args.out:
         write_json(args.out, s)
