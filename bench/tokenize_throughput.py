@@ -7,7 +7,8 @@ same process, with the same parallelism (``RAYON_NUM_THREADS`` = workers). Print
 both and the ratio (target >= 0.8).
 
     .venv/bin/python bench/tokenize_throughput.py --mb 50 --workers 2
-    .venv/bin/python bench/tokenize_throughput.py --mb 50 --pss   # peak PSS of the ingest and index CLIs
+
+Peak memory of the same commands: bench/index_memory.py.
 """
 
 from __future__ import annotations
@@ -15,81 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def make_corpus(path: Path, mb: float, seed: int = 0) -> None:
-    """Synthetic mixed English-like / Chinese-like documents (no third-party text)."""
-    r = random.Random(seed)
-    words = ["".join(r.choice("etaoinshrdlucmfwypvbgkqjxz") for _ in range(r.randint(1, 10))) for _ in range(20000)]
-    han = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
-    target = int(mb * 1e6)
-    size = 0
-    with open(path, "w", encoding="utf-8") as fh:
-        i = 0
-        while size < target:
-            if i % 3 == 2:
-                text = "，".join("".join(r.choices(han, k=r.randint(5, 20))) for _ in range(r.randint(20, 200))) + "。"
-            else:
-                text = " ".join(r.choices(words, k=r.randint(100, 1500))) + "."
-            line = json.dumps({"text": f"{i} {text}"}, ensure_ascii=False) + "\n"
-            fh.write(line)
-            size += len(text.encode("utf-8"))
-            i += 1
-
-
-def peak_pss(cmd: list[str]) -> tuple[int, float]:
-    """Run ``cmd``; return (peak summed PSS of it and its worker processes in bytes, seconds): PSS
-    counts pages shared between processes once."""
-    import subprocess
-
-    import psutil
-
-    t0 = time.perf_counter()
-    proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            procs = [proc, *proc.children(recursive=True)]
-            peak = max(peak, sum(p.memory_full_info().pss for p in procs if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    if proc.returncode:
-        raise SystemExit(f"{cmd} failed with {proc.returncode}")
-    return peak, time.perf_counter() - t0
-
-
-def pss_mode(args: argparse.Namespace, work: Path) -> int:
-    """Peak PSS (summed over the process tree) of `cptscale data ingest` and `cptscale data index` on a
-    generated corpus of --mb MB. bench/index_memory.py reports RSS, PSS and USS."""
-    exe = [sys.executable, "-m", "cptscale.cli", "data"]
-    corpus = work / "corp" / "bench.jsonl"
-    if not corpus.exists():
-        make_corpus(corpus, args.mb)
-    src = work / "sources.json"
-    src.write_text(json.dumps([{"name": "bench", "kind": "local", "paths": [str(corpus)], "format": "jsonl"}]))
-    docs = work / "data" / "xx" / "docs.parquet"
-    ing, ing_s = peak_pss([*exe, "ingest", "--lang", "xx", "--sources-json", str(src), "--out", str(docs),
-                           "--no-progress"])
-    tok = work / "tok" / "tokenizer.json"
-    if not tok.exists():
-        peak_pss([*exe, "tokenizer", "--docs", str(docs), "--vocab-size", str(args.vocab_size),
-                  "--sample-chars-per-language", "3000000", "--out", str(tok), "--no-progress"])
-    idx, idx_s = peak_pss([*exe, "index", "--lang", "xx", "--docs", str(docs), "--tokenizer", str(tok),
-                           "--valid-tokens", "1000000", "--out-dir", str(docs.parent), "--workers",
-                           str(args.workers), "--no-progress"])
-    manifest = json.loads((docs.parent / "data.json").read_text())
-    text_mb = (manifest["train"]["bytes"] + manifest["valid"]["bytes"]) / 1e6
-    print(json.dumps({"text_mb": round(text_mb, 1), "workers": args.workers,
-                      "ingest_peak_pss_mib": round(ing / 2**20, 1), "ingest_s": round(ing_s, 1),
-                      "index_peak_pss_mib": round(idx / 2**20, 1), "index_s": round(idx_s, 1),
-                      "index_mb_s": round(text_mb / idx_s, 2)}, indent=2))
-    return 0
+from synthetic_corpus import make_corpus
 
 
 def main() -> int:
@@ -100,13 +32,7 @@ def main() -> int:
     ap.add_argument("--tokenizer", type=Path, default=None, help="use this tokenizer.json (else train one)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--pss", action="store_true",
-                    help="measure peak PSS (proportional set size) of the ingest and index CLIs instead")
     args = ap.parse_args()
-    if args.pss:
-        work = args.workdir or Path(tempfile.mkdtemp(prefix="cptscale-pss-"))
-        (work / "corp").mkdir(parents=True, exist_ok=True)
-        return pss_mode(args, work)
     os.environ["RAYON_NUM_THREADS"] = str(args.workers)  # before tokenizers starts its thread pool
 
     from cptscale.data.indexed import prepare
