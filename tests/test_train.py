@@ -282,6 +282,9 @@ def test_cpt_gate_passes_and_step0_equals_parent(root, data, parent_run):
     assert run_spec(spec) == 0
     ev0 = next(e for e in read_jsonl(Path(spec["out_dir"]) / "evals.jsonl") if e["step"] == 0 and e["lang"] == "en")
     assert abs(ev0["loss"] - spec["parent"]["final_loss"]) < 1e-9
+    # every evaluation has bits per byte, the source language's too (the gate's evaluation of it comes first)
+    evals = read_jsonl(Path(spec["out_dir"]) / "evals.jsonl")
+    assert {e["lang"] for e in evals} == {"en", "zh"} and all(e["bpb"] and e["bpb"] > 0 for e in evals), evals
     m = read_jsonl(Path(spec["out_dir"]) / "metrics.jsonl")
     assert m[0]["lr"] == pytest.approx(0.005)  # fresh schedule: warmup step 0 of 2
 

@@ -83,15 +83,21 @@ def evaluate_model(model, prefix: str, seq_length: int, micro_batch_size: int, *
     from cptscale.train.data import validation_tokens, validation_windows
     from cptscale.train.engine import collate, run_microbatches
 
+    # cached per validation set: the windows and, for a capped set, the bytes of its scored text (counted
+    # with the tokenizer); the bytes of a whole set are the caller's ``val_bytes``
+    cache = {} if cache is None else cache
     key = f"{prefix}:{seq_length}:{max_tokens}"
-    if cache is not None and key in cache:
-        tokens, labels, mask, n_bytes = cache[key]
-    else:
-        tokens, labels, mask = validation_windows(prefix, seq_length, max_tokens)
+    if key not in cache:
         toks, truncated = validation_tokens(prefix, max_tokens)
-        n_bytes = _evaluated_bytes(tokenizer, toks[1:]) if truncated else val_bytes
-        if cache is not None:
-            cache[key] = (tokens, labels, mask, n_bytes)
+        cache[key] = (*validation_windows(toks, seq_length), toks[1:] if truncated else None)
+    tokens, labels, mask, scored = cache[key]
+    if scored is None:
+        n_bytes = val_bytes
+    else:
+        bkey = f"{key}:bytes:{tokenizer}"
+        if bkey not in cache:
+            cache[bkey] = _evaluated_bytes(tokenizer, scored)
+        n_bytes = cache[bkey]
     mb = micro_batch_size
     pos = torch.arange(seq_length)
     batches = []

@@ -67,10 +67,9 @@ def validation_tokens(prefix: str, max_tokens: int | None = None) -> tuple[np.nd
     return toks, False
 
 
-def validation_windows(prefix: str, seq_length: int, max_tokens: int | None = None
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every validation token predicted exactly once: (tokens, labels, mask) arrays [n, seq]."""
-    toks, _ = validation_tokens(prefix, max_tokens)
+def validation_windows(toks: np.ndarray, seq_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every token of the evaluated stream (:func:`validation_tokens`) predicted exactly once:
+    (tokens, labels, mask) arrays [n, seq]."""
     n_pred = len(toks) - 1
     n = max(1, -(-n_pred // seq_length))
     tokens = np.zeros((n, seq_length), dtype=np.int64)
