@@ -103,6 +103,10 @@ class CustomShape(_Model):
     ffn: int | None = Field(None, ge=8, description="SwiGLU width; default 8d/3 rounded up to 32")
     kv_heads: int | None = Field(None, ge=1)
 
+    def shape(self, name: str) -> ModelShape:
+        """The model shape (raises ValueError for an impossible one, e.g. heads not dividing hidden)."""
+        return ModelShape(name, self.hidden, self.layers, self.heads, self.ffn or tiny_ffn(self.hidden), self.kv_heads)
+
 
 class LadderConfig(_Model):
     """Model sizes of the study: ladder names, any d<hidden>l<layers>, or names defined under `custom`."""
@@ -111,10 +115,7 @@ class LadderConfig(_Model):
     custom: dict[str, CustomShape] = Field(default_factory=dict, description="extra shapes by name")
 
     def shapes(self) -> dict[str, ModelShape]:
-        return {
-            name: ModelShape(name, s.hidden, s.layers, s.heads, s.ffn or tiny_ffn(s.hidden), s.kv_heads)
-            for name, s in self.custom.items()
-        }
+        return {name: s.shape(name) for name, s in self.custom.items()}
 
 
 class BudgetConfig(_Model):
@@ -581,7 +582,7 @@ def _check_ladder(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
     bad = False
     for name, s in cfg.ladder.custom.items():
         try:
-            ModelShape(name, s.hidden, s.layers, s.heads, s.ffn or tiny_ffn(s.hidden), s.kv_heads)
+            s.shape(name)
         except ValueError as exc:
             bad = True
             yield Problem(f"ladder.custom.{name}", str(exc))
@@ -648,15 +649,15 @@ def _check_tokenizer(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
                           "fix the path, or use kind: train")
         else:  # loads, has the EOD token, and its vocabulary is the one the models are sized from
             from cptscale.data.sources import SourceError
-            from cptscale.data.tokenizer import check_given_tokenizer
+            from cptscale.data.tokenizer import check_given_tokenizer, check_vocab_size
 
             try:
-                check_given_tokenizer(base / t.path, None)
+                tok = check_given_tokenizer(base / t.path, None)
             except SourceError as exc:  # unreadable, or no EOD token
                 yield Problem("tokenizer.path", str(exc))
                 return
             try:
-                check_given_tokenizer(base / t.path, t.vocab_size)
+                check_vocab_size(tok, base / t.path, t.vocab_size)
             except SourceError as exc:
                 yield Problem("tokenizer.vocab_size", str(exc))
 
@@ -712,12 +713,13 @@ def _matches(pattern: str, base: Path) -> bool:
 
 
 def _package_problems(spec: Any, where: str, cache: Path, registries: _RegistryCheck) -> Iterator[Problem]:
-    from cptscale.data.sources import SourceError, cached_package, resolve_package
+    from cptscale.data.sources import SourceError, cached_package, package_member
 
-    if cached_package(spec, cache) is not None:  # fetched already: its members must be there
+    cached = cached_package(spec, cache)
+    if cached is not None:  # fetched already: its members must be there
         for j, member in enumerate(spec.members):
             try:
-                resolve_package(spec.model_copy(update={"members": [member]}), cache)
+                package_member(spec, cached[0], member)
             except SourceError as exc:
                 yield Problem(f"{where}.members.{j}", str(exc))
         return

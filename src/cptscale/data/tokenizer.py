@@ -225,20 +225,26 @@ def train_tokenizer(
     return report
 
 
-def check_given_tokenizer(src: str | Path, vocab_size: int | None, field: str = "tokenizer.vocab_size") -> Tokenizer:
+def check_given_tokenizer(src: str | Path, vocab_size: int | None) -> Tokenizer:
     """Load a given tokenizer.json (``tokenizer.kind: file``) and check it against the config: it must load,
     have the EOD token and, when ``vocab_size`` is given, exactly that many tokens (added tokens included),
     since the models' embedding and parameter counts are sized from the config."""
     if not Path(src).is_file():
         raise SourceError(f"tokenizer file {src} does not exist; fix tokenizer.path (a Hugging Face tokenizer.json)")
     tok = Tokenizer(src)
-    if vocab_size is not None and tok.vocab_size != vocab_size:
+    if vocab_size is not None:
+        check_vocab_size(tok, src, vocab_size)
+    return tok
+
+
+def check_vocab_size(tok: Tokenizer, src: str | Path, vocab_size: int) -> None:
+    """A given tokenizer's vocabulary (added tokens included) must equal the configured ``vocab_size``."""
+    if tok.vocab_size != vocab_size:
         raise SourceError(
             f"tokenizer file {src} has a vocabulary of {tok.vocab_size:,} tokens (added tokens included) but "
-            f"{field} is {vocab_size:,}; set {field}: {tok.vocab_size} (models are sized from it) or give "
-            "another tokenizer file"
+            f"tokenizer.vocab_size is {vocab_size:,}; set tokenizer.vocab_size: {tok.vocab_size} (models are sized "
+            "from it) or give another tokenizer file"
         )
-    return tok
 
 
 def copy_tokenizer(src: str | Path, out: str | Path, docs: Sequence[str | Path] = (),

@@ -103,11 +103,9 @@ def validate_spec(spec: dict[str, Any], where: str = "run.json") -> None:
 
 
 def parent_done_path(spec: dict[str, Any]) -> Path:
-    """Where the source run's done.json is: ``parent.done`` if given, else the planner's layout
-    (run dirs side by side: ``<out_dir>/../<parent.run_id>/done.json``)."""
+    """Where the source run's done.json is in the planner's layout (run dirs side by side:
+    ``<out_dir>/../<parent.run_id>/done.json``)."""
     par = spec.get("parent") or {}
-    if par.get("done"):
-        return Path(par["done"])
     return Path(spec["out_dir"]).parent / str(par.get("run_id")) / "done.json"
 
 
