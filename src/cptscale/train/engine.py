@@ -470,7 +470,7 @@ class Trainer:
                             f"last {len(recent[-20:])} losses {mean:.4f}")
             return None
 
-        def optimizer_step(step: int, pending: Path | None, where: str = "") -> float | None:
+        def optimizer_step(step: int, loss: float, pending: Path | None, where: str = "") -> float | None:
             """Clip to optimizer.grad_clip on the global norm, then AdamW. A failed update (non-finite
             gradients found) or a non-finite gradient norm stops the run: the weights it produced are
             never saved, and ``pending`` (the unverified checkpoint of the weights whose gradients
@@ -480,7 +480,7 @@ class Trainer:
             if not ok:
                 self._fail(f"{where}the optimizer step at step {step} failed (non-finite gradients)", step, pending)
             if gnorm is not None and not math.isfinite(gnorm):
-                self._fail(f"{where}gradient norm is {gnorm} at step {step} (the loss was {loss_now:.4f})", step,
+                self._fail(f"{where}gradient norm is {gnorm} at step {step} (the loss was {loss:.4f})", step,
                            pending)
             return gnorm
 
@@ -497,7 +497,7 @@ class Trainer:
             every language, then restore the snapshot so the main run continues exactly as without
             the branch. No checkpoint is written inside a branch: on a stop signal the snapshot (the
             main run's state at ``start``) becomes ``step_<start>`` and a re-run redoes the branch."""
-            nonlocal flops, flops_6nd, loss_now
+            nonlocal flops, flops_6nd
             sb = branch_scheds[total]
             self.log(f"WSD branch of {total} steps: snapshot at step {start}, decay over steps {start}..{total - 1}")
             snap = ck.save_full(self.ckpt_dir, start, model, opt, spec, keep=0, extra=ck_extra(),
@@ -507,16 +507,16 @@ class Trainer:
                 for s in range(start, total):
                     t0 = time.time()
                     lr = lr_at(sb, s)
-                    loss_now = forward_backward(s, lr)
-                    problem = loss_problem(s, loss_now)
+                    loss = forward_backward(s, lr)
+                    problem = loss_problem(s, loss)
                     if problem:
                         self._fail(f"WSD branch of {total} steps: {problem}", s, None)
-                    gnorm = optimizer_step(s, None, f"WSD branch of {total} steps: ")
-                    recent.append(loss_now)
+                    gnorm = optimizer_step(s, loss, None, f"WSD branch of {total} steps: ")
+                    recent.append(loss)
                     flops += fpt * tokens_per_step
                     flops_6nd += 6.0 * n_params * tokens_per_step
                     self._append("branch_metrics.jsonl",
-                                 {**step_metrics(s, loss_now, lr, gnorm, time.time() - t0), "branch": total})
+                                 {**step_metrics(s, loss, lr, gnorm, time.time() - t0), "branch": total})
                     if self.on_branch_step is not None:
                         self.on_branch_step(total, s + 1)
                     if s + 1 < total and self._terminated_anywhere():
@@ -627,7 +627,6 @@ class Trainer:
         final_eval: dict[str, float] = {}
         # the checkpoint whose weights have not yet produced a checked loss (verified at the next step)
         pending: Path | None = latest if latest is not None and not ck.is_verified(latest) else None
-        loss_now = float("nan")
         step = start_step
         try:
             for step in range(start_step, steps):
@@ -641,7 +640,7 @@ class Trainer:
                 problem = loss_problem(step, loss_now)
                 if problem:
                     self._fail(problem, step, pending)
-                gnorm = optimizer_step(step, pending)
+                gnorm = optimizer_step(step, loss_now, pending)
                 if pending is not None:  # its weights just gave a good loss and finite gradients
                     ck.mark_verified(pending, {"step": step, "loss": loss_now, "grad_norm": gnorm, "time": time.time()})
                     pending = None
