@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from cptscale.data.ingest import check_enough_text
-from cptscale.data.keys import hash_prefix, iter_keyed_batches, key_hex
+from cptscale.data.keys import hash_prefix, iter_key_range, key_hex
 from cptscale.data.sources import SourceError
 from cptscale.data.tokenizer import RESERVE_BYTES_PER_TOKEN, Tokenizer
 from cptscale.util import file_hash, provenance, read_json, write_json
@@ -310,24 +310,17 @@ def select_validation(docs: Path, tok: Tokenizer, valid_tokens: int, lang: str) 
     grows with the window, not the corpus. Raises a clear error before anything is written when the
     language has too little text.
     """
-    import pyarrow as pa
 
     if valid_tokens <= 0:
         pre = hash_prefix(docs, "bytes", 0)
         return Validation([], np.empty(0, np.uint64), pre.total_weight, pre.total_docs)
     window = valid_tokens * RESERVE_BYTES_PER_TOKEN
-    checked = False
     while True:
         pre = hash_prefix(docs, "bytes", window)
-        if not checked:
-            check_enough_text(lang, pre.total_weight, pre.total_docs, valid_tokens)
-            checked = True
-        upto = np.uint64(pre.boundary)
+        check_enough_text(lang, pre.total_weight, pre.total_docs, valid_tokens)  # cheap: totals only
         texts: dict[int, str] = {}
-        for keys, batch in iter_keyed_batches(docs, ["text"]):
-            m = keys <= upto
-            if m.any():
-                texts.update(zip(keys[m].tolist(), batch.column(1).filter(pa.array(m)).to_pylist(), strict=True))
+        for keys, batch in iter_key_range(docs, ["text"], hi=pre.boundary):
+            texts.update(zip(keys.tolist(), batch.column(1).to_pylist(), strict=True))
         got = chosen = 0
         cand = pre.keys.tolist()
         for i in range(0, len(cand), BATCH_DOCS):
@@ -409,16 +402,13 @@ def prepare(lang: str, docs: str | Path, tokenizer: str | Path, valid_tokens: in
     value_set = pa.array(split_corpora, type=pa.string())
 
     def train_items() -> Iterator[tuple[str, int]]:
-        for keys, batch in iter_keyed_batches(docs, ["text", "source"] if split_corpora else ["text"]):
-            m = keys > np.uint64(boundary) if boundary is not None else None
-            texts = batch.column(1)
+        lo = boundary + 1 if boundary is not None else None  # training: every key above the validation set
+        for keys, batch in iter_key_range(docs, ["text", "source"] if split_corpora else ["text"], lo=lo):
             if split_corpora:
                 tags = pc.fill_null(pc.index_in(batch.column(2), value_set=value_set), -1).to_numpy()
             else:
                 tags = np.zeros(len(keys), dtype=np.int32)
-            if m is not None and not m.all():
-                texts, tags = texts.filter(pa.array(m)), tags[m]
-            yield from zip(texts.to_pylist(), tags.tolist(), strict=True)
+            yield from zip(batch.column(1).to_pylist(), tags.tolist(), strict=True)
 
     subsets = [(name, out_dir / f"train.{name}") for name in split_corpora]
     train, train_corpora = write_datasets(_batches(train_items()), tok, out_dir / "train", subsets, workers=workers,

@@ -71,6 +71,26 @@ def iter_keyed_batches(docs: str | Path, columns: Sequence[str] = ()) -> Iterato
         yield hash_keys(batch.column(0)), batch
 
 
+def iter_key_range(docs: str | Path, columns: Sequence[str] = (), *, lo: int | None = None,
+                   hi: int | None = None) -> Iterator[tuple[np.ndarray, object]]:
+    """:func:`iter_keyed_batches` restricted to documents whose key lies in [lo, hi] (either bound open):
+    the split regions of a store (validation, tokenizer sample, training) are key ranges."""
+    import pyarrow as pa
+
+    if lo is not None and lo >= 1 << 64:  # above the largest key: nothing
+        return
+    for keys, batch in iter_keyed_batches(docs, columns):
+        m = np.ones(len(keys), dtype=bool)
+        if lo is not None:
+            m &= keys >= np.uint64(lo)
+        if hi is not None:
+            m &= keys <= np.uint64(hi)
+        if m.all():
+            yield keys, batch
+        elif m.any():
+            yield keys[m], batch.filter(pa.array(m))
+
+
 @dataclass(frozen=True)
 class Prefix:
     """The shortest key-ordered run of documents whose weight reaches ``target`` (all documents when the

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cptscale.data.keys import hash_prefix, iter_keyed_batches, key_hex
+from cptscale.data.keys import hash_prefix, iter_key_range, key_hex
 from cptscale.data.sources import SourceError
 from cptscale.util import atomic_path, file_hash, provenance, write_json
 
@@ -141,20 +141,8 @@ def select_sample(docs: str | Path, sample_chars: int, reserve_bytes: int) -> tu
 
 def _iter_texts(docs: Path, lo: int | None = None, hi: int | None = None) -> Iterator[str]:
     """Texts (store order) whose key lies in [lo, hi] (either bound may be open)."""
-    for keys, batch in iter_keyed_batches(docs, ["text"]):
-        m = np.ones(len(keys), dtype=bool)
-        if lo is not None:
-            m &= keys >= np.uint64(lo)
-        if hi is not None:
-            m &= keys <= np.uint64(hi)
-        if not m.any():
-            continue
-        texts = batch.column(1)
-        if not m.all():
-            import pyarrow as pa
-
-            texts = texts.filter(pa.array(m))
-        yield from texts.to_pylist()
+    for _, batch in iter_key_range(docs, ["text"], lo=lo, hi=hi):
+        yield from batch.column(1).to_pylist()
 
 
 def train_tokenizer(
