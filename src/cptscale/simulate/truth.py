@@ -1,0 +1,267 @@
+"""The ground truth of a simulated study: the laws the simulator draws losses from.
+
+A :class:`Truth` holds, per language, the scratch Chinchilla law ``L = E + A/N^alpha + B/D^beta``;
+per target language the extended CPT law of Zheng et al. 2024 (Eq. 4) ``L = E + A/N^alpha +
+B'/(D^beta' N^gamma)`` (E, A, alpha shared with the target's scratch law, as the paper fits it);
+a forgetting law for the source language during CPT; the shape of a loss curve under an LR schedule
+(:mod:`cptscale.simulate.curve`); and the noise levels. ``N`` counts parameters as ``param_count``
+says (``total``: with embeddings, the paper's convention; ``nonembedding``: without).
+
+The defaults are the paper's Table 2 exponents (alpha 0.40, beta 0.30, beta' 0.20, gamma 0.08) at
+paper scale. The paper warns that its printed CPT constants make CPT *worse* than scratch at its
+own operating point (study-design.md §3.6), so the CPT coefficient B' here is not the printed 433.3
+but is chosen so that the 5.5B CPT model at 70B tokens matches scratch at 110B tokens (the paper's
+headline example, Section 4.4). English has no printed law: the same exponents with E chosen so the
+1.4B model ends at 2.40 nats (Section 5.2). Forgetting without replay is 2.40 -> 3.68 nats at 1.4B.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+FORMAT = "cptscale-truth/1"
+
+
+class TruthError(ValueError):
+    """A bad law file (the message names the field and the fix)."""
+
+
+@dataclass(frozen=True)
+class ScratchLaw:
+    """Chinchilla: final loss of a run of N parameters fully annealed after D tokens."""
+
+    E: float
+    A: float
+    alpha: float
+    B: float
+    beta: float
+
+    def loss(self, N: Any, D: Any) -> Any:
+        return self.E + self.A / N**self.alpha + self.B / D**self.beta
+
+    def allocation(self) -> dict[str, float]:
+        """Compute-optimal exponents and G of Eq. 2 (C = 6ND): N_opt = G (C/6)^a, D_opt = G^-1 (C/6)^b."""
+        s = self.alpha + self.beta
+        G = (self.alpha * self.A / (self.beta * self.B)) ** (1 / s)
+        return {"a": self.beta / s, "b": self.alpha / s, "G": G}
+
+    def n_opt(self, C: float) -> float:
+        al = self.allocation()
+        return al["G"] * (C / 6) ** al["a"]
+
+
+@dataclass(frozen=True)
+class CPTLaw:
+    """Extended CPT law (Eq. 4): the data term of the target's scratch law becomes B'/(D^beta' N^gamma),
+    D the target-language tokens seen during CPT."""
+
+    B: float
+    beta: float
+    gamma: float
+
+    def loss(self, base: ScratchLaw, N: Any, D: Any) -> Any:
+        return base.E + base.A / N**base.alpha + self.B / (D**self.beta * N**self.gamma)
+
+    def allocation(self, base: ScratchLaw) -> dict[str, float]:
+        """Eq. 5: a = beta'/(alpha + beta' - gamma), G = (alpha A / ((beta' - gamma) B'))^(1/(alpha + beta' - gamma))."""
+        s = base.alpha + self.beta - self.gamma
+        G = (base.alpha * base.A / ((self.beta - self.gamma) * self.B)) ** (1 / s)
+        return {"a": self.beta / s, "b": base.alpha / s, "G": G}
+
+
+@dataclass(frozen=True)
+class ForgettingLaw:
+    """Source-language loss of a CPT run (Zheng et al. Section 5.2): it rises as target tokens are
+    seen, saturating at ``F0 (N/N_ref)^-phi`` nats (smaller models forget more), and replayed source
+    tokens both undo the forgetting (``exp(-D_replay / (recovery_tokens_per_param N))``) and keep
+    training the source law, so with a few per cent of replay the source loss rises early, then ends
+    below its starting value, as the paper reports."""
+
+    F0: float = 1.28
+    N_ref: float = 1.1286e9  #: the paper's 1393M shape as cptscale counts it (ladder, vocabulary 32,000)
+    phi: float = 0.3
+    onset_tokens_per_param: float = 0.5
+    recovery_tokens_per_param: float = 0.05
+
+    def rise(self, N: float, d_target: Any, d_replay: Any) -> Any:
+        import numpy as np
+
+        amp = self.F0 * (N / self.N_ref) ** (-self.phi)
+        onset = 1 - np.exp(-np.asarray(d_target, float) / (self.onset_tokens_per_param * N))
+        return amp * onset * np.exp(-np.asarray(d_replay, float) / (self.recovery_tokens_per_param * N))
+
+
+@dataclass(frozen=True)
+class CurveShape:
+    """How the loss follows the LR schedule (Tissue et al. 2024, "Scaling Law with LR Annealing":
+    L(s) = L0 + A S1^-alpha - C S2). Here the annealing term multiplies the data term,
+    ``B/D1^beta x exp(-anneal_gain x S2)``, instead of subtracting C S2, so the gain of an anneal scales
+    with the loss still to be gained and one constant serves 100-step and 30,000-step runs;
+    ``anneal_gain`` 0.5 puts a constant-LR (WSD stable-phase) run 30 % of its data term above the
+    annealed one, and the middle of a cosine run a few per cent above a run annealed at that many
+    tokens (Hägele et al. 2024 report drops of this size). ``lag_fraction`` is the
+    momentum memory of the annealing area as a share of the run (Tissue's lambda = 0.999 is a lag of
+    1,000 steps; a share keeps curves of runs with 100 and 30,000 steps alike); ``off_language_rise``
+    is how far a scratch model's loss on another language ends above ln(vocab)."""
+
+    anneal_gain: float = 0.5
+    lag_fraction: float = 0.05
+    off_language_rise: float = 1.0
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Seeded noise, relative (on log loss): ``run`` is one draw per run (seed-to-seed spread of a
+    finished run), ``eval`` one per evaluation after step 0 (the wiggle of a curve around its trend),
+    ``train`` one per training step (metrics.jsonl). Measured on real tiny runs: see README."""
+
+    run: float = 0.0066
+    eval: float = 0.0042
+    train: float = 0.0042
+
+
+@dataclass(frozen=True)
+class Truth:
+    """Every law a simulated study draws from; JSON round-trip with :meth:`load` / :meth:`dump`."""
+
+    scratch: dict[str, ScratchLaw]
+    cpt: dict[str, CPTLaw]
+    forgetting: ForgettingLaw = field(default_factory=ForgettingLaw)
+    curve: CurveShape = field(default_factory=CurveShape)
+    noise: Noise = field(default_factory=Noise)
+    param_count: str = "total"
+    name: str = "paper-default"
+
+    def scratch_law(self, lang: str) -> ScratchLaw:
+        try:
+            return self.scratch[lang]
+        except KeyError:
+            raise TruthError(f"the law file has no scratch law for language {lang!r} (has "
+                             f"{', '.join(sorted(self.scratch))}); add scratch.{lang}") from None
+
+    def cpt_law(self, lang: str) -> CPTLaw:
+        try:
+            return self.cpt[lang]
+        except KeyError:
+            raise TruthError(f"the law file has no CPT law for target language {lang!r} (has "
+                             f"{', '.join(sorted(self.cpt))}); add cpt.{lang}") from None
+
+    def with_noise(self, scale: float) -> Truth:
+        """The same laws with every noise level multiplied by ``scale`` (0: noiseless)."""
+        n = self.noise
+        return replace(self, noise=Noise(n.run * scale, n.eval * scale, n.train * scale))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "name": self.name, "param_count": self.param_count,
+                "scratch": {k: asdict(v) for k, v in self.scratch.items()},
+                "cpt": {k: asdict(v) for k, v in self.cpt.items()},
+                "forgetting": asdict(self.forgetting), "curve": asdict(self.curve), "noise": asdict(self.noise)}
+
+    def dump(self, path: str | Path) -> None:
+        from cptscale.util import write_json
+
+        write_json(path, self.as_dict())
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "law file") -> Truth:
+        if not isinstance(d, dict):
+            raise TruthError(f"{where}: top level must be a JSON object")
+        if d.get("format", FORMAT) != FORMAT:
+            raise TruthError(f"{where}: format {d.get('format')!r} is not {FORMAT!r}")
+        unknown = sorted(set(d) - {"format", "name", "param_count", "scratch", "cpt", "forgetting", "curve", "noise"})
+        if unknown:
+            raise TruthError(f"{where}: unknown field(s) {', '.join(unknown)}")
+        if d.get("param_count", "total") not in ("total", "nonembedding"):
+            raise TruthError(f"{where}: param_count must be 'total' or 'nonembedding', got {d.get('param_count')!r}")
+        base = default_truth()
+        scratch = {k: _build(ScratchLaw, v, f"{where}: scratch.{k}") for k, v in (d.get("scratch") or {}).items()}
+        cpt = {k: _build(CPTLaw, v, f"{where}: cpt.{k}") for k, v in (d.get("cpt") or {}).items()}
+        if not scratch:
+            raise TruthError(f"{where}: scratch needs at least one language, e.g. "
+                             '{"zh": {"E": 1.55, "A": 420, "alpha": 0.4, "B": 719.5, "beta": 0.3}}')
+        truth = cls(scratch=scratch, cpt=cpt,
+                    forgetting=_build(ForgettingLaw, d.get("forgetting", {}), f"{where}: forgetting", base.forgetting),
+                    curve=_build(CurveShape, d.get("curve", {}), f"{where}: curve", base.curve),
+                    noise=_build(Noise, d.get("noise", {}), f"{where}: noise", base.noise),
+                    param_count=d.get("param_count", "total"), name=str(d.get("name", "custom")))
+        for lang, law in truth.cpt.items():
+            if lang not in truth.scratch:
+                raise TruthError(f"{where}: cpt.{lang} needs scratch.{lang} (E, A and alpha are shared with it)")
+            if law.beta <= law.gamma:
+                raise TruthError(f"{where}: cpt.{lang}: beta ({law.beta}) must exceed gamma ({law.gamma}), else no "
+                                 "compute-optimal allocation exists (Eq. 5)")
+        return truth
+
+    @classmethod
+    def load(cls, path: str | Path) -> Truth:
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise TruthError(f"law file {p} does not exist") from None
+        except ValueError as exc:
+            raise TruthError(f"law file {p} is not valid JSON: {exc}") from None
+        return cls.from_dict(d, str(p))
+
+
+def _build(cls: type, d: Any, where: str, default: Any = None) -> Any:
+    """A dataclass from a JSON object: unknown keys and non-finite or non-positive numbers are errors
+    (missing keys keep ``default``'s values; without a default every field is required)."""
+    if not isinstance(d, dict):
+        raise TruthError(f"{where} must be an object")
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise TruthError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
+    if default is None:
+        missing = [n for n in names if n not in d]
+        if missing:
+            raise TruthError(f"{where}: missing field(s) {', '.join(missing)}")
+    vals = {}
+    for n in names:
+        v = d.get(n, getattr(default, n, None))
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise TruthError(f"{where}.{n} must be a finite number >= 0, got {v!r}")
+        vals[n] = float(v)
+    return cls(**vals)
+
+
+#: Zheng et al. 2024 Table 2(a), scratch row (Chinese). Exponents of the CPT row.
+PAPER_ZH = ScratchLaw(E=1.55, A=420.0, alpha=0.40, B=719.5, beta=0.30)
+PAPER_CPT_BETA, PAPER_CPT_GAMMA = 0.20, 0.08
+
+
+def _cpt_coefficient(base: ScratchLaw, beta: float, gamma: float, N: float = 4.3586e9, D_cpt: float = 70e9,
+                     D_scratch: float = 110e9) -> float:
+    """B' that makes CPT at (N, D_cpt) as good as scratch at (N, D_scratch) (Section 4.4's example: the
+    5534M model, which cptscale counts as 4.36e9 parameters with a 32,000 vocabulary)."""
+    return base.B / D_scratch**base.beta * D_cpt**beta * N**gamma
+
+
+def default_truth() -> Truth:
+    """Paper-scale defaults (N counted with embeddings, as the paper's sizes are)."""
+    en = ScratchLaw(E=1.80, A=PAPER_ZH.A, alpha=PAPER_ZH.alpha, B=PAPER_ZH.B, beta=PAPER_ZH.beta)
+    cpt = CPTLaw(B=_cpt_coefficient(PAPER_ZH, PAPER_CPT_BETA, PAPER_CPT_GAMMA), beta=PAPER_CPT_BETA,
+                 gamma=PAPER_CPT_GAMMA)
+    return Truth(scratch={"en": en, "zh": PAPER_ZH}, cpt={"zh": cpt})
+
+
+def truth_for(langs: list[str], source: str, targets: list[str], base: Truth | None = None) -> Truth:
+    """``base`` (default: the paper's) with laws for every language of a study: a language without its own
+    law borrows the base's target law (zh) for targets and source law (en) for the source."""
+    t = base or default_truth()
+    tgt_default = t.scratch.get("zh") or next(iter(t.scratch.values()))
+    src_default = t.scratch.get("en") or tgt_default
+    scratch = dict(t.scratch)
+    for lang in langs:
+        scratch.setdefault(lang, src_default if lang == source else tgt_default)
+    cpt = dict(t.cpt)
+    first_cpt = next(iter(t.cpt.values()), None)
+    for lang in targets:
+        if lang not in cpt and first_cpt is not None:
+            cpt[lang] = first_cpt
+    return replace(t, scratch=scratch, cpt=cpt)
