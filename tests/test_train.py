@@ -210,6 +210,7 @@ def test_evaluate_cli_without_spec_uses_checkpoint_shape(root, data, capsys):
     shutil.copytree(final, study / "checkpoints" / "pruned-eval" / "final")
     st = study / "checkpoints" / "pruned-eval" / "final" / "state.json"
     st.write_text(json.dumps({k: v for k, v in json.loads(st.read_text()).items() if k != "out_dir"}))
+    (st.parent / "manifest.json").unlink()  # such an older checkpoint had no manifest either
     (study / "runs" / "pruned-eval").mkdir(parents=True)
     shutil.copy(out_dir / "run.json", study / "runs" / "pruned-eval" / "run.json")
     assert main(["evaluate", str(study / "checkpoints" / "pruned-eval" / "final"), "--out", str(res_path)]) == 0
@@ -297,6 +298,7 @@ def test_cpt_gate_fails_on_corrupted_checkpoint(root, data, parent_run, capsys):
     shutil.copytree(ck / "final", bad)
     shutil.rmtree(bad / "model")
     shutil.copytree(ck / "step_10" / "model", bad / "model")  # weights from another step
+    (bad / "manifest.json").unlink()  # an older checkpoint without digests: the gate is what catches it
     spec = _cpt_spec(root, data, parent_run, "cpt-bad", ckpt=bad)
     assert run_spec(spec) == 1
     err = capsys.readouterr().err
@@ -309,7 +311,7 @@ def test_cpt_gate_fails_on_corrupted_checkpoint(root, data, parent_run, capsys):
         f.write_bytes(f.read_bytes()[:100])
     spec2 = _cpt_spec(root, data, parent_run, "cpt-bad2", ckpt=bad2)
     assert run_spec(spec2) == 1
-    assert "could not load weights" in capsys.readouterr().err
+    assert f"checkpoint {bad2} is damaged" in capsys.readouterr().err  # its manifest names the shard
 
 
 def test_nan_loss_stops_run(root, data):

@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "cptscale.report",
     "cptscale.summary",
     "cptscale.prune",
+    "cptscale.verify",
 )
 
 

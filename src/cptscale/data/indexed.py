@@ -41,6 +41,7 @@ from cptscale.data.ingest import check_enough_text
 from cptscale.data.keys import hash_prefix, iter_key_range, key_hex
 from cptscale.data.sources import SourceError
 from cptscale.data.tokenizer import RESERVE_BYTES_PER_TOKEN, Tokenizer
+from cptscale.integrity import sample_fingerprint
 from cptscale.util import file_hash, provenance, read_json, write_json
 
 BATCH_DOCS = 256
@@ -221,8 +222,10 @@ class _Output:
         st = self.stats
         st["tokens_per_byte"] = st["tokens"] / st["bytes"] if st["bytes"] else None
         st["tokens_per_char"] = st["tokens"] / st["chars"] if st["chars"] else None
-        st["bin_hash"] = file_hash(f"{self.prefix}.bin")
-        st["idx_hash"] = file_hash(f"{self.prefix}.idx")
+        for ext in ("bin", "idx"):
+            st[f"{ext}_hash"] = file_hash(f"{self.prefix}.{ext}")
+            # size + sampled blocks: what every training start checks (cptscale.integrity.check_dataset)
+            st.update({f"{ext}_{k}": v for k, v in sample_fingerprint(f"{self.prefix}.{ext}").items()})
         return st
 
     def discard(self) -> None:

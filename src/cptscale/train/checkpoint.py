@@ -12,16 +12,27 @@ the newest ``keep`` checkpoints *and* the newest verified one; a checkpoint that
 renamed ``rejected-step_N`` (ignored by resume, kept for inspection), so a re-run resumes from the
 last verified one. state.json records the run's ``config_hash``: a trainer whose spec has another
 hash moves the whole dir aside (:func:`set_aside_stale`) instead of resuming from another config.
+
+**Intact** checkpoints: at save, ``manifest.json`` (size and XXH3-128 digest of every file, see
+:mod:`cptscale.integrity`) is written after state.json, atomically, before the dir is renamed into
+place. Every read checks it (:func:`verify_checkpoint`): resume, CPT initialisation, evaluation,
+rotation. A missing or changed file is a :class:`CheckpointError` naming the file and the
+checkpoint; resume sets a damaged checkpoint aside (``damaged-step_N``) and falls back to the
+newest intact one (:func:`set_aside_damaged`). A checkpoint without a manifest (written before
+manifests existed) is accepted with a warning, once per process. A save that runs out of disk space
+removes its temp dir and says so; the previous checkpoints are untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import random
 import re
 import shutil
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,13 +40,101 @@ from typing import Any
 
 import numpy as np
 
+from cptscale.integrity import (
+    MANIFEST,
+    IntegrityError,
+    check_dir_manifest,
+    read_dir_manifest,
+    write_dir_manifest,
+)
+
 STATE = "state.json"
 VERIFIED = "verified.json"
 _STEP = re.compile(r"^step_(\d+)$")
+#: files a checkpoint gains after its manifest is written: markers, not content
+_UNLISTED = frozenset({VERIFIED})
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+#: checkpoints whose every file was hashed in this process, with the (name, size, mtime) of each file
+#: then: a second read of an unchanged checkpoint (load_weights, then load_full) is not hashed again
+_intact: dict[str, tuple] = {}
+_warned_legacy: set[str] = set()
+
+
+def _file_stamp(p: Path, manifest: dict[str, Any]) -> tuple:
+    out = []
+    for rel in sorted(manifest["files"]):
+        try:
+            st = (p / rel).stat()
+        except OSError:
+            return ()
+        out.append((rel, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def verify_checkpoint(path: str | Path, *, full: bool = True) -> bool:
+    """Check every file of a checkpoint against its manifest (``full=False``: sizes only). True if
+    verified; False for a checkpoint without a manifest (an older version's: accepted, with a
+    warning once per process). A missing or changed file raises :class:`CheckpointError` naming the
+    file and the checkpoint."""
+    p = Path(path)
+    if not p.is_dir() or not ((p / STATE).is_file() or (p / MANIFEST).is_file()):
+        raise CheckpointError(f"{p} is not a complete checkpoint (no {STATE}); point at a checkpoint dir such as "
+                              "<checkpoint.dir>/final or step_N written by `cptscale train`")
+    try:
+        manifest = read_dir_manifest(p)
+    except IntegrityError as exc:
+        raise CheckpointError(f"checkpoint {p} is damaged: {exc}") from None
+    if manifest is None:
+        key = str(p.resolve())
+        if key not in _warned_legacy:
+            _warned_legacy.add(key)
+            print(f"warning: checkpoint {p} has no {MANIFEST} (written by an older cptscale): its files cannot be "
+                  "verified; accepted as it is", file=sys.stderr, flush=True)
+        return False
+    key = str(p.resolve())
+    stamp = _file_stamp(p, manifest)
+    if full and stamp and _intact.get(key) == stamp:
+        return True
+    problems = check_dir_manifest(p, manifest, full=full)
+    if problems:
+        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:4])})" if len(problems) > 1 else ""
+        raise CheckpointError(
+            f"checkpoint {p} is damaged: {problems[0]}{more}; it cannot be trusted: restore it from a copy or "
+            "delete it (a resumed run falls back to its newest intact checkpoint; a damaged final checkpoint "
+            "needs its run trained again)")
+    if full:
+        _intact[key] = stamp
+    return True
+
+
+def _remember_intact(p: Path, manifest: dict[str, Any]) -> None:
+    _intact[str(p.resolve())] = _file_stamp(p, manifest)
+
+
+def set_aside_damaged(ckpt_dir: str | Path) -> list[str]:
+    """Rank 0, before resuming: check the ``step_N`` checkpoints from the newest down; rename each
+    damaged one ``damaged-step_N`` (kept for inspection) until one is intact. Returns what was done,
+    one message per line for the log (empty when the newest checkpoint is intact)."""
+    d = Path(ckpt_dir)
+    msgs = []
+    for _, p in reversed(list_checkpoints(d)):
+        try:
+            verify_checkpoint(p)
+            break
+        except CheckpointError as exc:
+            dest = _unused_name(p, f"damaged-{p.name}")
+            p.rename(dest)
+            msgs.append(f"{exc} -- moved to {dest.name}")
+    if msgs:
+        newest = latest_checkpoint(d)
+        msgs.append(f"falling back to the newest intact checkpoint {newest}" if newest is not None
+                    else f"no intact checkpoint left in {d}: training starts again from step 0")
+    return msgs
 
 
 def _rank() -> int:
@@ -122,9 +221,13 @@ def _rotate(d: Path, keep: int) -> None:
         return
     cks = [p for _, p in list_checkpoints(d)]
     keep_paths = set(cks[-keep:])
-    verified = [p for p in cks if is_verified(p)]
-    if verified:
-        keep_paths.add(verified[-1])
+    for p in reversed([p for p in cks if is_verified(p)]):
+        keep_paths.add(p)  # the newest verified one that is intact is kept; damaged ones are never deleted here
+        try:
+            verify_checkpoint(p)
+            break
+        except CheckpointError as exc:
+            print(f"warning: {exc}", file=sys.stderr, flush=True)
     for p in cks:
         if p not in keep_paths:
             shutil.rmtree(p, ignore_errors=True)
@@ -243,9 +346,68 @@ def _save_optimizer(model, opt, path: Path) -> None:
         dist_checkpointing.save(opt.sharded_state_dict(unwrap(model).sharded_state_dict()), str(path))
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps: its cause/context chain, torch's per-rank failures) is ENOSPC."""
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "[Errno 28]" in str(e):
+            return True
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+        if isinstance(failures, dict):
+            for f in failures.values():
+                todo += list(f) if isinstance(f, tuple) else [f]
+    return False
+
+
+def _dir_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
+
+
+def _no_room(tmp: Path, d: Path) -> bool:
+    """Whether a failed save ran out of space: less room left than the partial write, or than the newest
+    complete checkpoint (a write needs about as much). torch's checkpoint writer loses the ENOSPC
+    (it reports "unexpected pos" of its zip writer instead), so the file system is asked."""
+    try:
+        free = shutil.disk_usage(d).free
+    except OSError:
+        return False
+    newest = latest_checkpoint(d)
+    return free < max(_dir_bytes(tmp), _dir_bytes(newest) if newest is not None else 0, 1)
+
+
+@contextlib.contextmanager
+def _writing(tmp: Path, final: Path) -> Iterator[None]:
+    """A checkpoint save into ``tmp``: if the disk fills up, remove the partial ``tmp`` and raise a
+    CheckpointError saying so (``final`` and every other checkpoint are untouched: nothing is renamed
+    into place before the write is complete)."""
+    try:
+        yield
+    except BaseException as exc:
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)) or not (_disk_full(exc) or _no_room(tmp, final.parent)):
+            raise
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"no space left on device while writing checkpoint {final.name} in {final.parent}: the partial "
+            f"write was removed and the previous checkpoints there are intact; free disk space (or point "
+            f"checkpoint.dir elsewhere) and re-run to resume") from None
+
+
 def _publish(tmp: Path, final: Path, state: dict[str, Any]) -> None:
-    """Rank 0: write the common state last, then rename into place (complete or absent)."""
-    (tmp / STATE).write_text(json.dumps(state, indent=1))
+    """Rank 0: write the common state, then the manifest of every file (atomically, last), then rename
+    into place (complete or absent)."""
+    from cptscale.util import atomic_write
+
+    atomic_write(tmp / STATE, json.dumps(state, indent=1))
+    manifest = write_dir_manifest(tmp, exclude=_UNLISTED)
     if final.exists():
         old = final.with_name(final.name + ".old")
         if old.exists():
@@ -255,6 +417,7 @@ def _publish(tmp: Path, final: Path, state: dict[str, Any]) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(final)
+    _remember_intact(final, manifest)
 
 
 def save_full(ckpt_dir: str | Path, step: int, model, opt, spec: dict[str, Any], keep: int = 2,
@@ -274,17 +437,18 @@ def save_full(ckpt_dir: str | Path, step: int, model, opt, spec: dict[str, Any],
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    _save_model(model, tmp / "model")
-    _save_optimizer(model, opt, tmp / "optimizer")
-    torch.save({"rng": _rng_state()}, tmp / f"rank{_rank():05d}.pt")
-    _barrier()
-    if _rank() == 0:
-        state = {"step": step, "consumed_samples": step * int(spec["global_batch_size"]), "layout": _layout(),
-                 "run_id": spec["run_id"], "config_hash": spec.get("config_hash"), "out_dir": spec.get("out_dir"),
-                 "kind": "full", **(extra or {})}
-        _publish(tmp, final, state)
-        if _STEP.match(name):
-            _rotate(d, keep)
+    with _writing(tmp, final):
+        _save_model(model, tmp / "model")
+        _save_optimizer(model, opt, tmp / "optimizer")
+        torch.save({"rng": _rng_state()}, tmp / f"rank{_rank():05d}.pt")
+        _barrier()
+        if _rank() == 0:
+            state = {"step": step, "consumed_samples": step * int(spec["global_batch_size"]), "layout": _layout(),
+                     "run_id": spec["run_id"], "config_hash": spec.get("config_hash"),
+                     "out_dir": spec.get("out_dir"), "kind": "full", **(extra or {})}
+            _publish(tmp, final, state)
+    if _rank() == 0 and _STEP.match(name):
+        _rotate(d, keep)
     _barrier()
     return final
 
@@ -317,13 +481,14 @@ def save_final(ckpt_dir: str | Path, step: int, model, spec: dict[str, Any],
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    _save_model(model, tmp / "model")
-    _barrier()
-    if _rank() == 0:
-        _publish(tmp, final, {"step": step, "run_id": spec["run_id"], "layout": _layout(), "kind": "weights",
-                              "shape": spec["shape"], "vocab_size": spec["vocab_size"],
-                              "config_hash": spec.get("config_hash"), "out_dir": spec.get("out_dir"),
-                              **(extra or {})})
+    with _writing(tmp, final):
+        _save_model(model, tmp / "model")
+        _barrier()
+        if _rank() == 0:
+            _publish(tmp, final, {"step": step, "run_id": spec["run_id"], "layout": _layout(), "kind": "weights",
+                                  "shape": spec["shape"], "vocab_size": spec["vocab_size"],
+                                  "config_hash": spec.get("config_hash"), "out_dir": spec.get("out_dir"),
+                                  **(extra or {})})
     _barrier()
     return final
 
@@ -333,7 +498,18 @@ def read_state(path: str | Path) -> dict[str, Any]:
     p = Path(path) / STATE
     if not p.exists():
         raise CheckpointError(f"{p} missing: {Path(path)} is not a complete checkpoint")
-    return json.loads(p.read_text())
+    try:
+        manifest = read_dir_manifest(path)
+    except IntegrityError as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged: {exc}") from None
+    if manifest is not None:
+        problems = check_dir_manifest(path, manifest, only=STATE)
+        if problems:
+            raise CheckpointError(f"checkpoint {path} is damaged: {problems[0]}")
+    try:
+        return json.loads(p.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged: {STATE} is not JSON ({exc})") from None
 
 
 def load_weights(path: str | Path, model) -> dict[str, Any]:
@@ -347,13 +523,14 @@ def load_weights(path: str | Path, model) -> dict[str, Any]:
             f"{p} is not a complete checkpoint (missing {STATE} or model/); point parent.checkpoint / "
             "CHECKPOINT at a checkpoint dir such as <checkpoint.dir>/final written by `cptscale train`"
         )
+    verify_checkpoint(p)
     try:
         inner = unwrap(model)
         state_dict = dist_checkpointing.load(inner.sharded_state_dict(), str(p / "model"))
         inner.load_state_dict(state_dict, strict=True)
     except (Exception, CheckpointException) as exc:
         raise CheckpointError(f"could not load weights from {p}: {type(exc).__name__}: {exc}") from exc
-    return json.loads((p / STATE).read_text())
+    return read_state(p)
 
 
 def load_full(path: str | Path, model, opt) -> int:
@@ -363,7 +540,8 @@ def load_full(path: str | Path, model, opt) -> int:
     from megatron.core import dist_checkpointing
 
     p = Path(path)
-    state = json.loads((p / STATE).read_text())
+    verify_checkpoint(p)
+    state = read_state(p)
     if state.get("layout") != _layout():
         raise CheckpointError(
             f"{p} was written at layout {state.get('layout')} but this run uses {_layout()}: an exact resume "

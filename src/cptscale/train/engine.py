@@ -710,6 +710,8 @@ class Trainer:
             self._stale = moved
             self.log(f"checkpoints in {self.ckpt_dir} were written under another config (config_hash "
                      f"!= {self.spec.get('config_hash')}): moved to {moved}; starting afresh")
+        for msg in ck.set_aside_damaged(self.ckpt_dir):  # resume only from an intact checkpoint
+            self.log(msg)
 
     def _branch_results(self, totals: list[int], tokens_per_step: int) -> list[dict[str, Any]]:
         """done.json's ``branches``: per WSD branch its steps, tokens, FLOPs and final validation

@@ -11,15 +11,17 @@ EXIT_TERMINATED = 143
 
 
 def run_spec(spec: dict[str, Any]) -> int:
+    from cptscale.integrity import IntegrityError, check_run_datasets
     from cptscale.train.checkpoint import CheckpointError
     from cptscale.train.engine import Terminated, TrainingError, train
 
     try:
+        check_run_datasets(spec)  # size + sampled blocks of every .bin/.idx it reads, before any work
         train(spec)
     except Terminated as exc:
         print(f"cptscale train: {exc}", file=sys.stderr)
         return EXIT_TERMINATED
-    except (TrainingError, CheckpointError, FileNotFoundError) as exc:
+    except (TrainingError, CheckpointError, IntegrityError, FileNotFoundError) as exc:
         print(f"cptscale train: error: {exc}", file=sys.stderr)
         return 1
     return 0
