@@ -17,7 +17,9 @@ min_version("9.0")
 if not config:
     configfile: "config.yaml"
 
-from cptscale.config import ConfigError, parse_config, resolve_corpora  # noqa: E402
+from cptscale.config.checks import resolve_corpora  # noqa: E402
+from cptscale.config.problems import ConfigError  # noqa: E402
+from cptscale.validation import parse_config  # noqa: E402
 from cptscale import plan as P  # noqa: E402
 
 _CONFIG_FILE = Path(workflow.configfiles[-1]) if workflow.configfiles else Path("config.yaml")

@@ -1,7 +1,7 @@
 """Benchmark: the vectorised 4,500-start fit vs a plain per-start scipy L-BFGS-B loop, same data, same run.
 
 Data: the 240 Chinchilla points (Besiroglu et al.'s extraction, 5 outliers excluded). The vectorised
-fit is ``cptscale.fit.fit_law`` as the workflow calls it: L-BFGS from all 4,500 starts at once in numpy
+fit is ``cptscale.fit.estimate.fit_law`` as the workflow calls it: L-BFGS from all 4,500 starts at once in numpy
 (each start to a relative objective decrease of 1e-9), then scipy polish of the best 3 distinct optima.
 Two naive loops run ``scipy.optimize.minimize`` (L-BFGS-B, analytic gradient, same bounds) from each start:
 
@@ -27,7 +27,9 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
-from cptscale.fit import BOUNDS, LAWS, _grid, _obj, _Prep, _to_params, fit_law
+from cptscale.fit.estimate import fit_law
+from cptscale.fit.laws import LAWS, _grid, _to_params
+from cptscale.fit.optimizer import BOUNDS, _obj, _Prep
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--naive-sample", type=int, default=300, help="starts timed in the naive loop (0: all 4,500)")

@@ -49,7 +49,9 @@ def main() -> None:
     import duckdb
 
     from cptscale.ladder import LADDER
-    from cptscale.store import TABLES, generate_study, ingest, write_generated_transfers
+    from cptscale.store.ingest import ingest
+    from cptscale.store.schema import TABLES
+    from cptscale.store.synthetic import generate_study, write_generated_transfers
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="cptscale-bench-"))
     sdir, db = work / "bench", work / "bench.duckdb"

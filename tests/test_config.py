@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cptscale.config import ConfigError, ConfigWarning, Problem, json_schema, load_config, parse_config
+from cptscale.config.problems import ConfigError, ConfigWarning, Problem
+from cptscale.config.schema import json_schema
+from cptscale.validation import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["config.yaml", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "workflow/studies").glob("*.yaml")),

@@ -287,7 +287,8 @@ def test_validate_checks_a_given_tokenizers_vocab_size(study: dict, tmp_path: Pa
     vocabulary differs (the models are sized from the config), before any job runs."""
     import yaml
 
-    from cptscale.config import ConfigError, parse_config
+    from cptscale.config.problems import ConfigError
+    from cptscale.validation import parse_config
 
     monkeypatch.setenv("CPTSCALE_OFFLINE", "1")  # only the tokenizer is under test here
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text(encoding="utf-8"))
@@ -512,7 +513,8 @@ def test_blend_corpora_lists_lang_corpus_blend_keys(tmp_path: Path) -> None:
     a key naming no corpus is a config error (before any work)."""
     import yaml
 
-    from cptscale.config import ConfigError, parse_config
+    from cptscale.config.problems import ConfigError
+    from cptscale.validation import parse_config
 
     root = Path(__file__).resolve().parents[1]
     raw = yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8"))

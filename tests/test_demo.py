@@ -107,8 +107,8 @@ def test_demo_prints_the_answer(demo: Demo) -> None:
 
 def test_demo_logs_and_benchmarks_per_training_job(demo: Demo) -> None:
     """Every training job has its log under results/<study>/logs/train/ and its Snakemake benchmark."""
-    from cptscale.config import load_config
     from cptscale.plan import plan_study
+    from cptscale.validation import load_config
 
     runs = [r.run_id for r in plan_study(load_config(demo.cfg))]
     assert len(runs) == 12

@@ -11,21 +11,18 @@ import pandas as pd
 import pytest
 
 from cptscale.cli import CLIError, main
-from cptscale.fit import (
-    GRIDS,
-    FitResult,
+from cptscale.fit.estimate import (
     allocate,
-    bootstrap_counts,
-    bootstrap_law,
     exponents,
     fit_envelope,
     fit_hernandez,
     fit_law,
-    heldout_validation,
     isoflop,
-    lbfgs_batch,
     lower_frontier,
 )
+from cptscale.fit.laws import GRIDS, FitResult
+from cptscale.fit.optimizer import lbfgs_batch
+from cptscale.fit.uncertainty import bootstrap_counts, bootstrap_law, heldout_validation
 
 FIX = Path(__file__).parent / "fixtures" / "chinchilla-fig4-extracted.csv"
 CHIN = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}  # Hoffmann et al. Eq. 10
@@ -397,7 +394,7 @@ def test_fit_record_in_json_and_duckdb(tmp_path: Path) -> None:
     delta, reduction, optimizer, grid (values + hash), data selection, excluded points and input hash."""
     import duckdb
 
-    from cptscale.store import ingest
+    from cptscale.store.ingest import ingest
     from cptscale.util import file_hash
 
     N = np.repeat([1e8, 2e8, 4e8, 8e8, 1.6e9], 6)
@@ -439,7 +436,9 @@ def test_fit_record_in_json_and_duckdb(tmp_path: Path) -> None:
 
 
 def _study(tmp: Path, sizes: object) -> Path:
-    from cptscale.store import generate_study, ingest, write_generated_transfers, write_points_table
+    from cptscale.store.ingest import ingest
+    from cptscale.store.queries import write_points_table
+    from cptscale.store.synthetic import generate_study, write_generated_transfers
 
     sdir = tmp / "gs"
     generate_study(sdir, sizes=sizes, steps_per_run=40, evals_per_run=9)
@@ -450,7 +449,7 @@ def _study(tmp: Path, sizes: object) -> Path:
 
 
 def test_fit_study_end_to_end(tmp_path: Path) -> None:
-    from cptscale.store import ingest
+    from cptscale.store.ingest import ingest
     from cptscale.summary import format_summary, summarize
 
     sdir = _study(tmp_path, 4)

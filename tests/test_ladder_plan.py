@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cptscale.config import ConfigError, load_config, parse_config
+from cptscale.config.problems import ConfigError
 from cptscale.ladder import PAPER_SHAPES, TINY_SHAPES, get_shape, padded_vocab, shape_for_params
 from cptscale.plan import eval_steps, parse_run_id, plan_next_run, plan_study, schedule_for, suggested_run
+from cptscale.validation import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +108,7 @@ def test_variants_add_cpt_runs_with_their_own_recipe() -> None:
 def test_bad_variant_override_is_named() -> None:
     raw = yaml.safe_load((ROOT / "config.yaml").read_text())
     raw["variants"] = {"bad": {"cpt": {"min_lr": "start/3"}}}
-    from cptscale.config import ConfigError
+    from cptscale.config.problems import ConfigError
 
     with pytest.raises(ConfigError, match=r"variants\.bad\.cpt"):
         parse_config(raw, base_dir=ROOT)

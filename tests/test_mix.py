@@ -299,8 +299,8 @@ def test_mix_plan_cli(tmp_path, capsys):
     import yaml
 
     from cptscale.cli import main
-    from cptscale.config import load_config
     from cptscale.plan import data_dir
+    from cptscale.validation import load_config
 
     cfg = yaml.safe_load((Path(__file__).parent / "configs" / "micro.yaml").read_text())
     cfg["results_dir"] = str(tmp_path / "results")
@@ -365,8 +365,8 @@ def test_lang_corpus_blend_realized_through_run_spec(tmp_path):
     import yaml
 
     from cptscale import plan as P
-    from cptscale.config import load_config
     from cptscale.util import file_hash, write_json
+    from cptscale.validation import load_config
 
     for name in ("a.txt", "b.txt", "en.txt"):
         (tmp_path / name).write_text("text\n")

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from cptscale import report
+from cptscale.report.figures import BUILDERS, fig_health_curves, fig_health_lr
+from cptscale.report.page import build_report
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 #: Figures of study kinds a plain CPT scaling study does not have (they give a "missing" note here; the
 #: study tests draw them from real IPLT / variant / next-run studies).
 OPTIONAL = {"iplt", "variants", "next_run"}
-CORE = set(report.BUILDERS) - OPTIONAL
+CORE = set(BUILDERS) - OPTIONAL
 
 
 def make_db(path: Path, n_sizes: int = 3, replays: tuple[float, ...] = (0.0, 0.1, 0.3), n_evals: int = 12,
@@ -29,21 +30,23 @@ def make_db(path: Path, n_sizes: int = 3, replays: tuple[float, ...] = (0.0, 0.1
     """A study store built by the real stages from a generated study tree (store.generate_study: every
     file in the formats the trainer writes): ingest, transfer metrics, points, fit-study, ingest again.
     Returns the study name."""
-    from cptscale import store
-    from cptscale.fit import fit_study
+    from cptscale.fit.study import fit_study
+    from cptscale.store.ingest import ingest
+    from cptscale.store.queries import write_points_table
+    from cptscale.store.synthetic import generate_study, write_generated_transfers
 
     sdir = path.parent / "gen" / "s"
     inits = ("scratch", "cpt") if replays else ("scratch",)
-    store.generate_study(sdir, sizes=n_sizes, inits=inits, replays=replays or (0.0,), steps_per_run=n_steps,
+    generate_study(sdir, sizes=n_sizes, inits=inits, replays=replays or (0.0,), steps_per_run=n_steps,
                          evals_per_run=n_evals, study="s", lang=lang, source_lang=source_lang)
-    store.write_generated_transfers(sdir)
-    assert store.ingest(sdir, path).ok
+    write_generated_transfers(sdir)
+    assert ingest(sdir, path).ok
     if with_fits:
         points = sdir / "fits" / "points.csv"
-        store.write_points_table(str(path), "s", points)
+        write_points_table(str(path), "s", points)
         fit_study(str(points), str(sdir / "fits"), budgets=[1e20, 1e21], bootstrap=bootstrap, grid="coarse",
                   db=str(path), study="s")
-        assert store.ingest(sdir, path).ok
+        assert ingest(sdir, path).ok
     return "s"
 
 
@@ -180,8 +183,8 @@ def study_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_build_report_full(tmp_path: Path, study_db: Path) -> None:
     db = study_db
-    info = report.build_report(db, "s", tmp_path / "report", images=True)
-    assert set(info["missing"]) == OPTIONAL & set(report.BUILDERS), info["missing"]
+    info = build_report(db, "s", tmp_path / "report", images=True)
+    assert set(info["missing"]) == OPTIONAL & set(BUILDERS), info["missing"]
     assert set(info["drawn"]) == CORE
     for name in CORE:
         assert (tmp_path / "report" / "figures" / f"{name}.svg").stat().st_size > 1000
@@ -200,9 +203,9 @@ def test_missing_data_gives_notes(tmp_path: Path) -> None:
     con.execute("create table runs(study varchar, run_id varchar, size varchar, init varchar, lang varchar)")
     con.execute("insert into runs values ('s','a','20M','scratch','zh')")
     con.close()
-    info = report.build_report(db, "s", tmp_path / "r", images=False)
+    info = build_report(db, "s", tmp_path / "r", images=False)
     assert info["drawn"] == {}
-    assert set(info["missing"]) == set(report.BUILDERS)
+    assert set(info["missing"]) == set(BUILDERS)
     page = (tmp_path / "r" / "index.html").read_text()
     assert "missing: table `evals`" in page
 
@@ -210,7 +213,7 @@ def test_missing_data_gives_notes(tmp_path: Path) -> None:
 def test_only_scratch_runs(tmp_path: Path) -> None:
     db = tmp_path / "s.duckdb"
     make_db(db, replays=())  # scratch runs only: the scratch fit exists, CPT figures do not
-    info = report.build_report(db, "s", tmp_path / "r", images=False)
+    info = build_report(db, "s", tmp_path / "r", images=False)
     assert "loss_compute" in info["drawn"] and "isoloss" in info["drawn"]
     assert "transfer" in info["missing"] and "replay" in info["missing"]
 
@@ -230,7 +233,7 @@ def test_cli_missing_database_writes_the_missing_page(tmp_path: Path, capsys: py
     assert main(["report", "--db", str(db), "--study", "s", "--out-dir", str(tmp_path / "r"), "--no-images"]) == 0
     page = (tmp_path / "r" / "index.html").read_text()
     info = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert info["drawn"] == {} and set(info["missing"]) == set(report.BUILDERS)
+    assert info["drawn"] == {} and set(info["missing"]) == set(BUILDERS)
     assert f"database {db}" in page and "does not exist yet" in page
     assert "0 figures drawn" in page
     assert "missing loss_compute: database" in capsys.readouterr().out
@@ -239,7 +242,7 @@ def test_cli_missing_database_writes_the_missing_page(tmp_path: Path, capsys: py
 def test_interactive_figures_zoom(study_db: Path, tmp_path: Path) -> None:
     """index.rst promises pan/zoom on every figure with continuous axes: each such view binds its scales
     (the fertility bars have a nominal axis and are the one exception)."""
-    report.build_report(study_db, "s", tmp_path / "r", images=False)
+    build_report(study_db, "s", tmp_path / "r", images=False)
     specs = page_specs(tmp_path / "r" / "index.html")
 
     def scale_params(node: object) -> list[dict]:
@@ -265,7 +268,7 @@ def test_replay_axes_name_the_study_languages(tmp_path: Path) -> None:
     """Fig. 5's trade-off names the study's own languages (here French -> Chinese), not English."""
     db = tmp_path / "fr.duckdb"
     make_db(db, n_sizes=2, replays=(0.0, 0.2), with_fits=False, source_lang="fr")
-    report.build_report(db, "s", tmp_path / "r", images=False)
+    build_report(db, "s", tmp_path / "r", images=False)
     text = json.dumps(page_specs(tmp_path / "r" / "index.html")["replay"])
     assert "source (French) loss" in text and "target (Chinese) loss" in text
     assert "English" not in text
@@ -276,7 +279,7 @@ def test_wsd_branches_drawn_in_the_lr_chart_and_kept_out_of_loss_curves(tmp_path
     lines in the LR chart; the training-loss curves show the main trajectory only."""
     import duckdb
 
-    from cptscale import store
+    from cptscale.store.ingest import ingest
 
     db = tmp_path / "b.duckdb"
     make_db(db, n_sizes=2, replays=(0.0,), with_fits=False, n_steps=50)
@@ -285,11 +288,11 @@ def test_wsd_branches_drawn_in_the_lr_chart_and_kept_out_of_loss_curves(tmp_path
     rows = [{"step": st, "tokens": 64 * (st + 1), "loss": 9.0, "lr": 1e-4 * (40 - st) / 10, "grad_norm": 1.0,
              "tokens_per_s": 1.0, "branch": 40} for st in range(30, 40)]
     (sdir / "runs" / run / "branch_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert store.ingest(sdir, db).ok
+    assert ingest(sdir, db).ok
     con = duckdb.connect(str(db), read_only=True)
     try:
-        lr_chart, n_lr = report.fig_health_lr(con, "s", 400)
-        loss_chart, _ = report.fig_health_curves(con, "s", 400)
+        lr_chart, n_lr = fig_health_lr(con, "s", 400)
+        loss_chart, _ = fig_health_curves(con, "s", 400)
         n_main = con.execute("select count(*) from train_metrics where branch is null and lr is not null").fetchone()[0]
     finally:
         con.close()
@@ -324,7 +327,7 @@ needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian
 @needs_chromium
 def test_page_renders_offline(tmp_path: Path, study_db: Path) -> None:
     db = study_db
-    info = report.build_report(db, "s", tmp_path / "report", images=False)
+    info = build_report(db, "s", tmp_path / "report", images=False)
     html = tmp_path / "report" / "index.html"
     res = render(html, ARTIFACTS / "report-small.png")
     print(f"small page: {info['page_bytes'] / 1e6:.2f} MB, render {res['render_s']:.1f}s, "
@@ -343,7 +346,7 @@ def test_large_study_renders(tmp_path: Path) -> None:
     replays = (0.0, 0.01, 0.05, 0.1, 0.2, 0.5)
     make_db(db, n_sizes=40, replays=replays, n_evals=40, n_steps=2000)
     t0 = time.perf_counter()
-    info = report.build_report(db, "s", tmp_path / "report", images=False, max_points=200)
+    info = build_report(db, "s", tmp_path / "report", images=False, max_points=200)
     t_build = time.perf_counter() - t0
     html = tmp_path / "report" / "index.html"
     res = render(html, ARTIFACTS / "report-large.png", timeout=180)

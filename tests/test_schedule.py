@@ -85,7 +85,7 @@ def _demo_cfg(**train: object):
 
     import yaml
 
-    from cptscale.config import parse_config
+    from cptscale.validation import parse_config
 
     root = Path(__file__).resolve().parents[1]
     raw = yaml.safe_load((root / "config.yaml").read_text())
@@ -118,7 +118,7 @@ def test_schedule_for_wsd_branches() -> None:
     assert s.branches == (round(0.25 * run.steps), round(0.5 * run.steps))
     assert "wsd_branches" not in _demo_cfg().train.model_dump(mode="json")  # unset: training hashes unchanged
     # config validation (which plans every run's schedule) reports the field and the fix
-    from cptscale.config import ConfigError
+    from cptscale.config.problems import ConfigError
 
     with pytest.raises(ConfigError, match=r"train.wsd_branches: .*\[0.5\] needs train.schedule: wsd"):
         _demo_cfg(wsd_branches=[0.5])  # the demo config's schedule is cosine

@@ -213,9 +213,9 @@ TIME_LIMIT_WORK_S = 110
 def _measured_step_s(cfg: Path, sdir: Path, tmp: Path) -> float:
     """Median seconds per optimizer step of d48l2's scratch run on this machine now: a short local run of
     the same spec (150 steps, one rank, one thread as the job has), in its own directories."""
-    from cptscale.config import load_config
     from cptscale.plan import run_spec
     from cptscale.util import write_json
+    from cptscale.validation import load_config
 
     raw = yaml.safe_load(cfg.read_text())
     raw["budget"]["tokens"]["d48l2"] = 150 * raw["train"]["batch_tokens"]

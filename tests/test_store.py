@@ -17,7 +17,9 @@ import pytest
 duckdb = pytest.importorskip("duckdb")
 
 from cptscale.cli import main  # noqa: E402
-from cptscale.store import TABLES, generate_study, ingest, write_generated_transfers  # noqa: E402
+from cptscale.store.ingest import ingest  # noqa: E402
+from cptscale.store.schema import TABLES  # noqa: E402
+from cptscale.store.synthetic import generate_study, write_generated_transfers  # noqa: E402
 
 RUN = "d64l2-cpt-zh-r0"
 
@@ -145,7 +147,7 @@ def test_bad_eval_line_names_path_and_line(study):
 
 KILL_SCRIPT = """
 import sys
-from cptscale.store import ingest
+from cptscale.store.ingest import ingest
 ingest(sys.argv[1], sys.argv[2], _pause_before_replace=float(sys.argv[3]))
 """
 
@@ -269,13 +271,13 @@ def planned_study(tmp_path_factory) -> tuple[Path, Path, dict]:
     generated corpora, then `cptscale plan` for study.json and plan.run_spec for one run's run.json."""
     import yaml
 
-    from cptscale.config import load_config
     from cptscale.data.indexed import prepare
     from cptscale.data.ingest import ingest as ingest_docs
     from cptscale.data.sources import parse_sources
     from cptscale.data.tokenizer import train_tokenizer
     from cptscale.plan import run_spec, tokenizer_path
     from cptscale.util import write_json
+    from cptscale.validation import load_config
 
     root = tmp_path_factory.mktemp("planned")
     cfg = yaml.safe_load((Path(__file__).parent / "configs" / "micro.yaml").read_text())
@@ -349,8 +351,8 @@ def test_ingest_records_real_provenance(planned_study, tmp_path):
 
 
 def test_run_spec_refuses_a_manifest_without_hashes(planned_study, tmp_path):
-    from cptscale.config import load_config
     from cptscale.plan import run_spec
+    from cptscale.validation import load_config
 
     S, cfg_path, _ = planned_study
     import yaml
@@ -434,7 +436,7 @@ def _add_branches(rdir: Path, branches: dict[int, list[int]], lang_offsets: dict
 def test_branch_rows_are_ingested_and_add_fit_points(study, tmp_path):
     import pandas as pd
 
-    from cptscale.store import write_points_table
+    from cptscale.store.queries import write_points_table
     from cptscale.transfer import compute_transfer
 
     db0, db = tmp_path / "before.duckdb", tmp_path / "after.duckdb"
@@ -472,7 +474,7 @@ def test_branch_rows_are_ingested_and_add_fit_points(study, tmp_path):
     assert (extra.loc[extra["run"] == RUN, "D"] == 12 * tps).all()
     assert (extra["C"] == 6 * extra["N"] * extra["D"]).all()
     # status counts the planned (main-trajectory) evals apart from the branch evals
-    from cptscale.store import status_table
+    from cptscale.store.queries import status_table
 
     st = status_table(study, db).set_index(["size", "init", "replay"])
     assert st.loc[("d64l2", "scratch", 0.0), "evals"] == 20 and st.loc[("d64l2", "scratch", 0.0), "branch_evals"] == 6
@@ -525,7 +527,7 @@ def test_branch_training_steps_are_ingested_apart_from_the_main_trajectory(study
 def test_schema_2_database_is_migrated(study):
     """A database written before schema 3 gains evals.branch, runs.branches/provenance and the fit
     choice columns on the next ingest, and every run and fit is re-read to fill them."""
-    from cptscale.store import ADDED_COLUMNS, SCHEMA_VERSION
+    from cptscale.store.schema import ADDED_COLUMNS, SCHEMA_VERSION
 
     db = study / "old.duckdb"
     assert ingest(study, db).ok

@@ -84,7 +84,7 @@ def test_real_runs_forgetting_positive_without_replay_smaller_with(forgetting_st
     """Issue 6's acceptance check on real training, in the default suite: the store's forgetting (source
     loss during CPT minus the source model's final loss) is ~0 at CPT step 0 (the loaded source model),
     positive after 12 steps without replay and smaller with 50 % replay (measured: 0.74 vs 0.08)."""
-    from cptscale.store import ingest
+    from cptscale.store.ingest import ingest
 
     db = forgetting_study / "cptscale.duckdb"
     rep = ingest(forgetting_study, db)  # no transfer.json: the store computes forgetting from the evals
@@ -123,7 +123,8 @@ def real_study(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_real_runs_forgetting_transfer_and_reingest(real_study):
-    from cptscale.store import TABLES, ingest
+    from cptscale.store.ingest import ingest
+    from cptscale.store.schema import TABLES
 
     db = real_study / "cptscale.duckdb"
     rep = ingest(real_study, db)

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cptscale.config import ConfigError, parse_config
+from cptscale.config.problems import ConfigError
 from cptscale.plan import RUN_ID, parse_run_id, plan_study, schedule_for
+from cptscale.validation import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -211,7 +212,7 @@ def test_store_takes_pruned_runs_flops_from_the_trainer(tmp_path: Path) -> None:
     from train_helpers import make_data, make_spec, read_jsonl
 
     from cptscale.prune import PrunedShape, flops_per_token
-    from cptscale.store import ingest
+    from cptscale.store.ingest import ingest
     from cptscale.train.launch import run_spec
     from cptscale.transfer import flops_at_step, run_compute, shape_from_spec
     from cptscale.util import write_json
@@ -298,9 +299,9 @@ def test_iplt_study_end_to_end(tmp_path: Path) -> None:
     the report's next-run figure is drawn from it."""
     import duckdb
 
-    from cptscale.config import load_config
     from cptscale.iplt import plan_arms
     from cptscale.prune import PrunedShape, flops_per_token
+    from cptscale.validation import load_config
 
     raw = _toy(_raw("iplt.yaml"), tmp_path, tokens_per_param=1)
     raw["ladder"] = {"sizes": ["d32l2", "d48l2", "d64l2"]}
@@ -382,7 +383,9 @@ def test_store_schema_v1_database_gains_the_new_columns(tmp_path: Path) -> None:
     the columns are added and every run is read again, so they are filled for old runs too."""
     import duckdb
 
-    from cptscale.store import ADDED_COLUMNS, SCHEMA_VERSION, generate_study, ingest
+    from cptscale.store.ingest import ingest
+    from cptscale.store.schema import ADDED_COLUMNS, SCHEMA_VERSION
+    from cptscale.store.synthetic import generate_study
 
     sdir = tmp_path / "s"
     ids = generate_study(sdir, sizes=["d32l2"], replays=[0.0], steps_per_run=5, evals_per_run=3)

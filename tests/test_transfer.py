@@ -78,7 +78,7 @@ def test_forgetting_sign_and_step0():
 
 def test_transfer_cli_on_generated_runs(tmp_path):
     from cptscale.cli import main
-    from cptscale.store import generate_study
+    from cptscale.store.synthetic import generate_study
 
     generate_study(tmp_path / "s", sizes=["d64l2"], replays=[0.0], steps_per_run=20, evals_per_run=6)
     runs = tmp_path / "s" / "runs"
@@ -96,7 +96,7 @@ def test_transfer_cli_on_generated_runs(tmp_path):
 
 def test_transfer_cli_rejects_scratch_as_cpt(tmp_path):
     from cptscale.cli import main
-    from cptscale.store import generate_study
+    from cptscale.store.synthetic import generate_study
 
     generate_study(tmp_path / "s", sizes=["d32l2"], replays=[0.0], steps_per_run=4, evals_per_run=3)
     runs = tmp_path / "s" / "runs"

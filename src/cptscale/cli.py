@@ -12,33 +12,34 @@ import importlib
 import sys
 from typing import Any
 
+from cptscale.errors import CLIError
+
+__all__ = ["CLIError", "build_parser", "load_study", "main"]
+
 #: Modules that contribute subcommands, in the order they appear in ``--help``.
 COMMAND_MODULES = (
-    "cptscale.config",
+    "cptscale.commands.config",
     "cptscale.plan",
     "cptscale.data.cli",
     "cptscale.mix",
     "cptscale.train.cli",
     "cptscale.evaluate",
     "cptscale.transfer",
-    "cptscale.store",
-    "cptscale.fit",
+    "cptscale.commands.store",
+    "cptscale.commands.fit",
     "cptscale.nextrun",
-    "cptscale.report",
+    "cptscale.commands.report",
     "cptscale.summary",
     "cptscale.prune",
     "cptscale.verify",
 )
 
 
-class CLIError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
-
-
 def load_study(path: str) -> Any:
     """The validated study config of a command's CONFIG argument; a bad config is a CLIError that lists
     every problem (the same text as ``cptscale validate``)."""
-    from cptscale.config import ConfigError, load_config
+    from cptscale.config.problems import ConfigError
+    from cptscale.validation import load_config
 
     try:
         return load_config(path)

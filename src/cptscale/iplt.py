@@ -3,7 +3,7 @@
 Li, Zhao & Shang (2019, "Incremental Pruning based on Less Training") found that a CNN's pruning
 decisions need only a few epochs of training, and that pruning incrementally from there makes the
 rest of training cheaper. This module turns the study config's ``iplt:`` section
-(:class:`cptscale.config.IPLTConfig`) into **arms**: ordinary runs of the study (run ids the
+(:class:`cptscale.config.schema.IPLTConfig`) into **arms**: ordinary runs of the study (run ids the
 ``RUN_ID`` regex and the Snakemake wildcards accept, via the ``variant`` suffix ``iplt*``), each with
 the trainer's ``prune`` spec key (:func:`cptscale.prune.prune_events`), so the ``train`` rule, the
 store, the evaluations and the report handle them like any other run.
@@ -24,7 +24,7 @@ CPT arms (``iplt.cpt``; target t, source s, replay r; parent ``S-scratch-s``): `
 (``S-cpt-t-r<r>-ipltdense``), ``cpt-start`` (``...-ipltstart``: one prune at step 0) and
 ``cpt-incremental`` (``...-ipltincr``: k prunes from step 0 to span x D_L).
 
-Budget rule (equal total training FLOPs; also in :class:`cptscale.config.IPLTConfig`): F_dense is the
+Budget rule (equal total training FLOPs; also in :class:`cptscale.config.schema.IPLTConfig`): F_dense is the
 exact training FLOPs of S on its study token budget D_L (the ordinary run ``S-scratch-L``, whole
 steps); every arm spends B = ``budget_factor`` x F_dense. FLOPs are counted as the trainer counts
 them: per step, the current shape's :func:`cptscale.transfer.flops_per_token` x batch tokens. An arm
@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from cptscale.prune import PrunedShape, PruneError, flops_per_token, prune_events, resolve_target
 
 if TYPE_CHECKING:
-    from cptscale.config import IPLTConfig, StudyConfig
+    from cptscale.config.schema import IPLTConfig, StudyConfig
     from cptscale.plan import PlannedRun
 
 PRETRAIN, CPT = "pretrain", "cpt"

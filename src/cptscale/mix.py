@@ -610,7 +610,7 @@ def _plan_specs(config_path: str) -> list[dict[str, Any]]:
     Needs the data stage's manifests for the token counts; without them shares and tokens are still
     planned and available tokens show as "?"."""
     from cptscale import plan as P
-    from cptscale.config import load_config
+    from cptscale.validation import load_config
 
     cfg = load_config(config_path)
     manifests: dict[str, dict[str, Any]] = {}
@@ -642,7 +642,7 @@ def _plan_specs(config_path: str) -> list[dict[str, Any]]:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from cptscale.cli import CLIError
-    from cptscale.config import ConfigError
+    from cptscale.config.problems import ConfigError
 
     try:
         specs = _plan_specs(args.config)

@@ -38,7 +38,7 @@ def build_spec(config: str, fits_dir: str, lang: str) -> dict[str, Any]:
 
 
 def _fit_prediction(fit_file: str, n: float, d: float) -> float | None:
-    from cptscale.fit import load_fit
+    from cptscale.fit.laws import load_fit
 
     try:
         return float(load_fit(fit_file).predict(n, d))

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cptscale.config import StoreConfig, StudyConfig
+from cptscale.config.schema import StoreConfig, StudyConfig
 from cptscale.schedule import Schedule
 from cptscale.util import manifest_hashes, provenance, read_json, stable_hash
 

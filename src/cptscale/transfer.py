@@ -179,7 +179,7 @@ def main_trajectory(rows: Iterable[Row]) -> list[Row]:
     A WSD decay branch (``"branch": <branch total steps>``) is a short run that shares the main run's
     warmup and stable phase and decays early; its evals are not points of the main loss curve, so
     curves, forgetting and transfer read the main trajectory only (the fit points add each branch's
-    final eval, see :func:`cptscale.store.write_points_table`)."""
+    final eval, see :func:`cptscale.store.queries.write_points_table`)."""
     return [r for r in rows if r.get("branch") is None]
 
 

@@ -13,7 +13,7 @@ rule points:
         " --out {output}"
 
 
-# Every law of the study (cptscale.fit.fit_study): one JSON per fit in fits/ plus fits/summary.json; the
+# Every law of the study (cptscale.fit.study.fit_study): one JSON per fit in fits/ plus fits/summary.json; the
 # transfer table of runs.duckdb feeds the Hernandez law. A law without enough points is recorded as skipped.
 # A checkpoint: with fit.next_run_budget, what trains next depends on what the fit suggests.
 checkpoint fit:

@@ -1,104 +1,26 @@
-"""`cptscale report`: Altair figures from the DuckDB store in one self-contained HTML page.
-
-The page must work offline (cluster login nodes, laptops), so the Vega/Vega-Lite/vega-embed
-bundle from vl-convert is inlined and a CSP meta tag forbids any network fetch.  Every figure
-is built defensively: a missing table, column or fit becomes a "missing: ..." note, never a crash.
-"""
+"""The report's Altair figures, one builder per figure (``BUILDERS``): each reads the store and returns a chart
+and its row count, or raises :class:`~cptscale.report.queries.Missing` naming what is not there yet."""
 
 from __future__ import annotations
 
-import argparse
-import html
 import json
 import math
 import re
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from cptscale.util import atomic_write, write_json
-
-CSP = (
-    "default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; "
-    "style-src 'unsafe-inline'; img-src data:; font-src data:"
+from cptscale.report.queries import (
+    Missing,
+    _columns,
+    _df,
+    _downsample,
+    _fit_kind,
+    _fits,
+    _law_loss,
+    _main_laws,
+    _main_steps,
+    _need,
 )
-
-FIGURES = (
-    "loss_compute",
-    "transfer",
-    "isoloss",
-    "replay",
-    "fit_quality",
-    "health_curves",
-    "health_lr",
-    "blend",
-    "fertility",
-    "iplt",
-    "variants",
-    "next_run",
-)
-
-
-TOTAL_POINTS = 20000  # per figure, across all series
-
-
-class Missing(Exception):
-    """Raised by a figure builder when its inputs are not in the store yet."""
-
-
-# ---------------------------------------------------------------- data access
-
-
-def _connect(db_path: str | Path) -> Any:
-    import duckdb
-
-    return duckdb.connect(str(db_path), read_only=True)
-
-
-def _columns(con: Any, table: str) -> set[str]:
-    rows = con.execute(
-        "select column_name from information_schema.columns where table_name = ?", [table]
-    ).fetchall()
-    return {r[0] for r in rows}
-
-
-def _main_steps(con: Any, alias: str = "") -> str:
-    """SQL condition keeping a run's main trajectory in train_metrics (WSD decay branches' steps carry
-    ``branch``); empty for a database from before the column existed."""
-    return f" and {alias}branch is null" if "branch" in _columns(con, "train_metrics") else ""
-
-
-def _need(con: Any, table: str, cols: list[str]) -> None:
-    have = _columns(con, table)
-    if not have:
-        raise Missing(f"table `{table}`")
-    lack = [c for c in cols if c not in have]
-    if lack:
-        raise Missing(f"columns {', '.join(lack)} in `{table}`")
-
-
-def _df(con: Any, sql: str, params: list[Any] | None = None) -> Any:
-    return con.execute(sql, params or []).df()
-
-
-def _downsample(df: Any, key: str, order: str, max_points: int) -> Any:
-    """Keep at most `max_points` roughly evenly spaced rows per series (first and last kept)."""
-    if df.empty or max_points <= 0:
-        return df
-    import numpy as np
-
-    # a total budget too, so a page with hundreds of runs stays responsive
-    max_points = max(20, min(max_points, TOTAL_POINTS // max(1, df[key].nunique())))
-    parts = []
-    for _, g in df.sort_values([key, order]).groupby(key, sort=False):
-        if len(g) > max_points:
-            idx = np.unique(np.linspace(0, len(g) - 1, max_points).round().astype(int))
-            g = g.iloc[idx]
-        parts.append(g)
-    import pandas as pd
-
-    return pd.concat(parts, ignore_index=True)
 
 
 def _size_key(size: Any) -> float:
@@ -132,79 +54,6 @@ def _size_color(df: Any) -> Any:
     return alt.Color("size:O", sort=order, scale=alt.Scale(scheme="viridis"), title="size", legend=legend)
 
 
-def _fits(con: Any, study: str) -> list[dict[str, Any]]:
-    have = _columns(con, "fits")
-    if not have or "params" not in have:
-        return []
-    cols = [c for c in ("fit_id", "law", "kind", "params", "fixed", "meta", "heldout", "intervals") if c in have]
-    rows = con.execute(f"select {', '.join(cols)} from fits where study = ? order by fit_id", [study]).fetchall()
-    out = []
-    for r in rows:
-        d = dict(zip(cols, r, strict=True))
-        for k in ("params", "fixed", "meta", "heldout", "intervals"):
-            v = d.get(k)
-            if isinstance(v, str):
-                try:
-                    d[k] = json.loads(v)
-                except ValueError:
-                    d[k] = {}
-            elif v is None:
-                d[k] = {}
-        out.append(d)
-    return out
-
-
-def _p(params: dict[str, Any], *names: str) -> float | None:
-    """First present key among spellings (B', Bp, B_p, ...)."""
-    for n in names:
-        if n in params and params[n] is not None:
-            return float(params[n])
-    return None
-
-
-def _law(fit: dict[str, Any]) -> dict[str, float] | None:
-    """Normalise a Chinchilla or extended-CPT parameter dict to E, A, alpha, B, beta, gamma."""
-    p = {**(fit.get("fixed") or {}), **(fit.get("params") or {})}
-    e, a, al = _p(p, "E"), _p(p, "A"), _p(p, "alpha")
-    b = _p(p, "B'", "Bp", "B_p", "B_prime", "B")
-    be = _p(p, "beta'", "beta_p", "betap", "beta_prime", "beta")
-    ga = _p(p, "gamma") or 0.0
-    if None in (e, a, al, b, be):
-        return None
-    return {"E": e, "A": a, "alpha": al, "B": b, "beta": be, "gamma": ga}  # type: ignore[dict-item]
-
-
-def _law_loss(law: dict[str, float], n: float, d: float) -> float:
-    return (
-        law["E"]
-        + law["A"] / n ** law["alpha"]
-        + law["B"] / (d ** law["beta"] * n ** law["gamma"])
-    )
-
-
-def _fit_kind(fit: dict[str, Any]) -> str:
-    """scratch or cpt: the fit's ``kind`` (cptscale fit-study writes it), else guessed from law and id."""
-    if fit.get("kind") in ("scratch", "cpt"):
-        return str(fit["kind"])
-    s = f"{fit.get('law', '')} {fit.get('fit_id', '')}".lower()
-    return "cpt" if ("cpt" in s or "extended" in s) else "scratch"
-
-
-def _main_laws(con: Any, study: str) -> dict[str, dict[str, Any]]:
-    """The law to draw per kind: Chinchilla for scratch data, the extended law for CPT data (fit-study's
-    ``scratch-chinchilla-*`` and ``cpt-extended-*``); any loss law of that kind otherwise."""
-    best: dict[str, tuple[int, dict[str, Any]]] = {}
-    for f in _fits(con, study):
-        law = _law(f)
-        if law is None:
-            continue
-        kind, name = _fit_kind(f), str(f.get("law", "")).lower()
-        rank = 0 if (kind, name) in (("scratch", "chinchilla"), ("cpt", "cpt"), ("cpt", "extended_cpt")) else 1
-        if kind not in best or rank < best[kind][0]:
-            best[kind] = (rank, {**f, "law_params": law})
-    return {k: v for k, (_, v) in best.items()}
-
-
 def _iv_text(fit: dict[str, Any], name: str, fmt: str) -> str:
     """value [lo, hi] from the fit's bootstrap intervals, or the value alone."""
     p = {**(fit.get("fixed") or {}), **(fit.get("params") or {})}
@@ -217,13 +66,10 @@ def _iv_text(fit: dict[str, Any], name: str, fmt: str) -> str:
     return f"{v:{fmt}}"
 
 
-# ---------------------------------------------------------------- figures
-
-
 def _lang_names(codes: Any) -> str:
     """'English' for ['en', 'en'], 'English/French' for two source languages: axis titles name the
-    study's languages (cptscale.config.LANGUAGES), not a hard-coded pair."""
-    from cptscale.config import LANGUAGES
+    study's languages (cptscale.config.schema.LANGUAGES), not a hard-coded pair."""
+    from cptscale.config.schema import LANGUAGES
 
     uniq = sorted({str(c) for c in codes if c is not None and str(c) not in ("", "nan", "None")})
     return "/".join(LANGUAGES.get(c, c) for c in uniq) or "?"
@@ -737,9 +583,6 @@ def fig_fertility(con: Any, study: str, mp: int) -> tuple[Any, int]:
     return chart, len(df)
 
 
-# ---------------------------------------------------------------- IPLT, recipe variants, next run
-
-
 def _arm_key(arm: str) -> tuple[int, float, str]:
     from cptscale.iplt import arm_sort_key
 
@@ -1036,198 +879,3 @@ BUILDERS: dict[str, Callable[[Any, str, int], tuple[Any, int]]] = {
     "variants": fig_variants,
     "next_run": fig_next_run,
 }
-
-
-# ---------------------------------------------------------------- page
-
-
-_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{csp}">
-<title>{title}</title>
-<style>
-body{{font-family:system-ui,sans-serif;margin:1.5em;color:#222}}
-.fig{{margin:1.5em 0;padding:.5em;border-top:1px solid #ddd}}
-.missing{{color:#8a4b00;background:#fff4e0;padding:.6em;border-radius:4px}}
-code{{background:#f2f2f2;padding:0 .2em}}
-</style>
-<script>
-// Render checks (read by the tests from #render-status): errors, warnings and any network request.
-window.__errors = [];
-window.__warnings = [];
-window.addEventListener('error', e => window.__errors.push(e.message ? String(e.message)
-  : 'failed to load ' + ((e.target && (e.target.src || e.target.href)) || 'a resource')), true);
-window.addEventListener('unhandledrejection', e => window.__errors.push('unhandled rejection: ' + e.reason));
-window.addEventListener('securitypolicyviolation', e => window.__errors.push('CSP: ' + e.blockedURI));
-for (const [level, sink] of [['error', window.__errors], ['warn', window.__warnings]]) {{
-  const orig = console[level].bind(console);
-  console[level] = (...a) => {{ sink.push(a.map(String).join(' ')); orig(...a); }};
-}}
-</script>
-<script type="module">{bundle}</script>
-</head><body>
-<h1>{title}</h1>
-<p>Study <code>{study}</code> &middot; generated {when} &middot; {n_ok} figures drawn, {n_missing} missing.
-Legend entries select a size / replay ratio; drag to pan and scroll to zoom (every figure with
-continuous axes).</p>
-{missing_list}
-{sections}
-<pre id="render-status" style="display:none"></pre>
-<script type="module">
-const specs = {specs};
-const status = {{rendered: {{}}, marks: {{}}, errors: window.__errors, warnings: window.__warnings, requests: []}};
-// data marks only (role "mark": lines, points, rules, bars, text of the figures), not axes, legends or
-// titles: per figure the total and the count per mark type
-function countMarks(node) {{
-  const byType = {{}};
-  const walk = (s) => {{
-    if (!s) return;
-    if (s.marktype && s.marktype !== 'group' && s.role === 'mark')
-      byType[s.marktype] = (byType[s.marktype] || 0) + (s.items || []).length;
-    for (const it of (s.items || [])) if (it.items) walk(it);
-  }};
-  walk(node);
-  return byType;
-}}
-for (const [name, spec] of Object.entries(specs)) {{
-  try {{
-    const res = await vegaEmbed('#vis-' + name, spec, {{renderer: 'svg', actions: {{export: true, source: false, compiled: false, editor: false}}}});
-    const byType = countMarks(res.view.scenegraph().root);
-    status.marks[name] = byType;
-    status.rendered[name] = Object.values(byType).reduce((a, b) => a + b, 0);
-  }} catch (e) {{ window.__errors.push(name + ': ' + e); }}
-}}
-// an offline page requests nothing: every resource entry (blocked or not) is reported
-status.requests = performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith('data:'));
-const el = document.getElementById('render-status');
-el.textContent = JSON.stringify(status);
-document.body.setAttribute('data-rendered', 'done');
-</script>
-</body></html>
-"""
-
-
-def build_report(
-    db_path: str | Path,
-    study: str,
-    out_dir: str | Path,
-    *,
-    fits_dir: str | Path | None = None,
-    title: str | None = None,
-    max_points: int = 400,
-    images: bool = True,
-) -> dict[str, Any]:
-    """Write index.html, figures/*.svg|png and report.json; return the report.json dict."""
-    import altair as alt
-    import vl_convert as vlc
-
-    t0 = time.perf_counter()
-    alt.data_transformers.disable_max_rows()
-    out = Path(out_dir)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    title = title or f"cptscale report: {study}"
-    drawn: dict[str, Any] = {}
-    missing: dict[str, str] = {}
-    specs: dict[str, Any] = {}
-    if not Path(db_path).exists():
-        missing = {n: f"database {db_path} (it does not exist yet: the workflow's `database` rule writes it "
-                      "once runs have finished; `cptscale db ingest` builds it by hand)" for n in BUILDERS}
-    else:
-        con = _connect(db_path)
-        try:
-            for name, fn in BUILDERS.items():
-                try:
-                    chart, n = fn(con, study, max_points)
-                    specs[name] = chart.to_dict()
-                    drawn[name] = {"rows": n}
-                except Missing as exc:
-                    missing[name] = str(exc)
-                except Exception as exc:  # a broken figure must not take the page down
-                    missing[name] = f"error building figure: {type(exc).__name__}: {exc}"
-        finally:
-            con.close()
-    if images:
-        for name, spec in specs.items():
-            try:
-                svg = vlc.vegalite_to_svg(spec)
-                atomic_write(out / "figures" / f"{name}.svg", svg)
-                atomic_write(out / "figures" / f"{name}.png", vlc.svg_to_png(svg, scale=1.5))
-                drawn[name]["svg"] = f"figures/{name}.svg"
-                drawn[name]["png"] = f"figures/{name}.png"
-            except Exception as exc:
-                drawn[name]["image_error"] = str(exc)
-    sections = []
-    for name in BUILDERS:
-        if name in specs:
-            sections.append(f'<div class="fig" id="fig-{name}"><div id="vis-{name}"></div></div>')
-        else:
-            sections.append(
-                f'<div class="fig missing" id="fig-{name}"><b>{name}</b>: missing: {html.escape(missing[name])}</div>'
-            )
-    missing_list = (
-        "<ul class=\"missing\">"
-        + "".join(f"<li><b>{n}</b>: missing: {html.escape(m)}</li>" for n, m in missing.items())
-        + "</ul>"
-        if missing
-        else ""
-    )
-    page = _PAGE.format(
-        csp=CSP,
-        title=html.escape(title),
-        study=html.escape(study),
-        when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        n_ok=len(specs),
-        n_missing=len(missing),
-        bundle=vlc.javascript_bundle(),
-        missing_list=missing_list,
-        sections="\n".join(sections),
-        specs=json.dumps(specs, default=str).replace("</", "<\\/"),
-    )
-    atomic_write(out / "index.html", page)
-    info = {
-        "study": study,
-        "db": str(db_path),
-        "fits_dir": str(fits_dir) if fits_dir else None,
-        "drawn": drawn,
-        "missing": missing,
-        "page_bytes": len(page.encode()),
-        "build_s": round(time.perf_counter() - t0, 3),
-        "max_points": max_points,
-    }
-    write_json(out / "report.json", info)
-    return info
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    from cptscale.cli import CLIError
-
-    if args.max_points < 10:
-        raise CLIError(f"--max-points {args.max_points}: give at least 10 points per curve")
-    # a database that does not exist yet gives the "what is missing" page (exit 0), like missing tables
-    info = build_report(
-        args.db, args.study, args.out_dir, fits_dir=args.fits_dir, title=args.title,
-        max_points=args.max_points, images=not args.no_images,
-    )
-    print(
-        f"report: {args.out_dir}/index.html ({info['page_bytes'] / 1e6:.1f} MB, "
-        f"{len(info['drawn'])} figures, {len(info['missing'])} missing, {info['build_s']:.1f}s)"
-    )
-    for n, m in info["missing"].items():
-        print(f"  missing {n}: {m}")
-    return 0
-
-
-def add_commands(subparsers: Any) -> None:
-    """Register `cptscale report`."""
-    p = subparsers.add_parser("report", help="write the study's self-contained HTML report")
-    p.add_argument("--db", required=True, help="DuckDB store")
-    p.add_argument("--study", required=True)
-    p.add_argument("--out-dir", required=True, help="e.g. results/<study>/report")
-    p.add_argument("--fits-dir", default=None, help="results/<study>/fits (recorded in report.json)")
-    p.add_argument("--title", default=None)
-    p.add_argument("--max-points", type=int, default=400, help="points kept per curve")
-    p.add_argument("--no-images", action="store_true", help="skip SVG/PNG export")
-    p.set_defaults(func=_cmd_report)

@@ -1,0 +1,39 @@
+"""``cptscale report``: argument parsing around :func:`cptscale.report.page.build_report`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from cptscale.errors import CLIError
+from cptscale.report.page import build_report
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    if args.max_points < 10:
+        raise CLIError(f"--max-points {args.max_points}: give at least 10 points per curve")
+    # a database that does not exist yet gives the "what is missing" page (exit 0), like missing tables
+    info = build_report(
+        args.db, args.study, args.out_dir, fits_dir=args.fits_dir, title=args.title,
+        max_points=args.max_points, images=not args.no_images,
+    )
+    print(
+        f"report: {args.out_dir}/index.html ({info['page_bytes'] / 1e6:.1f} MB, "
+        f"{len(info['drawn'])} figures, {len(info['missing'])} missing, {info['build_s']:.1f}s)"
+    )
+    for n, m in info["missing"].items():
+        print(f"  missing {n}: {m}")
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register `cptscale report`."""
+    p = subparsers.add_parser("report", help="write the study's self-contained HTML report")
+    p.add_argument("--db", required=True, help="DuckDB store")
+    p.add_argument("--study", required=True)
+    p.add_argument("--out-dir", required=True, help="e.g. results/<study>/report")
+    p.add_argument("--fits-dir", default=None, help="results/<study>/fits (recorded in report.json)")
+    p.add_argument("--title", default=None)
+    p.add_argument("--max-points", type=int, default=400, help="points kept per curve")
+    p.add_argument("--no-images", action="store_true", help="skip SVG/PNG export")
+    p.set_defaults(func=_cmd_report)

@@ -1,0 +1,133 @@
+"""What a scaling law is: its parameters, equation, start grid and internal coordinates, and the fit result."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cptscale.errors import CLIError
+
+LAWS: dict[str, list[str]] = {
+    "chinchilla": ["E", "A", "B", "alpha", "beta"],
+    "cpt": ["E", "A", "B", "alpha", "beta", "gamma"],  # B, beta are the paper's B', beta'
+}
+
+
+LINEAR_LAWS: dict[str, list[str]] = {"envelope": ["k", "m"], "hernandez": ["k", "alpha", "beta"]}
+
+
+EQUATIONS = {
+    "chinchilla": "L = E + A/N^alpha + B/D^beta",
+    "cpt": "L = E + A/N^alpha + B'/(D^beta' * N^gamma)   (B' = B, beta' = beta)",
+    "envelope": "L = k * C^m   (lower frontier of all runs)",
+    "hernandez": "D_T = k * D_F^alpha * N^beta   (effective data transferred)",
+    "isoflop": "N_opt = kN * C^a, D_opt = kD * C^b   (IsoFLOP profiles, Chinchilla approach 2)",
+}
+
+
+#: Initial-value grids in internal coordinates. "chinchilla" is Hoffmann et al.'s (5·6·6·5·5 = 4,500 starts);
+#: gamma (CPT law only) adds three values around the paper's 0.08. "coarse" (243 starts) is for quick runs.
+GRIDS: dict[str, dict[str, list[float]]] = {
+    "chinchilla": {
+        "E": [-1.0, -0.5, 0.0, 0.5, 1.0], "A": [0.0, 5.0, 10.0, 15.0, 20.0, 25.0],
+        "B": [0.0, 5.0, 10.0, 15.0, 20.0, 25.0], "alpha": [0.0, 0.5, 1.0, 1.5, 2.0],
+        "beta": [0.0, 0.5, 1.0, 1.5, 2.0], "gamma": [-0.1, 0.1, 0.3],
+    },
+    "coarse": {
+        "E": [-1.0, 0.0, 1.0], "A": [0.0, 10.0, 20.0], "B": [0.0, 10.0, 20.0], "alpha": [0.25, 0.75, 1.5],
+        "beta": [0.25, 0.75, 1.5], "gamma": [0.0, 0.2],
+    },
+}
+
+
+_LOG = ("E", "A", "B")
+
+
+def _grid(law: str, grid: str = "chinchilla", fixed: dict[str, float] | None = None) -> np.ndarray:
+    """Grid starts in internal coordinates, one column per law parameter (frozen ones collapsed)."""
+    if grid not in GRIDS:
+        raise CLIError(f"unknown grid {grid!r}; choose one of {list(GRIDS)}")
+    fixed = fixed or {}
+    axes = [np.array([_to_internal(k, fixed[k])]) if k in fixed else np.asarray(GRIDS[grid][k], float)
+            for k in LAWS[law]]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(axes))
+
+
+def _to_internal(name: str, v: float) -> float:
+    if name in _LOG:
+        if v <= 0:
+            raise CLIError(f"frozen {name}={v} must be > 0")
+        return math.log(v)
+    return float(v)
+
+
+def _to_params(th: np.ndarray, names: Sequence[str]) -> dict[str, float]:
+    return {k: float(math.exp(th[i]) if k in _LOG else th[i]) for i, k in enumerate(names)}
+
+
+@dataclass
+class FitResult:
+    law: str
+    params: dict[str, float]  #: every parameter of the law, frozen ones included
+    fixed: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    starts: np.ndarray | None = field(default=None, repr=False)  #: distinct optima (free coords), warm starts
+
+    def predict(self, *cols: Any) -> np.ndarray:
+        """Loss laws: predict(N, D); envelope: predict(C); hernandez: predict(N, D_F) -> D_T."""
+        p = self.params
+        if self.law == "envelope":
+            return p["k"] * np.asarray(cols[0], float) ** p["m"]
+        if self.law == "hernandez":
+            N, DF = (np.asarray(x, float) for x in cols)
+            return p["k"] * DF ** p["alpha"] * N ** p["beta"]
+        N, D = (np.asarray(x, float) for x in cols)
+        return p["E"] + p["A"] / N ** p["alpha"] + p["B"] / (D ** p["beta"] * N ** p.get("gamma", 0.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"law": self.law, "equation": EQUATIONS.get(self.law), "params": self.params,
+                "fixed": self.fixed, "meta": self.meta}
+
+
+def load_fit(path: str) -> FitResult:
+    from cptscale.util import read_json
+
+    try:
+        d = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"{path}: cannot read fit JSON ({exc})") from None
+    if not isinstance(d, dict) or "law" not in d or not d.get("params"):
+        raise CLIError(f"{path}: not a fit (no law/params{'; ' + d['reason'] if isinstance(d, dict) and d.get('reason') else ''})")
+    return FitResult(d["law"], d["params"], d.get("fixed", {}), d.get("meta", {}))
+
+
+def _check_law(law: str, fixed: dict[str, float], names: Sequence[str]) -> None:
+    for k in fixed:
+        if k not in names:
+            raise CLIError(f"frozen parameter {k!r} is not in law {law!r} (parameters: {list(names)})")
+
+
+#: Loss functions of :func:`fit_law`. ``huber``: the Chinchilla / Besiroglu grid recipe (Huber on log-loss
+#: residuals, summed or averaged, L-BFGS from every grid start). ``huber-nll``: the recipe behind
+#: Besiroglu et al.'s published table: the negative log-likelihood of a Huber density of free log-scale
+#: sigma (one more parameter), BFGS with the exact gradient from one start at Hoffmann et al.'s estimates.
+LOSSES = ("huber", "huber-nll")
+
+
+#: Hoffmann et al.'s unrounded estimates (TeX source, as Besiroglu et al. use them) in internal coordinates
+#: (log E, log A, log B, alpha, beta): the single start of the ``huber-nll`` recipe; gamma starts at 0.
+HOFFMANN_START: dict[str, float] = {"E": 0.5267228, "A": 6.0073404, "B": 6.0179186, "alpha": 0.33917084,
+                                    "beta": 0.2849083, "gamma": 0.0}
+
+
+def _min_sizes(law: str, fixed: dict[str, float]) -> int:
+    """Distinct model sizes a law needs: E + A/N^alpha needs 3 sizes; the gamma of the CPT law needs 2."""
+    if law in LAWS and not {"A", "alpha"} <= set(fixed):
+        return 3
+    if (law == "cpt" and "gamma" not in fixed) or law == "hernandez":
+        return 2
+    return 1  # the N term is frozen (and no gamma): one size identifies the D term

@@ -1,0 +1,503 @@
+"""Fitting a whole study (``cptscale fit-study``, the workflow's fit step): every law from the points table of
+``cptscale db points``, one JSON record per fit plus ``summary.json``; see :func:`fit_study`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cptscale.errors import CLIError
+from cptscale.fit.estimate import (
+    allocate,
+    exponents,
+    fit_envelope,
+    fit_hernandez,
+    fit_law,
+    isoflop,
+    lower_frontier,
+)
+from cptscale.fit.laws import EQUATIONS, LAWS, LOSSES, FitResult, _min_sizes
+from cptscale.fit.points import Points, _load_df, _points
+from cptscale.fit.uncertainty import (
+    _LEVEL,
+    _bootstrap_generic,
+    _err_stats,
+    _interval,
+    bootstrap_law,
+    heldout_validation,
+)
+
+
+def _hash(pts: Points) -> str:
+    from cptscale.util import stable_hash
+
+    return stable_hash([pts.N.tolist(), pts.D.tolist(), pts.L.tolist(), pts.run.tolist()])
+
+
+def _skipped(fit_id: str, law: str, kind: str, lang: str | None, reason: str, **extra: Any) -> dict[str, Any]:
+    return {"format": "cptscale-fit/1", "fit_id": fit_id, "law": law, "kind": kind, "lang": lang,
+            "status": "skipped", "reason": reason, "equation": EQUATIONS.get(law), "params": {}, "fixed": {},
+            "meta": extra}
+
+
+def _loss_fit_record(fit_id: str, kind: str, lang: str | None, pts: Points, fr: FitResult,
+                     bs: dict[str, Any] | None, heldout: dict[str, Any], budgets: Sequence[float],
+                     next_budget: float | None, selection: dict[str, Any], fixed_from: str | None) -> dict[str, Any]:
+    alloc = allocate(fr, budgets)
+    for row in alloc:
+        if bs:
+            for k in ("N_opt", "D_opt", "predicted_loss"):
+                iv = _interval(bs["alloc"][row["C"]][k], bs["info"]["level"])
+                row[f"{k}_lo"], row[f"{k}_hi"] = iv["lo"], iv["hi"]
+    pred = fr.predict(pts.N, pts.D)
+    lo = hi = None
+    if bs is not None and np.isfinite(bs["pred"]).any(axis=1).sum() >= 2:
+        q = (1 - bs["info"]["level"]) / 2
+        lo, hi = np.nanquantile(bs["pred"], [q, 1 - q], axis=0)
+    points = []
+    for i in range(len(pts.N)):
+        row = {"run_id": str(pts.run[i]), "N": float(pts.N[i]), "D": float(pts.D[i]),
+               "C": float(6 * pts.N[i] * pts.D[i]), "observed_loss": float(pts.L[i]),
+               "predicted_loss": float(pred[i]), "residual": float(pts.L[i] - pred[i])}
+        if lo is not None:
+            row["predicted_lo"], row["predicted_hi"] = float(lo[i]), float(hi[i])
+        points.append(row)
+    ex = exponents(fr)
+    intervals = dict(bs["intervals"]) if bs else {}
+    if not (bs and bs["info"]["frozen"].startswith("resampled")):
+        for k in fr.fixed:  # constants unless they were resampled with the scratch bootstrap
+            intervals.pop(k, None)
+    rec = {
+        "format": "cptscale-fit/1", "fit_id": fit_id, "law": fr.law, "kind": kind, "lang": lang, "status": "ok",
+        "reason": None, "equation": EQUATIONS[fr.law], "params": fr.params, "fixed": fr.fixed,
+        "fixed_from": fixed_from, "intervals": intervals, "exponents": ex, "allocation": alloc,
+        "next_run": _next_run(fr, next_budget, bs, pts) if next_budget else None,
+        "heldout": heldout, "points": points,
+        "meta": {**fr.meta, "selection": selection, "bootstrap": bs["info"] if bs else {"n_requested": 0}},
+        "bootstrap": {k: [None if not np.isfinite(x) else float(x) for x in v] for k, v in bs["samples"].items()}
+        if bs else {},
+    }
+    return rec
+
+
+def _next_run(fr: FitResult, C: float, bs: dict[str, Any] | None, pts: Points) -> dict[str, Any] | None:
+    """The compute-optimal run for budget C under this law (N and tokens; steps follow from the batch)."""
+    row = allocate(fr, [C])[0]
+    if row["N_opt"] is None:
+        return {"C": C, "valid": False, "reason": row.get("reason")}
+    out = {"C": C, "valid": True, "N": row["N_opt"], "D": row["D_opt"], "tokens_per_param": row["tokens_per_param"],
+           "predicted_loss": row["predicted_loss"], "N_over_largest_fitted": row["N_opt"] / float(pts.N.max()),
+           "D_over_largest_fitted": row["D_opt"] / float(pts.D.max())}
+    if bs is not None and C in bs["alloc"]:
+        for k, src in (("N", "N_opt"), ("D", "D_opt"), ("predicted_loss", "predicted_loss")):
+            iv = _interval(bs["alloc"][C][src], bs["info"]["level"])
+            out[f"{k}_lo"], out[f"{k}_hi"] = iv["lo"], iv["hi"]
+    return out
+
+
+def _heldout_loss(pts: Points, law: str, fixed: dict[str, float], need: int, **kw: Any) -> dict[str, Any]:
+    if len(pts.sizes) < need + 1:
+        return {"status": "skipped", "reason": f"{len(pts.sizes)} sizes: dropping the largest leaves fewer than "
+                                                f"the {need} this law needs"}
+    try:
+        return heldout_validation(pts, law, fixed, **kw)
+    except Exception as exc:
+        return {"status": "skipped", "reason": str(exc)}
+
+
+def _transfer_table(db: str | None, transfer: str | None, study: str | None) -> Any:
+    """Hernandez inputs: run_id, lang, replay, N, D_F (CPT target tokens), D_T, step, from a CSV/Parquet
+    (``--transfer``) or from the ``transfer`` and ``runs`` tables of a DuckDB store (``--db``)."""
+
+    if transfer:
+        df = _load_df(transfer)
+        need = {"N", "D_F", "D_T"}
+        if not need <= set(df.columns):
+            raise CLIError(f"{transfer}: needs columns {sorted(need)} (plus run_id, lang, replay if several)")
+        return df
+    if not db:
+        return None
+    from cptscale.store.queries import connect
+
+    con = connect(db)
+    try:
+        have = {r[0] for r in con.execute("select table_name from information_schema.tables").fetchall()}
+        if not {"transfer", "runs"} <= have:
+            return None
+        q = """select t.run_id, r.lang, coalesce(r.replay, 0.0) as replay, r.params::DOUBLE as N,
+                      r.params_nonemb::DOUBLE as params_nonemb,
+                      t.target_tokens::DOUBLE as D_F, t.effective_data_transferred as D_T, t.step, r.steps
+               from transfer t join runs r on r.study = t.study and r.run_id = t.run_id
+               where not coalesce(t.extrapolated, false) and t.effective_data_transferred is not null"""
+        args: list[Any] = []
+        if study:
+            q += " and t.study = ?"
+            args.append(study)
+        return con.execute(q, args).df()
+    finally:
+        con.close()
+
+
+def _study_config_hash(given: str | None, db: str | None, study: str | None,
+                       points: str) -> tuple[str | None, str | None]:
+    """The study's config hash for a fit's provenance, and where it came from (see :func:`fit_study`)."""
+    from cptscale.util import read_json
+
+    if given:
+        return given, "--config-hash"
+    if db and Path(db).exists():
+        from cptscale.store.queries import connect
+
+        con = connect(db)
+        try:
+            have = {r[0] for r in con.execute("select table_name from information_schema.tables").fetchall()}
+            if "studies" in have:
+                q = "select config_hash from studies where config_hash is not null"
+                rows = con.execute(q + " and study = ?", [study]).fetchall() if study else con.execute(q).fetchall()
+                if len({r[0] for r in rows}) == 1:
+                    return rows[0][0], f"{db} (studies)"
+        finally:
+            con.close()
+    sj = Path(points).resolve().parent.parent / "study.json"
+    if sj.exists():
+        try:
+            h = read_json(sj).get("config_hash")
+        except (OSError, ValueError):
+            h = None
+        if h:
+            return h, str(sj)
+    return None, None
+
+
+def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstrap: int = 100,
+              delta: float = 1e-3, reduction: str = "sum", grid: str = "chinchilla",
+              next_run_budget: float | None = None, db: str | None = None, transfer: str | None = None,
+              min_step_fraction: float = 0.0, cpt_replay: str = "min", seed: int = 0,
+              study: str | None = None, params: str = "total", loss: str = "huber",
+              config_hash: str | None = None) -> dict[str, Any]:
+    """Every fit of a study from the points table of ``cptscale db points``; one JSON per fit + summary.json.
+
+    Per target language: Chinchilla on scratch runs; the extended CPT law on CPT runs with E, A, alpha
+    frozen from that scratch fit; free Chinchilla on CPT and the extended law on scratch (the paper's
+    Table 3 comparison); loss–compute envelopes of both; Hernandez's law when transfer metrics are
+    given; IsoFLOP for both. CPT fits use the target-language tokens D_target and, by default, the
+    runs with the study's smallest replay ratio (``cpt_replay="all"`` pools every ratio). N counts every
+    parameter (``params="total"``, Chinchilla's and the paper's convention) or the non-embedding ones
+    (``"nonembedding"``, Kaplan's; the study's ``budget.param_count``). A law with too few points or sizes
+    is written as skipped, with the reason. Every record's provenance carries the study's config hash:
+    ``config_hash``, else the ``studies`` row of ``study`` in ``db``, else ``study.json`` beside the
+    points file's folder (``results/<study>/fits/points.csv`` -> ``results/<study>/study.json``).
+    """
+
+    from cptscale.util import file_hash, provenance, write_json
+
+    t0 = time.perf_counter()
+    df = _load_df(points)
+    need_cols = {"N", "D", "loss", "init", "lang"}
+    if not need_cols <= set(df.columns):
+        raise CLIError(f"{points}: needs columns {sorted(need_cols)} (+ run, replay, D_target, step); "
+                   "write it with `cptscale db points`")
+    if "run" not in df.columns:
+        df["run"] = df["run_id"] if "run_id" in df.columns else df.index.astype(str)
+    if "replay" not in df.columns:
+        df["replay"] = 0.0
+    df["replay"] = df["replay"].fillna(0.0)
+    if "D_target" not in df.columns:
+        df["D_target"] = df["D"] * (1 - df["replay"])
+    if cpt_replay not in ("min", "all"):
+        raise CLIError(f"--cpt-replay must be 'min' or 'all', not {cpt_replay!r}")
+    if params == "nonembedding":
+        if "params_nonemb" not in df.columns:
+            raise CLIError(f"{points}: --params nonembedding needs the column params_nonemb (cptscale db points writes it)")
+        df["N"] = df["params_nonemb"].astype(float)
+    elif params != "total":
+        raise CLIError(f"--params must be 'total' or 'nonembedding', not {params!r}")
+    n_in = len(df)
+    if min_step_fraction > 0 and "step" in df.columns:
+        last = df.groupby("run")["step"].transform("max")
+        df = df[df["step"] >= min_step_fraction * last]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if loss not in LOSSES:
+        raise CLIError(f"--loss must be one of {list(LOSSES)}, not {loss!r}")
+    chash, chash_from = _study_config_hash(config_hash, db, study, points)
+    prov = {**provenance(chash, inputs={"points": file_hash(points)}), "config_hash_from": chash_from}
+    settings = {"delta": delta, "reduction": reduction, "grid": grid, "loss": loss, "bootstrap": bootstrap,
+                "budgets": [float(b) for b in budgets], "next_run_budget": next_run_budget,
+                "min_step_fraction": min_step_fraction, "cpt_replay": cpt_replay, "seed": seed,
+                "level": _LEVEL, "params": params}
+    kw = {"delta": delta, "reduction": reduction, "grid": grid, "loss": loss}
+    records: list[dict[str, Any]] = []
+    langs = sorted(df.loc[df["init"] == "cpt", "lang"].unique()) or sorted(df["lang"].unique())
+    tr_df = None
+    tr_note = "no --db or --transfer given"
+    if db or transfer:
+        try:
+            tr_df = _transfer_table(db, transfer, study)
+            tr_note = "transfer table not in the store" if tr_df is None else ""
+        except Exception as exc:
+            tr_note = f"cannot read transfer metrics: {exc}"
+    for lang in langs:
+        base_sel = {"points_file": str(points), "lang": lang, "rows_in_file": n_in,
+                    "min_step_fraction": min_step_fraction,
+                    "what": "every evaluated checkpoint (step > 0) of each run after min_step_fraction of its "
+                            "steps, target-language validation loss; D = tokens seen",
+                    "N": "parameters with embeddings" if params == "total" else "non-embedding parameters"}
+        sc = df[(df["init"] == "scratch") & (df["lang"] == lang)]
+        cp = df[(df["init"] == "cpt") & (df["lang"] == lang)]
+        rep_used = None
+        if len(cp) and cpt_replay == "min":
+            rep_used = float(cp["replay"].min())
+            cp = cp[cp["replay"] == rep_used]
+        cp = cp.assign(D=cp["D_target"])
+        sets = {
+            "scratch": (sc, {**base_sel, "init": "scratch"}),
+            "cpt": (cp, {**base_sel, "init": "cpt", "replay": rep_used if cpt_replay == "min" else "all",
+                         "D": "D_target = CPT target-language tokens (replay and source pre-training excluded)"}),
+        }
+        scratch_fit: FitResult | None = None
+        scratch_bs: dict[str, Any] | None = None
+        scratch_ho: dict[str, Any] | None = None
+        plan = [("scratch", "chinchilla", None), ("cpt", "cpt", "frozen"), ("cpt", "chinchilla", None),
+                ("scratch", "cpt", None)]
+        for kind, law, frozen in plan:
+            name = {"chinchilla": "chinchilla", "cpt": "extended"}[law]
+            fit_id = f"{kind}-{name}-{lang}"
+            frame, sel = sets[kind]
+            fixed: dict[str, float] = {}
+            fixed_from = None
+            if frozen:
+                if scratch_fit is None:
+                    records.append(_skipped(fit_id, law, kind, lang, "needs the scratch Chinchilla fit for the "
+                                            "frozen E, A, alpha, which was skipped", selection=sel))
+                    continue
+                fixed = {k: scratch_fit.params[k] for k in ("E", "A", "alpha")}
+                fixed_from = f"scratch-chinchilla-{lang}"
+            pts = _points(frame) if len(frame) else None
+            need = _min_sizes(law, fixed)
+            nfree = len(LAWS[law]) - len(fixed)
+            if pts is None or len(pts.sizes) < need or len(pts.N) < nfree + 1:
+                have = "no points" if pts is None else f"{len(pts.N)} points of {len(pts.sizes)} sizes"
+                records.append(_skipped(fit_id, law, kind, lang, f"{have}; the {law} law with {nfree} free "
+                                        f"parameters needs >= {need} sizes and >= {nfree + 1} points", selection=sel))
+                continue
+            try:
+                fr = fit_law(pts, law, fixed, **kw)
+            except Exception as exc:
+                records.append(_skipped(fit_id, law, kind, lang, f"fit failed: {exc}", selection=sel))
+                continue
+            fs = None
+            if frozen and scratch_bs is not None:
+                fs = {k: scratch_bs["samples"][k] for k in fixed}
+            bs = bootstrap_law(pts, fr, bootstrap, seed, [*budgets, *([next_run_budget] if next_run_budget else [])],
+                               fixed_samples=fs) if bootstrap else None
+            if frozen:
+                if scratch_ho and scratch_ho.get("status") == "ok":
+                    hfix = {k: scratch_ho["params"][k] for k in ("E", "A", "alpha")}
+                    ho = _heldout_loss(pts, law, hfix, need, **kw)
+                    ho["frozen_from"] = "the scratch fit without its largest size"
+                else:
+                    ho = {"status": "skipped", "reason": "the scratch held-out fit (source of E, A, alpha) was skipped"}
+            else:
+                ho = _heldout_loss(pts, law, {}, need, **kw)
+            rec = _loss_fit_record(fit_id, kind, lang, pts, fr, bs, ho, budgets, next_run_budget, sel, fixed_from)
+            records.append(rec)
+            if kind == "scratch" and law == "chinchilla":
+                scratch_fit, scratch_bs, scratch_ho = fr, bs, ho
+        for kind in ("scratch", "cpt"):
+            frame, sel = sets[kind]
+            records.append(_envelope_record(f"{kind}-envelope-{lang}", kind, lang, frame, sel, bootstrap, seed))
+            records.append(_isoflop_record(f"{kind}-isoflop-{lang}", kind, lang, frame, sel, bootstrap, seed,
+                                           [r for r in records if r["status"] == "ok" and r["kind"] == kind
+                                            and r["law"] == ("chinchilla" if kind == "scratch" else "cpt")]))
+        records.append(_hernandez_record(f"cpt-hernandez-{lang}", lang, tr_df, tr_note, rep_used, cpt_replay,
+                                         min_step_fraction, bootstrap, seed, params))
+    for rec in records:
+        rec["provenance"] = prov
+        rec["settings"] = settings
+        write_json(out / f"{rec['fit_id']}.json", rec)
+    summary = _summary(records, settings, str(points), prov, time.perf_counter() - t0)
+    if not records:
+        summary["note"] = f"{points} has no points (no finished runs yet?): nothing was fitted"
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _envelope_record(fit_id: str, kind: str, lang: str, frame: Any, sel: dict[str, Any], nboot: int,
+                     seed: int) -> dict[str, Any]:
+    sel = {**sel, "frontier": "lower frontier over all runs' checkpoints; C = 6·N·D (D = target tokens for CPT)"}
+    if len(frame) < 3:
+        return _skipped(fit_id, "envelope", kind, lang, f"{len(frame)} points; the envelope needs >= 3", selection=sel)
+    pts = _points(frame)
+    C = 6 * pts.N * pts.D
+    try:
+        fr = fit_envelope(C, pts.L)
+    except Exception as exc:
+        return _skipped(fit_id, "envelope", kind, lang, str(exc), selection=sel)
+    on = lower_frontier(C, pts.L)
+    pred = fr.predict(C)
+
+    def refit(w: np.ndarray, _c: dict[str, int]) -> dict[str, float]:
+        return fit_envelope(C, pts.L, w=w).params
+
+    bs = _bootstrap_generic(pts, nboot, seed, refit, ["k", "m"]) if nboot else None
+    ho: dict[str, Any]
+    if len(pts.sizes) < 3:
+        ho = {"status": "skipped", "reason": f"{len(pts.sizes)} sizes; need >= 3 to hold one out"}
+    else:
+        nmax = max(pts.sizes)
+        test = on & (nmax == pts.N)
+        try:
+            trm = nmax > pts.N
+            hf = fit_envelope(C[trm], pts.L[trm])
+            if not test.any():
+                ho = {"status": "skipped", "reason": "the largest size has no point on the full-data frontier"}
+            else:
+                hp = hf.predict(C[test])
+                ho = {"status": "ok", "heldout_N": nmax, "n_train": int(trm.sum()), "n_test": int(test.sum()),
+                      "test": "frontier points of the largest size", **_err_stats(hp, pts.L[test]),
+                      "params": hf.params,
+                      "points": [{"run_id": str(r), "N": nmax, "C": float(c), "observed_loss": float(o),
+                                  "predicted_loss": float(p)} for r, c, o, p in
+                                 zip(pts.run[test], C[test], pts.L[test], hp, strict=True)]}
+        except Exception as exc:
+            ho = {"status": "skipped", "reason": str(exc)}
+    return {"format": "cptscale-fit/1", "fit_id": fit_id, "law": "envelope", "kind": kind, "lang": lang,
+            "status": "ok", "reason": None, "equation": EQUATIONS["envelope"], "params": fr.params, "fixed": {},
+            "intervals": bs["intervals"] if bs else {}, "heldout": ho,
+            "points": [{"run_id": str(pts.run[i]), "N": float(pts.N[i]), "D": float(pts.D[i]), "C": float(C[i]),
+                        "observed_loss": float(pts.L[i]), "predicted_loss": float(pred[i])}
+                       for i in np.flatnonzero(on)],
+            "meta": {**fr.meta, "selection": sel, "n_runs": len(set(pts.run)), "sizes": pts.sizes,
+                     "data_range": {"C": [float(C.min()), float(C.max())]}, "input_hash": _hash(pts),
+                     "bootstrap": bs["info"] if bs else {"n_requested": 0}},
+            "bootstrap": {k: v.tolist() for k, v in bs["samples"].items()} if bs else {}}
+
+
+def _isoflop_record(fit_id: str, kind: str, lang: str, frame: Any, sel: dict[str, Any], nboot: int, seed: int,
+                    laws: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(frame) < 6:
+        return _skipped(fit_id, "isoflop", kind, lang, f"{len(frame)} points; IsoFLOP needs curves of >= 3 sizes",
+                        selection=sel)
+    pts = _points(frame)
+    try:
+        fr = isoflop(pts.N, pts.D, pts.L, pts.run)
+    except Exception as exc:
+        return _skipped(fit_id, "isoflop", kind, lang, str(exc), selection=sel)
+
+    def refit(_w: np.ndarray, c: dict[str, int]) -> dict[str, float]:
+        return isoflop(pts.N, pts.D, pts.L, pts.run, w=c).params
+
+    bs = _bootstrap_generic(pts, nboot, seed, refit, ["a", "b"]) if nboot else None
+    profiles = fr.meta.pop("profiles")
+    cross = None
+    if laws and laws[0]["exponents"]["valid"]:
+        cross = {"fit_id": laws[0]["fit_id"], "a_law": laws[0]["exponents"]["a"], "a_isoflop": fr.params["a"],
+                 "difference": fr.params["a"] - laws[0]["exponents"]["a"]}
+    return {"format": "cptscale-fit/1", "fit_id": fit_id, "law": "isoflop", "kind": kind, "lang": lang,
+            "status": "ok", "reason": None, "equation": EQUATIONS["isoflop"], "params": fr.params, "fixed": {},
+            "intervals": bs["intervals"] if bs else {}, "cross_check": cross,
+            "heldout": {"status": "skipped", "reason": "not applicable: a cross-check of the allocation exponent"},
+            "profiles": profiles,
+            "meta": {**fr.meta, "selection": sel, "n_runs": len(set(pts.run)), "sizes": pts.sizes,
+                     "input_hash": _hash(pts), "bootstrap": bs["info"] if bs else {"n_requested": 0}},
+            "bootstrap": {k: v.tolist() for k, v in bs["samples"].items()} if bs else {}}
+
+
+def _hernandez_record(fit_id: str, lang: str, tr: Any, note: str, rep_used: float | None, cpt_replay: str,
+                      min_step_fraction: float, nboot: int, seed: int, params: str = "total") -> dict[str, Any]:
+    sel: dict[str, Any] = {"lang": lang, "replay": rep_used if cpt_replay == "min" else "all",
+                           "what": "non-extrapolated transfer points with D_T > 0; D_F = CPT target tokens",
+                           "N": "parameters with embeddings" if params == "total" else "non-embedding parameters"}
+    if tr is None:
+        return _skipped(fit_id, "hernandez", "cpt", lang, f"no transfer metrics: {note}", selection=sel)
+    t = tr
+    if params == "nonembedding":
+        if "params_nonemb" not in t.columns:
+            return _skipped(fit_id, "hernandez", "cpt", lang, "transfer table has no params_nonemb", selection=sel)
+        t = t.assign(N=t["params_nonemb"].astype(float))
+    if "lang" in t.columns:
+        t = t[t["lang"] == lang]
+    if "replay" in t.columns and cpt_replay == "min" and rep_used is not None:
+        t = t[t["replay"].fillna(0.0) == rep_used]
+    if min_step_fraction > 0 and {"step", "steps"} <= set(t.columns):
+        t = t[t["step"] >= min_step_fraction * t["steps"].fillna(0)]
+    pos = (t["D_T"] > 0) & (t["D_F"] > 0) & (t["N"] > 0)
+    sel["n_dropped_nonpositive"] = int((~pos).sum())  # D_T <= 0: CPT not ahead of scratch at that point
+    t = t[pos]
+    rc = "run_id" if "run_id" in t.columns else "run" if "run" in t.columns else None
+    n_sizes = t["N"].nunique()
+    if len(t) < 4 or n_sizes < 2:
+        return _skipped(fit_id, "hernandez", "cpt", lang, f"{len(t)} transfer points of {n_sizes} sizes with "
+                        "D_T > 0; need >= 4 points and >= 2 sizes", selection=sel)
+    N, DF, DT = (t[c].to_numpy(float) for c in ("N", "D_F", "D_T"))
+    run = t[rc].astype(str).to_numpy() if rc else np.array([str(i) for i in range(len(t))])
+    fr = fit_hernandez(N, DF, DT)
+    pts = Points(N, DF, DT, run, np.arange(len(N)))
+
+    def refit(w: np.ndarray, _c: dict[str, int]) -> dict[str, float]:
+        m = w > 0
+        if len(set(N[m])) < 2:
+            raise ValueError("one size")
+        return fit_hernandez(N[m], DF[m], DT[m], w=w[m]).params
+
+    bs = _bootstrap_generic(pts, nboot, seed, refit, ["k", "alpha", "beta"]) if nboot else None
+    nmax = float(N.max())
+    if n_sizes < 3:
+        ho = {"status": "skipped", "reason": f"{n_sizes} sizes; need >= 3 to hold one out"}
+    else:
+        hf = fit_hernandez(N[nmax > N], DF[nmax > N], DT[nmax > N])
+        te = nmax == N
+        hp = hf.predict(N[te], DF[te])
+        lerr = np.log(hp) - np.log(DT[te])
+        ho = {"status": "ok", "heldout_N": nmax, "n_train": int((~te).sum()), "n_test": int(te.sum()),
+              "mae_log": float(np.abs(lerr).mean()), "mean_rel_err": float(np.abs(hp / DT[te] - 1).mean()),
+              "params": hf.params}
+    pred = fr.predict(N, DF)
+    return {"format": "cptscale-fit/1", "fit_id": fit_id, "law": "hernandez", "kind": "cpt", "lang": lang,
+            "status": "ok", "reason": None, "equation": EQUATIONS["hernandez"], "params": fr.params, "fixed": {},
+            "intervals": bs["intervals"] if bs else {}, "heldout": ho,
+            "points": [{"run_id": str(r), "N": float(a), "D_F": float(b), "D_T": float(c), "D_T_predicted": float(p)}
+                       for r, a, b, c, p in zip(run, N, DF, DT, pred, strict=True)],
+            "meta": {**fr.meta, "selection": sel, "n_runs": len(set(run)), "sizes": sorted(set(N.tolist())),
+                     "input_hash": _hash(pts), "bootstrap": bs["info"] if bs else {"n_requested": 0}},
+            "bootstrap": {k: v.tolist() for k, v in bs["samples"].items()} if bs else {}}
+
+
+def _summary(records: list[dict[str, Any]], settings: dict[str, Any], points: str, prov: dict[str, Any],
+             seconds: float) -> dict[str, Any]:
+    """summary.json: the list of fit files (no parameters: the store ingests those from the fit files)."""
+    fits = []
+    for r in records:
+        h = r.get("heldout") or {}
+        fits.append({"fit_id": r["fit_id"], "file": f"{r['fit_id']}.json", "law": r["law"], "kind": r["kind"],
+                     "lang": r.get("lang"), "status": r["status"], "reason": r.get("reason"),
+                     "heldout_status": h.get("status"), "heldout_mae": h.get("mae"),
+                     "heldout_mean_rel_err": h.get("mean_rel_err")})
+    comparison = []
+    by_id = {r["fit_id"]: r for r in records}
+    for r in records:  # the paper's Table 3: Huber error of both laws on the same data
+        if r["law"] == "chinchilla" and r["status"] == "ok":
+            other = by_id.get(r["fit_id"].replace("-chinchilla-", "-extended-"))
+            if other and other["status"] == "ok":
+                comparison.append({"data": r["kind"], "lang": r["lang"], "chinchilla_fit": r["fit_id"],
+                                   "extended_fit": other["fit_id"],
+                                   "huber_sum_chinchilla": r["meta"]["huber_sum"],
+                                   "huber_sum_extended": other["meta"]["huber_sum"],
+                                   "huber_mean_chinchilla": r["meta"]["huber_mean"],
+                                   "huber_mean_extended": other["meta"]["huber_mean"],
+                                   "gamma_extended": other["params"]["gamma"]})
+    nxt = None
+    for fid_prefix in ("cpt-extended-", "scratch-chinchilla-"):
+        cand = [r for r in records if r["fit_id"].startswith(fid_prefix) and r["status"] == "ok" and r.get("next_run")]
+        if cand:
+            nxt = {"fit_id": cand[0]["fit_id"], **cand[0]["next_run"]}
+            break
+    return {"format": "cptscale-fit-summary/1", "points_file": points, "settings": settings, "fits": fits,
+            "n_ok": sum(f["status"] == "ok" for f in fits), "n_skipped": sum(f["status"] != "ok" for f in fits),
+            "law_comparison": comparison, "next_run": nxt, "seconds": round(seconds, 2), "provenance": prov}

@@ -1,0 +1,180 @@
+"""`cptscale report`: Altair figures from the DuckDB store in one self-contained HTML page.
+
+The page must work offline (cluster login nodes, laptops), so the Vega/Vega-Lite/vega-embed
+bundle from vl-convert is inlined and a CSP meta tag forbids any network fetch.  Every figure
+is built defensively: a missing table, column or fit becomes a "missing: ..." note, never a crash.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from cptscale.report.figures import BUILDERS
+from cptscale.report.queries import Missing, _connect
+from cptscale.util import atomic_write, write_json
+
+CSP = (
+    "default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; "
+    "style-src 'unsafe-inline'; img-src data:; font-src data:"
+)
+
+
+_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{csp}">
+<title>{title}</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:1.5em;color:#222}}
+.fig{{margin:1.5em 0;padding:.5em;border-top:1px solid #ddd}}
+.missing{{color:#8a4b00;background:#fff4e0;padding:.6em;border-radius:4px}}
+code{{background:#f2f2f2;padding:0 .2em}}
+</style>
+<script>
+// Render checks (read by the tests from #render-status): errors, warnings and any network request.
+window.__errors = [];
+window.__warnings = [];
+window.addEventListener('error', e => window.__errors.push(e.message ? String(e.message)
+  : 'failed to load ' + ((e.target && (e.target.src || e.target.href)) || 'a resource')), true);
+window.addEventListener('unhandledrejection', e => window.__errors.push('unhandled rejection: ' + e.reason));
+window.addEventListener('securitypolicyviolation', e => window.__errors.push('CSP: ' + e.blockedURI));
+for (const [level, sink] of [['error', window.__errors], ['warn', window.__warnings]]) {{
+  const orig = console[level].bind(console);
+  console[level] = (...a) => {{ sink.push(a.map(String).join(' ')); orig(...a); }};
+}}
+</script>
+<script type="module">{bundle}</script>
+</head><body>
+<h1>{title}</h1>
+<p>Study <code>{study}</code> &middot; generated {when} &middot; {n_ok} figures drawn, {n_missing} missing.
+Legend entries select a size / replay ratio; drag to pan and scroll to zoom (every figure with
+continuous axes).</p>
+{missing_list}
+{sections}
+<pre id="render-status" style="display:none"></pre>
+<script type="module">
+const specs = {specs};
+const status = {{rendered: {{}}, marks: {{}}, errors: window.__errors, warnings: window.__warnings, requests: []}};
+// data marks only (role "mark": lines, points, rules, bars, text of the figures), not axes, legends or
+// titles: per figure the total and the count per mark type
+function countMarks(node) {{
+  const byType = {{}};
+  const walk = (s) => {{
+    if (!s) return;
+    if (s.marktype && s.marktype !== 'group' && s.role === 'mark')
+      byType[s.marktype] = (byType[s.marktype] || 0) + (s.items || []).length;
+    for (const it of (s.items || [])) if (it.items) walk(it);
+  }};
+  walk(node);
+  return byType;
+}}
+for (const [name, spec] of Object.entries(specs)) {{
+  try {{
+    const res = await vegaEmbed('#vis-' + name, spec, {{renderer: 'svg', actions: {{export: true, source: false, compiled: false, editor: false}}}});
+    const byType = countMarks(res.view.scenegraph().root);
+    status.marks[name] = byType;
+    status.rendered[name] = Object.values(byType).reduce((a, b) => a + b, 0);
+  }} catch (e) {{ window.__errors.push(name + ': ' + e); }}
+}}
+// an offline page requests nothing: every resource entry (blocked or not) is reported
+status.requests = performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith('data:'));
+const el = document.getElementById('render-status');
+el.textContent = JSON.stringify(status);
+document.body.setAttribute('data-rendered', 'done');
+</script>
+</body></html>
+"""
+
+
+def build_report(
+    db_path: str | Path,
+    study: str,
+    out_dir: str | Path,
+    *,
+    fits_dir: str | Path | None = None,
+    title: str | None = None,
+    max_points: int = 400,
+    images: bool = True,
+) -> dict[str, Any]:
+    """Write index.html, figures/*.svg|png and report.json; return the report.json dict."""
+    import altair as alt
+    import vl_convert as vlc
+
+    t0 = time.perf_counter()
+    alt.data_transformers.disable_max_rows()
+    out = Path(out_dir)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    title = title or f"cptscale report: {study}"
+    drawn: dict[str, Any] = {}
+    missing: dict[str, str] = {}
+    specs: dict[str, Any] = {}
+    if not Path(db_path).exists():
+        missing = {n: f"database {db_path} (it does not exist yet: the workflow's `database` rule writes it "
+                      "once runs have finished; `cptscale db ingest` builds it by hand)" for n in BUILDERS}
+    else:
+        con = _connect(db_path)
+        try:
+            for name, fn in BUILDERS.items():
+                try:
+                    chart, n = fn(con, study, max_points)
+                    specs[name] = chart.to_dict()
+                    drawn[name] = {"rows": n}
+                except Missing as exc:
+                    missing[name] = str(exc)
+                except Exception as exc:  # a broken figure must not take the page down
+                    missing[name] = f"error building figure: {type(exc).__name__}: {exc}"
+        finally:
+            con.close()
+    if images:
+        for name, spec in specs.items():
+            try:
+                svg = vlc.vegalite_to_svg(spec)
+                atomic_write(out / "figures" / f"{name}.svg", svg)
+                atomic_write(out / "figures" / f"{name}.png", vlc.svg_to_png(svg, scale=1.5))
+                drawn[name]["svg"] = f"figures/{name}.svg"
+                drawn[name]["png"] = f"figures/{name}.png"
+            except Exception as exc:
+                drawn[name]["image_error"] = str(exc)
+    sections = []
+    for name in BUILDERS:
+        if name in specs:
+            sections.append(f'<div class="fig" id="fig-{name}"><div id="vis-{name}"></div></div>')
+        else:
+            sections.append(
+                f'<div class="fig missing" id="fig-{name}"><b>{name}</b>: missing: {html.escape(missing[name])}</div>'
+            )
+    missing_list = (
+        "<ul class=\"missing\">"
+        + "".join(f"<li><b>{n}</b>: missing: {html.escape(m)}</li>" for n, m in missing.items())
+        + "</ul>"
+        if missing
+        else ""
+    )
+    page = _PAGE.format(
+        csp=CSP,
+        title=html.escape(title),
+        study=html.escape(study),
+        when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        n_ok=len(specs),
+        n_missing=len(missing),
+        bundle=vlc.javascript_bundle(),
+        missing_list=missing_list,
+        sections="\n".join(sections),
+        specs=json.dumps(specs, default=str).replace("</", "<\\/"),
+    )
+    atomic_write(out / "index.html", page)
+    info = {
+        "study": study,
+        "db": str(db_path),
+        "fits_dir": str(fits_dir) if fits_dir else None,
+        "drawn": drawn,
+        "missing": missing,
+        "page_bytes": len(page.encode()),
+        "build_s": round(time.perf_counter() - t0, 3),
+        "max_points": max_points,
+    }
+    write_json(out / "report.json", info)
+    return info

@@ -1,0 +1,178 @@
+"""A synthetic study (run dirs with run.json, metrics and evals from a known law) for tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cptscale.util import read_json, stable_hash
+
+_LAW = {"E": 1.55, "A": 420.0, "alpha": 0.40, "B": 719.5, "beta": 0.30}
+
+
+def _law(n: float, d: float, e_shift: float = 0.0) -> float:
+    return _LAW["E"] + e_shift + _LAW["A"] / n ** _LAW["alpha"] + _LAW["B"] / max(d, 1.0) ** _LAW["beta"]
+
+
+def generate_study(study_dir: str | os.PathLike[str], sizes: Sequence[str] | int = ("d64l2", "d128l4"),
+                   inits: Sequence[str] = ("scratch", "cpt"), replays: Sequence[float] = (0.0, 0.25),
+                   steps_per_run: int = 50, seed: int = 0, *, lang: str = "zh", source_lang: str = "en",
+                   evals_per_run: int = 10, study: str | None = None, token_multiplier: float = 20.0) -> list[str]:
+    """Write a synthetic but realistic study tree; returns the run ids.
+
+    Losses follow the paper's scratch Chinchilla fit (E=1.55, A=420, α=0.40, B=719.5, β=0.30) with N the
+    parameter count and D the tokens; CPT runs see an effective-data bonus D_T = 0.5·D^0.8·N^0.25 on
+    their target tokens D·(1-replay) (~40% saved, growing with N, shrinking with D, as in the paper); source-language loss during CPT rises by up
+    to 1.3 nats without replay and recovers faster the more is replayed. ``sizes`` are ladder names or
+    an int (the first n paper sizes). Every file follows the formats of the real stages.
+    """
+    import numpy as np
+
+    from cptscale.ladder import PAPER_SHAPES, get_shape
+    from cptscale.plan import run_id as make_run_id
+    from cptscale.util import write_json
+
+    rng = np.random.default_rng(seed)
+    sdir = Path(study_dir)
+    study = study or sdir.name
+    names = list(PAPER_SHAPES)[: int(sizes)] if isinstance(sizes, int) else list(sizes)
+    vocab, seq = 32000, 2048
+    chash = stable_hash({"study": study, "seed": seed})
+    prov = {"git_commit": "0" * 40, "git_dirty": False, "packages": {"cptscale": "0.1.0"}, "config_hash": chash,
+            "input_hashes": {f"data/{lang}": "a" * 16, f"data/{source_lang}": "b" * 16}}
+    expected, ids = [], []
+
+    def spec_for(size: str, init: str, run_lang: str, rep: float, parent: dict[str, Any] | None) -> dict[str, Any]:
+        sh = get_shape(size)
+        n = sh.params(vocab)
+        gbs = max(1, round(token_multiplier * n / steps_per_run / seq))
+        rid = make_run_id(size, init, run_lang, rep if init == "cpt" else None)
+        ev_steps = sorted({round(steps_per_run * i / (evals_per_run - 1)) for i in range(evals_per_run)})
+        return {
+            "run_id": rid, "study": study, "size": size, "init": init, "lang": run_lang,
+            "source_lang": source_lang if init == "cpt" else None, "replay": rep if init == "cpt" else 0.0,
+            "shape": {"name": size, "hidden": sh.hidden, "layers": sh.layers, "heads": sh.heads, "ffn": sh.ffn,
+                      "kv_heads": sh.kv_heads},
+            "vocab_size": vocab, "seq_length": seq, "micro_batch_size": 1, "global_batch_size": gbs,
+            "steps": steps_per_run, "seed": seed,
+            "schedule": {"kind": "cosine", "lr": 2e-4, "warmup_fraction": 0.05},
+            "optimizer": {"name": "adamw"}, "layout": {"tp": 1, "pp": 1, "dp": 1},
+            "data": {"blend": {run_lang: 1.0 - rep, source_lang: rep} if init == "cpt" else {run_lang: 1.0}},
+            "eval": {"steps": ev_steps, "languages": {lang: {"prefix": f"data/{lang}/valid"},
+                                                     source_lang: {"prefix": f"data/{source_lang}/valid"}}},
+            "checkpoint": {"dir": f"/nonexistent/checkpoints/{rid}"}, "parent": parent,
+            "out_dir": str(sdir / "runs" / rid), "config_hash": chash, "provenance": prov,
+            "params": n, "params_nonemb": sh.params(vocab, embeddings=False), "tokens": gbs * seq * steps_per_run,
+        }
+
+    def write_run(spec: dict[str, Any], loss_fn: Any) -> dict[str, float]:
+        d = sdir / "runs" / spec["run_id"]
+        d.mkdir(parents=True, exist_ok=True)
+        write_json(d / "run.json", spec)
+        tps = spec["global_batch_size"] * seq
+        steps = spec["steps"]
+        lines = []
+        noise = rng.normal(0, 0.02, steps)
+        gn = rng.lognormal(0, 0.2, steps)
+        for k in range(1, steps + 1):
+            f = k / steps
+            lr = 2e-4 * min(1.0, f / 0.05) * 0.5 * (1 + math.cos(math.pi * f))
+            loss = loss_fn(spec["lang"], k * tps, f) + noise[k - 1]
+            lines.append(f'{{"step": {k}, "tokens": {k * tps}, "loss": {loss:.5f}, "lr": {lr:.4e}, '
+                         f'"grad_norm": {gn[k - 1]:.4f}, "tokens_per_s": 50000.0, "mem_bytes": 1000000000, '
+                         f'"mfu": 0.4}}\n')
+        with open(d / "metrics.jsonl", "w") as fh:
+            fh.writelines(lines)
+        ev, final = [], {}
+        for s in spec["eval"]["steps"]:
+            for el in spec["eval"]["languages"]:
+                lo = loss_fn(el, s * tps, s / steps) + float(rng.normal(0, 0.003))
+                ev.append({"step": s, "tokens": s * tps, "lang": el, "loss": round(lo, 5),
+                           "ppl": math.exp(lo), "bpb": lo / math.log(2) * 0.3, "n_tokens": 65536})
+                final[el] = round(lo, 5)
+        with open(d / "evals.jsonl", "w") as fh:
+            fh.writelines(json.dumps(e) + "\n" for e in ev)
+        src = spec["data"]["blend"]
+        total = steps * spec["global_batch_size"]
+        write_json(d / "blend.json", {"phases": [{"index": 0, "start_step": 0, "end_step": steps, "sources": [
+            {"name": k, "planned_share": v, "realized_share": round(v + float(rng.normal(0, 0.002)), 5),
+             "samples": int(total * v), "tokens": int(total * v * seq), "available_tokens": 10**11, "epochs": 0.1}
+            for k, v in src.items() if v > 0]}], "warnings": []})
+        write_json(d / "done.json", {"run_id": spec["run_id"], "steps": steps, "tokens": steps * tps,
+                                     "final_loss": final, "final_checkpoint": f"{spec['checkpoint']['dir']}/final",
+                                     "wall_s": 1.0, "params": spec["params"],
+                                     "params_nonemb": spec["params_nonemb"], "resumed_from": None})
+        ids.append(spec["run_id"])
+        return final
+
+    for size in names:
+        n = get_shape(size).params(vocab)
+        if "scratch" in inits:
+            sp = spec_for(size, "scratch", lang, 0.0, None)
+
+            def scratch_loss(el: str, d: float, f: float, n: float = n) -> float:
+                return math.log(vocab) if d == 0 else _law(n, d, 0.0 if el == lang else 2.0)
+
+            write_run(sp, scratch_loss)
+            expected.append(sp)
+        if "cpt" in inits:
+            src = spec_for(size, "scratch", source_lang, 0.0, None)
+
+            def source_loss(el: str, d: float, f: float, n: float = n) -> float:
+                return math.log(vocab) if d == 0 else _law(n, d, -0.15 if el == source_lang else 2.0)
+
+            src_final = write_run(src, source_loss)
+            expected.append(src)
+            for rep in replays:
+                parent = {"run_id": src["run_id"], "checkpoint": f"/nonexistent/checkpoints/{src['run_id']}/final",
+                          "lang": source_lang, "final_loss": src_final[source_lang], "tolerance": 0.05}
+                sp = spec_for(size, "cpt", lang, float(rep), parent)
+                sfin = src_final[source_lang]
+
+                def cpt_loss(el: str, d: float, f: float, n: float = n, rep: float = float(rep),
+                             sfin: float = sfin) -> float:
+                    if el == source_lang:
+                        rise = 1.3 * (1 - math.exp(-8 * f)) * math.exp(-30 * rep * f)
+                        return sfin + rise - 0.05 * rep * f
+                    dt = d * (1 - rep)
+                    return min(_law(n, dt + 0.5 * max(dt, 1e6) ** 0.8 * n**0.25), math.log(vocab) - 1.0)
+
+                write_run(sp, cpt_loss)
+                expected.append(sp)
+    for el, tpb in ((lang, 0.45), (source_lang, 0.27)):
+        write_json(sdir / "data" / el / "data.json", {
+            "lang": el, "train": {"docs": 1000, "tokens": 10**9, "bytes": int(10**9 / tpb), "chars": int(4e9)},
+            "valid": {"docs": 100, "tokens": 10**6, "bytes": int(10**6 / tpb)}, "vocab_size": vocab,
+            "fertility": {"tokens_per_byte": tpb, "tokens_per_char": tpb * 3 if el == lang else tpb * 1.1},
+            "tokenizer_hash": "c" * 16, "docs_hash": "d" * 16, "provenance": prov})
+    write_json(sdir / "tokenizer" / "report.json", {"vocab_size": vocab, "fertility": {lang: {}, source_lang: {}}})
+    write_json(sdir / "study.json", {
+        "study": study, "config_hash": chash, "config": {"study": study, "generated": True, "seed": seed},
+        "expected_runs": [{"run_id": s["run_id"], "size": s["size"], "init": s["init"], "lang": s["lang"],
+                           "replay": s["replay"], "parent": (s["parent"] or {}).get("run_id"),
+                           "params": s["params"], "tokens": s["tokens"], "steps": s["steps"]} for s in expected],
+        "provenance": prov})
+    return ids
+
+
+def write_generated_transfers(study_dir: str | os.PathLike[str]) -> int:
+    """Run :func:`cptscale.transfer.compute_transfer` for every CPT run of a (generated) study."""
+    from cptscale.transfer import compute_transfer
+    from cptscale.util import write_json
+
+    n = 0
+    runs = Path(study_dir) / "runs"
+    for p in sorted(runs.glob("*/run.json")):
+        spec = read_json(p)
+        if spec.get("init") != "cpt":
+            continue
+        scratch = runs / f"{spec['size']}-scratch-{spec['lang']}"
+        source = runs / spec["parent"]["run_id"]
+        if scratch.exists():
+            write_json(p.parent / "transfer.json", compute_transfer(p.parent, scratch, source))
+            n += 1
+    return n

