@@ -317,3 +317,80 @@ def test_sample_fingerprint_sees_size_and_sampled_blocks_only(tmp_path):
     assert changed(offsets[5] + SAMPLE_BLOCK + 7) == (False, True)
     path.write_bytes(bytes(raw[:-1]))
     assert sample_fingerprint(path)["size"] == len(raw) - 1
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def _fill(fs: Path) -> None:
+    """Fill a file system to the last byte."""
+    with open(fs / "filler", "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * (1 << 16))
+                fh.flush()
+        except OSError:
+            pass
+        try:
+            while True:
+                fh.write(b"\0")
+                fh.flush()
+        except OSError:
+            pass
+
+
+def test_disk_full_ingest_db_and_report_keep_previous_outputs(tmp_path, capsys):
+    """On a real tmpfs filled to the last byte: `cptscale data ingest`, `db ingest` and `report` fail with
+    a clear message, leave no partial file, and keep the previous outputs byte for byte."""
+    import subprocess
+
+    from faults import table_hashes
+
+    from cptscale.cli import main
+
+    fs = tmp_path / "fs"
+    if not _mount_tmpfs(fs, "96m"):
+        pytest.skip("cannot mount a tmpfs here (not root / no CAP_SYS_ADMIN)")
+    try:
+        corpus = tmp_path / "en.jsonl"
+        r = random.Random(1)
+        corpus.write_text("".join(json.dumps({"text": f"{i} " + " ".join(str(r.random()) for _ in range(40))}) + "\n"
+                                  for i in range(300)))
+        sources = tmp_path / "sources.json"
+        sources.write_text(json.dumps([{"name": "gen", "kind": "local", "paths": [str(corpus)], "format": "jsonl"}]))
+        study = tmp_path / "study"
+        assert main(["db", "generate", "--study-dir", str(study), "--sizes", "3", "--seed", "1"]) == 0
+        name = json.loads((study / "study.json").read_text())["study"]
+        docs, db, report = fs / "docs.parquet", fs / "store.duckdb", fs / "report"
+        assert main(["data", "ingest", "--lang", "en", "--sources-json", str(sources), "--out", str(docs),
+                     "--no-progress"]) == 0
+        assert main(["db", "ingest", "--study-dir", str(study), "--db", str(db)]) == 0
+        assert main(["report", "--db", str(db), "--study", name, "--out-dir", str(report), "--no-images"]) == 0
+        before = {"docs": docs.read_bytes(), "html": (report / "index.html").read_bytes(), "db": table_hashes(db)}
+        listing = sorted(p.name for p in fs.rglob("*"))
+
+        corpus.write_text(corpus.read_text() * 2)  # new inputs: each command has something new to write
+        shutil.rmtree(study)
+        assert main(["db", "generate", "--study-dir", str(study), "--sizes", "4", "--seed", "2"]) == 0
+        _fill(fs)
+        capsys.readouterr()
+        for argv in (["data", "ingest", "--lang", "en", "--sources-json", str(sources), "--out", str(docs),
+                      "--no-progress"],
+                     ["db", "ingest", "--study-dir", str(study), "--db", str(db)],
+                     ["report", "--db", str(db), "--study", name, "--out-dir", str(report), "--no-images"]):
+            assert main(argv) == 1, argv
+            err = capsys.readouterr().err
+            assert "no space left on device" in err and "previous outputs are intact" in err, (argv, err)
+        (fs / "filler").unlink()
+        print(sorted(p.name for p in fs.rglob("*")))
+        assert docs.read_bytes() == before["docs"]
+        assert (report / "index.html").read_bytes() == before["html"]
+        assert table_hashes(db) == before["db"]
+        assert sorted(p.name for p in fs.rglob("*")) == listing  # no temp file left behind
+    finally:
+        subprocess.run(["umount", str(fs)], check=False)

@@ -77,6 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cptscale {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from cptscale.integrity import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        print(f"cptscale {args.command}: error: no space left on device ({type(exc).__name__}: {exc}); every "
+              "output is written to a temp file and renamed into place, so the previous outputs are intact and "
+              "the partial ones removed: free disk space and re-run", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # `python -m cptscale.cli`: run the installed module so CLIError is one class

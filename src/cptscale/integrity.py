@@ -34,6 +34,30 @@ class IntegrityError(RuntimeError):
     """Content read back does not match what was recorded when it was written."""
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps: its cause/context chain, torch's per-rank checkpoint failures,
+    DuckDB's I/O errors that carry only the message) is a full disk or quota."""
+    import errno
+
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "[Errno 28]" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+        if isinstance(failures, dict):
+            for f in failures.values():
+                todo += list(f) if isinstance(f, tuple) else [f]
+    return False
+
+
 def file_digest(path: str | os.PathLike[str]) -> str:
     """XXH3-128 of a file's bytes, streamed."""
     h = xxhash.xxh3_128()

@@ -26,7 +26,6 @@ removes its temp dir and says so; the previous checkpoints are untouched.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import random
 import re
@@ -44,6 +43,7 @@ from cptscale.integrity import (
     MANIFEST,
     IntegrityError,
     check_dir_manifest,
+    is_disk_full,
     read_dir_manifest,
     write_dir_manifest,
 )
@@ -346,27 +346,6 @@ def _save_optimizer(model, opt, path: Path) -> None:
         dist_checkpointing.save(opt.sharded_state_dict(unwrap(model).sharded_state_dict()), str(path))
 
 
-def _disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what it wraps: its cause/context chain, torch's per-rank failures) is ENOSPC."""
-    seen: set[int] = set()
-    todo: list[Any] = [exc]
-    while todo:
-        e = todo.pop()
-        if not isinstance(e, BaseException) or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(e) or "[Errno 28]" in str(e):
-            return True
-        todo += [e.__cause__, e.__context__]
-        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
-        if isinstance(failures, dict):
-            for f in failures.values():
-                todo += list(f) if isinstance(f, tuple) else [f]
-    return False
-
-
 def _dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
 
@@ -391,7 +370,7 @@ def _writing(tmp: Path, final: Path) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)) or not (_disk_full(exc) or _no_room(tmp, final.parent)):
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)) or not (is_disk_full(exc) or _no_room(tmp, final.parent)):
             raise
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
