@@ -21,7 +21,7 @@ pytestmark = [
 
 
 def test_sigkill_every_stage_then_rerun_gives_identical_results(tmp_path: Path) -> None:
-    rows, base, got, faulted = campaign(tmp_path / "faults", kills=2, seed=1)
+    rows, base, got, _faulted = campaign(tmp_path / "faults", kills=2, seed=1)
     print(format_table(rows))
     assert base["tables"] and set(base["tables"]) == set(got["tables"])
     diff = [t for t in base["tables"] if base["tables"][t] != got["tables"][t]]
@@ -31,5 +31,5 @@ def test_sigkill_every_stage_then_rerun_gives_identical_results(tmp_path: Path) 
         assert got["stages"][stage] == files, f"outputs of stage {stage} differ"
     by_stage = {r["stage"]: r for r in rows}
     assert set(by_stage) == set(STAGES)
-    for stage, r in by_stage.items():  # every stage was killed, inside one of its jobs, and recovered
+    for r in by_stage.values():  # every stage was killed, inside one of its jobs, and recovered
         assert r["kills"] == 2 and r["in_job"] >= 1 and r["identical"] == 2, r

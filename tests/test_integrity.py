@@ -387,7 +387,6 @@ def test_disk_full_ingest_db_and_report_keep_previous_outputs(tmp_path, capsys):
             err = capsys.readouterr().err
             assert "no space left on device" in err and "previous outputs are intact" in err, (argv, err)
         (fs / "filler").unlink()
-        print(sorted(p.name for p in fs.rglob("*")))
         assert docs.read_bytes() == before["docs"]
         assert (report / "index.html").read_bytes() == before["html"]
         assert table_hashes(db) == before["db"]

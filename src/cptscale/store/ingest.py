@@ -136,13 +136,13 @@ def ingest(study_dir: str | os.PathLike[str], db_path: str | os.PathLike[str] | 
         for stale in db.parent.glob(f".{db.name}.ingest-*"):
             stale.unlink(missing_ok=True)  # left by a killed ingest; we hold the lock
         tmp = db.with_name(f".{db.name}.ingest-{os.getpid()}.tmp")
-        if db.exists():
-            if db.with_name(db.name + ".wal").exists():  # someone wrote with a raw client: fold it in first
-                duckdb.connect(str(db)).close()
-            with open(db, "rb") as src, open(tmp, "wb") as dst:
-                while block := src.read(1 << 24):
-                    dst.write(block)
-        try:
+        try:  # the copy too: a disk that fills up during it must not leave a partial copy behind
+            if db.exists():
+                if db.with_name(db.name + ".wal").exists():  # someone wrote with a raw client: fold it in first
+                    duckdb.connect(str(db)).close()
+                with open(db, "rb") as src, open(tmp, "wb") as dst:
+                    while block := src.read(1 << 24):
+                        dst.write(block)
             con = duckdb.connect(str(tmp))
             try:
                 create_schema(con)
