@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "cptscale.summary",
     "cptscale.prune",
     "cptscale.verify",
+    "cptscale.hf",
 )
 
 

@@ -189,7 +189,8 @@ def _cmd(args: argparse.Namespace) -> int:
     tp, pp = (int(lay["tp"]), int(lay["pp"])) if "RANK" in os.environ else (1, 1)
     try:
         setup_parallel(tp, pp, int(spec["seed"]))
-        model = build_model(shape, vocab, int(spec["seq_length"]), tp=tp, pp=pp)
+        model = build_model(shape, vocab, int(spec["seq_length"]), tp=tp, pp=pp,
+                            arch=state.get("arch") or spec.get("arch"))
         try:
             state = load_weights(args.checkpoint, model)
         except CheckpointError as exc:

@@ -71,9 +71,9 @@ class ModelShape:
         return 16 * self.layers * self.hidden**2 + 32000 * self.hidden
 
 
-def padded_vocab(vocab: int, tp: int = 1) -> int:
-    """Vocabulary padded so each tensor-parallel shard is a multiple of ``VOCAB_DIVISOR``."""
-    div = VOCAB_DIVISOR * tp
+def padded_vocab(vocab: int, tp: int = 1, divisor: int = VOCAB_DIVISOR) -> int:
+    """Vocabulary padded so each tensor-parallel shard is a multiple of ``divisor``."""
+    div = divisor * tp
     return int(math.ceil(vocab / div) * div)
 
 

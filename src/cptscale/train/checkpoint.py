@@ -465,7 +465,7 @@ def save_final(ckpt_dir: str | Path, step: int, model, spec: dict[str, Any],
         _barrier()
         if _rank() == 0:
             _publish(tmp, final, {"step": step, "run_id": spec["run_id"], "layout": _layout(), "kind": "weights",
-                                  "shape": spec["shape"], "vocab_size": spec["vocab_size"],
+                                  "shape": spec["shape"], "vocab_size": spec["vocab_size"], "arch": spec.get("arch"),
                                   "config_hash": spec.get("config_hash"), "out_dir": spec.get("out_dir"),
                                   **(extra or {})})
     _barrier()

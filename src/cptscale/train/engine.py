@@ -381,7 +381,8 @@ class Trainer:
             self._check_resume_shape(cur_shape, prune_events, int(ck_state["step"]), latest)
         self.cur_shape = cur_shape
         model = wrap_ddp(build_model(cur_shape, int(spec["vocab_size"]), seq,
-                                     init_std=float(spec.get("init_std", 0.02)), tp=self.tp, pp=self.pp, bf16=bf16),
+                                     init_std=float(spec.get("init_std", 0.02)), tp=self.tp, pp=self.pp, bf16=bf16,
+                                     arch=spec.get("arch")),
                          distributed_optimizer=dist_opt)
         self.model = model
         self.schedule = make_schedule(spec["schedule"])

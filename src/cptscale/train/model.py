@@ -1,8 +1,40 @@
-"""Build Megatron-Core's GPTModel (LLaMA-2 style) from a run spec's shape."""
+"""Build Megatron-Core's GPTModel (LLaMA-2 style) from a run spec's shape.
+
+``arch`` (optional, from run.json / a checkpoint's state.json) carries what an imported Hugging Face
+model has beyond the ladder shape: RoPE base and LLaMA-3 scaling, RMSNorm epsilon, QKV biases
+(Qwen2), tied input/output embeddings and its vocabulary padding. Absent keys mean the ladder's own
+architecture (see :data:`DEFAULT_ARCH`), so scratch runs and their checkpoints are unchanged.
+"""
 
 from __future__ import annotations
 
 from typing import Any
+
+#: The architecture of the ladder's models (what an absent ``arch`` key means).
+DEFAULT_ARCH: dict[str, Any] = {
+    "rope_theta": 10000.0, "rope_scaling": None, "norm_eps": 1e-5, "qkv_bias": False, "tie_embeddings": False,
+    "vocab_divisor": None,
+}
+ARCH_KEYS = (*DEFAULT_ARCH, "family", "hf_vocab_size", "max_position_embeddings", "sliding_window")
+
+
+def resolve_arch(arch: dict[str, Any] | None) -> dict[str, Any]:
+    """``arch`` with defaults filled in; unknown keys are an error (a typo would silently change the model)."""
+    arch = dict(arch or {})
+    unknown = sorted(set(arch) - set(ARCH_KEYS))
+    if unknown:
+        raise ValueError(f"unknown arch key(s) {', '.join(unknown)}; known: {', '.join(ARCH_KEYS)}")
+    return {**DEFAULT_ARCH, **{k: v for k, v in arch.items() if v is not None}}
+
+
+def model_vocab(vocab_size: int, tp: int = 1, arch: dict[str, Any] | None = None) -> int:
+    """Rows of the embedding and output layer: the ladder pads to a multiple of 128 x TP; an imported
+    model pads only to its own ``vocab_divisor`` x TP (usually no padding at all: padded rows would add
+    logits to the softmax that the source model does not have)."""
+    from cptscale.ladder import padded_vocab
+
+    div = resolve_arch(arch)["vocab_divisor"]
+    return padded_vocab(vocab_size, tp) if div is None else padded_vocab(vocab_size, tp, divisor=int(div))
 
 
 def use_gpu() -> bool:
@@ -12,19 +44,21 @@ def use_gpu() -> bool:
 
 
 def build_config(shape: dict[str, Any], *, init_std: float = 0.02, tp: int = 1, pp: int = 1,
-                 bf16: bool = False):
+                 bf16: bool = False, arch: dict[str, Any] | None = None):
     import torch
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    a = resolve_arch(arch)
     gpu = use_gpu()
     dtype = torch.bfloat16 if bf16 else torch.float32
     return TransformerConfig(
         num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
         num_query_groups=shape.get("kv_heads") or None, ffn_hidden_size=shape["ffn"],
         kv_channels=shape.get("head_dim") or None,  # set for pruned shapes (head_dim != hidden / heads)
-        init_method_std=init_std, normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
-        add_bias_linear=False, add_qkv_bias=False, hidden_dropout=0.0, attention_dropout=0.0,
+        init_method_std=init_std, normalization="RMSNorm", layernorm_epsilon=float(a["norm_eps"]),
+        gated_linear_unit=True, activation_func=F.silu,
+        add_bias_linear=False, add_qkv_bias=bool(a["qkv_bias"]), hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=dtype,
         params_dtype=dtype, bf16=bf16, use_cpu_initialization=not gpu,
         gradient_accumulation_fusion=False, masked_softmax_fusion=False, bias_activation_fusion=False,
@@ -34,15 +68,19 @@ def build_config(shape: dict[str, Any], *, init_std: float = 0.02, tp: int = 1, 
 
 
 def build_model(shape: dict[str, Any], vocab_size: int, seq_length: int, *, init_std: float = 0.02,
-                tp: int = 1, pp: int = 1, bf16: bool = False, te: bool | None = None):
+                tp: int = 1, pp: int = 1, bf16: bool = False, te: bool | None = None,
+                arch: dict[str, Any] | None = None):
     """GPTModel for this rank's pipeline stage (parallel state must be initialised)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from cptscale.ladder import padded_vocab
-
-    config = build_config(shape, init_std=init_std, tp=tp, pp=pp, bf16=bf16)
+    a = resolve_arch(arch)
+    if a.get("sliding_window") and seq_length > int(a["sliding_window"]):
+        raise ValueError(f"seq_length {seq_length} exceeds the model's sliding attention window "
+                         f"{a['sliding_window']}: Megatron-Core's local attention here is full causal attention, so "
+                         "the model would compute something else; use seq_length <= the window")
+    config = build_config(shape, init_std=init_std, tp=tp, pp=pp, bf16=bf16, arch=a)
     if te is None:
         te = use_gpu() and _has_te()
     if te:
@@ -51,11 +89,13 @@ def build_model(shape: dict[str, Any], vocab_size: int, seq_length: int, *, init
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    scaling = a["rope_scaling"] or {}
     model = GPTModel(
-        config=config, transformer_layer_spec=spec, vocab_size=padded_vocab(vocab_size, tp),
+        config=config, transformer_layer_spec=spec, vocab_size=model_vocab(vocab_size, tp, a),
         max_sequence_length=seq_length, pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
+        post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=bool(a["tie_embeddings"]),
+        position_embedding_type="rope", rotary_base=a["rope_theta"],
+        rope_scaling=bool(scaling), rope_scaling_factor=float(scaling.get("factor", 8.0)),
     )
     if use_gpu():
         model.cuda()

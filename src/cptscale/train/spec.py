@@ -93,6 +93,13 @@ def validate_spec(spec: dict[str, Any], where: str = "run.json") -> None:
         if not isinstance(par, dict) or "checkpoint" not in par:
             raise SpecError(f"{where}: init 'cpt' needs parent.checkpoint (the source run's final checkpoint)")
         _check_parent_loss(spec, where)
+    if spec.get("arch") is not None:  # an imported model's architecture (see cptscale.train.model)
+        from cptscale.train.model import resolve_arch
+
+        try:
+            resolve_arch(spec["arch"])
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"{where}: bad field 'arch': {exc}") from exc
     if spec.get("precision", "auto") not in ("auto", "fp32", "bf16"):
         raise SpecError(f"{where}: precision must be auto, fp32 or bf16")
     if spec.get("prune") is not None:
