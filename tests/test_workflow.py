@@ -70,6 +70,14 @@ def test_one_run_target_pulls_its_parent_only(demo_config: Path) -> None:
     assert counts["index"] == 2
 
 
+def test_export_target_by_run_name(demo_config: Path) -> None:
+    """`results/<study>/export/<run>` exports that run (and trains only what it needs)."""
+    raw = yaml.safe_load(demo_config.read_text())
+    target = f"{raw['results_dir']}/{raw['study']}/export/d32l2-cpt-zh-r0.25"
+    counts = _dry_run(demo_config, target)
+    assert counts["export_hf"] == 1 and counts["train"] == 2
+
+
 def test_paper_scale_dry_run_is_fast(tmp_path: Path) -> None:
     raw = yaml.safe_load((ROOT / "workflow/studies/paper.yaml").read_text())
     raw["results_dir"] = str(tmp_path / "results")

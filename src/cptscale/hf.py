@@ -28,7 +28,8 @@ rotary) is refused with the config field that causes it.
 
 Megatron-Bridge (NVIDIA's converter) is the maintained alternative on GPU clusters; version 0.3.1
 requires Transformer Engine (CUDA) and mamba-ssm, which does not build without CUDA, so it cannot be
-installed on a CPU machine. ``--converter bridge`` uses it where it is installed (:func:`bridge_import`).
+installed on a CPU machine. ``--converter bridge`` lets it fill the same model where it is installed
+(:func:`fill_bridge`); the checkpoint is written the same way.
 """
 
 from __future__ import annotations
@@ -294,11 +295,49 @@ def _single_process(fn: Callable[[], Any]) -> Any:
         teardown_parallel()
 
 
-def import_hf(src: str | Path, out: str | Path, *, seq_length: int | None = None) -> dict[str, Any]:
+def fill_native(model, src: Path, shape: dict[str, Any], arch: dict[str, Any], vocab: int) -> None:
+    """This project's mapping: every tensor of the checkpoint used exactly once, shapes checked."""
+    from cptscale.train.model import model_vocab
+
+    weights = HFWeights(src)
+    sd = hf_to_mcore(weights, shape, arch, model_vocab(vocab, 1, arch))
+    left = weights.unused()
+    if left:
+        raise HFError(f"{src}: tensors the mapping does not use: {left[:8]} ({len(left)} in all): this is "
+                      "not a plain LLaMA/Mistral/Qwen2 checkpoint")
+    _copy_into(model, sd, str(src))
+
+
+def fill_bridge(model, src: Path, shape: dict[str, Any], arch: dict[str, Any], vocab: int) -> None:
+    """Megatron-Bridge's mapping, where it is installed (a GPU cluster with Transformer Engine): it
+    streams the Hugging Face weights into the same GPTModel, which is then saved like a native import.
+    Not exercised by this project's tests (Bridge cannot be installed without CUDA)."""
+    if not bridge_available():
+        raise HFError("--converter bridge: megatron-bridge is not installed (0.3.1 needs Transformer Engine and "
+                      "mamba-ssm, i.e. CUDA); use the default --converter native")
+    from megatron.bridge import AutoBridge
+
+    AutoBridge.from_hf_pretrained(str(src)).load_hf_weights([model], hf_path=str(src))
+
+
+def bridge_available() -> bool:
+    try:
+        import megatron.bridge  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+CONVERTERS = {"native": fill_native, "bridge": fill_bridge}
+
+
+def import_hf(src: str | Path, out: str | Path, *, seq_length: int | None = None,
+              converter: str = "native") -> dict[str, Any]:
     """Convert the Hugging Face model in ``src`` into a cptscale/Megatron-Core checkpoint dir ``out``
-    (written beside it and renamed into place); returns its state.json."""
+    (written beside it and renamed into place); returns its state.json. Runs in this process at TP=PP=1
+    (the checkpoint reshards at load), so it needs memory for one copy of the model in fp32."""
     from cptscale.train import checkpoint as ck
-    from cptscale.train.model import build_model, model_vocab
+    from cptscale.train.model import build_model
     from cptscale.util import file_hash
 
     src, out = Path(src), Path(out)
@@ -315,17 +354,12 @@ def import_hf(src: str | Path, out: str | Path, *, seq_length: int | None = None
     if n_tok > vocab:
         raise HFError(f"{tok} has {n_tok} tokens but config.json vocab_size is {vocab}: token ids past the "
                       "embedding would fail; the tokenizer does not belong to this model")
-    weights = HFWeights(src)
     seq = int(seq_length or min(int(arch.get("max_position_embeddings") or 4096), 4096))
+    fill = CONVERTERS[converter]
 
     def convert() -> dict[str, Any]:
         model = build_model(shape, vocab, seq, arch=arch)
-        sd = hf_to_mcore(weights, shape, arch, model_vocab(vocab, 1, arch))
-        left = weights.unused()
-        if left:
-            raise HFError(f"{src}: tensors the mapping does not use: {left[:8]} ({len(left)} in all): this is "
-                          "not a plain LLaMA/Mistral/Qwen2 checkpoint")
-        _copy_into(model, sd, str(src))
+        fill(model, src, shape, arch, vocab)
         tmp_root = out.parent / f".{out.name}.import.tmp"
         if tmp_root.exists():
             shutil.rmtree(tmp_root)
@@ -333,7 +367,7 @@ def import_hf(src: str | Path, out: str | Path, *, seq_length: int | None = None
                 "out_dir": None}
         extra = {"arch": arch, "tokenizer": "tokenizer.json", "source": {
             "kind": "huggingface", "path": str(src.resolve()), "config_sha256": file_hash(src / "config.json"),
-            "architecture": _ARCH_OF_FAMILY[arch["family"]]}}
+            "architecture": _ARCH_OF_FAMILY[arch["family"]], "converter": converter}}
         final = ck.save_final(tmp_root, 0, model, spec, extra=extra)
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
@@ -465,12 +499,11 @@ def export_hf(ckpt: str | Path, out: str | Path, *, tokenizer: str | Path | None
     (tmp / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
     (tmp / "generation_config.json").write_text(json.dumps(
         {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}, indent=1) + "\n")
-    own_cfg = ckpt / "tokenizer_config.json"
-    if tok.parent == ckpt and own_cfg.is_file():  # an imported model keeps its own tokenizer files
+    if (tok.parent / "tokenizer_config.json").is_file():  # a model's own tokenizer keeps its own files
         for name in TOKENIZER_FILES:
-            if (ckpt / name).is_file():
-                shutil.copy2(ckpt / name, tmp / name)
-    else:
+            if (tok.parent / name).is_file():
+                shutil.copy2(tok.parent / name, tmp / name)
+    else:  # the study tokenizer: its EOD is the EOS
         _write_tokenizer(tok, tmp, special)
     (tmp / "cptscale.json").write_text(json.dumps(
         {"checkpoint": str(ckpt.resolve()), "run_id": state.get("run_id"), "step": state.get("step"),
@@ -482,41 +515,6 @@ def export_hf(ckpt: str | Path, out: str | Path, *, tokenizer: str | Path | None
 
 
 # ------------------------------------------------------------------------------------------------
-# Megatron-Bridge seam (GPU clusters)
-def bridge_available() -> bool:
-    try:
-        import megatron.bridge  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def bridge_import(src: str | Path, out: str | Path) -> None:
-    """Import with Megatron-Bridge where it is installed (a GPU cluster with Transformer Engine):
-    ``AutoBridge.import_ckpt`` writes a Megatron checkpoint of its own layout. The equality tests
-    of this project cover the native mapping only."""
-    if not bridge_available():
-        raise HFError("--converter bridge: megatron-bridge is not installed (it needs Transformer Engine and "
-                      "mamba-ssm, i.e. CUDA); use the default --converter native")
-    from megatron.bridge import AutoBridge
-
-    AutoBridge.import_ckpt(str(src), str(out))
-
-
-# ------------------------------------------------------------------------------------------------
-def logits_hf_vs_mcore(hf_dir: str | Path, ckpt: str | Path, tokens) -> tuple[Any, Any]:
-    """(transformers logits, Megatron-Core logits) of the same tokens, fp32, this process at TP=PP=1
-    (a test and debugging aid; the TP=2 comparison runs :func:`mcore_logits` under torchrun)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
-    hf.eval()
-    with torch.no_grad():
-        ref = hf(torch.as_tensor(tokens)).logits
-    return ref, mcore_logits(ckpt, tokens)
-
-
 def hf_validation_loss(hf_dir: str | Path, prefix: str, seq_length: int, *, max_tokens: int | None = None,
                        micro_batch_size: int = 8) -> dict[str, Any]:
     """Mean token cross-entropy of the Hugging Face model itself (``transformers``, fp32) over a validation
@@ -545,7 +543,7 @@ def hf_validation_loss(hf_dir: str | Path, prefix: str, seq_length: int, *, max_
     return {"loss": total / max(count, 1.0), "n_tokens": int(count)}
 
 
-def mcore_logits(ckpt: str | Path, tokens, tp: int | None = None):
+def mcore_logits(ckpt: str | Path, tokens):
     """Full-vocabulary logits of a checkpoint at the current Megatron parallel state (TP ranks gather
     their vocabulary shards); sets the state up at TP=1 when none is initialised."""
     import torch
@@ -586,7 +584,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_import)
     e = subparsers.add_parser("export-hf", help="write a checkpoint as a Hugging Face model directory "
                               "(safetensors, config.json, tokenizer)")
-    e.add_argument("checkpoint", help="checkpoint dir (e.g. <checkpoint.dir>/final, or one written by import-hf)")
+    e.add_argument("checkpoint", help="checkpoint dir (e.g. <checkpoint.dir>/final, or one written by import-hf), "
+                   "or a run's done.json (its final checkpoint)")
     e.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
     e.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's own, else its run's)")
     e.add_argument("--spec", default=None, help="run.json of the run that wrote the checkpoint (default: found)")
@@ -599,10 +598,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from cptscale.train.checkpoint import CheckpointError
 
     try:
-        if args.converter == "bridge":
-            bridge_import(args.src, args.out)
-            return 0
-        state = import_hf(args.src, args.out)
+        state = import_hf(args.src, args.out, converter=args.converter)
     except (HFError, CheckpointError) as exc:
         raise CLIError(str(exc)) from exc
     sh = state["shape"]
@@ -611,14 +607,30 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_checkpoint_arg(path: str | Path, spec: str | Path | None) -> tuple[Path, Path | None]:
+    """(checkpoint dir, run.json or None) of export-hf's CHECKPOINT: a checkpoint dir, or a run's
+    done.json (its final checkpoint, and the run.json beside it): what the workflow rule passes."""
+    p = Path(path)
+    if p.is_file() and p.name == "done.json":
+        from cptscale.util import read_json
+
+        final = read_json(p).get("final_checkpoint")
+        if not final:
+            raise HFError(f"{p} records no final_checkpoint")
+        run_json = p.parent / "run.json"
+        return Path(final), Path(spec) if spec else (run_json if run_json.is_file() else None)
+    if not p.is_dir():
+        raise HFError(f"checkpoint {p} does not exist (give a checkpoint dir or a run's done.json)")
+    return p, Path(spec) if spec else None
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from cptscale.cli import CLIError
     from cptscale.train.checkpoint import CheckpointError
 
-    if not Path(args.checkpoint).is_dir():
-        raise CLIError(f"checkpoint {args.checkpoint} does not exist")
     try:
-        cfg = export_hf(args.checkpoint, args.out, tokenizer=args.tokenizer, spec_path=args.spec, dtype=args.dtype)
+        ckpt, spec = resolve_checkpoint_arg(args.checkpoint, args.spec)
+        cfg = export_hf(ckpt, args.out, tokenizer=args.tokenizer, spec_path=spec, dtype=args.dtype)
     except (HFError, CheckpointError) as exc:
         raise CLIError(str(exc)) from exc
     print(f"exported {args.checkpoint} -> {args.out} ({cfg['architectures'][0]}, vocab {cfg['vocab_size']})")
