@@ -393,3 +393,40 @@ def test_disk_full_ingest_db_and_report_keep_previous_outputs(tmp_path, capsys):
         assert sorted(p.name for p in fs.rglob("*")) == listing  # no temp file left behind
     finally:
         subprocess.run(["umount", str(fs)], check=False)
+
+
+def test_store_records_saved_and_resumed_from_checkpoints(root, data, run):
+    """The store's checkpoint rows of real runs: every complete step_N the trainer kept ("saved"), and
+    the checkpoint a resumed run started from, with its step."""
+    import duckdb
+
+    from cptscale.store.ingest import ingest
+    from cptscale.train.launch import run_spec
+
+    resumed = make_spec(root, data, run_id="resumed", steps=12, every=5)
+    rdone = Path(resumed["out_dir"]) / "done.json"
+    from cptscale.train.engine import Terminated, Trainer, teardown_parallel
+
+    tr = Trainer(resumed)
+    tr.on_step = lambda s: os.kill(os.getpid(), signal.SIGTERM) if s == 7 else None
+    with pytest.raises(Terminated):
+        try:
+            tr.run()
+        finally:
+            teardown_parallel()
+    assert run_spec(resumed) == 0 and json.loads(rdone.read_text())["resumed_from"] == 7
+    study = root / "store-study"
+    for spec in (run["spec"], resumed):
+        shutil.copytree(spec["out_dir"], study / "runs" / spec["run_id"])
+        (study / "runs" / spec["run_id"] / "run.json").write_text(json.dumps(spec))
+    db = root / "bookkeeping.duckdb"
+    ingest(study, db)
+    con = duckdb.connect(str(db), read_only=True)
+    rows = set(con.execute("select run_id, kind, step, path from checkpoints").fetchall())
+    con.close()
+    ck = Path(resumed["checkpoint"]["dir"])
+    assert ("resumed", "resumed_from", 7, str(ck / "step_7")) in rows
+    assert {(r, k, s) for r, k, s, _ in rows if k == "saved"} == {
+        ("whole", "saved", 10), ("whole", "saved", 12), ("resumed", "saved", 10), ("resumed", "saved", 12)}
+    assert all(p == str(Path(run["spec"]["checkpoint"]["dir"]) / f"step_{s}")
+               for r, k, s, p in rows if k == "saved" and r == "whole")

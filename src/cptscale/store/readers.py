@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -227,14 +226,16 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
         ck.append({**key, "kind": "init", "step": None, "path": str(parent["checkpoint"])})
     if done and done.get("final_checkpoint"):
         ck.append({**key, "kind": "final", "step": done.get("steps"), "path": str(done["final_checkpoint"])})
-    if done and done.get("resumed_from"):
-        ck.append({**key, "kind": "resumed_from", "step": None, "path": str(done["resumed_from"])})
     ckdir = (spec.get("checkpoint") or {}).get("dir")
-    if ckdir and Path(ckdir).is_dir():
-        for p in sorted(Path(ckdir).glob("iter_*")):
-            m = re.match(r"iter_0*(\d+)$", p.name)
-            if m:
-                ck.append({**key, "kind": "saved", "step": int(m.group(1)), "path": str(p)})
+    if done and done.get("resumed_from") is not None:  # the step the trainer resumed from (step_N)
+        step = int(done["resumed_from"])
+        ck.append({**key, "kind": "resumed_from", "step": step,
+                   "path": str(Path(ckdir) / f"step_{step}") if ckdir else None})
+    if ckdir:
+        from cptscale.train.checkpoint import list_checkpoints
+
+        for step, p in list_checkpoints(ckdir):  # the trainer's complete step_N checkpoints
+            ck.append({**key, "kind": "saved", "step": step, "path": str(p)})
     out["checkpoints"] = ck
 
     # prune events as the trainer recorded them (prune.jsonl; the units kept are left in the file)
