@@ -239,6 +239,35 @@ def test_cli_missing_database_writes_the_missing_page(tmp_path: Path, capsys: py
     assert "missing loss_compute: database" in capsys.readouterr().out
 
 
+def test_report_shows_only_the_sections_the_study_has(tmp_path: Path, study_db: Path) -> None:
+    """A plain CPT scaling study (no `iplt`, `variants` or `fit.next_run_budget`) carries no missing notes
+    for them; a config that asks for them gets their sections (missing here: nothing ran)."""
+    import yaml
+
+    from cptscale.cli import main
+    from cptscale.report.page import sections_for
+    from cptscale.validation import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    demo = load_config(str(root / "config.yaml"))
+    assert not OPTIONAL & set(sections_for(demo)) and set(sections_for(demo)) == CORE
+    raw = yaml.safe_load((root / "config.yaml").read_text())
+    raw["fit"] = {**raw.get("fit", {}), "next_run_budget": 1e15}
+    asks = tmp_path / "asks.yaml"
+    asks.write_text(yaml.safe_dump(raw))
+    assert "next_run" in sections_for(load_config(str(asks)))
+
+    assert main(["report", "--db", str(study_db), "--study", "s", "--out-dir", str(tmp_path / "r"), "--no-images",
+                 "--config", str(root / "config.yaml")]) == 0
+    info = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert info["missing"] == {} and set(info["drawn"]) == CORE == set(info["sections"])
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert 'class="fig missing"' not in page and f"{len(CORE)} figures drawn, 0 missing" in page
+    assert main(["report", "--db", str(study_db), "--study", "s", "--out-dir", str(tmp_path / "r2"), "--no-images",
+                 "--config", str(asks)]) == 0
+    assert set(json.loads((tmp_path / "r2" / "report.json").read_text())["missing"]) == {"next_run"}
+
+
 def test_interactive_figures_zoom(study_db: Path, tmp_path: Path) -> None:
     """index.rst promises pan/zoom on every figure with continuous axes: each such view binds its scales
     (the fertility bars have a nominal axis and are the one exception)."""

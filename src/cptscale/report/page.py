@@ -89,6 +89,19 @@ document.body.setAttribute('data-rendered', 'done');
 """
 
 
+#: Sections of study kinds a study has only when its config asks for them (config key -> figure).
+OPTIONAL_SECTIONS = {"iplt": "iplt", "variants": "variants", "next_run": "fit.next_run_budget"}
+
+
+def sections_for(cfg: Any) -> list[str]:
+    """The figures a study's report shows: every core figure, plus IPLT, recipe variants and the next
+    run only when the config has ``iplt``, ``variants`` or ``fit.next_run_budget`` (a study without them
+    would otherwise carry a "missing" note for each)."""
+    has = {"iplt": cfg.iplt is not None, "variants": bool(cfg.variants),
+           "next_run": bool(cfg.fit.next_run_budget)}
+    return [n for n in BUILDERS if n not in OPTIONAL_SECTIONS or has[n]]
+
+
 def build_report(
     db_path: str | Path,
     study: str,
@@ -98,8 +111,15 @@ def build_report(
     title: str | None = None,
     max_points: int = 400,
     images: bool = True,
+    sections: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Write index.html, figures/*.svg|png and report.json; return the report.json dict."""
+    """Write index.html, figures/*.svg|png and report.json; return the report.json dict. ``sections``
+    (default: every figure; see :func:`sections_for`) are the figures this study has: the others are
+    neither drawn nor reported missing."""
+    unknown = sorted(set(sections or ()) - set(BUILDERS))
+    if unknown:
+        raise ValueError(f"unknown report section(s) {', '.join(unknown)}; known: {', '.join(BUILDERS)}")
+    builders = {n: fn for n, fn in BUILDERS.items() if sections is None or n in sections}
     import altair as alt
     import vl_convert as vlc
 
@@ -113,11 +133,11 @@ def build_report(
     specs: dict[str, Any] = {}
     if not Path(db_path).exists():
         missing = {n: f"database {db_path} (it does not exist yet: the workflow's `database` rule writes it "
-                      "once runs have finished; `cptscale db ingest` builds it by hand)" for n in BUILDERS}
+                      "once runs have finished; `cptscale db ingest` builds it by hand)" for n in builders}
     else:
         con = _connect(db_path)
         try:
-            for name, fn in BUILDERS.items():
+            for name, fn in builders.items():
                 try:
                     chart, n = fn(con, study, max_points)
                     specs[name] = chart.to_dict()
@@ -139,7 +159,7 @@ def build_report(
             except Exception as exc:
                 drawn[name]["image_error"] = str(exc)
     sections = []
-    for name in BUILDERS:
+    for name in builders:
         if name in specs:
             sections.append(f'<div class="fig" id="fig-{name}"><div id="vis-{name}"></div></div>')
         else:
@@ -172,6 +192,7 @@ def build_report(
         "fits_dir": str(fits_dir) if fits_dir else None,
         "drawn": drawn,
         "missing": missing,
+        "sections": list(builders),
         "page_bytes": len(page.encode()),
         "build_s": round(time.perf_counter() - t0, 3),
         "max_points": max_points,
