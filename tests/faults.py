@@ -55,8 +55,8 @@ FILE_HASH_COLUMNS = frozenset({"file_hash", "file_hashes"})
 
 
 def fault_config(tmp: Path) -> Path:
-    """The tiny study (tests/configs/faults.yaml) with its generated local corpora and results in ``tmp``."""
-    raw = yaml.safe_load((ROOT / "tests" / "configs" / "faults.yaml").read_text())
+    """The tiny study (tests/workflows/faults.yaml) with its generated local corpora and results in ``tmp``."""
+    raw = yaml.safe_load((ROOT / "tests" / "workflows" / "faults.yaml").read_text())
     r = random.Random(5)
     words = ["".join(r.choice("etaoinshrdlucmfwyp") for _ in range(r.randint(1, 8))) for _ in range(1500)]
     han = [chr(c) for c in range(0x4E00, 0x4E00 + 600)]

@@ -132,7 +132,7 @@ def test_cpt_init_refuses_a_damaged_parent(root, data, run, capsys):
            "tolerance": 1e-3}
     spec = make_spec(root, data, run_id="cpt-from-bad", lang="zh", init="cpt", parent=par, steps=4)
     capsys.readouterr()
-    assert run_spec(spec) == 1
+    assert run_spec(spec) == 3
     err = capsys.readouterr().err
     assert f"checkpoint {bad} is damaged" in err and ".distcp" in err
     assert not (Path(spec["out_dir"]) / "done.json").exists()
@@ -275,7 +275,7 @@ def test_datasets_are_checked_before_training(root, indexed, tmp_path, capsys):
     raw[10] ^= 0xFF
     (d / "train.bin").write_bytes(bytes(raw))
     capsys.readouterr()
-    assert run_spec(spec) == 1
+    assert run_spec(spec) == 3
     err = capsys.readouterr().err
     assert f"{d / 'train.bin'}" in err and f"-f {d / 'data.json'}" in err and "rule `index`" in err, err
     assert main(["verify", str(tmp_path)]) == 1
@@ -430,3 +430,47 @@ def test_store_records_saved_and_resumed_from_checkpoints(root, data, run):
         ("whole", "saved", 10), ("whole", "saved", 12), ("resumed", "saved", 10), ("resumed", "saved", 12)}
     assert all(p == str(Path(run["spec"]["checkpoint"]["dir"]) / f"step_{s}")
                for r, k, s, p in rows if k == "saved" and r == "whole")
+
+
+def test_permanent_failure_is_not_retried(root, data, run, capsys):
+    """A damaged parent checkpoint: attempt 1 exits 3 and records why; Snakemake's retries (attempt 2, 3)
+    exit 3 at once naming it; a new workflow run (attempt 1) tries again. The train rule passes the attempt."""
+    import subprocess
+    import sys
+    import time
+
+    from cptscale.cli import main
+
+    done = json.loads((Path(run["spec"]["out_dir"]) / "done.json").read_text())
+    bad = copy_ckpt(run, "final", root / "bad-parent-retry" / "final")
+    flip_middle(next((bad / "model").glob("*.distcp")), n=8)
+    par = {"run_id": "whole", "checkpoint": str(bad), "lang": "en", "final_loss": done["final_loss"]["en"],
+           "tolerance": 1e-3}
+    spec = make_spec(root, data, run_id="cpt-retry", lang="zh", init="cpt", parent=par, steps=4)
+    Path(spec["out_dir"]).mkdir(parents=True)  # the workflow's run dir (run.json lives there)
+    path = write_spec(root, spec)
+    capsys.readouterr()
+    assert main(["train", "--spec", str(path)]) == 3
+    rec = json.loads((Path(spec["out_dir"]) / "failed.json").read_text())
+    assert rec["exit"] == 3 and "is damaged" in rec["error"]
+    t0 = time.perf_counter()
+    assert main(["train", "--spec", str(path), "--attempt", "2"]) == 3
+    assert time.perf_counter() - t0 < 5
+    err = capsys.readouterr().err
+    assert "not retried (attempt 2)" in err and "is damaged" in err
+    shutil.rmtree(bad)
+    copy_ckpt(run, "final", bad)  # the cause fixed; the next workflow run starts at attempt 1 again
+    assert main(["train", "--spec", str(path), "--attempt", "1"]) == 0
+    assert not (Path(spec["out_dir"]) / "failed.json").exists()
+    # the workflow passes Snakemake's attempt number to every training job
+    root_dir = Path(__file__).resolve().parents[1]
+    smk = Path(sys.executable).with_name("snakemake")
+    if not smk.exists():
+        pytest.skip("no snakemake")
+    from faults import fault_config
+
+    cfg = fault_config(root / "dry")
+    out = subprocess.run([str(smk), "-s", str(root_dir / "Snakefile"), "--configfile", str(cfg), "-n", "-p",
+                          "--cores", "1"], cwd=root / "dry", capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "cptscale train --spec" in out.stdout and "--attempt 1" in out.stdout

@@ -422,7 +422,7 @@ def test_resume_after_prune_is_exact(root, data, pruned_run, capsys):
     changed = json.loads(json.dumps(b))
     changed["prune"]["events"][0]["shape"]["ffn"] = 64
     capsys.readouterr()
-    assert run_spec(changed) == 1
+    assert run_spec(changed) == 3  # permanent: a retry cannot change it
     assert "prune events give" in capsys.readouterr().err
     assert run_spec(b) == 0
     out_a, out_b = Path(pruned_run["out_dir"]), Path(b["out_dir"])

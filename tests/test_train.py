@@ -310,7 +310,7 @@ def test_cpt_gate_fails_on_corrupted_checkpoint(root, data, parent_run, capsys):
     for f in (bad2 / "model").glob("*.distcp"):
         f.write_bytes(f.read_bytes()[:100])
     spec2 = _cpt_spec(root, data, parent_run, "cpt-bad2", ckpt=bad2)
-    assert run_spec(spec2) == 1
+    assert run_spec(spec2) == 3  # permanent: a retry cannot change it
     assert f"checkpoint {bad2} is damaged" in capsys.readouterr().err  # its manifest names the shard
 
 
@@ -455,7 +455,7 @@ def test_cpt_without_parent_final_loss_is_refused(root, data, parent_run, capsys
 
     spec = _cpt_spec(root, data, parent_run, "cpt-noloss")
     spec["parent"]["final_loss"] = None
-    assert run_spec(spec) == 1
+    assert run_spec(spec) == 3  # permanent: a retry cannot change it
     err = capsys.readouterr().err
     assert "parent.final_loss is None" in err and "init-sanity gate" in err
     assert str(Path(parent_run["out_dir"]) / "done.json") in err and "cptscale plan" in err

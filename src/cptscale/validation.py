@@ -30,6 +30,7 @@ from cptscale.config.checks import (
     _check_corpora_langs,
     _check_ladder,
     _check_languages,
+    _check_layouts,
     _check_size_keys,
     _check_tokenizer,
 )
@@ -139,12 +140,15 @@ _CHECKS: list[tuple[str, tuple[str, ...], Callable[[StudyConfig, Path], Iterable
     ("ladder-ok", ("ladder",), _check_ladder),
     ("size-keys", ("ladder", "budget", "parallel"), _check_size_keys),
     ("batches", ("ladder", "ladder-ok", "budget", "parallel", "slurm", "train", "tokenizer"), _check_batches),
+    ("layouts", ("ladder", "ladder-ok", "parallel", "size-keys"), _check_layouts),
     ("tokenizer-ok", ("tokenizer",), _check_tokenizer),
     ("corpora-ok", ("corpora", "data"), _check_corpora),
     ("mixes", ("mix", "variants"), _check_mixes),
-    ("iplt-ok", (*_SECTIONS, "languages-ok", "corpora-langs", "ladder-ok", "size-keys", "batches", "mixes"),
+    ("iplt-ok", (*_SECTIONS, "languages-ok", "corpora-langs", "ladder-ok", "size-keys", "batches", "layouts", "mixes"),
      _check_iplt),
-    ("blends", (*_SECTIONS, "languages-ok", "corpora-langs", "ladder-ok", "mixes", "iplt-ok"), _check_blends),
+    # corpora-ok: a blend names corpora by their `name` (a corpus entry without a valid one cannot be planned)
+    ("blends", (*_SECTIONS, "languages-ok", "corpora-langs", "ladder-ok", "mixes", "iplt-ok", "corpora-ok"),
+     _check_blends),
 ]
 
 

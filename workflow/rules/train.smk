@@ -52,10 +52,14 @@ rule train:
     resources:
         **train_resources(),
         omp_threads=TRAIN_OMP_THREADS,
+        attempt=lambda wildcards, attempt: attempt,
     # no `params`, and nothing from the config in the command text: a training run's rerun trigger is
     # its run.json (cptscale.plan.training_hash); torch threads per rank are an execution setting (a
     # resource), so changing them retrains nothing.
     # `exec`: the trainer replaces the job's shell, so a SIGTERM at the time limit reaches it and the
     # job step lives until its checkpoint is written (a shell killed first would end the step early)
+    # `--attempt`: Snakemake cannot skip retries by exit status; a run whose first attempt failed in a way a
+    # retry cannot change (exit 3: bad spec, damaged checkpoint or dataset) exits 3 at once on the retries
     shell:
-        "OMP_NUM_THREADS={resources.omp_threads} exec cptscale train --spec {input.spec} >> {log} 2>&1"
+        "OMP_NUM_THREADS={resources.omp_threads} exec cptscale train --spec {input.spec} --attempt {resources.attempt}"
+        " >> {log} 2>&1"

@@ -59,9 +59,12 @@ def _check_ladder(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
     for i, name in enumerate(sizes):
         try:
             get_shape(name, custom)
-        except (KeyError, ValueError):
+        except KeyError:
             yield Problem(f"ladder.sizes.{i}", f"size {name!r} is not in the ladder; allowed: "
                           f"{', '.join(known_sizes(custom))}, or any d<hidden>l<layers> (or add it under ladder.custom)")
+        except ValueError as exc:  # a d<hidden>l<layers> name whose shape cannot exist: say why
+            yield Problem(f"ladder.sizes.{i}", f"size {name!r} is not a valid shape: {exc} (head size 16 up to "
+                          "hidden 64, 32 above); pick another hidden size, or add the shape under ladder.custom")
         if name in sizes[:i]:
             yield Problem(f"ladder.sizes.{i}", f"size {name!r} repeats; list each size once")
 
@@ -72,6 +75,22 @@ def _check_size_keys(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
         for key in keys:
             if key not in sizes:
                 yield Problem(f"{where}.{key}", f"size {key!r} is not in ladder.sizes; allowed: {', '.join(sizes)}")
+
+
+def _check_layouts(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
+    """Every size's parallel layout against its shape, as Megatron-Core and the trainer need them at start-up:
+    attention heads, query groups and FFN width split evenly over TP, layers over PP (a job that would
+    fail there is refused here, before any work)."""
+    for size in cfg.ladder.sizes:
+        lay, shape = cfg.layout(size), cfg.shape(size)
+        where = f"parallel.per_size.{size}" if size in cfg.parallel.per_size else "parallel.default"
+        splits = [("tp", lay.tp, "heads", shape.heads), ("tp", lay.tp, "query groups (kv_heads)", shape.kv_heads),
+                  ("tp", lay.tp, "ffn", shape.ffn), ("pp", lay.pp, "layers", shape.layers)]
+        for key, n, what, count in splits:
+            if count is not None and n > 1 and count % n:
+                ok = [d for d in range(1, count + 1) if count % d == 0]
+                yield Problem(f"{where}.{key}", f"size {size!r}: {what} {count} not divisible by {key} {n}; "
+                              f"allowed {key}: {', '.join(map(str, ok))}", n)
 
 
 def _check_batches(cfg: StudyConfig, base: Path) -> Iterator[Problem]:

@@ -59,6 +59,10 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class DiskFullError(CheckpointError):
+    """A save ran out of disk space (transient: free space and re-run)."""
+
+
 #: checkpoints whose every file was hashed in this process, with the (name, size, mtime) of each file
 #: then: a second read of an unchanged checkpoint (load_weights, then load_full) is not hashed again
 _intact: dict[str, tuple] = {}
@@ -374,7 +378,7 @@ def _writing(tmp: Path, final: Path) -> Iterator[None]:
             raise
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
+        raise DiskFullError(
             f"no space left on device while writing checkpoint {final.name} in {final.parent}: the partial "
             f"write was removed and the previous checkpoints there are intact; free disk space (or point "
             f"checkpoint.dir elsewhere) and re-run to resume") from None

@@ -13,6 +13,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--spec", required=True, help="run.json written by the planner")
     p.add_argument("--nproc", type=int, default=None,
                    help="processes on this node (default: layout tp*pp*dp); >1 re-launches under torchrun")
+    p.add_argument("--attempt", type=int, default=1,
+                   help="Snakemake's attempt number: a retry of a run whose attempt 1 failed permanently (exit 3: "
+                   "bad spec, damaged checkpoint or dataset) exits 3 at once instead of running again")
     p.set_defaults(func=_cmd)
 
 
@@ -28,13 +31,21 @@ def _cmd(args: argparse.Namespace) -> int:
         spec = load_spec(args.spec)
     except SpecError as exc:
         raise CLIError(str(exc)) from exc
+    from cptscale.train.launch import EXIT_PERMANENT, FAILED, refused_retry
+
+    why = refused_retry(spec, args.attempt)
+    if why:
+        print(f"cptscale train: error: {why}", file=sys.stderr)
+        return EXIT_PERMANENT
     lay = spec["layout"]
     world = int(lay["tp"]) * int(lay["pp"]) * int(lay["dp"])
     nproc = args.nproc or world
     if nproc != world and not under_torchrun():
         raise CLIError(f"--nproc {nproc} but the spec's layout needs tp*pp*dp = {world} processes on one node")
     if world > 1 and not under_torchrun():
-        return _torchrun(args.spec, nproc)
+        rc = _torchrun(args.spec, nproc)
+        failed = os.path.join(spec.get("out_dir") or "", FAILED)
+        return EXIT_PERMANENT if rc != 0 and spec.get("out_dir") and os.path.exists(failed) else rc
     from cptscale.train.launch import run_spec
 
     return run_spec(spec)
