@@ -67,6 +67,17 @@ localrules:
     summary,
 
 
+# One run per study: a second `snakemake` on the same study (from any directory) is refused with the
+# holder's pid and start time instead of racing it; the lock dies with the process (nothing to unlock).
+onstart:
+    from cptscale.integrity import StudyBusyError, hold_study_lock
+
+    try:
+        hold_study_lock(CFG.study_dir)
+    except StudyBusyError as exc:
+        sys.exit(f"cptscale: error: {exc}")
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"

@@ -241,3 +241,47 @@ def run_datasets(spec: dict[str, Any]) -> list[str]:
 def check_run_datasets(spec: dict[str, Any], *, full: bool = False) -> int:
     """Check every dataset a run reads (:func:`run_datasets`); returns how many had a data.json."""
     return sum(check_dataset(p, full=full) for p in run_datasets(spec))
+
+
+# -- one workflow run per study ----------------------------------------------------------------------
+WORKFLOW_LOCK = ".workflow.lock"
+_held: list[Any] = []  # the open lock file of this process (kept open: the flock lives as long as it)
+
+
+class StudyBusyError(RuntimeError):
+    """Another workflow run holds the study."""
+
+
+def hold_study_lock(study_dir: str | os.PathLike[str]) -> Path:
+    """Take the study's workflow lock (``<study_dir>/.workflow.lock``, an ``flock``) for the life of this
+    process, or raise StudyBusyError naming the run that holds it. Snakemake's own lock covers one
+    working directory; this one covers the study wherever a run is started from. The kernel releases
+    it when the process dies, so a crashed run never leaves it behind."""
+    import fcntl
+    import socket
+    import time
+
+    path = Path(study_dir) / WORKFLOW_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")  # noqa: SIM115 (kept open on purpose)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        try:
+            holder = json.loads(fh.read() or "{}")
+        except ValueError:
+            holder = {}
+        fh.close()
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["time"])) if "time" in holder else "?"
+        raise StudyBusyError(
+            f"another workflow run is working on study {Path(study_dir)} (pid {holder.get('pid', '?')} on "
+            f"{holder.get('host', '?')}, started {since}, from {holder.get('cwd', '?')}); a second run would race "
+            "it for the same outputs: wait for it to finish, or stop it (a stopped run resumes where it "
+            "stopped on the next run)") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "cwd": os.getcwd(), "time": time.time()}))
+    fh.flush()
+    _held.append(fh)
+    return path
