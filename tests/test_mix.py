@@ -392,7 +392,7 @@ def test_lang_corpus_blend_realized_through_run_spec(tmp_path):
             "docs_hash": file_hash(tmp_path / "en.txt"), "tokenizer_hash": file_hash(tmp_path / "a.txt")})
     write_json(P.run_dir(cfg, "d32l2-scratch-en") / "done.json", {"final_loss": {"en": 5.0}})
 
-    spec = P.run_spec(cfg, "d32l2-cpt-zh-r0.3")
+    spec = P.run_spec(cfg, "d32l2-cpt-zh-r0.3").to_dict()
     assert spec["steps"] * spec["global_batch_size"] == 10_000
     sources = {s["name"]: s for s in spec["data"]["phases"][0]["sources"]}
     assert set(sources) == {"zh/a", "zh/b", "en"}

@@ -291,10 +291,10 @@ EVENTS = [{"step": 3, "shape": {"hidden": 32, "layers": 2, "heads": 1, "ffn": 48
 def test_prune_spec_validation_names_field(root, data):
     import json
 
-    from cptscale.train.spec import SpecError, validate_spec
+    from cptscale.runspec import RunSpec, SpecError
 
     good = _pspec(root, data, "v", EVENTS)
-    validate_spec(good)
+    RunSpec.parse(good)
     for mutate, needle in [
         (lambda s: s["prune"].update(importance="grad"), "prune.importance"),
         (lambda s: s["prune"].update(calib_batches=0), "calib_batches"),
@@ -311,12 +311,12 @@ def test_prune_spec_validation_names_field(root, data):
         bad = json.loads(json.dumps(good))
         mutate(bad)
         with pytest.raises(SpecError, match=needle):
-            validate_spec(bad)
+            RunSpec.parse(bad)
     # a pruned shape as a run's own shape (the small model trained from scratch): head_dim given
     small = json.loads(json.dumps(good))
     small.pop("prune")
     small["shape"].update(heads=1, ffn=48, head_dim=16)
-    validate_spec(small)
+    RunSpec.parse(small)
 
 
 def _expected(shapes):

@@ -221,7 +221,7 @@ def _measured_step_s(cfg: Path, sdir: Path, tmp: Path) -> float:
     raw["budget"]["tokens"]["d48l2"] = 150 * raw["train"]["batch_tokens"]
     cal_cfg = tmp / "calibration.yaml"
     cal_cfg.write_text(yaml.safe_dump(raw))
-    spec = run_spec(load_config(cal_cfg), "d48l2-scratch-en")
+    spec = run_spec(load_config(cal_cfg), "d48l2-scratch-en").to_dict()
     spec["out_dir"], spec["checkpoint"]["dir"] = str(tmp / "cal-run"), str(tmp / "cal-ckpt")
     write_json(tmp / "cal-run.json", spec)
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -276,7 +276,6 @@ def planned_study(tmp_path_factory) -> tuple[Path, Path, dict]:
     from cptscale.data.sources import parse_sources
     from cptscale.data.tokenizer import train_tokenizer
     from cptscale.plan import run_spec, tokenizer_path
-    from cptscale.util import write_json
     from cptscale.validation import load_config
 
     root = tmp_path_factory.mktemp("planned")
@@ -300,7 +299,7 @@ def planned_study(tmp_path_factory) -> tuple[Path, Path, dict]:
                  for lang in ("en", "zh")}
     assert main(["plan", str(cfg_path), "--study-json", str(S / "study.json")]) == 0
     spec = run_spec(c, "d32l2-scratch-zh")
-    write_json(S / "runs" / spec["run_id"] / "run.json", spec)
+    spec.write(S / "runs" / spec.run_id / "run.json")
     return S, cfg_path, manifests
 
 

@@ -100,10 +100,10 @@ def _cuda_calls(path: str, fn: str) -> int:
 
 
 def test_spec_validation_names_field(root, data):
-    from cptscale.train.spec import SpecError, validate_spec
+    from cptscale.runspec import RunSpec, SpecError
 
     good = make_spec(root, data)
-    validate_spec(good)
+    RunSpec.parse(good)
     for mutate, needle in [
         (lambda s: s.pop("steps"), "steps"),
         (lambda s: s.update(init="finetune"), "init"),
@@ -116,7 +116,7 @@ def test_spec_validation_names_field(root, data):
         bad = json.loads(json.dumps(good))
         mutate(bad)
         with pytest.raises(SpecError, match=needle):
-            validate_spec(bad)
+            RunSpec.parse(bad)
 
 
 def test_cli_bad_spec_exit_2(root, capsys):
@@ -551,12 +551,12 @@ def test_wsd_branch_equals_separate_run_and_main_run_is_unchanged(root, data):
     equals a 12-step run without branches (the branch is run from a snapshot that is restored)."""
     from dataclasses import asdict
 
+    from cptscale.runspec import ScheduleSpec
     from cptscale.train.launch import run_spec
-    from cptscale.train.spec import make_schedule
 
     main = _wsd_spec(root, data, "wsd-branched", 12, branches=[8])
     assert run_spec(main) == 0
-    alone = _wsd_spec(root, data, "wsd-8", 8, schedule={**asdict(make_schedule(main["schedule"]).branch(8)),
+    alone = _wsd_spec(root, data, "wsd-8", 8, schedule={**asdict(ScheduleSpec.model_validate(main["schedule"]).make().branch(8)),
                                                         "branches": []})
     assert alone["schedule"]["decay_steps"] == 2 and run_spec(alone) == 0
     plain = _wsd_spec(root, data, "wsd-12", 12)

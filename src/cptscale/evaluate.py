@@ -161,19 +161,19 @@ def _cmd(args: argparse.Namespace) -> int:
     import os
 
     from cptscale.cli import CLIError
+    from cptscale.runspec import RunSpec, SpecError
     from cptscale.train.checkpoint import CheckpointError, read_state
-    from cptscale.train.spec import SpecError, load_spec
 
     if not Path(args.checkpoint).is_dir():
         raise CLIError(f"checkpoint {args.checkpoint} does not exist")
     try:
         state = read_state(args.checkpoint)
         spec_path = args.spec or find_spec(args.checkpoint)
-        spec = load_spec(spec_path)
+        spec = RunSpec.load(spec_path)
     except (SpecError, CheckpointError, FileNotFoundError) as exc:
         raise CLIError(str(exc)) from exc
-    langs = args.lang.split(",") if args.lang else list(spec["eval"].get("languages", {}))
-    known = spec["eval"].get("languages", {})
+    known = spec.eval.languages
+    langs = args.lang.split(",") if args.lang else list(known)
     for lang in langs:
         if lang not in known:
             raise CLIError(f"--lang {lang}: not in the spec's eval.languages of {spec_path} "
@@ -183,14 +183,12 @@ def _cmd(args: argparse.Namespace) -> int:
     from cptscale.train.model import build_model
 
     # the checkpoint's own shape (a pruned run's final model is smaller than its spec's shape)
-    shape = state.get("shape") or spec["shape"]
-    vocab = int(state.get("vocab_size") or spec["vocab_size"])
-    lay = spec["layout"]
-    tp, pp = (int(lay["tp"]), int(lay["pp"])) if "RANK" in os.environ else (1, 1)
+    shape = state.get("shape") or spec.shape.model_dump(exclude_unset=True)
+    vocab = int(state.get("vocab_size") or spec.vocab_size)
+    tp, pp = (spec.layout.tp, spec.layout.pp) if "RANK" in os.environ else (1, 1)
     try:
-        setup_parallel(tp, pp, int(spec["seed"]))
-        model = build_model(shape, vocab, int(spec["seq_length"]), tp=tp, pp=pp,
-                            arch=state.get("arch") or spec.get("arch"))
+        setup_parallel(tp, pp, spec.seed)
+        model = build_model(shape, vocab, spec.seq_length, tp=tp, pp=pp, arch=state.get("arch") or spec.arch)
         try:
             state = load_weights(args.checkpoint, model)
         except CheckpointError as exc:
@@ -199,9 +197,8 @@ def _cmd(args: argparse.Namespace) -> int:
         for lang in langs:
             v = known[lang]
             out[lang] = {"step": state.get("step"), **evaluate_model(
-                model, v["prefix"], int(spec["seq_length"]), int(spec["eval"].get("micro_batch_size", 8)),
-                val_bytes=v.get("bytes"), max_tokens=spec["eval"].get("max_tokens"),
-                tokenizer=spec.get("tokenizer"))}
+                model, v.prefix, spec.seq_length, spec.eval.micro_batch_size,
+                val_bytes=v.bytes, max_tokens=spec.eval.max_tokens, tokenizer=spec.tokenizer)}
     finally:
         teardown_parallel()
     text = json.dumps(out, indent=1)

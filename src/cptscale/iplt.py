@@ -310,25 +310,26 @@ def eval_steps_for(arm: Arm, points: int) -> list[int]:
     return sorted({*eval_steps(steps, points), *lin, *ev, *(min(steps, s + 1) for s in ev)})
 
 
-def spec_extras(cfg: StudyConfig, run: PlannedRun, spec: dict[str, Any]) -> dict[str, Any]:
-    """What makes an arm's ``run.json`` an arm: its starting shape, the trainer's ``prune`` key, the
-    evaluation steps around each prune and the ``iplt`` block (arm, panel, budget, FLOPs the arm
-    inherits from its parent: the parent's own count from its done.json when it has finished)."""
+def spec_extras(cfg: StudyConfig, run: PlannedRun, evaluation: Any) -> dict[str, Any]:
+    """What makes an arm's ``run.json`` an arm (RunSpec fields): its starting shape, the trainer's ``prune``
+    key, the evaluation steps around each prune (``evaluation``: the run's EvalSpec) and the ``iplt`` block
+    (arm, panel, budget, FLOPs the arm inherits from its parent: the parent's own count from its done.json
+    when it has finished)."""
     from cptscale.plan import run_dir
     from cptscale.util import read_json
 
     ic = _cfg(cfg)
     arm = arm_for(cfg, run.run_id)
-    spec["shape"] = dict(arm.shape)
+    out: dict[str, Any] = {"shape": dict(arm.shape)}
     if arm.events:
-        spec["prune"] = {"importance": ic.importance, "calib_batches": ic.calib_batches, "events": arm.events}
-    spec["eval"]["steps"] = eval_steps_for(arm, cfg.evaluation.points)
+        out["prune"] = {"importance": ic.importance, "calib_batches": ic.calib_batches, "events": arm.events}
+    out["eval"] = evaluation.model_copy(update={"steps": eval_steps_for(arm, cfg.evaluation.points)})
     inherited = arm.inherited_flops
     if arm.inherited_from:
         done = run_dir(cfg, arm.inherited_from) / "done.json"
         if done.is_file() and read_json(done).get("flops_spent") is not None:
             inherited = float(read_json(done)["flops_spent"])
-    spec["iplt"] = {
+    out["iplt"] = {
         "arm": arm.arm, "panel": arm.panel, "size": ic.size, "target": ic.target,
         "target_shape": _shape_dict(target_shape(cfg), target_name(cfg)), "final_shape": arm.final_shape,
         "start_fraction": arm.start_fraction, "increments": ic.increments, "span": ic.span,
@@ -339,7 +340,7 @@ def spec_extras(cfg: StudyConfig, run: PlannedRun, spec: dict[str, Any]) -> dict
                 "budget; classic counts its parent's full training (flops_inherited); CPT arms exclude the source "
                 "pretraining",
     }
-    return spec
+    return out
 
 
 def hash_part(cfg: StudyConfig, run: PlannedRun) -> dict[str, Any]:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from cptscale.errors import CLIError
+from cptscale.runspec import RunSpec, SpecError
 from cptscale.util import read_json, write_json
 
 
-def build_spec(config: str, fits_dir: str, lang: str) -> dict[str, Any]:
-    from cptscale.cli import CLIError, load_study
+def build_spec(config: str, fits_dir: str, lang: str) -> RunSpec:
+    from cptscale.cli import load_study
     from cptscale.plan import plan_next_run, run_spec, suggested_run
 
     cfg = load_study(config)
@@ -33,8 +35,7 @@ def build_spec(config: str, fits_dir: str, lang: str) -> dict[str, Any]:
         spec = run_spec(cfg, planned.run_id, planned)
     except (KeyError, FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc).strip("'\"")) from None
-    spec["suggestion"] = suggestion
-    return spec
+    return spec.model_copy(update={"suggestion": suggestion})
 
 
 def _fit_prediction(fit_file: str, n: float, d: float) -> float | None:
@@ -48,22 +49,28 @@ def _fit_prediction(fit_file: str, n: float, d: float) -> float | None:
 
 def check(spec_path: str, done_path: str) -> dict[str, Any]:
     """Predicted vs observed target-language loss of the trained next run."""
-    spec, done = read_json(spec_path), read_json(done_path)
-    lang = spec["lang"]
-    sug = spec["suggestion"]
+    try:
+        spec = RunSpec.load(spec_path)
+    except SpecError as exc:
+        raise CLIError(str(exc)) from None
+    done = read_json(done_path)
+    lang, sug = spec.lang, spec.suggestion
+    if lang is None or sug is None:
+        raise CLIError(f"{spec_path}: not a next run's spec (no lang or suggestion); write it with "
+                       "`cptscale next-run spec`")
     observed = float(done["final_loss"][lang])
     n_trained, d_trained = float(done["params"]), float(done["tokens"])
     at_trained = _fit_prediction(sug["fit_file"], n_trained, d_trained)
     predicted = at_trained if at_trained is not None else float(sug["predicted_loss"])
     lo, hi = sug.get("predicted_loss_lo"), sug.get("predicted_loss_hi")
-    row = {"run_id": spec["run_id"], "N": n_trained, "D": d_trained, "C": 6.0 * n_trained * d_trained,
+    row = {"run_id": spec.run_id, "N": n_trained, "D": d_trained, "C": 6.0 * n_trained * d_trained,
            "predicted_loss": predicted, "observed_loss": observed, "predicted_loss_lo": lo,
            "predicted_loss_hi": hi}
     return {
         "comparison": [row],  # the store loads this into `predictions` (fit_id next-<lang>)
-        "kind": "next_run_check", "run_id": spec["run_id"], "lang": lang, "fit_id": sug.get("fit_id"),
+        "kind": "next_run_check", "run_id": spec.run_id, "lang": lang, "fit_id": sug.get("fit_id"),
         "budget": sug.get("C"), "N_suggested": sug.get("N"), "D_suggested": sug.get("D"),
-        "size": spec["size"], "N": n_trained, "D": d_trained, "C": 6.0 * n_trained * d_trained,
+        "size": spec.size, "N": n_trained, "D": d_trained, "C": 6.0 * n_trained * d_trained,
         "predicted_loss": predicted, "predicted_loss_at_suggestion": sug.get("predicted_loss"),
         "predicted_loss_lo": lo, "predicted_loss_hi": hi, "observed_loss": observed,
         "abs_err": abs(predicted - observed), "rel_err": abs(predicted - observed) / observed,
@@ -75,10 +82,10 @@ def check(spec_path: str, done_path: str) -> dict[str, Any]:
 
 def _cmd_spec(args: argparse.Namespace) -> int:
     spec = build_spec(args.config, args.fits, args.lang)
-    write_json(args.out, spec)
-    s = spec["suggestion"]
-    print(f"next run {spec['run_id']}: size {spec['size']} ({spec['params']:,} params; suggested {s['N']:.4g}), "
-          f"{spec['tokens']:,} tokens (suggested {s['D']:.4g}), predicted loss {s['predicted_loss']:.4f}")
+    spec.write(args.out)
+    s = spec.suggestion or {}
+    print(f"next run {spec.run_id}: size {spec.size} ({spec.params:,} params; suggested {s['N']:.4g}), "
+          f"{spec.tokens:,} tokens (suggested {s['D']:.4g}), predicted loss {s['predicted_loss']:.4f}")
     return 0
 
 

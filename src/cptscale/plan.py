@@ -18,8 +18,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from cptscale.config.schema import StoreConfig, StudyConfig
+from cptscale.runspec import (
+    SPEC_VERSION,
+    CheckpointSpec,
+    EvalLang,
+    EvalSpec,
+    LayoutSpec,
+    OptimizerSpec,
+    ParentSpec,
+    ResourcesSpec,
+    RunSpec,
+    ScheduleSpec,
+    SpecError,
+)
 from cptscale.schedule import Schedule
 from cptscale.util import manifest_hashes, provenance, read_json, stable_hash
 
@@ -414,8 +428,8 @@ def blend_for_run(cfg: StudyConfig, run: PlannedRun, manifests: dict[str, dict[s
     )
 
 
-def run_spec(cfg: StudyConfig, rid: str, planned: PlannedRun | None = None) -> dict[str, Any]:
-    """The complete ``run.json`` for one run: what the training engine needs and nothing it must guess.
+def run_spec(cfg: StudyConfig, rid: str, planned: PlannedRun | None = None) -> RunSpec:
+    """The complete ``run.json`` of one run: what the training engine needs and nothing it must guess.
     ``planned`` gives a run that is not in the study's grid (the fit's suggested next run)."""
     run = planned or find_run(cfg, rid)
     sched = schedule_for(cfg, run)
@@ -423,70 +437,46 @@ def run_spec(cfg: StudyConfig, rid: str, planned: PlannedRun | None = None) -> d
     langs = cfg.languages.all
     manifests = {lang: _manifest(cfg, lang) for lang in langs}
     numbers = {lang: manifest_numbers(manifests[lang]) for lang in langs}
-    data = blend_for_run(cfg, run, manifests, sched)
     parent = None
     if run.init == "cpt":
         assert run.parent and run.source_lang
         done = read_json(run_dir(cfg, run.parent) / "done.json")
-        parent = {
-            "run_id": run.parent,
-            "checkpoint": str(checkpoint_dir(cfg, run.parent) / "final"),
-            "lang": run.source_lang,
-            "final_loss": float(done["final_loss"][run.source_lang]),
-            "tolerance": cfg.cpt_for(run.variant).init_tolerance,
-        }
+        parent = ParentSpec(run_id=run.parent, checkpoint=str(checkpoint_dir(cfg, run.parent) / "final"),
+                            lang=run.source_lang, final_loss=float(done["final_loss"][run.source_lang]),
+                            tolerance=cfg.cpt_for(run.variant).init_tolerance)
     t = cfg.train
     chash = training_hash(cfg, run)
-    spec = {
-        "run_id": run.run_id,
-        "study": cfg.study,
-        "size": run.size,
-        "init": run.init,
-        "lang": run.lang,
-        "source_lang": run.source_lang,
-        "replay": run.replay,
-        "variant": run.variant,
-        "shape": cfg.shape(run.size).as_dict() if run.arm is None else None,  # arms: set by spec_extras
-        "vocab_size": cfg.vocab_size,
-        "params": run.params,
-        "params_nonemb": run.params_nonemb,
-        "tokens": run.tokens,
-        "seq_length": run.seq_length,
-        "micro_batch_size": run.micro_batch_size,
-        "global_batch_size": run.global_batch_size,
-        "steps": run.steps,
-        "seed": cfg.seed,
-        "schedule": asdict(sched),
-        "optimizer": {"weight_decay": t.weight_decay, "beta1": t.beta1, "beta2": t.beta2, "eps": t.eps,
-                      "grad_clip": t.grad_clip},
-        "init_std": t.init_std,
-        "precision": t.precision,
-        "layout": {"tp": run.tp, "pp": run.pp, "dp": run.dp},
-        "data": data,
-        "tokenizer": str(tokenizer_path(cfg)),
-        "eval": {
-            "steps": eval_steps(run.steps, cfg.evaluation.points),
-            "languages": {
-                lang: {"prefix": str(ddir / lang / "valid"), "bytes": numbers[lang]["valid_bytes"]} for lang in langs
-            },
-            "micro_batch_size": cfg.evaluation.micro_batch_size,
-            "max_tokens": cfg.evaluation.max_tokens,
-        },
-        "checkpoint": {"dir": str(checkpoint_dir(cfg, run.run_id)), "every": t.checkpoint_every,
-                       "keep": t.keep_checkpoints},
-        "parent": parent,
-        "out_dir": str(run_dir(cfg, run.run_id)),
-        "loss_spike_factor": t.loss_spike_factor,
-        "resources": {"gpus": run.gpus, "cpus": run.cpus, "runtime_minutes": run.runtime_minutes,
-                      "mem_gb": run.mem_gb, "gpu_peak_flops": cfg.slurm.gpu_peak_flops},
-        "config_hash": chash,
-        "provenance": provenance(chash, manifest_hashes(manifests, str(ddir / "{lang}" / "data.json"))),
-    }
+    fields: dict[str, Any] = dict(
+        run_id=run.run_id, study=cfg.study, size=run.size, init=run.init, lang=run.lang,
+        source_lang=run.source_lang, replay=run.replay, variant=run.variant,
+        shape=cfg.shape(run.size).as_dict() if run.arm is None else None,  # arms: spec_extras sets it
+        vocab_size=cfg.vocab_size, params=run.params, params_nonemb=run.params_nonemb, tokens=run.tokens,
+        seq_length=run.seq_length, micro_batch_size=run.micro_batch_size, global_batch_size=run.global_batch_size,
+        steps=run.steps, seed=cfg.seed, schedule=ScheduleSpec.of(sched),
+        optimizer=OptimizerSpec(weight_decay=t.weight_decay, beta1=t.beta1, beta2=t.beta2, eps=t.eps,
+                                grad_clip=t.grad_clip),
+        init_std=t.init_std, precision=t.precision, layout=LayoutSpec(tp=run.tp, pp=run.pp, dp=run.dp),
+        data=blend_for_run(cfg, run, manifests, sched), tokenizer=str(tokenizer_path(cfg)),
+        eval=EvalSpec(steps=eval_steps(run.steps, cfg.evaluation.points),
+                      languages={lang: EvalLang(prefix=str(ddir / lang / "valid"), bytes=numbers[lang]["valid_bytes"])
+                                 for lang in langs},
+                      micro_batch_size=cfg.evaluation.micro_batch_size, max_tokens=cfg.evaluation.max_tokens),
+        checkpoint=CheckpointSpec(dir=str(checkpoint_dir(cfg, run.run_id)), every=t.checkpoint_every,
+                                  keep=t.keep_checkpoints),
+        parent=parent, out_dir=str(run_dir(cfg, run.run_id)), loss_spike_factor=t.loss_spike_factor,
+        resources=ResourcesSpec(gpus=run.gpus, cpus=run.cpus, runtime_minutes=run.runtime_minutes,
+                                mem_gb=run.mem_gb, gpu_peak_flops=cfg.slurm.gpu_peak_flops),
+        config_hash=chash,
+        provenance=provenance(chash, manifest_hashes(manifests, str(ddir / "{lang}" / "data.json"))),
+    )
     if run.arm is not None:  # an IPLT arm: its own shape, prune events, evaluations and budget
         from cptscale.iplt import spec_extras
 
-        spec_extras(cfg, run, spec)
-    return spec
+        fields.update(spec_extras(cfg, run, fields["eval"]))
+    try:
+        return RunSpec(spec_version=SPEC_VERSION, **fields)
+    except ValidationError as exc:  # a planner bug, not bad input: say which field
+        raise SpecError(f"run {run.run_id}: the planned run.json does not validate: {exc}") from None
 
 
 def study_manifest(cfg: StudyConfig) -> dict[str, Any]:
@@ -574,11 +564,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         except (KeyError, FileNotFoundError, ValueError) as exc:
             raise CLIError(str(exc).strip("'\"")) from None
         if args.out:
-            write_json(args.out, spec)
+            spec.write(args.out)
         else:
             import json
 
-            print(json.dumps(spec, indent=2, sort_keys=True))
+            print(json.dumps(spec.to_dict(), indent=2, sort_keys=True))
         return 0
     try:
         runs = plan_study(cfg)

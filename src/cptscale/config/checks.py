@@ -105,6 +105,11 @@ def _check_batches(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
         if cfg.slurm.gpus and layout.world > cfg.slurm.gpus_per_node:
             yield Problem(where, f"size {size!r}: layout tp x pp x dp = {layout.world} GPUs exceeds "
                           f"slurm.gpus_per_node ({cfg.slurm.gpus_per_node}); runs are single-node: lower dp (or tp/pp)")
+        shape = cfg.shape(size)
+        if shape.heads % layout.tp or shape.layers % layout.pp:
+            yield Problem(where, f"size {size!r}: layout tp={layout.tp}, pp={layout.pp} does not divide its "
+                          f"{shape.heads} heads and {shape.layers} layers (tp must divide heads, pp layers); choose "
+                          "another layout for this size under parallel.per_size")
         need, batch = t.micro_batch_size * layout.dp * t.seq_length, cfg.batch_tokens(size)
         if batch < need:
             small_step.append(f"{size!r} ({batch} < micro_batch_size x dp x seq_length = {need})")

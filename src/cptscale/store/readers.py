@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from cptscale.runspec import RunSpec, SpecError
 from cptscale.store.schema import FIT_CHOICES, PROVENANCE_FIELDS
 from cptscale.transfer import flops_6nd, flops_at_step, forgetting, main_trajectory, run_compute
 from cptscale.util import read_json
@@ -106,10 +107,10 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
     """All table rows for one run directory (raises BadInput for a bad file): a DataFrame for the
     train metrics, lists of dicts for the small tables (framed once for all runs, which is faster)."""
 
-    try:
-        spec = read_json(run_dir / "run.json")
-    except (OSError, ValueError) as exc:
-        raise BadInput(f"{run_dir / 'run.json'}: unreadable run spec ({exc}); re-run `cptscale plan`") from None
+    try:  # the typed spec (older versions migrated); below, its dump, as the trainer and transfer read it
+        spec = RunSpec.load(run_dir / "run.json").to_dict()
+    except SpecError as exc:
+        raise BadInput(f"{exc}; re-run `cptscale plan` for this run") from None
     done = None
     if (run_dir / "done.json").exists():
         try:

@@ -9,8 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cptscale.util import read_json, stable_hash
+from cptscale.runspec import SPEC_VERSION, RunSpec
+from cptscale.util import stable_hash
 
+LR = 2e-4  #: peak learning rate of the generated runs (cosine to LR / 10)
 _LAW = {"E": 1.55, "A": 420.0, "alpha": 0.40, "B": 719.5, "beta": 0.30}
 
 
@@ -46,33 +48,43 @@ def generate_study(study_dir: str | os.PathLike[str], sizes: Sequence[str] | int
             "input_hashes": {f"data/{lang}": "a" * 16, f"data/{source_lang}": "b" * 16}}
     expected, ids = [], []
 
-    def spec_for(size: str, init: str, run_lang: str, rep: float, parent: dict[str, Any] | None) -> dict[str, Any]:
+    def spec_for(size: str, init: str, run_lang: str, rep: float, parent: dict[str, Any] | None) -> RunSpec:
+        """A run.json the trainer accepts (a RunSpec), with the numbers the synthetic losses use."""
         sh = get_shape(size)
         n = sh.params(vocab)
         gbs = max(1, round(token_multiplier * n / steps_per_run / seq))
         rid = make_run_id(size, init, run_lang, rep if init == "cpt" else None)
         ev_steps = sorted({round(steps_per_run * i / (evals_per_run - 1)) for i in range(evals_per_run)})
-        return {
+        shares = {run_lang: 1.0 - rep, source_lang: rep} if init == "cpt" else {run_lang: 1.0}
+        sources = [{"name": k, "prefix": f"data/{k}/train", "weight": v, "planned_samples": round(v * gbs * steps_per_run)}
+                   for k, v in shares.items() if v > 0]
+        return RunSpec.model_validate({
+            "spec_version": SPEC_VERSION,
             "run_id": rid, "study": study, "size": size, "init": init, "lang": run_lang,
             "source_lang": source_lang if init == "cpt" else None, "replay": rep if init == "cpt" else 0.0,
-            "shape": {"name": size, "hidden": sh.hidden, "layers": sh.layers, "heads": sh.heads, "ffn": sh.ffn,
-                      "kv_heads": sh.kv_heads},
+            "shape": sh.as_dict(),
             "vocab_size": vocab, "seq_length": seq, "micro_batch_size": 1, "global_batch_size": gbs,
             "steps": steps_per_run, "seed": seed,
-            "schedule": {"kind": "cosine", "lr": 2e-4, "warmup_fraction": 0.05},
-            "optimizer": {"name": "adamw"}, "layout": {"tp": 1, "pp": 1, "dp": 1},
-            "data": {"blend": {run_lang: 1.0 - rep, source_lang: rep} if init == "cpt" else {run_lang: 1.0}},
+            "schedule": {"kind": "cosine", "max_lr": LR, "min_lr": LR / 10, "warmup_steps": round(0.05 * steps_per_run),
+                         "total_steps": steps_per_run},
+            "optimizer": {"weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "grad_clip": 1.0},
+            "layout": {"tp": 1, "pp": 1, "dp": 1},
+            "data": {"kind": "blend", "target": run_lang, "source": source_lang if init == "cpt" else run_lang,
+                     "replay": rep if init == "cpt" else 0.0, "switch_steps": [],
+                     "phases": [{"index": 0, "start_step": 0, "end_step": steps_per_run,
+                                 "samples": gbs * steps_per_run, "sources": sources}]},
             "eval": {"steps": ev_steps, "languages": {lang: {"prefix": f"data/{lang}/valid"},
                                                      source_lang: {"prefix": f"data/{source_lang}/valid"}}},
             "checkpoint": {"dir": f"/nonexistent/checkpoints/{rid}"}, "parent": parent,
             "out_dir": str(sdir / "runs" / rid), "config_hash": chash, "provenance": prov,
             "params": n, "params_nonemb": sh.params(vocab, embeddings=False), "tokens": gbs * seq * steps_per_run,
-        }
+        })
 
-    def write_run(spec: dict[str, Any], loss_fn: Any) -> dict[str, float]:
+    def write_run(typed: RunSpec, loss_fn: Any) -> dict[str, float]:
+        spec = typed.to_dict()
         d = sdir / "runs" / spec["run_id"]
         d.mkdir(parents=True, exist_ok=True)
-        write_json(d / "run.json", spec)
+        typed.write(d / "run.json")
         tps = spec["global_batch_size"] * seq
         steps = spec["steps"]
         lines = []
@@ -80,7 +92,7 @@ def generate_study(study_dir: str | os.PathLike[str], sizes: Sequence[str] | int
         gn = rng.lognormal(0, 0.2, steps)
         for k in range(1, steps + 1):
             f = k / steps
-            lr = 2e-4 * min(1.0, f / 0.05) * 0.5 * (1 + math.cos(math.pi * f))
+            lr = LR * min(1.0, f / 0.05) * 0.5 * (1 + math.cos(math.pi * f))
             loss = loss_fn(spec["lang"], k * tps, f) + noise[k - 1]
             lines.append(f'{{"step": {k}, "tokens": {k * tps}, "loss": {loss:.5f}, "lr": {lr:.4e}, '
                          f'"grad_norm": {gn[k - 1]:.4f}, "tokens_per_s": 50000.0, "mem_bytes": 1000000000, '
@@ -96,7 +108,7 @@ def generate_study(study_dir: str | os.PathLike[str], sizes: Sequence[str] | int
                 final[el] = round(lo, 5)
         with open(d / "evals.jsonl", "w") as fh:
             fh.writelines(json.dumps(e) + "\n" for e in ev)
-        src = spec["data"]["blend"]
+        src = {x["name"]: x["weight"] for x in spec["data"]["phases"][0]["sources"]}
         total = steps * spec["global_batch_size"]
         write_json(d / "blend.json", {"phases": [{"index": 0, "start_step": 0, "end_step": steps, "sources": [
             {"name": k, "planned_share": v, "realized_share": round(v + float(rng.normal(0, 0.002)), 5),
@@ -128,7 +140,7 @@ def generate_study(study_dir: str | os.PathLike[str], sizes: Sequence[str] | int
             src_final = write_run(src, source_loss)
             expected.append(src)
             for rep in replays:
-                parent = {"run_id": src["run_id"], "checkpoint": f"/nonexistent/checkpoints/{src['run_id']}/final",
+                parent = {"run_id": src.run_id, "checkpoint": f"/nonexistent/checkpoints/{src.run_id}/final",
                           "lang": source_lang, "final_loss": src_final[source_lang], "tolerance": 0.05}
                 sp = spec_for(size, "cpt", lang, float(rep), parent)
                 sfin = src_final[source_lang]
@@ -152,9 +164,9 @@ def generate_study(study_dir: str | os.PathLike[str], sizes: Sequence[str] | int
     write_json(sdir / "tokenizer" / "report.json", {"vocab_size": vocab, "fertility": {lang: {}, source_lang: {}}})
     write_json(sdir / "study.json", {
         "study": study, "config_hash": chash, "config": {"study": study, "generated": True, "seed": seed},
-        "expected_runs": [{"run_id": s["run_id"], "size": s["size"], "init": s["init"], "lang": s["lang"],
-                           "replay": s["replay"], "parent": (s["parent"] or {}).get("run_id"),
-                           "params": s["params"], "tokens": s["tokens"], "steps": s["steps"]} for s in expected],
+        "expected_runs": [{"run_id": s.run_id, "size": s.size, "init": s.init, "lang": s.lang, "replay": s.replay,
+                           "parent": s.parent.run_id if s.parent else None, "params": s.params,
+                           "tokens": s.tokens, "steps": s.steps} for s in expected],
         "provenance": prov})
     return ids
 
@@ -167,11 +179,11 @@ def write_generated_transfers(study_dir: str | os.PathLike[str]) -> int:
     n = 0
     runs = Path(study_dir) / "runs"
     for p in sorted(runs.glob("*/run.json")):
-        spec = read_json(p)
-        if spec.get("init") != "cpt":
+        spec = RunSpec.load(p)
+        if spec.init != "cpt" or spec.parent is None:
             continue
-        scratch = runs / f"{spec['size']}-scratch-{spec['lang']}"
-        source = runs / spec["parent"]["run_id"]
+        scratch = runs / f"{spec.size}-scratch-{spec.lang}"
+        source = runs / str(spec.parent.run_id)
         if scratch.exists():
             write_json(p.parent / "transfer.json", compute_transfer(p.parent, scratch, source))
             n += 1

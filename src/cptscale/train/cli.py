@@ -25,20 +25,20 @@ def under_torchrun() -> bool:
 
 def _cmd(args: argparse.Namespace) -> int:
     from cptscale.cli import CLIError
-    from cptscale.train.spec import SpecError, load_spec
+    from cptscale.runspec import RunSpec, SpecError
 
     try:
-        spec = load_spec(args.spec)
+        typed = RunSpec.load(args.spec)
     except SpecError as exc:
         raise CLIError(str(exc)) from exc
+    spec = typed.to_dict()
     from cptscale.train.launch import EXIT_PERMANENT, FAILED, refused_retry
 
     why = refused_retry(spec, args.attempt)
     if why:
         print(f"cptscale train: error: {why}", file=sys.stderr)
         return EXIT_PERMANENT
-    lay = spec["layout"]
-    world = int(lay["tp"]) * int(lay["pp"]) * int(lay["dp"])
+    world = typed.layout.world
     nproc = args.nproc or world
     if nproc != world and not under_torchrun():
         raise CLIError(f"--nproc {nproc} but the spec's layout needs tp*pp*dp = {world} processes on one node")

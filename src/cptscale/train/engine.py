@@ -4,7 +4,7 @@ One code path for GPU (NCCL, bf16, Transformer Engine spec) and CPU (gloo, fp32,
 ``cpu_compat`` patches). Data position is the step counter: global sample i is consumed at step
 i // global_batch_size, so resuming at step s reads exactly the samples an uninterrupted run would.
 
-Pruning (run spec key ``prune``, see :func:`cptscale.train.spec.validate_prune`): at the start of an
+Pruning (run spec key ``prune``, see :class:`cptscale.runspec.PruneSpec`): at the start of an
 event's step, before its forward, the trainer scores units on calibration batches (the
 ``calib_batches`` micro-batches of training samples consumed just before that step; the first ones
 of the run at step 0), prunes to the event's shape with :mod:`cptscale.prune`, and rebuilds the DDP
@@ -345,15 +345,15 @@ class Trainer:
         from megatron.core import parallel_state as ps
 
         from cptscale.prune import PrunedShape
+        from cptscale.runspec import RunSpec, SpecError
         from cptscale.schedule import lr_at
         from cptscale.train import checkpoint as ck
         from cptscale.train.data import build_train_dataset
         from cptscale.train.model import build_model, use_gpu
-        from cptscale.train.spec import SpecError, make_schedule, validate_spec
 
         spec = self.spec
         try:  # bad input (e.g. a CPT spec without the parent's final loss) before any expensive work
-            validate_spec(spec, f"run.json of {spec.get('run_id')}")
+            typed = RunSpec.parse(spec, f"run.json of {spec.get('run_id')}")
         except SpecError as exc:
             raise TrainingError(str(exc)) from None
         t_start = time.time()
@@ -385,7 +385,7 @@ class Trainer:
                                      arch=spec.get("arch")),
                          distributed_optimizer=dist_opt)
         self.model = model
-        self.schedule = make_schedule(spec["schedule"])
+        self.schedule = typed.schedule.make()
         start_step, resumed_from = 0, None
         if latest is not None:
             ck.load_weights(latest, model)
@@ -591,7 +591,7 @@ class Trainer:
                      f"{cur_shape}, params {p_before:,} -> {n_params:,}, calibration loss "
                      f"{rec['calib_loss_before']:.4f} -> {rec['calib_loss_after']:.4f}")
 
-        # init-sanity gate (CPT, fresh start only); validate_spec made sure parent.final_loss is a number
+        # init-sanity gate (CPT, fresh start only); RunSpec made sure parent.final_loss is a number
         if spec["init"] == "cpt" and resumed_from is None:
             par = spec["parent"]
             plang = par.get("lang") or spec.get("source_lang")

@@ -17,12 +17,12 @@ FAILED = "failed.json"
 
 def run_spec(spec: dict[str, Any]) -> int:
     from cptscale.integrity import IntegrityError, check_run_datasets
+    from cptscale.runspec import RunSpec, SpecError
     from cptscale.train.checkpoint import CheckpointError, DiskFullError
     from cptscale.train.engine import Terminated, TrainingError, train
-    from cptscale.train.spec import SpecError, validate_spec
 
     try:
-        validate_spec(spec, f"run.json of {spec.get('run_id')}")
+        RunSpec.parse(spec, f"run.json of {spec.get('run_id')}")
         check_run_datasets(spec)  # size + sampled blocks of every .bin/.idx it reads, before any work
         train(spec)
     except Terminated as exc:
@@ -84,17 +84,17 @@ def refused_retry(spec: dict[str, Any], attempt: int) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cptscale.train.spec import SpecError, load_spec
+    from cptscale.runspec import RunSpec, SpecError
 
     ap = argparse.ArgumentParser(prog="cptscale.train.launch")
     ap.add_argument("--spec", required=True)
     args = ap.parse_args(argv)
     try:
-        spec = load_spec(args.spec)
+        spec = RunSpec.load(args.spec)
     except SpecError as exc:
         print(f"cptscale train: error: {exc}", file=sys.stderr)
         return 2
-    return run_spec(spec)
+    return run_spec(spec.to_dict())
 
 
 if __name__ == "__main__":
