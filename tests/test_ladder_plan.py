@@ -11,7 +11,8 @@ import yaml
 
 from cptscale.config.problems import ConfigError
 from cptscale.ladder import PAPER_SHAPES, TINY_SHAPES, get_shape, padded_vocab, shape_for_params
-from cptscale.plan import eval_steps, parse_run_id, plan_next_run, plan_study, schedule_for, suggested_run
+from cptscale.plan import plan_next_run, plan_study, schedule_for, suggested_run
+from cptscale.runs import RUN_ID, eval_steps
 from cptscale.validation import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def test_demo_plan_runs_and_derivations() -> None:
         assert r.global_batch_size == r.micro_batch_size * r.grad_accum * r.dp
         if r.init == "cpt":
             assert r.parent == f"{r.size}-scratch-{cfg.languages.source}"
-        assert parse_run_id(r.run_id)["size"] == r.size
+        assert RUN_ID.match(r.run_id)["size"] == r.size
 
 
 def test_paper_scale_plan_uses_tiers_and_20_tokens_per_param() -> None:
@@ -98,8 +99,8 @@ def test_variants_add_cpt_runs_with_their_own_recipe() -> None:
     runs = {r.run_id: r for r in plan_study(cfg)}
     base, variant = runs["d32l2-cpt-zh-r0.25"], runs["d32l2-cpt-zh-r0.25-nowarm"]
     assert variant.variant == "nowarm" and base.variant is None
-    assert parse_run_id(variant.run_id) == {"size": "d32l2", "init": "cpt", "lang": "zh", "replay": 0.25,
-                                            "variant": "nowarm"}
+    assert RUN_ID.match(variant.run_id).groupdict() == {"size": "d32l2", "init": "cpt", "lang": "zh",
+                                                        "replay": "0.25", "variant": "nowarm"}
     assert schedule_for(cfg, base).warmup_steps > 0
     s = schedule_for(cfg, variant)
     assert s.warmup_steps == 0 and s.min_lr == 0.0

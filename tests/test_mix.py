@@ -299,7 +299,7 @@ def test_mix_plan_cli(tmp_path, capsys):
     import yaml
 
     from cptscale.cli import main
-    from cptscale.plan import data_dir
+    from cptscale.runs import data_dir
     from cptscale.validation import load_config
 
     cfg = yaml.safe_load((Path(__file__).parent / "configs" / "micro.yaml").read_text())
@@ -365,6 +365,7 @@ def test_lang_corpus_blend_realized_through_run_spec(tmp_path):
     import yaml
 
     from cptscale import plan as P
+    from cptscale import runs as R
     from cptscale.util import file_hash, write_json
     from cptscale.validation import load_config
 
@@ -379,7 +380,7 @@ def test_lang_corpus_blend_realized_through_run_spec(tmp_path):
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(tmp_path / "study.yaml")
     assert cfg.blend_corpora("zh") == ["a", "b"]
-    ddir = P.data_dir(cfg)
+    ddir = R.data_dir(cfg)
     split = {"en": _write_split(ddir / "en" / "train", "en", 60_000, 1),
              "zh/a": _write_split(ddir / "zh" / "train.a", "zh/a", 80_000, 2),
              "zh/b": _write_split(ddir / "zh" / "train.b", "zh/b", 50_000, 3)}
@@ -390,7 +391,7 @@ def test_lang_corpus_blend_realized_through_run_spec(tmp_path):
         write_json(ddir / lang / "data.json", {
             "lang": lang, "train": train, "valid": valid, "train_corpora": per_corpus,
             "docs_hash": file_hash(tmp_path / "en.txt"), "tokenizer_hash": file_hash(tmp_path / "a.txt")})
-    write_json(P.run_dir(cfg, "d32l2-scratch-en") / "done.json", {"final_loss": {"en": 5.0}})
+    write_json(R.run_dir(cfg, "d32l2-scratch-en") / "done.json", {"final_loss": {"en": 5.0}})
 
     spec = P.run_spec(cfg, "d32l2-cpt-zh-r0.3").to_dict()
     assert spec["steps"] * spec["global_batch_size"] == 10_000

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from cptscale import plan as P
+from cptscale import runs as R
 from cptscale.runspec import SPEC_VERSION, RunSpec, SpecError
 from cptscale.util import write_json
 from cptscale.validation import load_config
@@ -42,7 +43,7 @@ def _planned_study(path: Path, tmp: Path):
         cfg_path.unlink()
     hashes = {"bin_hash": "b1" * 8, "idx_hash": "c2" * 8}
     for lang in cfg.languages.all:
-        write_json(P.data_dir(cfg) / lang / "data.json", {
+        write_json(R.data_dir(cfg) / lang / "data.json", {
             "lang": lang, "train": {"tokens": 10**12, **hashes}, "valid": {"tokens": 10**6, "bytes": 3 * 10**6, **hashes},
             "train_corpora": {s["name"]: {"tokens": 10**12, **hashes} for s in cfg.corpora.get(lang, [])},
             "docs_hash": "d3" * 8, "tokenizer_hash": "e4" * 8})
@@ -50,7 +51,7 @@ def _planned_study(path: Path, tmp: Path):
         warnings.simplefilter("ignore")
         runs = P.plan_study(cfg)
     for r in runs:
-        write_json(P.run_dir(cfg, r.run_id) / "done.json", {"final_loss": dict.fromkeys(cfg.languages.all, 4.0)})
+        write_json(R.run_dir(cfg, r.run_id) / "done.json", {"final_loss": dict.fromkeys(cfg.languages.all, 4.0)})
     return cfg, runs
 
 

@@ -98,7 +98,7 @@ def test_batch_warning_when_target_batch_cannot_be_met() -> None:
     to 2 accumulation steps (4,096 tokens), with a warning naming the size and both figures."""
     import warnings
 
-    from cptscale.plan import batch_layout
+    from cptscale.runs import batch_layout
 
     cfg = _demo_cfg(batch_tokens=5000)
     with pytest.warns(UserWarning, match=r"size d32l2: batch of 5000 tokens is not a multiple of micro_batch_size "

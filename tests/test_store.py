@@ -275,7 +275,8 @@ def planned_study(tmp_path_factory) -> tuple[Path, Path, dict]:
     from cptscale.data.ingest import ingest as ingest_docs
     from cptscale.data.sources import parse_sources
     from cptscale.data.tokenizer import train_tokenizer
-    from cptscale.plan import run_spec, tokenizer_path
+    from cptscale.plan import run_spec
+    from cptscale.runs import tokenizer_path
     from cptscale.validation import load_config
 
     root = tmp_path_factory.mktemp("planned")

@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from cptscale.config.problems import ConfigError
-from cptscale.plan import RUN_ID, parse_run_id, plan_study, schedule_for
+from cptscale.plan import plan_study, schedule_for
+from cptscale.runs import RUN_ID
 from cptscale.validation import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,8 +67,8 @@ def test_iplt_arms_are_planned_runs_with_prune_events() -> None:
     assert {a for a, _ in by_arm} == {"dense", "small", "f1", "f5", "f20", "classic", "cpt-dense", "cpt-start",
                                       "cpt-incremental"}
     for rid, r in arms.items():
-        assert RUN_ID.match(rid), rid
-        p = parse_run_id(rid)
+        p = RUN_ID.match(rid)
+        assert p, rid
         assert (p["size"], p["init"], p["lang"], p["variant"]) == (r.size, r.init, r.lang, r.variant)
         assert r.variant.startswith("iplt")
     dense_en = runs["d64l3-scratch-en"]  # the ordinary dense run: classic's full training, the CPT source

@@ -45,7 +45,7 @@ from cptscale.prune import PrunedShape, PruneError, flops_per_token, prune_event
 
 if TYPE_CHECKING:
     from cptscale.config.schema import IPLTConfig, StudyConfig
-    from cptscale.plan import PlannedRun
+    from cptscale.runs import PlannedRun
 
 PRETRAIN, CPT = "pretrain", "cpt"
 
@@ -181,13 +181,13 @@ def _events(start: PrunedShape, target: PrunedShape, k: int, first: int, last: i
 def parent_runs(cfg: StudyConfig) -> list[PlannedRun]:
     """The ordinary dense runs the arms need (``S-scratch-L`` for every pretraining language and the
     source language of the CPT arms), planned as the study plans any scratch run."""
-    from cptscale.plan import _planned
+    from cptscale.runs import plan_run
 
     ic = _cfg(cfg)
     langs = list(pretrain_langs(cfg))
     if ic.cpt is not None and cfg.languages.source not in langs:
         langs.append(cfg.languages.source)
-    return [_planned(cfg, ic.size, "scratch", lang, None, 0.0) for lang in langs]
+    return [plan_run(cfg, ic.size, "scratch", lang, None, 0.0) for lang in langs]
 
 
 def pretrain_langs(cfg: StudyConfig) -> list[str]:
@@ -199,7 +199,7 @@ def plan_arms(cfg: StudyConfig) -> list[Arm]:
     """Every arm of the IPLT study, in a stable order (per panel: dense, small, start fractions, classic;
     then the CPT panels). Raises ``ValueError`` (naming the arm and the field to change) for an arm
     that cannot fit its budget, and :class:`PruneError` for a target that is not a pruning of ``size``."""
-    from cptscale.plan import batch_layout, run_id
+    from cptscale.runs import batch_layout, run_id
 
     ic = _cfg(cfg)
     big, small = dense_shape(cfg), target_shape(cfg)
@@ -268,7 +268,7 @@ def plan_arms(cfg: StudyConfig) -> list[Arm]:
 def _arm_run(cfg: StudyConfig, rid: str, size: str, init: str, lang: str, source: str | None, replay: float,
              variant: str, arm: str, parent: str | None, start: PrunedShape, events: list[dict[str, Any]],
              steps: int, gbs: int) -> PlannedRun:
-    from cptscale.plan import PlannedRun, batch_layout, job_resources
+    from cptscale.runs import PlannedRun, batch_layout, job_resources
 
     ic = _cfg(cfg)
     layout = cfg.layout(ic.size)
@@ -278,7 +278,7 @@ def _arm_run(cfg: StudyConfig, rid: str, size: str, init: str, lang: str, source
     flops_6nd = sum(6.0 * sh.params(vocab) * n * gbs * seq for n, sh in segments(start, events, steps))
     params = start.params(vocab, tp=layout.tp)
     if init == "cpt" and parent is None:
-        from cptscale.plan import run_id
+        from cptscale.runs import run_id
 
         parent = run_id(ic.size, "scratch", source or lang)
     return PlannedRun(
@@ -302,7 +302,7 @@ def eval_steps_for(arm: Arm, points: int) -> list[int]:
     arms late in training too) and the steps of every prune and the step after it (before/after)."""
     import numpy as np
 
-    from cptscale.plan import eval_steps
+    from cptscale.runs import eval_steps
 
     steps = arm.run.steps
     lin = np.round(np.linspace(0, steps, points + 1)).astype(int).tolist()
@@ -310,26 +310,19 @@ def eval_steps_for(arm: Arm, points: int) -> list[int]:
     return sorted({*eval_steps(steps, points), *lin, *ev, *(min(steps, s + 1) for s in ev)})
 
 
-def spec_extras(cfg: StudyConfig, run: PlannedRun, evaluation: Any) -> dict[str, Any]:
-    """What makes an arm's ``run.json`` an arm (RunSpec fields): its starting shape, the trainer's ``prune``
-    key, the evaluation steps around each prune (``evaluation``: the run's EvalSpec) and the ``iplt`` block
-    (arm, panel, budget, FLOPs the arm inherits from its parent: the parent's own count from its done.json
-    when it has finished)."""
-    from cptscale.plan import run_dir
+def iplt_block(cfg: StudyConfig, arm: Arm) -> dict[str, Any]:
+    """The ``iplt`` block of an arm's run.json: arm, panel, budget and the FLOPs it inherits from its parent
+    (the parent's own count from its done.json when it has finished)."""
+    from cptscale.runs import run_dir
     from cptscale.util import read_json
 
     ic = _cfg(cfg)
-    arm = arm_for(cfg, run.run_id)
-    out: dict[str, Any] = {"shape": dict(arm.shape)}
-    if arm.events:
-        out["prune"] = {"importance": ic.importance, "calib_batches": ic.calib_batches, "events": arm.events}
-    out["eval"] = evaluation.model_copy(update={"steps": eval_steps_for(arm, cfg.evaluation.points)})
     inherited = arm.inherited_flops
     if arm.inherited_from:
         done = run_dir(cfg, arm.inherited_from) / "done.json"
         if done.is_file() and read_json(done).get("flops_spent") is not None:
             inherited = float(read_json(done)["flops_spent"])
-    out["iplt"] = {
+    return {
         "arm": arm.arm, "panel": arm.panel, "size": ic.size, "target": ic.target,
         "target_shape": _shape_dict(target_shape(cfg), target_name(cfg)), "final_shape": arm.final_shape,
         "start_fraction": arm.start_fraction, "increments": ic.increments, "span": ic.span,
@@ -340,7 +333,6 @@ def spec_extras(cfg: StudyConfig, run: PlannedRun, evaluation: Any) -> dict[str,
                 "budget; classic counts its parent's full training (flops_inherited); CPT arms exclude the source "
                 "pretraining",
     }
-    return out
 
 
 def hash_part(cfg: StudyConfig, run: PlannedRun) -> dict[str, Any]:

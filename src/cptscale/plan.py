@@ -1,26 +1,32 @@
 """The study plan: every run of a study, derived from the config alone.
 
-``plan_study`` lists the runs (source pretraining per size, target scratch runs, CPT runs per size x
-target x replay ratio) with their parameters, tokens, steps, batch, FLOPs, parallel layout and
-resources. ``run_spec`` turns one of them into the ``run.json`` the training engine consumes, once
-the data stage has produced token counts. Run ids are readable and are also Snakemake wildcards:
-``<size>-scratch-<lang>`` and ``<size>-cpt-<lang>-r<replay>``.
+``plan_study`` lists the runs every recipe of the study adds (:mod:`cptscale.recipes`: scratch
+pretraining per size and language, CPT runs per size x target x replay ratio and recipe variant, IPLT
+arms), each a :class:`~cptscale.runs.PlannedRun`. ``run_spec`` turns one of them into its
+:class:`~cptscale.runspec.RunSpec` (``run.json``), once the data stage has produced token counts, asking
+the run's recipe for its shape, parent, schedule and blend. The hashes here decide what reruns: the
+study's ``config_hash`` and ``results_hash`` and each run's ``training_hash``.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import re
-import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import ValidationError
 
 from cptscale.config.schema import StoreConfig, StudyConfig
+from cptscale.recipes import recipe_for, study_recipes
+from cptscale.runs import (
+    PlannedRun,
+    checkpoint_dir,
+    data_dir,
+    eval_steps,
+    plan_run,
+    run_dir,
+    tokenizer_path,
+)
 from cptscale.runspec import (
     SPEC_VERSION,
     CheckpointSpec,
@@ -28,7 +34,6 @@ from cptscale.runspec import (
     EvalSpec,
     LayoutSpec,
     OptimizerSpec,
-    ParentSpec,
     ResourcesSpec,
     RunSpec,
     ScheduleSpec,
@@ -37,134 +42,30 @@ from cptscale.runspec import (
 from cptscale.schedule import Schedule
 from cptscale.util import manifest_hashes, provenance, read_json, stable_hash
 
-RUN_ID = re.compile(
-    r"^(?P<size>[A-Za-z0-9.]+)-(?P<init>scratch|cpt)-(?P<lang>[a-z]{2})"
-    r"(?:-r(?P<replay>[0-9]+(?:\.[0-9]+)?))?(?:-(?P<variant>[a-z][a-z0-9]*))?$"
-)
-
-
-@dataclass(frozen=True)
-class PlannedRun:
-    run_id: str
-    size: str
-    init: str  # scratch | cpt
-    lang: str  # training (target) language
-    source_lang: str | None  # CPT: language of the parent model
-    replay: float
-    variant: str | None  # CPT recipe variant (config `variants`), None = the study's recipe
-    parent: str | None  # CPT: run id of the source model
-    params: int
-    params_nonemb: int
-    tokens: int
-    seq_length: int
-    global_batch_size: int
-    micro_batch_size: int
-    grad_accum: int
-    steps: int
-    tp: int
-    pp: int
-    dp: int
-    flops_6nd: float
-    gpus: int  #: GPUs requested (0 on CPU-only clusters); one node, torchrun starts tp*pp*dp ranks
-    cpus: int  #: CPU cores requested for the job
-    runtime_minutes: int  #: time limit of attempt 1 (retries multiply it by the attempt number)
-    mem_gb: int
-    arm: str | None = None  #: IPLT arm (cptscale.iplt); None for the study's ordinary runs
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def run_id(size: str, init: str, lang: str, replay: float | None = None, variant: str | None = None) -> str:
-    if init == "cpt":
-        return f"{size}-cpt-{lang}-r{replay:g}" + (f"-{variant}" if variant else "")
-    return f"{size}-scratch-{lang}" + (f"-{variant}" if variant else "")  # variant: IPLT arms only
-
-
-def parse_run_id(rid: str) -> dict[str, Any]:
-    m = RUN_ID.match(rid)
-    if not m:
-        raise ValueError(f"not a run id: {rid!r} (expected <size>-scratch-<lang> or <size>-cpt-<lang>-r<replay>)")
-    d = m.groupdict()
-    d["replay"] = float(d["replay"]) if d["replay"] is not None else 0.0
-    return d
-
-
-def batch_layout(cfg: StudyConfig, size: str) -> tuple[int, int]:
-    """(global batch in sequences, gradient accumulation), rounded to what micro-batch x DP allows."""
-    layout = cfg.layout(size)
-    per_step = cfg.train.micro_batch_size * layout.dp
-    target = cfg.batch_tokens(size) / cfg.train.seq_length
-    accum = max(1, round(target / per_step))
-    gbs = accum * per_step
-    if gbs * cfg.train.seq_length != cfg.batch_tokens(size):
-        warnings.warn(
-            f"size {size}: batch of {cfg.batch_tokens(size)} tokens is not a multiple of micro_batch_size x dp x "
-            f"seq_length; using {gbs} sequences ({gbs * cfg.train.seq_length} tokens) per step",
-            stacklevel=2,
-        )
-    return gbs, accum
-
 
 def plan_study(cfg: StudyConfig) -> list[PlannedRun]:
-    """All runs of the study, sources first (CPT runs depend on them)."""
-    runs: list[PlannedRun] = []
-    src = cfg.languages.source
-    for size in cfg.ladder.sizes:
-        runs.append(_planned(cfg, size, "scratch", src, None, 0.0))
-        for tgt in cfg.languages.targets:
-            runs.append(_planned(cfg, size, "scratch", tgt, None, 0.0))
-            for r in cfg.replay.ratios:
-                for variant in (None, *cfg.variants):
-                    runs.append(_planned(cfg, size, "cpt", tgt, src, r, variant))
-    if cfg.iplt is not None:  # the IPLT arms (and the dense runs they start from, when not in the ladder)
-        from cptscale.iplt import parent_runs, plan_arms
+    """All runs of the study, each once: the grid recipes' runs (scratch, CPT and its variants) in ladder
+    order (per size: the source language's scratch run, then per target its scratch run and its CPT runs
+    by replay ratio and recipe), sources before the CPT runs that start from them; then the other
+    recipes' runs (IPLT arms) in recipe order."""
+    recipes = study_recipes(cfg)
+    langs = [cfg.languages.source, *cfg.languages.targets]
+    ratios = list(cfg.replay.ratios)
 
-        have = {r.run_id for r in runs}
-        runs += [r for r in parent_runs(cfg) if r.run_id not in have]
-        runs += [a.run for a in plan_arms(cfg)]
-    return runs
+    def grid_key(item: tuple[int, PlannedRun]) -> tuple[int, ...]:
+        i, run = item
+        replay = ratios.index(run.replay) if run.init == "cpt" else -1
+        return (cfg.ladder.sizes.index(run.size), langs.index(run.lang), replay, i)
 
-
-def _planned(
-    cfg: StudyConfig, size: str, init: str, lang: str, source: str | None, replay: float, variant: str | None = None,
-    *, tokens: float | None = None, rid: str | None = None,
-) -> PlannedRun:
-    shape = cfg.shape(size)
-    layout = cfg.layout(size)
-    gbs, accum = batch_layout(cfg, size)
-    tokens_target = cfg.tokens(size) if tokens is None else tokens
-    steps = max(1, math.ceil(tokens_target / (gbs * cfg.train.seq_length)))
-    tokens = steps * gbs * cfg.train.seq_length
-    params = shape.params(cfg.vocab_size, tp=layout.tp)
-    flops = 6.0 * params * tokens
-    res = job_resources(cfg, layout.world, params, flops)
-    return PlannedRun(
-        run_id=rid or run_id(size, init, lang, replay if init == "cpt" else None, variant),
-        size=size, init=init, lang=lang, source_lang=source, replay=replay, variant=variant,
-        parent=run_id(size, "scratch", source) if init == "cpt" and source else None,
-        params=params, params_nonemb=shape.params(cfg.vocab_size, embeddings=False),
-        tokens=tokens, seq_length=cfg.train.seq_length, global_batch_size=gbs,
-        micro_batch_size=cfg.train.micro_batch_size, grad_accum=accum, steps=steps,
-        tp=layout.tp, pp=layout.pp, dp=layout.dp, flops_6nd=flops, **res,
-    )
-
-
-def job_resources(cfg: StudyConfig, world: int, params: int, flops: float) -> dict[str, int]:
-    """GPUs, cores, memory and time limit of one training job (single node; torchrun starts ``world``
-    ranks once). Time = FLOPs / sustained throughput x 1.5 + overhead; memory ~16 bytes per parameter
-    (fp32 weights, grads, two Adam moments) per rank on CPU, per-GPU host memory on GPU."""
-    s = cfg.slurm
-    if s.gpus:
-        rate = world * s.gpu_peak_flops * s.assumed_mfu
-        gpus, cpus, mem = world, world * s.cpus_per_gpu, world * s.mem_gb_per_gpu
-    else:
-        cpus = world * s.threads_per_rank
-        rate = cpus * s.cpu_flops_per_core
-        gpus, mem = 0, 2 + math.ceil(world * (1 + params * 16 * 2 / 2**30))
-    minutes = flops / rate / 60 * 1.5 + s.runtime_overhead_minutes
-    return {"gpus": gpus, "cpus": cpus, "runtime_minutes": max(s.min_runtime_minutes, math.ceil(minutes)),
-            "mem_gb": max(4, mem)}
+    grid = sorted(((i, run) for i, r in enumerate(recipes) if r.grid for run in r.runs(cfg)), key=grid_key)
+    rest = [run for r in recipes if not r.grid for run in r.runs(cfg)]
+    seen: set[str] = set()
+    out = []
+    for run in [run for _, run in grid] + rest:
+        if run.run_id not in seen:
+            seen.add(run.run_id)
+            out.append(run)
+    return out
 
 
 def find_run(cfg: StudyConfig, rid: str) -> PlannedRun:
@@ -201,74 +102,13 @@ def plan_next_run(cfg: StudyConfig, suggestion: dict[str, Any], lang: str) -> Pl
     # the fits count N as the budget does (fit-study --params): with or without embeddings
     shape = shape_for_params(float(suggestion["N"]), cfg.vocab_size, family,
                              embeddings=cfg.budget.param_count != "nonembedding")
-    return _planned(cfg, shape.name, "scratch", lang, None, 0.0, tokens=float(suggestion["D"]),
+    return plan_run(cfg, shape.name, "scratch", lang, None, 0.0, tokens=float(suggestion["D"]),
                     rid=next_run_id(lang))
 
 
-# -- schedules ---------------------------------------------------------------------------------
 def schedule_for(cfg: StudyConfig, run: PlannedRun) -> Schedule:
-    """Scratch runs follow ``train``; CPT runs follow ``cpt`` (Reuse, Don't Retrain options)."""
-    t = cfg.train
-    warmup = round(t.warmup_fraction * run.steps)
-    kind = t.schedule
-    max_lr, min_lr, start_lr = t.lr, t.lr * t.min_lr_ratio, 0.0
-    if run.init == "cpt":
-        c = cfg.cpt_for(run.variant)
-        kind = c.schedule or t.schedule
-        if c.start_lr == "source_final":
-            max_lr = t.lr * t.min_lr_ratio if t.schedule != "constant" else t.lr
-        if not c.warmup:
-            warmup = 0
-        min_lr = {
-            "pretrain": min(max_lr, t.lr * t.min_lr_ratio),
-            "start/10": max_lr / 10,
-            "start/100": max_lr / 100,
-            "zero": 0.0,
-        }[c.min_lr]
-    decay = 0
-    if kind == "wsd":
-        decay = max(1, round(t.wsd_decay_fraction * (run.steps - warmup)))
-    branches: tuple[int, ...] = ()
-    if t.wsd_branches:
-        # a BlendError (a ValueError) names the config field, so config validation, which plans every
-        # run's blend and with it this schedule, reports the problem under train.wsd_branches
-        from cptscale.mix import BlendError
-
-        if t.schedule != "wsd":
-            raise BlendError(f"{t.wsd_branches} needs train.schedule: wsd (got {t.schedule!r})",
-                             "train.wsd_branches")
-        if kind == "wsd":  # a CPT recipe with another schedule (cpt.schedule) has no branches
-            branches = tuple(sorted({round(f * run.steps) for f in t.wsd_branches}))
-        try:
-            Schedule(kind, max_lr, min_lr, warmup, run.steps, start_lr, decay, t.decay_shape, branches)
-        except ValueError as exc:
-            raise BlendError(f"{t.wsd_branches} -> branches of {list(branches)} steps for run {run.run_id} "
-                             f"({run.steps} steps, warmup {warmup}): {exc}; choose other fractions",
-                             "train.wsd_branches") from None
-    return Schedule(kind, max_lr, min_lr, warmup, run.steps, start_lr, decay, t.decay_shape, branches)
-
-
-def eval_steps(total_steps: int, points: int) -> list[int]:
-    """Step 0, ``points`` log-spaced steps, and the last step (evaluation after s optimizer steps)."""
-    ls = np.unique(np.round(np.geomspace(1, total_steps, points)).astype(int))
-    return sorted({0, *ls.tolist(), total_steps})
-
-
-# -- paths -------------------------------------------------------------------------------------
-def data_dir(cfg: StudyConfig) -> Path:
-    return cfg.study_dir / "data"
-
-
-def tokenizer_path(cfg: StudyConfig) -> Path:
-    return cfg.study_dir / "tokenizer" / "tokenizer.json"
-
-
-def run_dir(cfg: StudyConfig, rid: str) -> Path:
-    return cfg.study_dir / "runs" / rid
-
-
-def checkpoint_dir(cfg: StudyConfig, rid: str) -> Path:
-    return cfg.study_dir / "checkpoints" / rid
+    """The run's LR schedule, as its recipe builds it."""
+    return recipe_for(cfg, run).schedule(cfg, run)
 
 
 def _dump(cfg: StudyConfig, **kw: Any) -> dict[str, Any]:
@@ -311,11 +151,8 @@ def data_identity(cfg: StudyConfig) -> dict[str, Any]:
 
 
 def mix_for_run(cfg: StudyConfig, run: PlannedRun) -> dict[str, Any]:
-    """The ``mix`` section a run's blend follows: the study's (or its variant's) for CPT into another
-    language; none (its own language only) for scratch runs and same-language continued training."""
-    if run.init != "cpt" or run.lang == run.source_lang:
-        return {}
-    return cfg.mix_for(run.variant)
+    """The ``mix`` section a run's blend follows (its recipe's; none for runs on one language)."""
+    return recipe_for(cfg, run).mix(cfg, run)
 
 
 def training_hash(cfg: StudyConfig, run: PlannedRun) -> str:
@@ -330,18 +167,13 @@ def training_hash(cfg: StudyConfig, run: PlannedRun) -> str:
     keep = {
         "run": rd,
         "train": cfg.train.model_dump(mode="json", exclude=IO_KEYS["train"]),
-        "cpt": cfg.cpt_for(run.variant).model_dump(mode="json") if run.init == "cpt" else None,
-        "mix": mix_for_run(cfg, run) if run.init == "cpt" else None,
         "tokenizer": cfg.tokenizer.model_dump(mode="json"),
         "corpora": {k: cfg.corpora[k] for k in sorted({run.lang, run.source_lang or run.lang})},
         "data": data_identity(cfg),
         "seed": cfg.seed,
         "eval": cfg.evaluation.model_dump(mode="json"),
+        **recipe_for(cfg, run).hash_parts(cfg, run),  # cpt and mix sections (None from scratch), IPLT arm
     }
-    if run.arm is not None:
-        from cptscale.iplt import hash_part
-
-        keep["iplt"] = hash_part(cfg, run)
     return stable_hash(keep)
 
 
@@ -394,14 +226,6 @@ def blend_inputs(cfg: StudyConfig, manifests: dict[str, dict[str, Any]]
     return prefixes, tokens, hashes
 
 
-def mix_path(cfg: StudyConfig, run: PlannedRun) -> str:
-    """Config path of the ``mix`` section a run follows (for error messages)."""
-    v = run.variant
-    if run.init == "cpt" and v and v in cfg.variants and cfg.variants[v].mix is not None:
-        return f"variants.{v}.mix"
-    return "mix"
-
-
 def blend_for_run(cfg: StudyConfig, run: PlannedRun, manifests: dict[str, dict[str, Any]],
                   schedule: Schedule | None = None) -> dict[str, Any]:
     """A run's data spec (``plan_blend``) from the data manifests; languages missing from ``manifests``
@@ -424,7 +248,7 @@ def blend_for_run(cfg: StudyConfig, run: PlannedRun, manifests: dict[str, dict[s
         seq_length=run.seq_length,
         seed=cfg.seed,
         cache_dir=str(cfg.study_dir / "cache" / "blend-index"),
-        where=mix_path(cfg, run),
+        where=recipe_for(cfg, run).mix_path(cfg, run),
     )
 
 
@@ -432,24 +256,18 @@ def run_spec(cfg: StudyConfig, rid: str, planned: PlannedRun | None = None) -> R
     """The complete ``run.json`` of one run: what the training engine needs and nothing it must guess.
     ``planned`` gives a run that is not in the study's grid (the fit's suggested next run)."""
     run = planned or find_run(cfg, rid)
-    sched = schedule_for(cfg, run)
+    recipe = recipe_for(cfg, run)
+    sched = recipe.schedule(cfg, run)
     ddir = data_dir(cfg)
     langs = cfg.languages.all
     manifests = {lang: _manifest(cfg, lang) for lang in langs}
     numbers = {lang: manifest_numbers(manifests[lang]) for lang in langs}
-    parent = None
-    if run.init == "cpt":
-        assert run.parent and run.source_lang
-        done = read_json(run_dir(cfg, run.parent) / "done.json")
-        parent = ParentSpec(run_id=run.parent, checkpoint=str(checkpoint_dir(cfg, run.parent) / "final"),
-                            lang=run.source_lang, final_loss=float(done["final_loss"][run.source_lang]),
-                            tolerance=cfg.cpt_for(run.variant).init_tolerance)
     t = cfg.train
     chash = training_hash(cfg, run)
     fields: dict[str, Any] = dict(
         run_id=run.run_id, study=cfg.study, size=run.size, init=run.init, lang=run.lang,
         source_lang=run.source_lang, replay=run.replay, variant=run.variant,
-        shape=cfg.shape(run.size).as_dict() if run.arm is None else None,  # arms: spec_extras sets it
+        shape=recipe.shape(cfg, run),
         vocab_size=cfg.vocab_size, params=run.params, params_nonemb=run.params_nonemb, tokens=run.tokens,
         seq_length=run.seq_length, micro_batch_size=run.micro_batch_size, global_batch_size=run.global_batch_size,
         steps=run.steps, seed=cfg.seed, schedule=ScheduleSpec.of(sched),
@@ -463,16 +281,13 @@ def run_spec(cfg: StudyConfig, rid: str, planned: PlannedRun | None = None) -> R
                       micro_batch_size=cfg.evaluation.micro_batch_size, max_tokens=cfg.evaluation.max_tokens),
         checkpoint=CheckpointSpec(dir=str(checkpoint_dir(cfg, run.run_id)), every=t.checkpoint_every,
                                   keep=t.keep_checkpoints),
-        parent=parent, out_dir=str(run_dir(cfg, run.run_id)), loss_spike_factor=t.loss_spike_factor,
+        parent=recipe.parent(cfg, run), out_dir=str(run_dir(cfg, run.run_id)), loss_spike_factor=t.loss_spike_factor,
         resources=ResourcesSpec(gpus=run.gpus, cpus=run.cpus, runtime_minutes=run.runtime_minutes,
                                 mem_gb=run.mem_gb, gpu_peak_flops=cfg.slurm.gpu_peak_flops),
         config_hash=chash,
         provenance=provenance(chash, manifest_hashes(manifests, str(ddir / "{lang}" / "data.json"))),
     )
-    if run.arm is not None:  # an IPLT arm: its own shape, prune events, evaluations and budget
-        from cptscale.iplt import spec_extras
-
-        fields.update(spec_extras(cfg, run, fields["eval"]))
+    fields.update(recipe.spec_fields(cfg, run, fields["eval"]))  # e.g. an IPLT arm's prune events
     try:
         return RunSpec(spec_version=SPEC_VERSION, **fields)
     except ValidationError as exc:  # a planner bug, not bad input: say which field

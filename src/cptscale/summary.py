@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from cptscale.plan import RUN_ID
+from cptscale.runs import RUN_ID
 from cptscale.util import read_json, write_json
 
 

@@ -31,7 +31,7 @@ def _planned_resource(key, per_attempt=False, scale=1):
 
 
 def train_resources():
-    """Per-job resources of `train`, from each run's size and layout (cptscale.plan.job_resources).
+    """Per-job resources of `train`, from each run's size and layout (cptscale.runs.job_resources).
 
     One node per run and one launcher task per node: `cptscale train` starts torchrun once, which
     starts tp*pp*dp ranks. GPU jobs therefore set no `tasks` (the SLURM executor plugin turns `tasks`

@@ -35,7 +35,7 @@ def generate_study(study_dir: str | os.PathLike[str], sizes: Sequence[str] | int
     import numpy as np
 
     from cptscale.ladder import PAPER_SHAPES, get_shape
-    from cptscale.plan import run_id as make_run_id
+    from cptscale.runs import run_id as make_run_id
     from cptscale.util import write_json
 
     rng = np.random.default_rng(seed)

@@ -1,0 +1,30 @@
+"""Pretraining from scratch: one run per ladder size and language, on that language alone."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from cptscale.recipes.base import Recipe
+from cptscale.runs import plan_run
+
+if TYPE_CHECKING:
+    from cptscale.config.schema import StudyConfig
+    from cptscale.runs import PlannedRun
+
+ORDER = 0
+
+
+class Scratch(Recipe):
+    name = "scratch"
+    grid = True
+
+    def runs(self, cfg: StudyConfig) -> list[PlannedRun]:
+        return [plan_run(cfg, size, "scratch", lang, None, 0.0) for size in cfg.ladder.sizes
+                for lang in cfg.languages.all]
+
+    def owns(self, run: PlannedRun) -> bool:
+        return run.init == "scratch" and run.arm is None and run.variant is None
+
+
+def recipes(cfg: StudyConfig) -> list[Recipe]:
+    return [Scratch()]

@@ -1,0 +1,142 @@
+"""What a run of a study is, whatever recipe trains it: the planned run (size, tokens, steps, batch, layout,
+FLOPs, resources), its id, the batch layout of a size, the job's resources, its evaluation steps and where
+its files live. Recipes (:mod:`cptscale.recipes`) decide *which* runs a study has and *how* each is
+trained; this module is below all of them (OLMo-core's model ladder: what a size is vs how it is trained).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cptscale.config.schema import StudyConfig
+
+RUN_ID = re.compile(
+    r"^(?P<size>[A-Za-z0-9.]+)-(?P<init>scratch|cpt)-(?P<lang>[a-z]{2})"
+    r"(?:-r(?P<replay>[0-9]+(?:\.[0-9]+)?))?(?:-(?P<variant>[a-z][a-z0-9]*))?$"
+)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    run_id: str
+    size: str
+    init: str  # scratch | cpt
+    lang: str  # training (target) language
+    source_lang: str | None  # CPT: language of the parent model
+    replay: float
+    variant: str | None  # CPT recipe variant (config `variants`), None = the study's recipe
+    parent: str | None  # CPT: run id of the source model
+    params: int
+    params_nonemb: int
+    tokens: int
+    seq_length: int
+    global_batch_size: int
+    micro_batch_size: int
+    grad_accum: int
+    steps: int
+    tp: int
+    pp: int
+    dp: int
+    flops_6nd: float
+    gpus: int  #: GPUs requested (0 on CPU-only clusters); one node, torchrun starts tp*pp*dp ranks
+    cpus: int  #: CPU cores requested for the job
+    runtime_minutes: int  #: time limit of attempt 1 (retries multiply it by the attempt number)
+    mem_gb: int
+    arm: str | None = None  #: IPLT arm (cptscale.iplt); None for the study's ordinary runs
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_id(size: str, init: str, lang: str, replay: float | None = None, variant: str | None = None) -> str:
+    if init == "cpt":
+        return f"{size}-cpt-{lang}-r{replay:g}" + (f"-{variant}" if variant else "")
+    return f"{size}-scratch-{lang}" + (f"-{variant}" if variant else "")  # variant: IPLT arms only
+
+
+def batch_layout(cfg: StudyConfig, size: str) -> tuple[int, int]:
+    """(global batch in sequences, gradient accumulation), rounded to what micro-batch x DP allows."""
+    layout = cfg.layout(size)
+    per_step = cfg.train.micro_batch_size * layout.dp
+    target = cfg.batch_tokens(size) / cfg.train.seq_length
+    accum = max(1, round(target / per_step))
+    gbs = accum * per_step
+    if gbs * cfg.train.seq_length != cfg.batch_tokens(size):
+        warnings.warn(
+            f"size {size}: batch of {cfg.batch_tokens(size)} tokens is not a multiple of micro_batch_size x dp x "
+            f"seq_length; using {gbs} sequences ({gbs * cfg.train.seq_length} tokens) per step",
+            stacklevel=2,
+        )
+    return gbs, accum
+
+
+def plan_run(
+    cfg: StudyConfig, size: str, init: str, lang: str, source: str | None, replay: float, variant: str | None = None,
+    *, tokens: float | None = None, rid: str | None = None,
+) -> PlannedRun:
+    shape = cfg.shape(size)
+    layout = cfg.layout(size)
+    gbs, accum = batch_layout(cfg, size)
+    tokens_target = cfg.tokens(size) if tokens is None else tokens
+    steps = max(1, math.ceil(tokens_target / (gbs * cfg.train.seq_length)))
+    tokens = steps * gbs * cfg.train.seq_length
+    params = shape.params(cfg.vocab_size, tp=layout.tp)
+    flops = 6.0 * params * tokens
+    res = job_resources(cfg, layout.world, params, flops)
+    return PlannedRun(
+        run_id=rid or run_id(size, init, lang, replay if init == "cpt" else None, variant),
+        size=size, init=init, lang=lang, source_lang=source, replay=replay, variant=variant,
+        parent=run_id(size, "scratch", source) if init == "cpt" and source else None,
+        params=params, params_nonemb=shape.params(cfg.vocab_size, embeddings=False),
+        tokens=tokens, seq_length=cfg.train.seq_length, global_batch_size=gbs,
+        micro_batch_size=cfg.train.micro_batch_size, grad_accum=accum, steps=steps,
+        tp=layout.tp, pp=layout.pp, dp=layout.dp, flops_6nd=flops, **res,
+    )
+
+
+def job_resources(cfg: StudyConfig, world: int, params: int, flops: float) -> dict[str, int]:
+    """GPUs, cores, memory and time limit of one training job (single node; torchrun starts ``world``
+    ranks once). Time = FLOPs / sustained throughput x 1.5 + overhead; memory ~16 bytes per parameter
+    (fp32 weights, grads, two Adam moments) per rank on CPU, per-GPU host memory on GPU."""
+    s = cfg.slurm
+    if s.gpus:
+        rate = world * s.gpu_peak_flops * s.assumed_mfu
+        gpus, cpus, mem = world, world * s.cpus_per_gpu, world * s.mem_gb_per_gpu
+    else:
+        cpus = world * s.threads_per_rank
+        rate = cpus * s.cpu_flops_per_core
+        gpus, mem = 0, 2 + math.ceil(world * (1 + params * 16 * 2 / 2**30))
+    minutes = flops / rate / 60 * 1.5 + s.runtime_overhead_minutes
+    return {"gpus": gpus, "cpus": cpus, "runtime_minutes": max(s.min_runtime_minutes, math.ceil(minutes)),
+            "mem_gb": max(4, mem)}
+
+
+def eval_steps(total_steps: int, points: int) -> list[int]:
+    """Step 0, ``points`` log-spaced steps, and the last step (evaluation after s optimizer steps)."""
+    ls = np.unique(np.round(np.geomspace(1, total_steps, points)).astype(int))
+    return sorted({0, *ls.tolist(), total_steps})
+
+
+
+# -- paths -------------------------------------------------------------------------------------
+def data_dir(cfg: StudyConfig) -> Path:
+    return cfg.study_dir / "data"
+
+
+def tokenizer_path(cfg: StudyConfig) -> Path:
+    return cfg.study_dir / "tokenizer" / "tokenizer.json"
+
+
+def run_dir(cfg: StudyConfig, rid: str) -> Path:
+    return cfg.study_dir / "runs" / rid
+
+
+def checkpoint_dir(cfg: StudyConfig, rid: str) -> Path:
+    return cfg.study_dir / "checkpoints" / rid

@@ -1,0 +1,48 @@
+"""Recipes: every planned run of every shipped study is trained by exactly one recipe, and the recipe's
+answers are what run.json and the training hash use."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from cptscale.plan import mix_for_run, plan_study, schedule_for
+from cptscale.recipes import recipe_for, study_recipes
+from cptscale.validation import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = [ROOT / "config.yaml", *sorted((ROOT / "workflow" / "studies").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.stem)
+def test_every_run_has_exactly_one_recipe(study: Path) -> None:
+    cfg = load_config(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runs = plan_study(cfg)
+        recipes = study_recipes(cfg)
+        assert len({r.run_id for r in runs}) == len(runs)
+        for run in runs[:60]:
+            owners = [r.name for r in recipes if r.owns(run)]
+            assert len(owners) == 1, (run.run_id, owners)
+            recipe = recipe_for(cfg, run)
+            assert schedule_for(cfg, run) == recipe.schedule(cfg, run)
+            assert mix_for_run(cfg, run) == recipe.mix(cfg, run)
+            assert (recipe.cpt_config(cfg, run) is not None) == (run.init == "cpt"), run.run_id
+    names = [r.name for r in recipes]
+    assert names[:2] == ["scratch", "cpt"] and ("iplt" in names) == (cfg.iplt is not None)
+    assert names[2:2 + len(cfg.variants)] == [f"cpt-{v}" for v in cfg.variants]
+
+
+def test_plan_order_is_the_ladder_grid() -> None:
+    """Per size: the source's scratch run, then per target its scratch run and its CPT runs by replay
+    ratio and, within a ratio, the study's recipe before its variants (the order `cptscale plan` prints)."""
+    cfg = load_config(ROOT / "workflow" / "studies" / "reuse-ablation.yaml")
+    runs = [r.run_id for r in plan_study(cfg)]
+    size, src, tgt = cfg.ladder.sizes[0], cfg.languages.source, cfg.languages.targets[0]
+    expect = [f"{size}-scratch-{src}", f"{size}-scratch-{tgt}"]
+    for r in cfg.replay.ratios:
+        expect += [f"{size}-cpt-{tgt}-r{r:g}"] + [f"{size}-cpt-{tgt}-r{r:g}-{v}" for v in cfg.variants]
+    assert runs[: len(expect)] == expect
