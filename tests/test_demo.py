@@ -101,7 +101,8 @@ def test_demo_prints_the_answer(demo: Demo) -> None:
     out = demo.stdout
     assert f"report: {demo.study / 'report' / 'index.html'}" in out, out[-3000:]
     assert re.search(r"^  fit \S+: L = ", out, re.M), out[-3000:]
-    assert re.search(r"^  CPT compute saving \(median over CPT runs, last evaluation\): -?\d+\.\d%$", out, re.M), out[-3000:]
+    assert re.search(r"^  CPT compute saving \(median over \d+ CPT runs, last evaluation\): -?\d+\.\d% "
+                     r"\[-?\d+\.\d%, -?\d+\.\d%\]$", out, re.M), out[-3000:]
     assert re.search(r"^      held-out largest size \([0-9.e+-]+ params\): \w+ -?\d", out, re.M), out[-3000:]
 
 

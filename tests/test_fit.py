@@ -472,7 +472,7 @@ def test_fit_study_end_to_end(tmp_path: Path) -> None:
     assert cp["meta"]["selection"]["replay"] == 0.0 and cp["meta"]["bootstrap"]["unit"] == "run"
     assert sc["heldout"]["status"] == "ok" and sc["heldout"]["heldout_N"] == max(sc["meta"]["sizes"])
     assert len(sc["allocation"]) == 2 and sc["allocation"][0]["numeric_rel_diff"] < 1e-6
-    assert s["next_run"]["fit_id"] == "cpt-extended-zh" and s["next_run"]["C"] == 1e19
+    assert s["next_run"]["fit_id"] == "scratch-chinchilla-zh" and s["next_run"]["C"] == 1e19  # the fit next-run plans from
     her = json.loads((fits / "cpt-hernandez-zh.json").read_text())
     assert abs(her["params"]["alpha"] - 0.8) < 0.05  # the generator's D_T = 0.5 D^0.8 N^0.25
     # the store ingests every fit (summary.json holds none) and its points and allocation rows

@@ -395,6 +395,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps([r.as_dict() for r in runs], indent=2))
     else:
         print(format_plan(cfg, runs))
+        from cptscale.fit.design import design_check, format_design
+
+        print("\nCan the planned points identify each law? (before any compute is spent)")
+        print(format_design(design_check(cfg, runs)))
         if cfg.iplt is not None:
             from cptscale.iplt import format_arms
 

@@ -72,10 +72,78 @@ def _heldout_text(fit: dict[str, Any]) -> str | None:
     return f"{head}: " + ", ".join(parts) if parts else None
 
 
+def _ident(fit: dict[str, Any]) -> dict[str, Any]:
+    return fit.get("identifiability") or (fit.get("meta") or {}).get("identifiability") or {}
+
+
+def _ident_text(fit: dict[str, Any]) -> str | None:
+    """The identifiability verdict of a loss-law fit: flagged parameters and the remedy used."""
+    iv = _ident(fit)
+    if not iv or fit.get("status", "ok") != "ok":
+        return None
+    rem = fit.get("remedy") or iv.get("remedy") or {}
+    used = f"; remedy used: {rem['used']}" if rem.get("used") and rem["used"] != "none" else ""
+    if iv.get("identified"):
+        return f"identified: no parameter or interval on a bound{used}"
+    return (f"NOT IDENTIFIED: {iv.get('summary')}; allocation and next run from this fit are unreliable{used}"
+            + (f"; offered: {', '.join(rem.get('offered') or [])}" if rem.get("offered") else ""))
+
+
+def _rollout_text(fit: dict[str, Any]) -> str | None:
+    ro = fit.get("rollout") or {}
+    steps = [x for x in ro.get("steps") or [] if x.get("status") == "ok"]
+    if not steps:
+        return None
+    parts = [f"{x['k']}->{x['k'] + 1}: {x['mean_rel_err']:.2%}" for x in steps]
+    return (f"rollout (fit the smallest k sizes, predict size k+1), mean rel err per step: {', '.join(parts)}; "
+            f"mean {ro['mean_rel_err']:.2%}")
+
+
+def _selection_text(fit: dict[str, Any]) -> str | None:
+    sel = (fit.get("meta") or {}).get("selection") or {}
+    pts = sel.get("points")
+    if not pts or fit.get("status", "ok") != "ok":
+        return None
+    return f"points: {pts} ({sel.get('n_selected', '?')} of {sel.get('n_candidates', '?')}); {sel.get('bias', '')}".rstrip("; ")
+
+
+def _next_run(study_dir: Path, fits: dict[str, dict[str, Any]], fsum: dict[str, Any]) -> dict[str, Any] | None:
+    """The next run as planned (``runs/next-<lang>/run.json``: the ``suggestion`` its one fit planned),
+    else the planning fit's law optimum (not yet planned); the same fit as run.json and the report."""
+    for path in sorted(study_dir.glob("runs/next-*/run.json")):
+        try:
+            spec = read_json(path)
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(spec.get("suggestion"), dict) and "shape" in spec["suggestion"]:
+            return {**spec["suggestion"], "planned": True, "run_json": str(path)}
+    nxt = fsum.get("next_run")
+    if nxt and nxt.get("fit_id") in fits:
+        return {**nxt, "planned": False}
+    return nxt
+
+
+def _median_interval(vals: list[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0
+                     ) -> tuple[float | None, float | None]:
+    """Percentile bootstrap interval of the median over runs (runs resampled with replacement)."""
+    import numpy as np
+
+    if len(vals) < 2:
+        return None, None
+    rng = np.random.default_rng(seed)
+    x = np.asarray(vals, float)
+    meds = np.median(x[rng.integers(0, len(x), size=(n_boot, len(x)))], axis=1)
+    q = (1 - level) / 2
+    lo, hi = np.quantile(meds, [q, 1 - q])
+    return float(lo), float(hi)
+
+
 def compute_saving(db: Path, study: str) -> dict[str, Any]:
-    """Median share of FLOPs CPT saved (vs scratch at equal target loss), over each CPT run's last
-    evaluation (an even count averages the middle two), with the per-run values; read from the store's
-    ``transfer`` table."""
+    """Median share of FLOPs CPT saved (vs scratch at equal target loss) and median effective data
+    transferred (scratch tokens to the same loss minus CPT target tokens), over each CPT run's last
+    evaluation (an even count averages the middle two), each with a 95 % percentile bootstrap interval
+    over CPT runs; read from the store's ``transfer`` table. Single tiny runs are noisy: the interval
+    says how far the headline number can be trusted."""
     import duckdb
 
     con = duckdb.connect(str(db), read_only=True)
@@ -85,7 +153,8 @@ def compute_saving(db: Path, study: str) -> dict[str, Any]:
             with last as (
               select run_id, size, replay, max(step) as step from transfer
               where study = ? and frac_saved is not null group by run_id, size, replay)
-            select t.run_id, t.size, t.replay, t.frac_saved, t.tokens, t.scratch_tokens_equiv
+            select t.run_id, t.size, t.replay, t.frac_saved, t.tokens, t.scratch_tokens_equiv,
+                   t.effective_data_transferred
             from transfer t join last using (run_id, step)
             where t.study = ? order by t.size, t.replay, t.run_id
             """,
@@ -96,11 +165,19 @@ def compute_saving(db: Path, study: str) -> dict[str, Any]:
     finally:
         con.close()
     per_run = [
-        {"run_id": i, "size": s, "replay": r, "frac_saved": f, "tokens": t, "scratch_tokens_equiv": e}
-        for i, s, r, f, t, e in rows
+        {"run_id": i, "size": s, "replay": r, "frac_saved": f, "tokens": t, "scratch_tokens_equiv": e,
+         "effective_data_transferred": dt}
+        for i, s, r, f, t, e, dt in rows
     ]
     fracs = [float(x["frac_saved"]) for x in per_run]
-    return {"per_run": per_run, "median_frac_saved": statistics.median(fracs) if fracs else None}
+    dts = [float(x["effective_data_transferred"]) for x in per_run if x["effective_data_transferred"] is not None]
+    lo, hi = _median_interval(fracs)
+    dlo, dhi = _median_interval(dts)
+    return {"per_run": per_run, "median_frac_saved": statistics.median(fracs) if fracs else None,
+            "median_frac_saved_lo": lo, "median_frac_saved_hi": hi, "n_runs": len(fracs),
+            "median_effective_data": statistics.median(dts) if dts else None,
+            "median_effective_data_lo": dlo, "median_effective_data_hi": dhi,
+            "interval": "95% percentile bootstrap of the median over CPT runs (2000 resamples)"}
 
 
 def arm_results(db: Path, study: str) -> dict[str, Any]:
@@ -165,9 +242,10 @@ def summarize(study_dir: Path, study: str) -> dict[str, Any]:
             fits[data.get("fit_id") or path.stem] = data
     out["fits"] = {name: {"law": f["law"], "kind": f.get("kind"), "status": f.get("status", "ok"),
                           "reason": f.get("reason"), "equation": _law_text(f), "intervals": _interval_text(f),
-                          "heldout": _heldout_text(f)}
+                          "heldout": _heldout_text(f), "identifiability": _ident_text(f),
+                          "rollout": _rollout_text(f), "points": _selection_text(f)}
                    for name, f in fits.items()}
-    out["next_run"] = fsum.get("next_run")
+    out["next_run"] = _next_run(study_dir, fits, fsum)
     out["law_comparison"] = fsum.get("law_comparison") or []
     db = study_dir / "cptscale.duckdb"
     out["compute_saving"] = compute_saving(db, study) if db.exists() else {"error": f"{db} missing"}
@@ -180,21 +258,38 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [f"study {s['study']}", f"  report: {s['report']}"]
     for name, f in s["fits"].items():
         lines.append(f"  fit {name}: {f['equation']}")
-        for key in ("intervals", "heldout"):
+        for key in ("points", "identifiability", "intervals", "heldout", "rollout"):
             if f.get(key):
                 lines.append(f"      {f[key]}")
     for c in s.get("law_comparison") or []:
         lines.append(f"  {c['data']} data, Huber (sum): Chinchilla {c['huber_sum_chinchilla']:.4g} vs extended "
                      f"{c['huber_sum_extended']:.4g} (gamma = {c['gamma_extended']:.3f})")
     nr = s.get("next_run")
-    if nr and nr.get("valid"):
-        lines.append(f"  next run for C = {nr['C']:.3g} FLOPs ({nr['fit_id']}): N = {nr['N']:.4g} params, "
-                     f"D = {nr['D']:.4g} tokens, predicted loss {nr['predicted_loss']:.4f}")
+    if nr and nr.get("planned"):
+        from cptscale.nextrun import describe
+
+        lines.append(f"  {describe(nr)}")
+        lines.extend(f"      warning: {w}" for w in nr.get("warnings") or [])
+    elif nr and nr.get("valid"):
+        lines.append(f"  law optimum for C = {nr['C']:.3g} FLOPs ({nr['fit_id']}; not planned as a run): "
+                     f"N = {nr['N']:.4g} params, D = {nr['D']:.4g} tokens, predicted loss {nr['predicted_loss']:.4f}")
     elif nr:
         lines.append(f"  next run for C = {nr['C']:.3g}: {nr.get('reason')}")
     cs = s["compute_saving"]
     if cs.get("median_frac_saved") is not None:
-        lines.append(f"  CPT compute saving (median over CPT runs, last evaluation): {cs['median_frac_saved']:.1%}")
+        iv = (f" [{cs['median_frac_saved_lo']:.1%}, {cs['median_frac_saved_hi']:.1%}]"
+              if cs.get("median_frac_saved_lo") is not None else " [no interval: one CPT run]")
+        lines.append(f"  CPT compute saving (median over {cs.get('n_runs', '?')} CPT runs, last evaluation): "
+                     f"{cs['median_frac_saved']:.1%}{iv}")
+        if cs.get("median_frac_saved_lo") is not None:
+            lines.append(f"      {cs['interval']}; the saving is "
+                         + ("positive with 95% confidence" if cs["median_frac_saved_lo"] > 0 else
+                            "negative with 95% confidence" if cs["median_frac_saved_hi"] < 0 else
+                            "not distinguishable from zero at 95%"))
+        if cs.get("median_effective_data") is not None:
+            div = (f" [{cs['median_effective_data_lo']:.4g}, {cs['median_effective_data_hi']:.4g}]"
+                   if cs.get("median_effective_data_lo") is not None else "")
+            lines.append(f"      effective data transferred (median): {cs['median_effective_data']:.4g} tokens{div}")
         for row in cs["per_run"]:
             m = RUN_ID.match(row.get("run_id") or "")
             variant = m.group("variant") if m else None

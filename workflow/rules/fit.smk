@@ -32,13 +32,17 @@ checkpoint fit:
         next_run=f" --next-run-budget {CFG.fit.next_run_budget:g}" if CFG.fit.next_run_budget else "",
         # N as the study counts it for its budgets ("paper" sizes include the embeddings: total)
         param_count="nonembedding" if CFG.budget.param_count == "nonembedding" else "total",
+        # point selection, asymmetric Huber and the remedy for an unidentified law (recorded in every fit)
+        choices=f" --select {CFG.fit.points} --overestimate-penalty {CFG.fit.overestimate_penalty:g}"
+        f" --remedy {CFG.fit.remedy}" + (f" --fixed-E {CFG.fit.fixed_E:g}" if CFG.fit.fixed_E is not None else ""),
     log:
         f"{LOGS}/fit.log",
     shell:
         "cptscale fit-study --points {input.points} --db {input.db} --study {CFG.study}"
         " --out-dir $(dirname {output}) --budgets {params.budgets} --bootstrap {params.bootstrap}"
         " --delta {params.delta} --reduction {params.reduction} --grid {params.grid}"
-        " --min-step-fraction {params.min_step_fraction} --params {params.param_count}{params.next_run} > {log} 2>&1"
+        " --min-step-fraction {params.min_step_fraction} --params {params.param_count}{params.choices}{params.next_run}"
+        " > {log} 2>&1"
 
 
 def _next_run_checks(wc=None):

@@ -7,6 +7,7 @@ from typing import Any
 
 from cptscale.errors import CLIError
 from cptscale.fit.estimate import allocate, exponents, fit_law
+from cptscale.fit.identify import POINT_SELECTIONS, REMEDY_POLICIES
 from cptscale.fit.laws import EQUATIONS, GRIDS, LAWS, LOSSES, _min_sizes, load_fit
 from cptscale.fit.points import _load_df, _points
 from cptscale.fit.study import _heldout_loss, _loss_fit_record, fit_study
@@ -100,7 +101,9 @@ def _cmd_fit_study(args: Any) -> int:
     s = fit_study(args.points, args.out_dir, args.budgets or [], args.bootstrap, args.delta, args.reduction,
                   args.grid, args.next_run_budget, db=args.db, transfer=args.transfer,
                   min_step_fraction=args.min_step_fraction, cpt_replay=args.cpt_replay, seed=args.seed,
-                  study=args.study, params=args.params, loss=args.loss, config_hash=args.config_hash)
+                  study=args.study, params=args.params, loss=args.loss, config_hash=args.config_hash,
+                  points_mode=args.select, overestimate_penalty=args.overestimate_penalty, remedy=args.remedy,
+                  fixed_E=args.fixed_E)
     for f in s["fits"]:
         extra = f" — {f['reason']}" if f["status"] != "ok" else (
             f" — held-out MAE {f['heldout_mae']:.4g}" if f.get("heldout_mae") is not None else "")
@@ -157,5 +160,13 @@ def add_commands(subparsers: Any) -> None:
                    help="CPT fits on the runs with the smallest replay ratio (default) or on all, by target tokens")
     s.add_argument("--params", choices=("total", "nonembedding"), default="total",
                    help="N = all parameters (Chinchilla, the paper) or non-embedding ones (Kaplan)")
+    s.add_argument("--select", choices=list(POINT_SELECTIONS), default="annealed",
+                   help="points of the loss-law fits: annealed (run ends and WSD branch ends; default) or all "
+                        "(every evaluation: biased, see the fit record)")
+    s.add_argument("--overestimate-penalty", type=float, default=1.0,
+                   help="weight of overestimates in the Huber loss (OLMo-core's overestimate_penalty; 1: symmetric)")
+    s.add_argument("--remedy", choices=REMEDY_POLICIES, default="auto",
+                   help="an unidentified scratch fit: auto = fixed E, then the reduced law without E; flag = only flag")
+    s.add_argument("--fixed-E", type=float, default=None, help="the E the 'fixed E' remedy tries first")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_fit_study)

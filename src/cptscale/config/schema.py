@@ -272,6 +272,15 @@ class FitConfig(_Model):
         default_factory=lambda: [1e18, 1e19, 1e20, 1e21], description="FLOP budgets for the allocation table"
     )
     next_run_budget: float | None = Field(None, gt=0, description="train the predicted compute-optimal run")
+    points: Literal["annealed", "all"] = Field(
+        "annealed", description="loss-law fit points: annealed (each run's end and WSD decay-branch ends) or all "
+        "(every evaluation; un-annealed checkpoints bias alpha and beta)")
+    overestimate_penalty: float = Field(
+        1.0, gt=0, description="Huber weight of overestimates (OLMo-core ladder; 1 = symmetric)")
+    remedy: Literal["auto", "flag"] = Field(
+        "auto", description="a scratch fit with a parameter or interval on a bound: auto = fixed E, then the "
+        "reduced law without E (the one used is recorded); flag = only flag it")
+    fixed_E: float | None = Field(None, ge=0, description="E for the fixed-E remedy (null: E of a separate fit)")
 
 
 class StoreConfig(_Model):

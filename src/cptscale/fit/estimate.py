@@ -25,12 +25,14 @@ from cptscale.fit.laws import (
     LAWS,
     LINEAR_LAWS,
     LOSSES,
+    R_STAR_D,
     FitResult,
     _check_law,
     _grid,
     _min_sizes,
     _to_internal,
     _to_params,
+    effective_data,
 )
 from cptscale.fit.optimizer import BOUNDS, _distinct, _obj, _Prep, _run_batch
 from cptscale.fit.points import Points, _points
@@ -43,9 +45,15 @@ def _grid_spec(law: str, grid: str, fixed: dict[str, float], starts: np.ndarray)
 
     names = LAWS[law]
     return {"name": grid, "coords": "internal: log E, log A, log B, alpha, beta, gamma",
-            "values": {k: [_to_internal(k, fixed[k])] if k in fixed else [float(v) for v in GRIDS[grid][k]]
-                       for k in names},
-            "frozen": sorted(fixed), "n_starts": len(starts), "hash": stable_hash(np.round(starts, 12).tolist())}
+            "values": {k: [_finite_or_none(_to_internal(k, fixed[k]))] if k in fixed
+                       else [float(v) for v in GRIDS[grid][k]] for k in names},
+            "frozen": sorted(fixed), "n_starts": len(starts),
+            "hash": stable_hash(np.nan_to_num(np.round(starts, 12), neginf=-1e300).tolist())}
+
+
+def _finite_or_none(x: float) -> float | None:
+    """JSON has no infinities: the reduced law's log E = -inf is recorded as null."""
+    return float(x) if math.isfinite(x) else None
 
 
 def _fit_meta(law: str, params: dict[str, float], pts: Points, delta: float) -> dict[str, Any]:
@@ -68,7 +76,8 @@ def _fit_meta(law: str, params: dict[str, float], pts: Points, delta: float) -> 
 
 def fit_law(data: Any, law: str = "chinchilla", fixed: dict[str, float] | None = None,
             exclude: Sequence[Any] | None = None, delta: float = 1e-3, reduction: str = "sum",
-            grid: str = "chinchilla", polish: int = 3, loss: str = "huber") -> FitResult:
+            grid: str = "chinchilla", polish: int = 3, loss: str = "huber",
+            overestimate_penalty: float = 1.0, init: np.ndarray | None = None) -> FitResult:
     """Fit a loss law. ``loss="huber"`` (default): vectorised L-BFGS from every grid start, then scipy
     L-BFGS-B on the best distinct optima. ``loss="huber-nll"``: Besiroglu et al.'s published-table recipe
     (:func:`_fit_huber_nll`; ``grid`` and ``reduction`` do not apply and are recorded as such)."""
@@ -83,6 +92,8 @@ def fit_law(data: Any, law: str = "chinchilla", fixed: dict[str, float] | None =
         raise CLIError(f"reduction must be 'sum' or 'mean', not {reduction!r}")
     if not delta > 0:
         raise CLIError(f"Huber delta must be > 0, not {delta}")
+    if not overestimate_penalty > 0:
+        raise CLIError(f"overestimate_penalty must be > 0, not {overestimate_penalty}")
     names = LAWS[law]
     fixed = {k: float(v) for k, v in (fixed or {}).items()}
     _check_law(law, fixed, names)
@@ -101,7 +112,11 @@ def fit_law(data: Any, law: str = "chinchilla", fixed: dict[str, float] | None =
         return _fit_huber_nll(pts, law, fixed, delta, t0)
     lN, lD, lL = np.log(pts.N), np.log(pts.D), np.log(pts.L)
     starts = _grid(law, grid, fixed)
-    res = _run_batch(starts, free, lN, lD, lL, delta, reduction, maxiter=2000, ftol=1e-9)
+    if init is not None:  # warm starts (free coordinates) instead of the grid, e.g. a neighbouring fit's optima
+        starts = np.repeat(starts[:1], len(init), axis=0)
+        starts[:, free] = np.asarray(init, float).reshape(len(init), len(free))
+    asym = float(overestimate_penalty)
+    res = _run_batch(starts, free, lN, lD, lL, delta, reduction, asym=asym, maxiter=2000, ftol=1e-9)
     fbest = float(np.min(res["f"]))
     top = _distinct(res["x"], res["f"], polish)
     lo = np.array([BOUNDS[names[i]][0] for i in free])
@@ -114,7 +129,7 @@ def fit_law(data: Any, law: str = "chinchilla", fixed: dict[str, float] | None =
 
         def fun(x: np.ndarray, th: np.ndarray = th) -> tuple[float, np.ndarray]:
             th[free] = x
-            f, g = _obj(th[None], lN, lD, lL, delta, reduction, prep=prep)
+            f, g = _obj(th[None], lN, lD, lL, delta, reduction, prep=prep, asym=asym)
             return float(f[0]) * scale, g[0, free] * scale
 
         r = minimize(fun, res["x"][i], jac=True, method="L-BFGS-B", bounds=list(zip(lo, hi, strict=True)),
@@ -127,7 +142,7 @@ def fit_law(data: Any, law: str = "chinchilla", fixed: dict[str, float] | None =
     fobj, x, i0, success, message = best
     th = starts[i0].copy()
     th[free] = x
-    f1, g1 = _obj(th[None], lN, lD, lL, delta, reduction)
+    f1, g1 = _obj(th[None], lN, lD, lL, delta, reduction, asym=asym)
     gfree = g1[0, free]
     at_lo, at_hi = np.abs(x - lo) < 1e-7, np.abs(x - hi) < 1e-7
     pg = np.where((at_lo & (gfree > 0)) | (at_hi & (gfree < 0)), 0.0, gfree)
@@ -140,18 +155,21 @@ def fit_law(data: Any, law: str = "chinchilla", fixed: dict[str, float] | None =
     edge, outside = [], []
     for j in free:
         ax = GRIDS[grid][names[j]]
-        if len(ax) > 1 and np.all(np.isin(starts[basin, j], (min(ax), max(ax)))):
+        if init is None and len(ax) > 1 and np.all(np.isin(starts[basin, j], (min(ax), max(ax)))):
             edge.append(names[j])
         if not min(ax) <= th[j] <= max(ax):
             outside.append(names[j])
     topx = res["x"][top]
     meta = {
         "loss": "huber", "loss_description": "Huber(delta) on log-loss residuals log L_hat - log L",
-        "delta": delta, "reduction": reduction,
+        "delta": delta, "reduction": reduction, "overestimate_penalty": asym,
         "optimizer": "vectorised L-BFGS (numpy; m=10, projected Armijo backtracking; stop at |pg|<=1e-12 or "
                      "relative decrease <=1e-9) from every grid start, then scipy L-BFGS-B (objective "
                      f"rescaled to O(1), ftol=1e-15, gtol=1e-12) on the {len(top)} best distinct optima",
-        "grid": grid, "grid_spec": _grid_spec(law, grid, fixed, starts), "n_starts": len(starts),
+        "grid": grid if init is None else "warm",
+        "grid_spec": _grid_spec(law, grid, fixed, starts) if init is None else
+        {"name": "warm", "n_starts": len(starts), "note": "warm starts from a neighbouring fit's optima"},
+        "n_starts": len(starts),
         "n_polished": len(top), "objective": float(f1[0]),
         "converged": bool(success), "message": message,
         "grad_norm": float(np.linalg.norm(gfree)), "proj_grad_norm": float(np.linalg.norm(pg)),
@@ -259,6 +277,9 @@ def _fit_huber_nll(pts: Points, law: str, fixed: dict[str, float], delta: float,
 def exponents(fit: FitResult) -> dict[str, Any]:
     """Closed-form allocation under C = 6ND: N_opt = G (C/6)^a, D_opt = (C/6)^b / G (study-design §3.1, §3.2)."""
     p = fit.params
+    if fit.law == "muennighoff":
+        return {"a": None, "b": None, "G": None, "valid": False,
+                "reason": "data-constrained law: no closed form; the allocation is the numeric optimum"}
     A, B, al, be, ga = p["A"], p["B"], p["alpha"], p["beta"], p.get("gamma", 0.0)
     s = al + be - ga
     if not (be - ga > 0 and s > 0 and al > 0):
@@ -280,26 +301,58 @@ def _numeric_opt(fit: FitResult, C: float) -> dict[str, Any]:
     return {"N": n, "D": C / (6 * n), "loss": float(r.fun), "on_bound": bool(r.x < 1e-6 or r.x > hi - 1e-6)}
 
 
-def allocate(fit: FitResult, budgets: Sequence[float], numeric: bool = True) -> list[dict[str, Any]]:
-    """Compute-optimal N, D and predicted loss per budget: closed form, cross-checked by numeric minimisation."""
+def allocate(fit: FitResult, budgets: Sequence[float], numeric: bool = True,
+             unique_tokens: float | None = None) -> list[dict[str, Any]]:
+    """Compute-optimal N, D and predicted loss per budget: closed form, cross-checked by numeric minimisation
+    (the data-constrained law has only the numeric optimum, which already charges for repetition).
+
+    With ``unique_tokens`` U, a row whose D_opt exceeds U says so (``epochs``, ``warning``: what the
+    repetition costs, by Muennighoff et al.'s effective data, their R*_D unless the law fitted its own)
+    and gives the optimum that stays within U (``*_capped``): never more tokens than exist without the
+    warning."""
     ex = exponents(fit)
     out = []
     for C in budgets:
         C = float(C)
         row: dict[str, Any] = {"C": C, "a": ex["a"], "b": ex["b"], "G": ex["G"]}
+        nm = _numeric_opt(fit, C) if numeric or not ex["valid"] else None
         if ex["valid"]:
             n = ex["G"] * (C / 6) ** ex["a"]
             d = C / (6 * n)
             row.update(N_opt=n, D_opt=d, predicted_loss=float(fit.predict(n, d)), tokens_per_param=d / n)
+        elif fit.law == "muennighoff" and nm is not None:
+            row.update(N_opt=nm["N"], D_opt=nm["D"], predicted_loss=nm["loss"], tokens_per_param=nm["D"] / nm["N"])
         else:
             row.update(N_opt=None, D_opt=None, predicted_loss=None, tokens_per_param=None, reason=ex["reason"])
-        if numeric:
-            nm = _numeric_opt(fit, C)
+        if nm is not None:
             row.update(N_opt_numeric=nm["N"], D_opt_numeric=nm["D"], predicted_loss_numeric=nm["loss"],
                        numeric_on_bound=nm["on_bound"],
-                       numeric_rel_diff=abs(nm["N"] / row["N_opt"] - 1) if ex["valid"] else None)
+                       numeric_rel_diff=abs(nm["N"] / row["N_opt"] - 1) if row.get("N_opt") else None)
+        if unique_tokens and row.get("D_opt") is not None:
+            row.update(_unique_cap(fit, C, row["N_opt"], row["D_opt"], float(unique_tokens)))
         out.append(row)
     return out
+
+
+def _unique_cap(fit: FitResult, C: float, n: float, d: float, U: float) -> dict[str, Any]:
+    """What a unique-token cap U means for an allocation (N, D) at budget C (see :func:`allocate`)."""
+    out: dict[str, Any] = {"unique_tokens": U, "epochs": d / U, "within_unique_tokens": d <= U}
+    if d <= U:
+        return out
+    r_star = fit.params.get("R_D", R_STAR_D)
+    if fit.law == "muennighoff":
+        unique_fit = FitResult("chinchilla", {k: fit.params[k] for k in LAWS["chinchilla"]})
+        cost = float(fit.predict(n, d)) - float(unique_fit.predict(n, d))
+    else:
+        cost = float(fit.predict(n, effective_data(d, U, r_star))) - float(fit.predict(n, d))
+    n_cap = C / (6 * U)
+    out.update(
+        warning=f"D_opt = {d:.4g} tokens needs {d / U:.2f} epochs of the {U:.4g} unique tokens; repeating them "
+                f"costs {cost:.4f} nats at this allocation (effective data D' of Muennighoff et al. 2023, "
+                f"R*_D = {r_star:.4g})", repetition_cost=cost,
+        N_capped=n_cap, D_capped=U, predicted_loss_capped=float(fit.predict(n_cap, U)))
+    return out
+
 
 
 def _linfit(X: np.ndarray, y: np.ndarray, names: list[str], fixed: dict[str, float],

@@ -23,6 +23,7 @@ LINEAR_LAWS: dict[str, list[str]] = {"envelope": ["k", "m"], "hernandez": ["k", 
 EQUATIONS = {
     "chinchilla": "L = E + A/N^alpha + B/D^beta",
     "cpt": "L = E + A/N^alpha + B'/(D^beta' * N^gamma)   (B' = B, beta' = beta)",
+    "muennighoff": "L = E + A/N^alpha + B/D'^beta, D' = U + U R_D (1 - exp(-(D/U - 1)/R_D))   (Muennighoff et al. 2023)",
     "envelope": "L = k * C^m   (lower frontier of all runs)",
     "hernandez": "D_T = k * D_F^alpha * N^beta   (effective data transferred)",
     "isoflop": "N_opt = kN * C^a, D_opt = kD * C^b   (IsoFLOP profiles, Chinchilla approach 2)",
@@ -59,14 +60,50 @@ def _grid(law: str, grid: str = "chinchilla", fixed: dict[str, float] | None = N
 
 def _to_internal(name: str, v: float) -> float:
     if name in _LOG:
+        if name == "E" and v == 0:  # the reduced law without E (a remedy when E is not identified)
+            return -math.inf
         if v <= 0:
-            raise CLIError(f"frozen {name}={v} must be > 0")
+            raise CLIError(f"frozen {name}={v} must be > 0" + (" (or exactly 0: the reduced law without E)"
+                                                                 if name == "E" else ""))
         return math.log(v)
     return float(v)
 
 
 def _to_params(th: np.ndarray, names: Sequence[str]) -> dict[str, float]:
     return {k: float(math.exp(th[i]) if k in _LOG else th[i]) for i, k in enumerate(names)}
+
+
+#: Muennighoff et al. 2023 (huggingface/datablations README, "Parametric Fit"), internal coordinates
+#: a = log A, b = log B, e = log E as published, plus the fitted repetition half-lives R*_D and R*_N.
+MUENNIGHOFF: dict[str, float] = {"a": 6.255414, "b": 7.3049974, "e": 0.6254804, "alpha": 0.3526596,
+                                 "beta": 0.3526596, "R_D": 15.387756, "R_N": 5.309743}
+R_STAR_D = MUENNIGHOFF["R_D"]
+
+
+def effective_data(D: Any, U: Any, r_star: float = R_STAR_D) -> np.ndarray:
+    """Muennighoff et al.'s effective data D' = U + U·R*·(1 − exp(−R_D/R*)), R_D = D/U − 1 repetitions beyond
+    the first epoch: repeated tokens are worth less with every repetition and never more than U·R* in all
+    (D' = D without repetition)."""
+    D, U = np.asarray(D, float), np.asarray(U, float)
+    R = np.maximum(D / U - 1.0, 0.0)
+    return np.where(D <= U, D, U + U * r_star * (1.0 - np.exp(-R / r_star)))
+
+
+def muennighoff_loss(N: Any, D: Any, U: Any, p: dict[str, float] | None = None) -> np.ndarray:
+    """The full data-constrained law of Muennighoff et al. 2023 (effective data and effective parameters,
+    U_N = min(N, the compute-optimal N of U tokens)) with their published constants by default: the formula
+    of their README (valid for D >= U), which the tests check against its two worked examples."""
+    p = p or MUENNIGHOFF
+    A, B, E = math.exp(p["a"]), math.exp(p["b"]), math.exp(p["e"])
+    al, be = p["alpha"], p["beta"]
+    G = ((al * A) / (be * B)) ** (1 / (al + be))
+    N, D, U = (np.asarray(x, float) for x in (N, D, U))
+    RD = np.maximum(D / U - 1, 0)
+    UN = np.minimum(N, (U * G) ** (be / al) * G)
+    RN = np.maximum(N / UN - 1, 0)
+    n_eff = UN + UN * p["R_N"] * (1 - np.exp(-RN / p["R_N"]))
+    d_eff = U + U * p["R_D"] * (1 - np.exp(-RD / p["R_D"]))
+    return E + A / n_eff**al + B / d_eff**be
 
 
 @dataclass
@@ -86,6 +123,8 @@ class FitResult:
             N, DF = (np.asarray(x, float) for x in cols)
             return p["k"] * DF ** p["alpha"] * N ** p["beta"]
         N, D = (np.asarray(x, float) for x in cols)
+        if self.law == "muennighoff":  # the unique tokens U are part of the law: D counts repeated tokens
+            D = effective_data(D, p["U"], p["R_D"])
         return p["E"] + p["A"] / N ** p["alpha"] + p["B"] / (D ** p["beta"] * N ** p.get("gamma", 0.0))
 
     def to_dict(self) -> dict[str, Any]:

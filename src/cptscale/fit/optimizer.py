@@ -45,25 +45,27 @@ class _Prep:
 
 
 def _obj(theta: np.ndarray, lN: np.ndarray, lD: np.ndarray, lL: np.ndarray, delta: float, reduction: str,
-         W: np.ndarray | None = None, prep: _Prep | None = None) -> tuple[np.ndarray, np.ndarray]:
+         W: np.ndarray | None = None, prep: _Prep | None = None, asym: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Huber objective and its gradient for a batch theta (K, 5|6) in internal coordinates.
 
-    ``W`` (K, n) are per-row point weights (bootstrap counts). Rows are processed in cache-sized blocks.
+    ``W`` (K, n) are per-row point weights (bootstrap counts). ``asym`` multiplies the Huber loss of
+    overestimates (prediction above the observation; OLMo-core's ``overestimate_penalty``): > 1 pulls the
+    law towards the lower frontier. Rows are processed in cache-sized blocks.
     """
     prep = prep or _Prep(lN, lD, lL)
     rows = theta.shape[0]
     bs = max(1, _BLOCK // max(1, lN.shape[-1]))
     if rows <= bs:
-        return _obj_block(theta, prep, delta, reduction, W)
+        return _obj_block(theta, prep, delta, reduction, W, asym)
     f, g = np.empty(rows), np.empty(theta.shape)
     for i in range(0, rows, bs):
         f[i : i + bs], g[i : i + bs] = _obj_block(theta[i : i + bs], prep, delta, reduction,
-                                                  None if W is None else W[i : i + bs])
+                                                  None if W is None else W[i : i + bs], asym)
     return f, g
 
 
 def _obj_block(theta: np.ndarray, d: _Prep, delta: float, reduction: str,
-               W: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               W: np.ndarray | None = None, asym: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_obj` on one block. The exponentials are taken without a max-shift: the box bounds keep
     every exponent within ±200, far from float64 overflow."""
     K, p = theta.shape
@@ -83,6 +85,10 @@ def _obj_block(theta: np.ndarray, d: _Prep, delta: float, reduction: str,
     r -= d.lL
     c = np.minimum(r, delta)
     np.maximum(c, -delta, out=c)  # c = clip(r) = dHuber/dr
+    n_w = W.sum(1) if W is not None else np.full(K, len(d.lN), float)
+    if asym != 1.0:  # the weight is constant on each side of r = 0, where Huber' = 0: the gradient stays exact
+        a = np.where(r > 0, asym, 1.0)
+        W = a if W is None else W * a
     if W is not None:  # Huber = c·(r − c/2), weighted
         cw = c * W
         f = np.einsum("kn,kn->k", cw, r) - 0.5 * np.einsum("kn,kn->k", cw, c)
@@ -101,9 +107,8 @@ def _obj_block(theta: np.ndarray, d: _Prep, delta: float, reduction: str,
     if p == 6:
         g[:, 5] = -g3[:, 2]
     if reduction == "mean":
-        n = W.sum(1) if W is not None else np.full(K, len(d.lN), float)
-        f = f / n
-        g /= n[:, None]
+        f = f / n_w
+        g /= n_w[:, None]
     return f, g
 
 
@@ -216,7 +221,8 @@ def _distinct(X: np.ndarray, f: np.ndarray, k: int, tol: float = 1e-3) -> list[i
 
 
 def _run_batch(theta0: np.ndarray, free: list[int], lN, lD, lL, delta: float, reduction: str,
-               W: np.ndarray | None = None, wrow: np.ndarray | None = None, **opt: Any) -> dict[str, np.ndarray]:
+               W: np.ndarray | None = None, wrow: np.ndarray | None = None, asym: float = 1.0,
+               **opt: Any) -> dict[str, np.ndarray]:
     """lbfgs_batch over the free columns of theta0 (K, p), chunked to bound memory."""
     names_lo = np.array([b[0] for b in BOUNDS.values()])
     names_hi = np.array([b[1] for b in BOUNDS.values()])
@@ -232,7 +238,7 @@ def _run_batch(theta0: np.ndarray, free: list[int], lN, lD, lL, delta: float, re
         def fg(X: np.ndarray, rows: np.ndarray, base: np.ndarray = base, Wc: np.ndarray | None = Wc):
             th = base[rows].copy()
             th[:, free] = X
-            f, g = _obj(th, lN, lD, lL, delta, reduction, None if Wc is None else Wc[rows], prep)
+            f, g = _obj(th, lN, lD, lL, delta, reduction, None if Wc is None else Wc[rows], prep, asym)
             return f, g[:, free]
 
         outs.append(lbfgs_batch(fg, base[:, free], lo, hi, **opt))

@@ -12,14 +12,23 @@ from typing import Any
 import numpy as np
 
 from cptscale.errors import CLIError
+from cptscale.fit.constrained import fit_data_constrained
 from cptscale.fit.estimate import (
     allocate,
     exponents,
     fit_envelope,
     fit_hernandez,
-    fit_law,
     isoflop,
     lower_frontier,
+)
+from cptscale.fit.identify import (
+    POINT_SELECTIONS,
+    REMEDY_POLICIES,
+    design_counts,
+    fit_remedied,
+    identifiability,
+    rollout,
+    select_points,
 )
 from cptscale.fit.laws import EQUATIONS, LAWS, LOSSES, FitResult, _min_sizes
 from cptscale.fit.points import Points, _load_df, _points
@@ -28,7 +37,6 @@ from cptscale.fit.uncertainty import (
     _bootstrap_generic,
     _err_stats,
     _interval,
-    bootstrap_law,
     heldout_validation,
 )
 
@@ -45,10 +53,73 @@ def _skipped(fit_id: str, law: str, kind: str, lang: str | None, reason: str, **
             "meta": extra}
 
 
+def _unique_tokens(db: str | None, study: str | None) -> dict[str, float]:
+    """Unique training tokens per language (the data manifests in the store), for the data-constrained law
+    and the allocation's unique-token cap; empty without a store."""
+    if not db or not Path(db).exists():
+        return {}
+    from cptscale.store import connect
+
+    con = connect(db)
+    try:
+        have = {r[0] for r in con.execute("select table_name from information_schema.tables").fetchall()}
+        if "data_manifests" not in have:
+            return {}
+        q = "select lang, max(train_tokens) from data_manifests where train_tokens is not null"
+        rows = con.execute(q + (" and study = ?" if study else "") + " group by lang", [study] if study else []).fetchall()
+        return {str(lang): float(t) for lang, t in rows if t}
+    finally:
+        con.close()
+
+
+def _constrained_record(fit_id: str, lang: str, frame_sel: tuple[Any, dict[str, Any]], U: float,
+                        scratch: dict[str, Any] | None, budgets: Sequence[float], kw: dict[str, Any]) -> dict[str, Any]:
+    """Muennighoff et al.'s effective-data law on the scratch runs, when some of them repeat data (else
+    skipped: it reduces to Chinchilla); held-out largest size like the other laws."""
+    frame, sel = frame_sel
+    sel = {**sel, "unique_tokens": U}
+    if not len(frame):
+        return _skipped(fit_id, "muennighoff", "scratch", lang, "no points", selection=sel)
+    pts = _points(frame)
+    epochs = float(pts.D.max() / U)
+    if epochs <= 1:
+        return _skipped(fit_id, "muennighoff", "scratch", lang, f"no run repeats data (largest D = {epochs:.2f} "
+                        f"epochs of the {U:.4g} unique tokens): the effective-data law is Chinchilla's", selection=sel)
+    fixed = {k: v for k, v in (scratch["fr"].fixed if scratch else {}).items() if k == "E"}
+    try:
+        fr = fit_data_constrained(pts, U, fixed=fixed, **kw)
+    except Exception as exc:
+        return _skipped(fit_id, "muennighoff", "scratch", lang, f"fit failed: {exc}", selection=sel)
+    ho: dict[str, Any]
+    nmax = max(pts.sizes)
+    if len(pts.sizes) < 4:
+        ho = {"status": "skipped", "reason": f"{len(pts.sizes)} sizes; need >= 4 to hold one out"}
+    else:
+        tr, te = pts.subset(nmax > pts.N), pts.subset(nmax == pts.N)
+        try:
+            hf = fit_data_constrained(tr, U, fixed=fixed, **kw)
+            ho = {"status": "ok", "heldout_N": nmax, "n_train": len(tr.N), "n_test": len(te.N),
+                  **_err_stats(hf.predict(te.N, te.D), te.L), "params": hf.params}
+        except Exception as exc:
+            ho = {"status": "skipped", "reason": str(exc)}
+    ident = identifiability(fr, None, design_counts(pts), fr.meta.get("on_bound"))
+    pred = fr.predict(pts.N, pts.D)
+    return {"format": "cptscale-fit/1", "fit_id": fit_id, "law": "muennighoff", "kind": "scratch", "lang": lang,
+            "status": "ok", "reason": None, "equation": EQUATIONS["muennighoff"], "params": fr.params,
+            "fixed": fr.fixed, "intervals": {}, "heldout": ho, "identifiability": ident,
+            "allocation": allocate(fr, budgets, unique_tokens=U),
+            "points": [{"run_id": str(r), "N": float(a), "D": float(b), "observed_loss": float(o),
+                        "predicted_loss": float(q)} for r, a, b, o, q in zip(pts.run, pts.N, pts.D, pts.L, pred,
+                                                                              strict=True)],
+            "meta": {**fr.meta, "selection": sel, "identifiability": ident, "bootstrap": {"n_requested": 0}},
+            "bootstrap": {}}
+
+
 def _loss_fit_record(fit_id: str, kind: str, lang: str | None, pts: Points, fr: FitResult,
                      bs: dict[str, Any] | None, heldout: dict[str, Any], budgets: Sequence[float],
-                     next_budget: float | None, selection: dict[str, Any], fixed_from: str | None) -> dict[str, Any]:
-    alloc = allocate(fr, budgets)
+                     next_budget: float | None, selection: dict[str, Any], fixed_from: str | None,
+                     unique_tokens: float | None = None) -> dict[str, Any]:
+    alloc = allocate(fr, budgets, unique_tokens=unique_tokens)
     for row in alloc:
         if bs:
             for k in ("N_opt", "D_opt", "predicted_loss"):
@@ -179,7 +250,8 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
               next_run_budget: float | None = None, db: str | None = None, transfer: str | None = None,
               min_step_fraction: float = 0.0, cpt_replay: str = "min", seed: int = 0,
               study: str | None = None, params: str = "total", loss: str = "huber",
-              config_hash: str | None = None) -> dict[str, Any]:
+              config_hash: str | None = None, points_mode: str = "annealed", overestimate_penalty: float = 1.0,
+              remedy: str = "auto", fixed_E: float | None = None) -> dict[str, Any]:
     """Every fit of a study from the points table of ``cptscale db points``; one JSON per fit + summary.json.
 
     Per target language: Chinchilla on scratch runs; the extended CPT law on CPT runs with E, A, alpha
@@ -230,8 +302,13 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
     settings = {"delta": delta, "reduction": reduction, "grid": grid, "loss": loss, "bootstrap": bootstrap,
                 "budgets": [float(b) for b in budgets], "next_run_budget": next_run_budget,
                 "min_step_fraction": min_step_fraction, "cpt_replay": cpt_replay, "seed": seed,
-                "level": _LEVEL, "params": params}
-    kw = {"delta": delta, "reduction": reduction, "grid": grid, "loss": loss}
+                "level": _LEVEL, "params": params, "points": points_mode,
+                "overestimate_penalty": overestimate_penalty, "remedy": remedy, "fixed_E": fixed_E}
+    if remedy not in REMEDY_POLICIES:
+        raise CLIError(f"fit.remedy must be one of {list(REMEDY_POLICIES)}, not {remedy!r}")
+    kw = {"delta": delta, "reduction": reduction, "grid": grid, "loss": loss,
+          "overestimate_penalty": overestimate_penalty}
+    unique = _unique_tokens(db, study)
     records: list[dict[str, Any]] = []
     langs = sorted(df.loc[df["init"] == "cpt", "lang"].unique()) or sorted(df["lang"].unique())
     tr_df = None
@@ -248,21 +325,25 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
                     "what": "every evaluated checkpoint (step > 0) of each run after min_step_fraction of its "
                             "steps, target-language validation loss; D = tokens seen",
                     "N": "parameters with embeddings" if params == "total" else "non-embedding parameters"}
-        sc = df[(df["init"] == "scratch") & (df["lang"] == lang)]
-        cp = df[(df["init"] == "cpt") & (df["lang"] == lang)]
+        sc_all = df[(df["init"] == "scratch") & (df["lang"] == lang)]
+        cp_all = df[(df["init"] == "cpt") & (df["lang"] == lang)]
         rep_used = None
-        if len(cp) and cpt_replay == "min":
-            rep_used = float(cp["replay"].min())
-            cp = cp[cp["replay"] == rep_used]
-        cp = cp.assign(D=cp["D_target"])
+        if len(cp_all) and cpt_replay == "min":
+            rep_used = float(cp_all["replay"].min())
+            cp_all = cp_all[cp_all["replay"] == rep_used]
+        cp_all = cp_all.assign(D=cp_all["D_target"])
+        sc, sc_sel = select_points(sc_all, points_mode)
+        cp, cp_sel = select_points(cp_all, points_mode)
+        base_sel = {**base_sel, "what": POINT_SELECTIONS[points_mode]["rule"] + "; target-language validation "
+                    "loss; D = tokens seen"}
         sets = {
-            "scratch": (sc, {**base_sel, "init": "scratch"}),
-            "cpt": (cp, {**base_sel, "init": "cpt", "replay": rep_used if cpt_replay == "min" else "all",
+            "scratch": (sc, {**base_sel, **sc_sel, "init": "scratch"}),
+            "cpt": (cp, {**base_sel, **cp_sel, "init": "cpt", "replay": rep_used if cpt_replay == "min" else "all",
                          "D": "D_target = CPT target-language tokens (replay and source pre-training excluded)"}),
         }
-        scratch_fit: FitResult | None = None
-        scratch_bs: dict[str, Any] | None = None
-        scratch_ho: dict[str, Any] | None = None
+        curves = {"scratch": sc_all, "cpt": cp_all}  # envelope and IsoFLOP read whole curves
+        scratch: dict[str, Any] | None = None  # the scratch Chinchilla fit the CPT law freezes E, A, alpha from
+        alloc_budgets = [*budgets, *([next_run_budget] if next_run_budget else [])]
         plan = [("scratch", "chinchilla", None), ("cpt", "cpt", "frozen"), ("cpt", "chinchilla", None),
                 ("scratch", "cpt", None)]
         for kind, law, frozen in plan:
@@ -272,11 +353,11 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
             fixed: dict[str, float] = {}
             fixed_from = None
             if frozen:
-                if scratch_fit is None:
+                if scratch is None:
                     records.append(_skipped(fit_id, law, kind, lang, "needs the scratch Chinchilla fit for the "
                                             "frozen E, A, alpha, which was skipped", selection=sel))
                     continue
-                fixed = {k: scratch_fit.params[k] for k in ("E", "A", "alpha")}
+                fixed = {k: scratch["fr"].params[k] for k in ("E", "A", "alpha")}
                 fixed_from = f"scratch-chinchilla-{lang}"
             pts = _points(frame) if len(frame) else None
             need = _min_sizes(law, fixed)
@@ -286,31 +367,43 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
                 records.append(_skipped(fit_id, law, kind, lang, f"{have}; the {law} law with {nfree} free "
                                         f"parameters needs >= {need} sizes and >= {nfree + 1} points", selection=sel))
                 continue
+            main = (kind, law) in (("scratch", "chinchilla"), ("cpt", "cpt"))
+            fs = {k: scratch["bs"]["samples"][k] for k in fixed} if frozen and scratch and scratch["bs"] else None
             try:
-                fr = fit_law(pts, law, fixed, **kw)
+                fr, bs, ident, rem = fit_remedied(
+                    pts, law, fixed, bootstrap, seed, alloc_budgets, fs, kw,
+                    remedy if (kind, law) == ("scratch", "chinchilla") else "flag", fixed_E,
+                    sets["cpt"][0] if kind == "scratch" else None)
             except Exception as exc:
                 records.append(_skipped(fit_id, law, kind, lang, f"fit failed: {exc}", selection=sel))
                 continue
-            fs = None
-            if frozen and scratch_bs is not None:
-                fs = {k: scratch_bs["samples"][k] for k in fixed}
-            bs = bootstrap_law(pts, fr, bootstrap, seed, [*budgets, *([next_run_budget] if next_run_budget else [])],
-                               fixed_samples=fs) if bootstrap else None
             if frozen:
-                if scratch_ho and scratch_ho.get("status") == "ok":
-                    hfix = {k: scratch_ho["params"][k] for k in ("E", "A", "alpha")}
+                ro_fixed = scratch["rollout_fixed"]
+                ro = rollout(pts, law, lambda k, r=ro_fixed: r.get(k), need, **kw) if main else None
+                if scratch["ho"].get("status") == "ok":
+                    hfix = {k: scratch["ho"]["params"][k] for k in ("E", "A", "alpha")}
                     ho = _heldout_loss(pts, law, hfix, need, **kw)
                     ho["frozen_from"] = "the scratch fit without its largest size"
                 else:
                     ho = {"status": "skipped", "reason": "the scratch held-out fit (source of E, A, alpha) was skipped"}
             else:
-                ho = _heldout_loss(pts, law, {}, need, **kw)
-            rec = _loss_fit_record(fit_id, kind, lang, pts, fr, bs, ho, budgets, next_run_budget, sel, fixed_from)
+                rfix = {k: fr.fixed[k] for k in fr.fixed}  # the remedy's frozen values hold at every step
+                ro = rollout(pts, law, lambda k, f=rfix: f, need, **kw) if main else None
+                ho = _heldout_loss(pts, law, rfix, need, **kw)
+            rec = _loss_fit_record(fit_id, kind, lang, pts, fr, bs, ho, budgets, next_run_budget, sel, fixed_from,
+                                   unique.get(lang))
+            rec.update(identifiability=ident, rollout=ro, remedy=rem)
+            rec["meta"]["identifiability"] = ident
             records.append(rec)
             if kind == "scratch" and law == "chinchilla":
-                scratch_fit, scratch_bs, scratch_ho = fr, bs, ho
+                steps = {x["k"]: {k: x["params"][k] for k in ("E", "A", "alpha")}
+                         for x in (ro or {}).get("steps", []) if x["status"] == "ok"}
+                scratch = {"fr": fr, "bs": bs, "ho": ho, "rollout_fixed": steps}
+        if unique.get(lang):
+            records.append(_constrained_record(f"scratch-constrained-{lang}", lang, sets["scratch"],
+                                               float(unique[lang]), scratch, budgets, kw))
         for kind in ("scratch", "cpt"):
-            frame, sel = sets[kind]
+            frame, sel = curves[kind], {**sets[kind][1], "points": "all (whole curves)"}
             records.append(_envelope_record(f"{kind}-envelope-{lang}", kind, lang, frame, sel, bootstrap, seed))
             records.append(_isoflop_record(f"{kind}-isoflop-{lang}", kind, lang, frame, sel, bootstrap, seed,
                                            [r for r in records if r["status"] == "ok" and r["kind"] == kind
@@ -493,7 +586,7 @@ def _summary(records: list[dict[str, Any]], settings: dict[str, Any], points: st
                                    "huber_mean_extended": other["meta"]["huber_mean"],
                                    "gamma_extended": other["params"]["gamma"]})
     nxt = None
-    for fid_prefix in ("cpt-extended-", "scratch-chinchilla-"):
+    for fid_prefix in ("scratch-chinchilla-",):  # the fit `cptscale next-run spec` plans from
         cand = [r for r in records if r["fit_id"].startswith(fid_prefix) and r["status"] == "ok" and r.get("next_run")]
         if cand:
             nxt = {"fit_id": cand[0]["fit_id"], **cand[0]["next_run"]}

@@ -93,6 +93,7 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
             fitted.append((int(b), th0))
     elif len(bidx):
         res = _run_batch(theta0, free, lN, lD, lL, delta, reduction, W=W, wrow=np.repeat(bidx, S),
+                         asym=float(fit.meta.get("overestimate_penalty", 1.0)),
                          maxiter=3000, ftol=1e-13)
         f = res["f"].reshape(len(bidx), S)
         j = np.argmin(f, 1)

@@ -1,0 +1,196 @@
+"""Which points a loss law is fitted on, whether the fit is identified, what to do when it is not, and
+how well it extrapolates size by size.
+
+* :func:`select_points`: ``annealed`` (default: each run's end and each WSD decay branch's end, losses of
+  finished runs only) or ``all`` (every evaluation, biased: un-annealed checkpoints sit above the annealed
+  curve; Hägele et al. 2024), recorded in every fit;
+* :func:`identifiability`: a free parameter on a bound of the box, or a bootstrap interval reaching one,
+  flags the fit, and its allocation is marked unreliable;
+* :func:`fit_remedied`: the standard remedies for an unidentified fit (a fixed E, given or from a separate
+  fit; the reduced law without E; more points, which ``cptscale plan`` names), the one used recorded;
+* :func:`rollout`: OLMo-core's ladder rollout (``ScalingLawRollout``): fit on the smallest k sizes and
+  predict size k+1, for every k.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from cptscale.errors import CLIError
+from cptscale.fit.estimate import fit_law
+from cptscale.fit.laws import _LOG, LAWS, FitResult, _to_internal
+from cptscale.fit.optimizer import BOUNDS
+from cptscale.fit.points import Points, _points
+from cptscale.fit.uncertainty import _err_stats, bootstrap_law
+
+#: Point selections of the loss-law fits (``fit.points``): what each one keeps and the bias it carries.
+POINT_SELECTIONS: dict[str, dict[str, str]] = {
+    "annealed": {
+        "rule": "the final evaluation of each run's main trajectory (its schedule's end) and the final "
+                "evaluation of each WSD decay branch: losses of annealed models only, at one D per budget",
+        "bias": "unbiased with respect to the schedule: every point is a finished (annealed) run, as in "
+                "Chinchilla's approach 3; needs several D per size (WSD branches) to separate alpha from beta",
+    },
+    "all": {
+        "rule": "every evaluation after min_step_fraction of each run, annealed or not",
+        "bias": "BIASED: intermediate evaluations of un-annealed checkpoints (WSD stable phase, mid-cosine) lie "
+                "above the loss of a run annealed at that D (Hägele et al. 2024); mixing them with annealed "
+                "points biases alpha and beta",
+    },
+}
+
+
+def select_points(df: Any, mode: str = "annealed") -> tuple[Any, dict[str, Any]]:
+    """The rows of a points table (``cptscale db points``: ``run, step, branch, ...``) a loss-law fit uses,
+    and the record of that choice. ``annealed``: each run's last main-trajectory evaluation plus every
+    decay branch's final evaluation; ``all``: every row."""
+    if mode not in POINT_SELECTIONS:
+        raise CLIError(f"fit.points must be one of {list(POINT_SELECTIONS)}, not {mode!r}")
+    rec: dict[str, Any] = {"points": mode, **POINT_SELECTIONS[mode], "n_candidates": len(df)}
+    if mode == "all" or not len(df):
+        rec["n_selected"] = len(df)
+        return df, rec
+    if "step" not in df.columns:
+        raise CLIError("point selection 'annealed' needs the points table's step column (cptscale db points writes it)")
+    branch = df["branch"] if "branch" in df.columns else None
+    main = branch.isna() if branch is not None else np.ones(len(df), bool)
+    last = df["step"].where(main).groupby(df["run"]).transform("max")
+    keep = (main & (df["step"] == last)) | (~main)
+    out = df[keep]
+    rec.update(n_selected=int(keep.sum()), n_branch_points=int((~main).sum()),
+               n_run_ends=int((main & (df["step"] == last)).sum()))
+    return out, rec
+
+
+def design_counts(pts: Points) -> dict[str, Any]:
+    """What a set of points can identify: distinct N, distinct D per N, points."""
+    per_n = {float(n): len(set(np.round(pts.D[n == pts.N], 6).tolist())) for n in pts.sizes}
+    return {"n_points": len(pts.N), "distinct_N": len(per_n), "distinct_D_per_N": per_n,
+            "min_distinct_D_per_N": min(per_n.values()) if per_n else 0}
+
+
+#: How close (share of the bound box, internal coordinates) a value must come to a bound to count as on it.
+BOUND_TOL = 0.01
+
+
+def _near_bound(name: str, value: float | None) -> str | None:
+    if value is None or not math.isfinite(value) or name not in BOUNDS:
+        return None
+    lo, hi = BOUNDS[name]
+    try:
+        x = _to_internal(name, value) if value > 0 or name not in _LOG else -math.inf
+    except Exception:
+        return "lower"
+    tol = BOUND_TOL * (hi - lo)
+    return "lower" if x <= lo + tol else "upper" if x >= hi - tol else None
+
+
+def identifiability(fr: FitResult, intervals: dict[str, Any] | None, counts: dict[str, Any] | None = None,
+                    on_bound: Sequence[str] | None = None) -> dict[str, Any]:
+    """Whether a loss-law fit is identified: no free parameter at a bound of the box and no bootstrap
+    interval reaching one (``BOUND_TOL`` of the box, internal coordinates), plus the design counts. An
+    unidentified fit's allocation is unreliable."""
+    free = [k for k in LAWS.get(fr.law, LAWS["chinchilla"]) if k not in fr.fixed and k in fr.params]
+    at_bound = {k: _near_bound(k, fr.params[k]) for k in free}
+    at_bound = {k: v for k, v in at_bound.items() if v}
+    for k in on_bound or []:
+        at_bound.setdefault(k, "bound")
+    iv_bound = {}
+    for k in free:
+        iv = (intervals or {}).get(k) or {}
+        ends = [e for e in (_near_bound(k, iv.get("lo")), _near_bound(k, iv.get("hi"))) if e]
+        if ends:
+            iv_bound[k] = ends[0]
+    ok = not at_bound and not iv_bound
+    bits = [f"{k} on its {v} bound" for k, v in at_bound.items()]
+    bits += [f"the interval of {k} reaches its {v} bound" for k, v in iv_bound.items()]
+    return {"identified": ok, "on_bound": sorted(at_bound), "interval_at_bound": sorted(iv_bound),
+            "allocation_reliable": ok, "summary": "; ".join(bits) if bits else "every free parameter interior",
+            "bound_tolerance": f"{BOUND_TOL:.0%} of the bound box (internal coordinates: log E, log A, log B)",
+            "design": counts or {}}
+
+
+def rollout(pts: Points, law: str, fixed_at: Callable[[int], dict[str, float] | None], need: int,
+            **kw: Any) -> dict[str, Any]:
+    """OLMo-core's ladder rollout: for every k, fit on the smallest k sizes and predict size k+1; the
+    error of each step (``fixed_at(k)`` gives the frozen parameters of the step-k fit, or None to skip)."""
+    sizes = pts.sizes
+    steps = []
+    for k in range(need, len(sizes)):
+        train, test = pts.subset(sizes[k - 1] >= pts.N), pts.subset(sizes[k] == pts.N)
+        fixed = fixed_at(k)
+        if fixed is None:
+            steps.append({"k": k, "status": "skipped", "reason": "no frozen parameters for this step"})
+            continue
+        try:
+            fr = fit_law(train, law, fixed, **kw)
+        except Exception as exc:
+            steps.append({"k": k, "status": "skipped", "reason": str(exc)})
+            continue
+        pred = fr.predict(test.N, test.D)
+        steps.append({"k": k, "status": "ok", "train_sizes": sizes[:k], "predicted_N": sizes[k],
+                      "n_train": len(train.N), "n_test": len(test.N), **_err_stats(pred, test.L),
+                      "params": fr.params, "on_bound": fr.meta.get("on_bound", [])})
+    ok = [x for x in steps if x["status"] == "ok"]
+    return {"status": "ok" if ok else "skipped", "steps": steps,
+            "mean_rel_err": float(np.mean([x["mean_rel_err"] for x in ok])) if ok else None,
+            "max_rel_err": float(max(x["mean_rel_err"] for x in ok)) if ok else None,
+            "overestimate_penalty": kw.get("overestimate_penalty", 1.0),
+            "reason": None if ok else f"{len(sizes)} sizes: no step with >= {need} sizes to fit and one to predict"}
+
+
+#: What fit-study does with a loss-law fit that is not identified (``fit.remedy``): ``auto`` tries a fixed E
+#: (``fit.fixed_E`` if given, else E of a separate free fit on the same target data, the CPT runs), then the
+#: reduced law without E, and keeps the first that is identified; ``flag`` only flags it.
+REMEDY_POLICIES = ("auto", "flag")
+_MORE_POINTS = ("more points: more sizes (a wider N range) and WSD decay branches (train.wsd_branches: several "
+                "annealed D per size); `cptscale plan CONFIG` says whether a design identifies each law")
+
+
+def fit_remedied(pts: Points, law: str, fixed: dict[str, float], nboot: int, seed: int, budgets: Sequence[float],
+                  fs: dict[str, np.ndarray] | None, kw: dict[str, Any], policy: str, fixed_E: float | None,
+                  other: Any) -> tuple[FitResult, dict[str, Any] | None, dict[str, Any], dict[str, Any]]:
+    """A loss-law fit, its bootstrap and identifiability; when it is not identified and ``policy`` is
+    ``auto``, the standard remedies in order (fixed E given, fixed E from a separate fit on ``other``'s
+    points, the reduced law without E), the first identified one kept. Returns the fit used, its
+    bootstrap, its identifiability and the remedy record (offered, tried, used)."""
+
+    def one(fx: dict[str, float]) -> tuple[FitResult, dict[str, Any] | None, dict[str, Any]]:
+        fr = fit_law(pts, law, fx, **kw)
+        bs = bootstrap_law(pts, fr, nboot, seed, budgets, fixed_samples=fs) if nboot else None
+        return fr, bs, identifiability(fr, bs["intervals"] if bs else None, design_counts(pts),
+                                       fr.meta.get("on_bound"))
+
+    fr, bs, ident = one(fixed)
+    offered = ["fixed E (fit.fixed_E, or E of a separate free fit on the same target data)",
+               "reduced law without E (E = 0) for the range studied", _MORE_POINTS]
+    rem: dict[str, Any] = {"policy": policy, "offered": offered, "tried": [], "used": "none",
+                           "free_fit": {"params": fr.params, "identifiability": ident}}
+    if ident["identified"] or policy != "auto" or "E" in fixed:
+        return fr, bs, ident, rem
+    cands: list[tuple[str, dict[str, float]]] = []
+    if fixed_E is not None:
+        cands.append((f"fixed E = {fixed_E:g} (given: fit.fixed_E)", {"E": float(fixed_E)}))
+    if other is not None and len(other):
+        try:
+            op = _points(other)
+            if len(op.sizes) >= 3:
+                sep = fit_law(op, "chinchilla", {}, **kw)
+                if "E" not in sep.meta.get("on_bound", []) and not _near_bound("E", sep.params["E"]):
+                    cands.append((f"fixed E = {sep.params['E']:.4g} from a separate free Chinchilla fit on the CPT "
+                                  "runs of the same target data", {"E": sep.params["E"]}))
+        except Exception as exc:  # the separate fit is optional: say why it was not offered
+            rem["tried"].append({"remedy": "fixed E from a separate fit", "error": str(exc)})
+    cands.append(("reduced law without E (E = 0) for the range studied", {"E": 0.0}))
+    for label, fx in cands:
+        fr2, bs2, ident2 = one({**fixed, **fx})
+        rem["tried"].append({"remedy": label, "params": fr2.params, "identified": ident2["identified"],
+                             "summary": ident2["summary"]})
+        if ident2["identified"]:
+            rem["used"] = label
+            return fr2, bs2, ident2, rem
+    return fr, bs, ident, rem
