@@ -267,7 +267,8 @@ def test_plan_table_columns_and_totals(capsys: pytest.CaptureFixture[str]) -> No
                        f"{batch_seqs}x{cfg.train.seq_length}",
                        f"{cfg.train.micro_batch_size}x{batch_seqs // cfg.train.micro_batch_size}", "1/1/1", "0",
                        str(cpus), f"{minutes}m", f"{r.mem_gb}G"], row
-    total = lines[-1]
+    total = next(ln for ln in lines if ln.startswith(f"study {cfg.study}:"))
+    assert any(ln.startswith("Can the planned points identify each law?") for ln in lines)  # after the totals
     flops = sum(6 * r.params * r.tokens for r in runs)
     assert total.startswith(f"study {cfg.study}: {len(runs)} runs, {_fmt_num(sum(r.tokens for r in runs))} tokens, "
                             f"{_fmt_num(flops)} FLOPs (6ND), ~{flops / s.cpu_flops_per_core / 3600:.3g} CPU core-hours")
@@ -275,5 +276,5 @@ def test_plan_table_columns_and_totals(capsys: pytest.CaptureFixture[str]) -> No
     assert total.endswith(f"time limits request {requested:.3g} CPU core-hours") and "GPU" not in total
 
     assert main(["plan", str(ROOT / "workflow/studies/paper.yaml")]) == 0
-    paper_total = capsys.readouterr().out.splitlines()[-1]
+    paper_total = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("study "))
     assert "GPU-hours at 30% MFU" in paper_total and "core-hours" not in paper_total

@@ -244,3 +244,130 @@ def test_summary_flags_an_unidentified_fit(tmp_path: Path) -> None:
     text = format_summary(summarize(tmp_path, "s"))
     assert "NOT IDENTIFIED: E on its lower bound; allocation and next run from this fit are unreliable" in text
     assert "points: annealed (12 of 40)" in text
+
+
+# ---------------------------------------------------------------- report: the flag where the allocation is drawn
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_bound_hugging_fit_flagged_in_json_store_summary_and_report(tmp_path: Path) -> None:
+    """A study whose scratch losses have no floor (pure power laws): fit-study with ``remedy: flag`` flags
+    the scratch law (E on its bound) in its JSON; the store keeps the flag, the summary prints it and the
+    report's IsoLoss frontier and fit-quality figures say the allocation is unreliable; in headless
+    Chromium (when installed) the page renders without errors."""
+    import duckdb
+    from test_report import CHROMIUM, check_rendered, page_specs, render
+
+    from cptscale.fit.study import fit_study
+    from cptscale.report.page import build_report
+    from cptscale.store.ingest import ingest
+    from cptscale.store.synthetic import generate_study, write_generated_transfers
+    from cptscale.summary import format_summary, summarize
+
+    sdir = tmp_path / "s"
+    generate_study(sdir, sizes=4, inits=("scratch", "cpt"), replays=(0.0,), steps_per_run=40, evals_per_run=9,
+                   study="s", lang="zh", source_lang="en")
+    write_generated_transfers(sdir)
+    db = tmp_path / "s.duckdb"
+    assert ingest(sdir, db).ok
+    rows = []
+    for kind in ("scratch", "cpt"):
+        for i, n in enumerate((2e4, 4e4, 8e4, 1.6e5, 3.2e5)):
+            for j, d in enumerate((1e5, 3e5, 1e6)):
+                loss = 60 / n**0.3 + (40 if kind == "scratch" else 30) / d**0.25
+                rows.append({"run": f"r{kind}{i}", "N": n, "D": d, "loss": loss, "init": kind, "lang": "zh",
+                             "size": f"s{i}", "replay": 0.0, "C": 6 * n * d, "step": j + 1, "D_target": d,
+                             "branch": j + 1 if j < 2 else None})
+    points = sdir / "fits" / "points.csv"
+    points.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(points, index=False)
+    fit_study(str(points), str(sdir / "fits"), budgets=[1e12], bootstrap=4, grid="coarse", db=str(db), study="s",
+              remedy="flag")
+    rec = json.loads((sdir / "fits" / "scratch-chinchilla-zh.json").read_text())
+    assert not rec["identifiability"]["identified"] and "E" in rec["identifiability"]["on_bound"]
+    assert rec["identifiability"]["allocation_reliable"] is False and rec["remedy"]["used"] == "none"
+    assert rec["meta"]["selection"]["points"] == "annealed"
+    assert ingest(sdir, db).ok
+    con = duckdb.connect(str(db), read_only=True)
+    meta = json.loads(con.execute("select meta from fits where fit_id = 'scratch-chinchilla-zh'").fetchone()[0])
+    con.close()
+    assert meta["identifiability"]["identified"] is False
+    text = format_summary(summarize(sdir, "s"))
+    assert "fit scratch-chinchilla-zh" in text and "NOT IDENTIFIED: E on its lower bound" in text
+    info = build_report(db, "s", tmp_path / "report", images=False)
+    specs = json.dumps(page_specs(tmp_path / "report" / "index.html"))
+    assert "scratch-chinchilla-zh: NOT IDENTIFIED: E on its lower bound" in specs  # fit-quality subtitle
+    assert "frontier and allocation unreliable" in specs  # the IsoLoss frontier's equation line
+    if Path(CHROMIUM).exists():
+        res = render(tmp_path / "report" / "index.html")
+        check_rendered(res, tmp_path / "report" / "index.html", info["drawn"])
+
+
+# ---------------------------------------------------------------- next run: family, budget, one fit everywhere
+
+
+@pytest.mark.slow
+def test_next_run_in_family_within_budget_and_the_same_in_run_json_summary_and_report(tmp_path: Path) -> None:
+    """The demo design simulated from a known law, fitted by fit-study; the next run planned from the scratch
+    fit is a shape of the ladder's family, counted in the fit's convention, its FLOPs within the budget;
+    run.json, the summary and the report show the same fit, shape, N, D and prediction. Its "observed"
+    loss comes from the simulator (the planned spec trained on the truth), compared by `next-run check`."""
+    import duckdb
+
+    from cptscale.fit.simstudy import _spec, simulated_points, tiny_truth
+    from cptscale.fit.study import fit_study
+    from cptscale.nextrun import check, describe, family_shapes, suggest
+    from cptscale.plan import _planned, next_run_id
+    from cptscale.report.page import build_report
+    from cptscale.simulate import simulate_run
+    from cptscale.store.ingest import ingest
+    from cptscale.summary import format_summary, summarize
+    from cptscale.util import write_json
+    from cptscale.validation import load_config
+
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    raw["fit"]["next_run_budget"] = 3e12
+    raw["results_dir"] = str(tmp_path)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "c.yaml")
+    truth = tiny_truth()
+    study = cfg.study_dir
+    (study / "fits").mkdir(parents=True)
+    df = simulated_points(cfg, truth, seed=4).assign(N=lambda d: d["params_nonemb"].astype(float))
+    df.to_csv(study / "fits" / "points.csv", index=False)
+    fit_study(str(study / "fits" / "points.csv"), str(study / "fits"), budgets=[1e12], bootstrap=8, grid="coarse",
+              next_run_budget=3e12, params="total")  # N above is already the non-embedding count
+    rec = json.loads((study / "fits" / "scratch-chinchilla-zh.json").read_text())
+    rec["settings"]["params"] = "nonembedding"  # the convention the points were counted in
+    path = study / "fits" / "scratch-chinchilla-zh.json"
+    write_json(path, rec)
+    sug = suggest(cfg, rec, str(path), "zh", unique_tokens=3.8e6, max_epochs=4.0)
+    fam = {s.name for s in family_shapes(cfg)[1]}
+    assert sug["shape"] in fam and sug["fit_id"] == "scratch-chinchilla-zh" and sug["param_count"] == "nonembedding"
+    assert sug["N"] == cfg.shape(sug["shape"]).params(cfg.vocab_size, embeddings=False)
+    assert sug["flops_planned"] <= 3e12 and sug["flops_vs_budget"] == pytest.approx(sug["flops_planned"] / 3e12 - 1)
+    assert sug["flops_all_params"] > sug["flops_planned"]  # embeddings are counted there, not in the fit
+    planned = _planned(cfg, sug["shape"], "scratch", "zh", None, 0.0, tokens=sug["D"], rid=next_run_id("zh"))
+    assert planned.tokens == sug["D"]
+    spec = {**_spec(cfg, planned), "suggestion": sug}
+    run_dir = study / "runs" / "next-zh"
+    run_dir.mkdir(parents=True)
+    write_json(run_dir / "run.json", spec)
+    write_json(run_dir / "done.json", simulate_run(spec, truth, seed=4).done)
+    write_json(study / "fits" / "next-zh.json", check(str(run_dir / "run.json"), str(run_dir / "done.json")))
+    assert ingest(study, tmp_path / "s.duckdb").ok
+    summary = format_summary(summarize(study, cfg.study))
+    assert describe(sug) in summary  # the summary prints the run.json suggestion, nothing else
+    con = duckdb.connect(str(tmp_path / "s.duckdb"), read_only=True)
+    pred = con.execute("select predicted_loss, N, extra from predictions where row_kind = 'comparison'").fetchone()
+    con.close()
+    extra = json.loads(pred[2])
+    assert pred[1] == sug["N"] and extra["planned_from"] == sug["fit_id"] and extra["shape"] == sug["shape"]
+    assert pred[0] == pytest.approx(sug["predicted_loss"], rel=1e-9)  # trained as planned: same N, D, prediction
+    info = build_report(tmp_path / "s.duckdb", cfg.study, tmp_path / "report", images=False)
+    from test_report import page_specs
+
+    assert "next_run" in info["drawn"], info["missing"]
+    text = json.dumps(page_specs(tmp_path / "report" / "index.html")["next_run"])
+    assert f"{sug['shape']} planned from scratch-chinchilla-zh, FLOPs {sug['flops_vs_budget']:+.1%} vs budget" in text

@@ -45,7 +45,7 @@ def make_db(path: Path, n_sizes: int = 3, replays: tuple[float, ...] = (0.0, 0.1
         points = sdir / "fits" / "points.csv"
         write_points_table(str(path), "s", points)
         fit_study(str(points), str(sdir / "fits"), budgets=[1e20, 1e21], bootstrap=bootstrap, grid="coarse",
-                  db=str(path), study="s")
+                  db=str(path), study="s", points_mode="all")  # generated cosine curves: no WSD branch ends
         assert ingest(sdir, path).ok
     return "s"
 

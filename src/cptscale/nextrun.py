@@ -231,7 +231,10 @@ def check(spec_path: str, done_path: str) -> dict[str, Any]:
     predicted = at_trained if at_trained is not None else float(sug["predicted_loss"])
     lo, hi = sug.get("predicted_loss_lo"), sug.get("predicted_loss_hi")
     row = {"run_id": spec.run_id, "N": n, "D": d, "C": 6.0 * n * d, "predicted_loss": predicted,
-           "observed_loss": observed, "predicted_loss_lo": lo, "predicted_loss_hi": hi}
+           "observed_loss": observed, "predicted_loss_lo": lo, "predicted_loss_hi": hi,
+           "planned_from": sug.get("fit_id"), "shape": sug.get("shape"), "budget": sug.get("C"),
+           "flops_vs_budget": 6.0 * n * d / float(sug["C"]) - 1.0 if sug.get("C") else None,
+           "reliable": sug.get("reliable")}
     return {
         "comparison": [row],  # the store loads this into `predictions` (fit_id next-<lang>)
         "kind": "next_run_check", "run_id": spec.run_id, "lang": lang, "fit_id": sug.get("fit_id"),

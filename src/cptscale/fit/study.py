@@ -58,7 +58,7 @@ def _unique_tokens(db: str | None, study: str | None) -> dict[str, float]:
     and the allocation's unique-token cap; empty without a store."""
     if not db or not Path(db).exists():
         return {}
-    from cptscale.store import connect
+    from cptscale.store.queries import connect
 
     con = connect(db)
     try:
@@ -392,13 +392,18 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
                 ho = _heldout_loss(pts, law, rfix, need, **kw)
             rec = _loss_fit_record(fit_id, kind, lang, pts, fr, bs, ho, budgets, next_run_budget, sel, fixed_from,
                                    unique.get(lang))
+            if frozen and scratch and not scratch["ident"]["identified"]:  # frozen values of an unidentified fit
+                ident = {**ident, "identified": False, "allocation_reliable": False,
+                         "summary": f"E, A, alpha frozen from {fixed_from}, which is not identified "
+                                    f"({scratch['ident']['summary']})" + ("" if ident["identified"] else
+                                                                          f"; {ident['summary']}")}
             rec.update(identifiability=ident, rollout=ro, remedy=rem)
-            rec["meta"]["identifiability"] = ident
+            rec["meta"].update(identifiability=ident, rollout=ro, remedy={k: rem[k] for k in ("policy", "used")})
             records.append(rec)
             if kind == "scratch" and law == "chinchilla":
                 steps = {x["k"]: {k: x["params"][k] for k in ("E", "A", "alpha")}
                          for x in (ro or {}).get("steps", []) if x["status"] == "ok"}
-                scratch = {"fr": fr, "bs": bs, "ho": ho, "rollout_fixed": steps}
+                scratch = {"fr": fr, "bs": bs, "ho": ho, "rollout_fixed": steps, "ident": ident}
         if unique.get(lang):
             records.append(_constrained_record(f"scratch-constrained-{lang}", lang, sets["scratch"],
                                                float(unique[lang]), scratch, budgets, kw))

@@ -300,6 +300,9 @@ def fig_isoloss(con: Any, study: str, mp: int) -> tuple[Any, int]:
         fr = _frontier(v, [1.0, 10.0])
         if fr:
             txt += f"; N_opt ∝ C^{np.log10(fr[1][1] / fr[0][1]):.3f}"
+        ident = (f.get("meta") or {}).get("identifiability") or {}
+        if ident and not ident.get("identified", True):
+            txt += f" — NOT IDENTIFIED ({ident.get('summary')}): frontier and allocation unreliable"
         eq.append(txt)
     chart = (
         alt.layer(*layers)
@@ -388,6 +391,23 @@ def fig_replay(con: Any, study: str, mp: int) -> tuple[Any, int]:
     return chart, len(df) + n_trade
 
 
+def _trust_lines(f: dict[str, Any]) -> list[str]:
+    """A loss-law fit's identifiability verdict, the remedy it used and its rollout errors (cptscale.fit.identify)."""
+    meta = f.get("meta") or {}
+    ident, out = meta.get("identifiability") or {}, []
+    if ident:
+        rem = (meta.get("remedy") or {}).get("used")
+        used = f"; remedy used: {rem}" if rem and rem != "none" else ""
+        out.append(f"{f.get('fit_id')}: " + ("identified (no parameter or interval on a bound)" if ident.get("identified")
+                                             else f"NOT IDENTIFIED: {ident.get('summary')}; allocation unreliable") + used)
+    ro = meta.get("rollout") or {}
+    steps = [x for x in ro.get("steps") or [] if x.get("status") == "ok"]
+    if steps:
+        out.append(f"{f.get('fit_id')}: rollout (fit k sizes, predict k+1) mean rel err "
+                   + ", ".join(f"{x['k']}->{x['k'] + 1}: {x['mean_rel_err']:.2%}" for x in steps))
+    return out
+
+
 def fig_fit_quality(con: Any, study: str, mp: int) -> tuple[Any, int]:
     """Observed vs predicted with residuals; bootstrap bands (95 % over runs) where present; held-out
     largest-size predictions marked and their error in the subtitle."""
@@ -429,6 +449,7 @@ def fig_fit_quality(con: Any, study: str, mp: int) -> tuple[Any, int]:
                               ", ".join(f"{k}={v:.3g}" for k, v in vals.items()))
         elif h.get("status") == "skipped" and f.get("params"):
             title_bits.append(f"{f.get('fit_id')}: held-out skipped ({h.get('reason')})")
+        title_bits.extend(_trust_lines(f))
     tip = ["fit_id", "which", alt.Tooltip("predicted_loss:Q", format=".4f"), alt.Tooltip("observed_loss:Q", format=".4f")]
     tip += [c for c in ("N", "D") if c in df]
     sel = alt.selection_point(fields=["fit_id"], bind="legend")
@@ -834,7 +855,11 @@ def fig_next_run(con: Any, study: str, mp: int) -> tuple[Any, int]:
         iv = (f" [{r.lo:.4f}, {r.hi:.4f}]" if r.lo is not None and r.hi is not None and not pd.isna(r.lo) else "")
         inside = ("" if not iv else (", inside the interval" if r.lo <= r.observed_loss <= r.hi
                                      else ", outside the interval"))
-        sub.append(f"{r.fit_id}: predicted {r.predicted_loss:.4f}{iv}, observed {r.observed_loss:.4f} "
+        e = ex[len(sub)] if len(sub) < len(ex) else {}
+        plan = (f"{e['shape']} planned from {e.get('planned_from')}, FLOPs {e['flops_vs_budget']:+.1%} vs budget"
+                + ("" if e.get("reliable", True) else ", UNRELIABLE: that fit is not identified") + "; "
+                if e.get("shape") and e.get("flops_vs_budget") is not None else "")
+        sub.append(f"{r.fit_id}: {plan}predicted {r.predicted_loss:.4f}{iv}, observed {r.observed_loss:.4f} "
                    f"(relative error {r.rel_err:.2%}{inside})")
     vals = [v for c in ("predicted_loss", "observed_loss", "lo", "hi") for v in df[c].dropna().astype(float)]
     pad = 0.05 * (max(vals) - min(vals) or 0.1)
@@ -859,9 +884,9 @@ def fig_next_run(con: Any, study: str, mp: int) -> tuple[Any, int]:
             x="end:Q", y="observed_loss:Q", color="fit_id:N",
             tooltip=["fit_id", "variable", alt.Tooltip("end:Q", format=".4f")]))
     chart = alt.layer(*layers).properties(width=300, height=260, title={
-        "text": "Next run: the scratch law's compute-optimal suggestion, trained",
-        "subtitle": [*sub, "point: prediction at the trained N, D; bar: bootstrap interval at the suggested N, D",
-                     "(the trained shape is the nearest ladder shape); dashed: observed = predicted"]}).interactive()
+        "text": "Next run: the family shape the scratch law predicts best for the budget, trained",
+        "subtitle": [*sub, "point: prediction at the trained N (the fit's convention) and D; bar: bootstrap interval "
+                     "of that fit at the planned N, D; dashed: observed = predicted"]}).interactive()
     return chart, len(df)
 
 
