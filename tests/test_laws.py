@@ -320,6 +320,7 @@ def test_next_run_in_family_within_budget_and_the_same_in_run_json_summary_and_r
     from cptscale.nextrun import check, describe, family_shapes, suggest
     from cptscale.plan import _planned, next_run_id
     from cptscale.report.page import build_report
+    from cptscale.runspec import RunSpec
     from cptscale.simulate import simulate_run
     from cptscale.store.ingest import ingest
     from cptscale.summary import format_summary, summarize
@@ -350,10 +351,10 @@ def test_next_run_in_family_within_budget_and_the_same_in_run_json_summary_and_r
     assert sug["flops_all_params"] > sug["flops_planned"]  # embeddings are counted there, not in the fit
     planned = _planned(cfg, sug["shape"], "scratch", "zh", None, 0.0, tokens=sug["D"], rid=next_run_id("zh"))
     assert planned.tokens == sug["D"]
-    spec = {**_spec(cfg, planned), "suggestion": sug}
+    spec = RunSpec.model_validate({**_spec(cfg, planned), "suggestion": sug})
     run_dir = study / "runs" / "next-zh"
     run_dir.mkdir(parents=True)
-    write_json(run_dir / "run.json", spec)
+    spec.write(run_dir / "run.json")
     write_json(run_dir / "done.json", simulate_run(spec, truth, seed=4).done)
     write_json(study / "fits" / "next-zh.json", check(str(run_dir / "run.json"), str(run_dir / "done.json")))
     assert ingest(study, tmp_path / "s.duckdb").ok

@@ -30,17 +30,36 @@ def tiny_truth(noise: float = 1.0) -> Any:
 
 
 def _spec(cfg: Any, run: Any) -> dict[str, Any]:
-    from cptscale.plan import eval_steps, schedule_for
+    """The run.json of a planned run as a RunSpec accepts it (no data files behind it: the simulator only reads
+    the shape, schedule, batch, evaluation steps and blend shares)."""
+    from cptscale.plan import config_hash, eval_steps, schedule_for
+    from cptscale.runspec import SPEC_VERSION
 
-    return {"run_id": run.run_id, "init": run.init, "lang": run.lang, "source_lang": run.source_lang,
-            "replay": run.replay, "size": run.size, "shape": cfg.shape(run.size).as_dict(),
-            "vocab_size": cfg.vocab_size, "params": run.params,
-            "params_nonemb": run.params_nonemb, "seq_length": run.seq_length,
-            "global_batch_size": run.global_batch_size, "steps": run.steps, "tokens": run.tokens, "seed": cfg.seed,
-            "schedule": asdict(schedule_for(cfg, run)),
+    t = cfg.train
+    shares = ({run.lang: 1.0 - run.replay, run.source_lang: run.replay} if run.init == "cpt" else {run.lang: 1.0})
+    samples = run.global_batch_size * run.steps
+    sources = [{"name": k, "prefix": f"data/{k}/train", "weight": v, "planned_samples": round(v * samples)}
+               for k, v in shares.items() if v > 0]
+    return {"spec_version": SPEC_VERSION, "run_id": run.run_id, "study": cfg.study, "size": run.size,
+            "init": run.init, "lang": run.lang, "source_lang": run.source_lang,
+            "replay": run.replay if run.init == "cpt" else 0.0, "variant": run.variant,
+            "shape": cfg.shape(run.size).as_dict(), "vocab_size": cfg.vocab_size, "params": run.params,
+            "params_nonemb": run.params_nonemb, "tokens": run.tokens, "seq_length": run.seq_length,
+            "micro_batch_size": run.micro_batch_size, "global_batch_size": run.global_batch_size, "steps": run.steps,
+            "seed": cfg.seed, "schedule": asdict(schedule_for(cfg, run)),
+            "optimizer": {"weight_decay": t.weight_decay, "beta1": t.beta1, "beta2": t.beta2, "eps": t.eps,
+                          "grad_clip": t.grad_clip},
+            "layout": {"tp": run.tp, "pp": run.pp, "dp": run.dp},
+            "data": {"kind": "blend", "target": run.lang, "source": run.source_lang or run.lang,
+                     "replay": run.replay if run.init == "cpt" else 0.0, "switch_steps": [],
+                     "phases": [{"index": 0, "start_step": 0, "end_step": run.steps, "samples": samples,
+                                 "sources": sources}]},
             "eval": {"steps": eval_steps(run.steps, cfg.evaluation.points),
-                     "languages": {lang: {"bytes": 1_000_000} for lang in cfg.languages.all}},
-            "parent": None}
+                     "languages": {lang: {"prefix": f"data/{lang}/valid", "bytes": 1_000_000}
+                                   for lang in cfg.languages.all}},
+            "checkpoint": {"dir": f"/nonexistent/checkpoints/{run.run_id}"}, "parent": None,
+            "out_dir": str(cfg.study_dir / "runs" / run.run_id), "config_hash": config_hash(cfg),
+            "provenance": {"simulated": True}}
 
 
 def simulated_points(cfg: Any, truth: Any, seed: int = 0) -> Any:
