@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cptscale.cli import CLIError, main
+from cptscale.cli import main
+from cptscale.errors import CLIError
 from cptscale.fit.estimate import (
     allocate,
     exponents,

@@ -240,7 +240,8 @@ def test_plan_table_columns_and_totals(capsys: pytest.CaptureFixture[str]) -> No
     import re
 
     from cptscale.cli import main
-    from cptscale.plan import PLAN_COLUMNS, _fmt_num
+    from cptscale.commands.plan import PLAN_COLUMNS
+    from cptscale.util import fmt_num as _fmt_num
 
     cfg = load_config(ROOT / "config.yaml")
     assert main(["plan", str(ROOT / "config.yaml")]) == 0

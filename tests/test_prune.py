@@ -234,8 +234,8 @@ def test_cli_prune_schedule(capsys):
     import argparse
     import json
 
-    from cptscale.cli import CLIError
-    from cptscale.prune import add_commands
+    from cptscale.commands.prune import add_commands
+    from cptscale.errors import CLIError
 
     ap = argparse.ArgumentParser()
     add_commands(ap.add_subparsers())

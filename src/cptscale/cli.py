@@ -10,42 +10,27 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Any
 
 from cptscale.errors import CLIError
-
-__all__ = ["CLIError", "build_parser", "load_study", "main"]
 
 #: Modules that contribute subcommands, in the order they appear in ``--help``.
 COMMAND_MODULES = (
     "cptscale.commands.config",
-    "cptscale.plan",
-    "cptscale.data.cli",
-    "cptscale.mix",
-    "cptscale.train.cli",
-    "cptscale.evaluate",
-    "cptscale.transfer",
+    "cptscale.commands.plan",
+    "cptscale.commands.data",
+    "cptscale.commands.mix",
+    "cptscale.commands.train",
+    "cptscale.commands.evaluate",
+    "cptscale.commands.transfer",
     "cptscale.commands.store",
     "cptscale.commands.fit",
-    "cptscale.nextrun",
+    "cptscale.commands.nextrun",
     "cptscale.commands.report",
-    "cptscale.summary",
-    "cptscale.prune",
+    "cptscale.commands.summary",
+    "cptscale.commands.prune",
     "cptscale.verify",
     "cptscale.hf",
 )
-
-
-def load_study(path: str) -> Any:
-    """The validated study config of a command's CONFIG argument; a bad config is a CLIError that lists
-    every problem (the same text as ``cptscale validate``)."""
-    from cptscale.config.problems import ConfigError
-    from cptscale.validation import load_config
-
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        raise CLIError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

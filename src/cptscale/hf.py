@@ -594,7 +594,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from cptscale.cli import CLIError
+    from cptscale.errors import CLIError
     from cptscale.train.checkpoint import CheckpointError
 
     try:
@@ -625,7 +625,7 @@ def resolve_checkpoint_arg(path: str | Path, spec: str | Path | None) -> tuple[P
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from cptscale.cli import CLIError
+    from cptscale.errors import CLIError
     from cptscale.train.checkpoint import CheckpointError
 
     try:

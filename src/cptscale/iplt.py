@@ -344,7 +344,7 @@ def hash_part(cfg: StudyConfig, run: PlannedRun) -> dict[str, Any]:
 
 def format_arms(cfg: StudyConfig) -> str:
     """The IPLT section of ``cptscale plan``: per arm its prune steps and FLOPs against the budget."""
-    from cptscale.plan import _fmt_num
+    from cptscale.util import fmt_num as _fmt_num
 
     rows = [("arm", "panel", "run", "prune steps", "steps", "FLOPs", "+inherited", "/ budget")]
     for a in plan_arms(cfg):

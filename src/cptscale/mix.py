@@ -18,13 +18,11 @@ Heavy imports (torch, Megatron-Core) stay inside functions so ``cptscale --help`
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import contextlib
 import logging
 import math
 import os
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,12 +38,12 @@ __all__ = [
     "MixPhase",
     "PhaseEnd",
     "PhasedBlendDataset",
-    "add_commands",
     "build_training_dataset",
     "format_plan_table",
     "plan_blend",
     "realize",
 ]
+
 
 #: Tolerance on "weights sum to 1" (YAML decimals such as 0.7 + 0.2 + 0.1 are not exact).
 WEIGHT_SUM_TOL = 1e-6
@@ -67,7 +65,6 @@ class BlendError(ValueError):
         super().__init__("\n".join(lines))
 
 
-# -- config models ---------------------------------------------------------------------------------
 class PhaseEnd(BaseModel):
     """Where a phase ends: exactly one of a step, a fraction of the run, or an LR threshold."""
 
@@ -136,7 +133,6 @@ class MixConfig(BaseModel):
         return phases
 
 
-# -- planning --------------------------------------------------------------------------------------
 def _resolve_weights(weights: dict[str, float] | None, *, replay: float, target: str, source: str,
                      train_prefixes: dict[str, str], where: str) -> dict[str, float]:
     """Phase weights keyed by source name (a key of ``train_prefixes``); zero weights dropped.
@@ -289,7 +285,6 @@ def plan_blend(mix: MixConfig, *, replay: float, target: str, source: str, train
     }
 
 
-# -- building --------------------------------------------------------------------------------------
 class _SourceView:
     """Samples ``[offset, offset + size)`` of one source's GPTDataset: where a phase reads that source.
 
@@ -518,7 +513,6 @@ def build_training_dataset(data_spec: dict[str, Any], tokenizer: Any, seq_length
     return PhasedBlendDataset(spec, sources, blends, ids)
 
 
-# -- realization -----------------------------------------------------------------------------------
 def realize(data_spec: dict[str, Any], tokenizer: Any, *, seq_length: int | None = None,
             global_batch_size: int | None = None, steps: int | None = None, seed: int | None = None,
             cache_dir: str | None = None, dataset: PhasedBlendDataset | None = None) -> dict[str, Any]:
@@ -566,7 +560,6 @@ def realize(data_spec: dict[str, Any], tokenizer: Any, *, seq_length: int | None
             "phases": phases, "sources": totals, "max_epochs": max_epochs, "warnings": warn}
 
 
-# -- tables and CLI --------------------------------------------------------------------------------
 def _num(x: float) -> str:
     for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= div:
@@ -602,87 +595,3 @@ def format_plan_table(specs: list[dict[str, Any]]) -> str:
     if notes:
         lines += ["", *notes]
     return "\n".join(lines)
-
-
-def _plan_specs(config_path: str) -> list[dict[str, Any]]:
-    """Data specs for every run of a study, as ``cptscale plan --run`` would write them.
-
-    Needs the data stage's manifests for the token counts; without them shares and tokens are still
-    planned and available tokens show as "?"."""
-    from cptscale import plan as P
-    from cptscale.validation import load_config
-
-    cfg = load_config(config_path)
-    manifests: dict[str, dict[str, Any]] = {}
-    for lang in cfg.languages.all:
-        with contextlib.suppress(FileNotFoundError):
-            manifests[lang] = P._manifest(cfg, lang)
-    missing = [lang for lang in cfg.languages.all if lang not in manifests]
-    out = []
-    for run in P.plan_study(cfg):
-        base = {"run_id": run.run_id, "init": run.init, "lang": run.lang, "replay": run.replay, "steps": run.steps}
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                data = P.blend_for_run(cfg, run, manifests)  # languages without a manifest: placeholders
-        except BlendError as exc:
-            out.append({**base, "data": {}, "error": str(exc)})
-            continue
-        for ph in data["phases"]:
-            for s in ph["sources"]:
-                if s["name"].split("/", 1)[0] in missing:
-                    s["available_tokens"] = None
-        out.append({**base, "data": data})
-    if missing:
-        out.append({"run_id": "(note)", "data": {"warnings": [
-            f"no data manifest for {', '.join(missing)}: available tokens and epochs unknown until the data stage runs"
-        ]}})
-    return out
-
-
-def _cmd_plan(args: argparse.Namespace) -> int:
-    from cptscale.cli import CLIError
-    from cptscale.config.problems import ConfigError
-
-    try:
-        specs = _plan_specs(args.config)
-    except ConfigError as exc:
-        raise CLIError(str(exc)) from None
-    print(format_plan_table(specs))
-    return 1 if any(s.get("error") for s in specs) else 0
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    from cptscale.cli import CLIError
-    from cptscale.data.sources import SourceError
-    from cptscale.data.tokenizer import MegatronTokenizerAdapter, load_tokenizer
-    from cptscale.util import read_json, write_json
-
-    try:
-        spec = read_json(args.spec)
-        data = spec["data"]
-        tok = MegatronTokenizerAdapter(load_tokenizer(spec["tokenizer"]))
-        report = realize(data, tok, seq_length=spec["seq_length"], global_batch_size=spec["global_batch_size"],
-                         steps=spec["steps"], seed=spec["seed"], cache_dir=data.get("cache_dir"))
-    except (OSError, KeyError, ValueError) as exc:
-        raise CLIError(f"{args.spec}: {type(exc).__name__}: {exc}") from None
-    except SourceError as exc:  # the data stage's "cannot read this input" error
-        raise CLIError(f"{args.spec}: {exc}") from None
-    report["run_id"] = spec.get("run_id")
-    write_json(args.out, report)
-    for w in report["warnings"]:
-        print(f"warning: {w}", file=sys.stderr)
-    return 0
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("mix", help="corpus blends: plan table, realization report",
-                       description="Plan and realize training blends (target + replay of the source language).")
-    verbs = p.add_subparsers(dest="mix_command", metavar="VERB", required=True)
-    q = verbs.add_parser("plan", help="print planned shares, tokens and repetition per run and phase")
-    q.add_argument("config", help="study YAML")
-    q.set_defaults(func=_cmd_plan)
-    r = verbs.add_parser("report", help="build a run's blend and write its realization report (JSON)")
-    r.add_argument("--spec", required=True, help="run.json (keys data, tokenizer, seq_length, ...)")
-    r.add_argument("--out", required=True, help="where to write blend.json")
-    r.set_defaults(func=_cmd_report)

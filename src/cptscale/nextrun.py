@@ -23,14 +23,13 @@ the planned N (fit convention) and the tokens trained, which the store and the r
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any
 
 from cptscale.errors import CLIError
 from cptscale.runspec import RunSpec, SpecError
-from cptscale.util import read_json, write_json
+from cptscale.util import read_json
 
 #: Muennighoff et al. 2023 (datablations README, "Parametric Fit"): fitted half-life of repeated data.
 R_STAR_D = 15.387756
@@ -175,9 +174,9 @@ def scratch_fit(fits_dir: str | Path, lang: str) -> tuple[dict[str, Any], str] |
 
 
 def build_spec(config: str, fits_dir: str, lang: str) -> RunSpec:
-    from cptscale.cli import load_study
     from cptscale.mix import MixConfig
     from cptscale.plan import _manifest, _planned, next_run_id, run_spec
+    from cptscale.validation import load_study
 
     cfg = load_study(config)
     if lang not in cfg.languages.targets:
@@ -259,38 +258,3 @@ def describe(sug: dict[str, Any]) -> str:
             f"{sug['param_count']} params, D = {sug['D']:.4g} tokens{ep}; planned FLOPs {sug['flops_planned']:.4g} "
             f"({sug['flops_vs_budget']:+.1%} vs budget; {sug['flops_all_params']:.4g} counting every parameter); "
             f"predicted loss {sug['predicted_loss']:.4f}{iv}{flag}")
-
-
-def _cmd_spec(args: argparse.Namespace) -> int:
-    spec = build_spec(args.config, args.fits, args.lang)
-    spec.write(args.out)
-    sug = spec.suggestion or {}
-    print(describe(sug))
-    for w in sug["warnings"]:
-        print(f"  warning: {w}")
-    return 0
-
-
-def _cmd_check(args: argparse.Namespace) -> int:
-    out = check(args.spec, args.done)
-    write_json(args.out, out)
-    print(f"{out['run_id']}: predicted {out['predicted_loss']:.4f}, observed {out['observed_loss']:.4f} "
-          f"(relative error {out['rel_err']:.2%})")
-    return 0
-
-
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("next-run", help="the fit's suggested compute-optimal run: spec and check",
-                              description=__doc__.split("\n\n")[0])
-    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
-    q = verbs.add_parser("spec", help="write run.json for the suggested run of a target language")
-    q.add_argument("config", help="study YAML")
-    q.add_argument("--fits", required=True, help="results/<study>/fits (after `cptscale fit-study`)")
-    q.add_argument("--lang", required=True, help="target language")
-    q.add_argument("--out", required=True, help="run.json to write")
-    q.set_defaults(func=_cmd_spec)
-    q = verbs.add_parser("check", help="compare the trained run's loss with the prediction")
-    q.add_argument("--spec", required=True, help="the next run's run.json")
-    q.add_argument("--done", required=True, help="its done.json")
-    q.add_argument("--out", required=True, help="fits/next-<lang>.json")
-    q.set_defaults(func=_cmd_check)

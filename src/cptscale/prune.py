@@ -77,6 +77,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 IMPORTANCE_KINDS = ("activation", "weight")
+
+
 SHAPE_KEYS = ("hidden", "layers", "heads", "ffn", "kv_heads", "head_dim")
 
 
@@ -84,7 +86,6 @@ class PruneError(ValueError):
     """A pruning request that cannot be honoured (message names the field and the fix)."""
 
 
-# ----------------------------------------------------------------------------------------------
 # shapes
 @dataclass(frozen=True)
 class PrunedShape:
@@ -209,7 +210,6 @@ def incremental_targets(start_shape: dict[str, Any] | PrunedShape, target_shape:
     return out
 
 
-# ----------------------------------------------------------------------------------------------
 # importance
 @dataclass
 class Importance:
@@ -362,7 +362,6 @@ def _activation_importance(model, batches: list[dict[str, Any]]) -> Importance:
                       (chan_sum / count[:, None]).float(), (bi_sum / count).float())
 
 
-# ----------------------------------------------------------------------------------------------
 # plan, zeroing, physical pruning
 @dataclass
 class PrunePlan:
@@ -565,43 +564,6 @@ def flops_per_token(shape: PrunedShape | dict[str, Any], vocab: int, seq_length:
 def compression(source: PrunedShape, target: PrunedShape, vocab: int) -> float:
     """Parameter compression ratio source/target (embeddings included)."""
     return source.params(vocab) / max(1, target.params(vocab))
-
-
-# ----------------------------------------------------------------------------------------------
-def add_commands(subparsers: Any) -> None:
-    p = subparsers.add_parser("prune", help="incremental prune schedule (the 'prune.events' of a run spec) "
-                              "from a ladder size to a target shape, with parameter counts")
-    p.add_argument("size", help="ladder size name, e.g. d128l4")
-    p.add_argument("--to", required=True, help="target, e.g. heads=2,ffn=176[,layers=3][,kv_heads=1]")
-    p.add_argument("--k", type=int, default=1, help="number of increments (default 1)")
-    p.add_argument("--first-step", type=int, required=True, help="step of the first prune event")
-    p.add_argument("--last-step", type=int, help="step of the last one (default: first step)")
-    p.add_argument("--vocab", type=int, default=4096, help="vocabulary size for parameter counts")
-    p.set_defaults(func=_cmd_prune)
-
-
-def _cmd_prune(args: Any) -> int:
-    import json
-
-    from cptscale.cli import CLIError
-    from cptscale.ladder import get_shape
-
-    try:
-        ls = get_shape(args.size)
-        start = PrunedShape(ls.hidden, ls.layers, ls.heads, ls.ffn, ls.kv_heads)
-        target: dict[str, Any] = {}
-        for item in filter(None, args.to.split(",")):
-            key, _, val = item.partition("=")
-            if not val.strip().isdigit():
-                raise PruneError(f"--to: expected key=integer, got {item!r}")
-            target[key.strip()] = int(val)
-        events = prune_events(start, target, args.k, args.first_step,
-                              args.first_step if args.last_step is None else args.last_step)
-    except (KeyError, PruneError) as exc:
-        raise CLIError(str(exc).strip('"')) from None
-    params = [start.params(args.vocab)] + [PrunedShape.from_dict(e["shape"]).params(args.vocab) for e in events]
-    print(json.dumps({"events": events, "params": params, "compression": params[0] / params[-1]}, indent=1))
-    return 0
 
 
 __all__ = ["IMPORTANCE_KINDS", "Importance", "PruneError", "PrunePlan", "PrunedShape", "apply_plan",

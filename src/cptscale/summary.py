@@ -7,7 +7,6 @@ same numbers go to ``summary.json`` so scripts and tests can check them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cptscale.runs import RUN_ID
-from cptscale.util import read_json, write_json
+from cptscale.util import read_json
 
 
 def _num(v: Any, fmt: str) -> str:
@@ -311,22 +310,3 @@ def format_summary(s: dict[str, Any]) -> str:
         for name, d in by.items():
             lines.append(f"      {name}: {_num(d.get('target'), '.4f')} / {_num(d.get('source'), '.4f')}")
     return "\n".join(lines)
-
-
-def _cmd_summary(args: argparse.Namespace) -> int:
-    from cptscale.cli import load_study
-
-    cfg = load_study(args.config)
-    s = summarize(cfg.study_dir, cfg.study)
-    if args.out:
-        write_json(args.out, s)
-    print(format_summary(s))
-    return 0
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("summary", help="print the study's answer: report path, fitted laws, CPT saving, held-out error",
-                       description="Summarise a finished (or partly finished) study from its store and fits.")
-    p.add_argument("--config", default="config.yaml", help="study YAML")
-    p.add_argument("--out", help="also write the summary as JSON here")
-    p.set_defaults(func=_cmd_summary)

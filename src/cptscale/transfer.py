@@ -23,15 +23,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cptscale.errors import CLIError
 from cptscale.ladder import ModelShape, padded_vocab
 
 if TYPE_CHECKING:
     from cptscale.prune import PrunedShape
 
+
 Row = Mapping[str, Any]
 
 
-# -- FLOPs -------------------------------------------------------------------------------------
 def flops_6nd(params: float, tokens: float) -> float:
     """Kaplan/Chinchilla approximation ``C = 6·N·D`` (forward 2ND + backward 4ND)."""
     return 6.0 * float(params) * float(tokens)
@@ -172,7 +173,6 @@ def run_compute(spec: Mapping[str, Any], tokens: float | None = None) -> dict[st
     }
 
 
-# -- evaluation rows ---------------------------------------------------------------------------
 def main_trajectory(rows: Iterable[Row]) -> list[Row]:
     """The eval rows of a run's main trajectory: rows without a ``branch`` (or with ``branch: null``).
 
@@ -183,7 +183,6 @@ def main_trajectory(rows: Iterable[Row]) -> list[Row]:
     return [r for r in rows if r.get("branch") is None]
 
 
-# -- forgetting --------------------------------------------------------------------------------
 def forgetting(cpt_evals: Iterable[Row], source_final_loss: float, source_lang: str) -> list[dict[str, Any]]:
     """Source-language loss at every CPT eval step minus the source model's final loss.
 
@@ -205,7 +204,6 @@ def forgetting(cpt_evals: Iterable[Row], source_final_loss: float, source_lang: 
     ]
 
 
-# -- transfer ----------------------------------------------------------------------------------
 def scratch_tokens_for_loss(scratch: Sequence[tuple[float, float]], loss: float) -> float | None:
     """Tokens a scratch run needs to reach ``loss``: log-log interpolation of its (tokens, loss) curve.
 
@@ -291,12 +289,9 @@ def transfer_curve(
     return out
 
 
-# -- files -------------------------------------------------------------------------------------
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file; a bad line is an error naming the file and line."""
     import json
-
-    from cptscale.cli import CLIError
 
     out = []
     with open(path, encoding="utf-8") as fh:
@@ -312,7 +307,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 def source_final_loss(source_dir: Path, source_lang: str) -> float:
     """The source model's final loss on its language: done.json, else its last eval."""
-    from cptscale.cli import CLIError
     from cptscale.util import read_json
 
     done = source_dir / "done.json"
@@ -330,7 +324,6 @@ def source_final_loss(source_dir: Path, source_lang: str) -> float:
 
 def compute_transfer(cpt_dir: Path, scratch_dir: Path, source_dir: Path | None = None) -> dict[str, Any]:
     """Everything ``transfer.json`` holds for one CPT run (see the module docstring)."""
-    from cptscale.cli import CLIError
     from cptscale.util import file_hash, provenance, read_json
 
     for d in (cpt_dir, scratch_dir):
@@ -373,27 +366,3 @@ def compute_transfer(cpt_dir: Path, scratch_dir: Path, source_dir: Path | None =
         "rows": rows, "forgetting": forg,
         "provenance": provenance(cpt.get("config_hash"), inputs),
     }
-
-
-def _cmd_transfer(args: Any) -> int:
-    from cptscale.util import write_json
-
-    out = compute_transfer(Path(args.cpt), Path(args.scratch), Path(args.source) if args.source else None)
-    write_json(args.out or Path(args.cpt) / "transfer.json", out)
-    ok = [r for r in out["rows"] if not r["extrapolated"]]
-    last = ok[-1] if ok else None
-    msg = f"{out['run_id']}: {len(out['rows'])} eval steps, {len(ok)} inside the scratch curve"
-    if last:
-        msg += f"; last: {100 * last['frac_saved']:.1f}% FLOPs saved, D_T={last['effective_data_transferred']:.3g}"
-    print(msg)
-    return 0
-
-
-def add_commands(subparsers: Any) -> None:
-    p = subparsers.add_parser("transfer", help="FLOPs/tokens saved, effective data transferred and forgetting "
-                              "for one CPT run against its scratch pair and source run")
-    p.add_argument("--cpt", required=True, help="CPT run directory (run.json, evals.jsonl)")
-    p.add_argument("--scratch", required=True, help="same-size scratch run directory in the target language")
-    p.add_argument("--source", help="source run directory (final source loss, source pre-training FLOPs)")
-    p.add_argument("--out", help="output JSON (default: CPT_DIR/transfer.json)")
-    p.set_defaults(func=_cmd_transfer)

@@ -183,3 +183,11 @@ def provenance(config_hash: str | None = None, inputs: dict[str, str] | None = N
         "config_hash": config_hash,
         "input_hashes": dict(sorted((inputs or {}).items())),
     }
+
+
+def fmt_num(x: float) -> str:
+    """A number with an SI suffix and 3 significant digits (158k, 4.07G), for tables."""
+    for unit, div in (("Z", 1e21), ("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"

@@ -36,6 +36,7 @@ from cptscale.config.checks import (
 )
 from cptscale.config.problems import ConfigError, Problem, _pydantic_problems
 from cptscale.config.schema import IPLT_PREFIX, CPTConfig, StudyConfig
+from cptscale.errors import CLIError
 from cptscale.ladder import known_sizes
 
 
@@ -213,3 +214,12 @@ def load_config(path: str | Path) -> StudyConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from None
     return parse_config(data, base_dir=p.resolve().parent, where=str(path))
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """The validated study config of a command's CONFIG argument; a bad config is a CLIError that lists
+    every problem (the same text as ``cptscale validate``)."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None

@@ -55,7 +55,7 @@ def find_datasets(path: Path) -> list[str]:
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from cptscale.cli import CLIError
+    from cptscale.errors import CLIError
     from cptscale.integrity import IntegrityError, check_dataset
     from cptscale.train.checkpoint import CheckpointError, verify_checkpoint
 

@@ -14,8 +14,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise CLIError(f"--max-points {args.max_points}: give at least 10 points per curve")
     sections = None
     if args.config:  # the figures this study has (no "missing" notes for kinds it does not run)
-        from cptscale.cli import load_study
         from cptscale.report.page import sections_for
+        from cptscale.validation import load_study
 
         sections = sections_for(load_study(args.config))
     # a database that does not exist yet gives the "what is missing" page (exit 0), like missing tables

@@ -24,7 +24,7 @@ def under_torchrun() -> bool:
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from cptscale.cli import CLIError
+    from cptscale.errors import CLIError
     from cptscale.runspec import RunSpec, SpecError
 
     try:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cptscale.cli import CLIError
+from cptscale.errors import CLIError
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
