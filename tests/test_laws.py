@@ -185,9 +185,10 @@ def test_plan_says_whether_the_design_identifies_each_law(tmp_path: Path) -> Non
 def test_annealed_points_recover_the_law_and_all_points_do_not() -> None:
     """Simulated studies of the demo design (losses from a known law through the LR schedule, the
     simulator's measured noise): over three seeds the annealed points recover the allocation exponent
-    a = beta/(alpha + beta) within 0.1 (the seed spread on this design is ~0.05 and short WSD branches
-    end ~1-2 % above the law) and predict the held-out largest size better than all points, whose
-    un-annealed stable-phase evaluations bias the fit."""
+    a = beta/(alpha + beta) within 0.15 each (bench/fit_quality.py on this design: |a - a_true| averages
+    0.09 over 6 seeds with annealed points, 0.20 with all; short WSD branches end ~1-2 % above the law),
+    closer on average than all points, and predict the held-out largest size better than all points,
+    whose un-annealed stable-phase evaluations bias the fit."""
     from cptscale.fit.simstudy import simulated_points, tiny_truth
     from cptscale.validation import load_config
 
@@ -196,6 +197,7 @@ def test_annealed_points_recover_the_law_and_all_points_do_not() -> None:
     law = truth.scratch_law("zh")
     a_true = law.beta / (law.alpha + law.beta)
     errs: dict[str, list[float]] = {"annealed": [], "all": []}
+    a_err: dict[str, list[float]] = {"annealed": [], "all": []}
     for seed in (1, 2, 3):
         df = simulated_points(cfg, truth, seed=seed)
         sc = df[df["init"] == "scratch"].assign(N=lambda d: d["params_nonemb"].astype(float))
@@ -205,10 +207,11 @@ def test_annealed_points_recover_the_law_and_all_points_do_not() -> None:
             tr, te = sel[sel["N"] < nmax], sel[sel["N"] == nmax]
             h = fit_law(tr, "chinchilla", grid="coarse")
             errs[mode].append(float(np.mean(np.abs(h.predict(te["N"], te["D"]) / te["loss"] - 1))))
-            if mode == "annealed":
-                a = exponents(fit_law(sel, "chinchilla", grid="coarse"))["a"]
-                assert abs(a - a_true) < 0.1, (seed, a, a_true)
+            a = exponents(fit_law(sel, "chinchilla", grid="coarse"))["a"]
+            a_err[mode].append(abs(a - a_true) if a is not None else np.inf)
+        assert a_err["annealed"][-1] < 0.15, (seed, a_err, a_true)
     assert np.mean(errs["annealed"]) < np.mean(errs["all"]), errs
+    assert np.mean(a_err["annealed"]) < np.mean(a_err["all"]), a_err
 
 
 # ---------------------------------------------------------------- summary: savings with intervals, flags

@@ -35,6 +35,9 @@ def _law_text(fit: dict[str, Any]) -> str:
     if law == "cpt":
         return (f"L = {v('E', '.3f')} + {v('A', '.4g')}/N^{v('alpha', '.3f')} + "
                 f"{v('B', '.4g')}/(D^{v('beta', '.3f')} N^{v('gamma', '.3f')})   [B' = B, beta' = beta]")
+    if law == "muennighoff":
+        return (f"L = {v('E', '.3f')} + {v('A', '.4g')}/N^{v('alpha', '.3f')} + {v('B', '.4g')}/D'^{v('beta', '.3f')}, "
+                f"D' = effective data of U = {v('U', '.4g')} unique tokens, R*_D = {v('R_D', '.3g')}")
     if law == "envelope":
         return f"L = {v('k', '.5g')} * C^{v('m', '.4f')}"
     if law == "hernandez":
