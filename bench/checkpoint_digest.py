@@ -2,7 +2,7 @@
 ``save_final`` / ``load_weights``) with the manifest (XXH3-128 of every file) vs without, alternating
 in the same process; prints the times and the ratios with/without::
 
-    .venv/bin/python bench/checkpoint_digest.py [--hidden 512 --layers 8 --reps 5 --dir /tmp/ckbench]
+    .venv/bin/python bench/checkpoint_digest.py [--hidden 448 --layers 8 --reps 5 --dir /tmp/ckbench]
 
 Without = the same calls with the manifest write (save) or the verification (load) switched off.
 Loads clear the in-process record of verified checkpoints first, so every load hashes every file.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=448)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--reps", type=int, default=5)

@@ -52,6 +52,11 @@ CLOCK_KEYS = frozenset({"wall_s", "seconds", "time", "tokens_per_s", "mfu", "mem
                         "elapsed_s", "launch", "fit_seconds", "duration_s", "created"})
 #: columns holding a hash of a whole file that records wall-clock times (done.json, fit JSON, data.json)
 FILE_HASH_COLUMNS = frozenset({"file_hash", "file_hashes"})
+#: the history of an interrupted run, which an uninterrupted one cannot have: the step a run resumed
+#: from (done.json's ``resumed_from``, the store's checkpoint rows of that kind)
+HISTORY_KEYS = frozenset({"resumed_from"})
+#: the code version (only left out when the code changed between the two runs compared, see ``--ignore-code``)
+CODE_KEYS = frozenset({"git_commit", "git_dirty"})
 
 
 def fault_config(tmp: Path) -> Path:
@@ -174,14 +179,14 @@ def run_workflow(cfg: Path, cwd: Path, *, kills: int = 0, seed: int = 0,
 
 
 # -- what a finished study holds ------------------------------------------------------------------
-def _scrub(obj: Any) -> Any:
+def _scrub(obj: Any, drop: frozenset[str] = CLOCK_KEYS | HISTORY_KEYS) -> Any:
     if isinstance(obj, dict):
-        return {k: _scrub(v) for k, v in sorted(obj.items()) if k not in CLOCK_KEYS}
+        return {k: _scrub(v, drop) for k, v in sorted(obj.items()) if k not in drop}
     if isinstance(obj, list):
-        return [_scrub(v) for v in obj]
+        return [_scrub(v, drop) for v in obj]
     if isinstance(obj, str) and obj[:1] in "{[":
         try:
-            return _scrub(json.loads(obj))
+            return _scrub(json.loads(obj), drop)
         except ValueError:
             return obj
     return obj
@@ -191,22 +196,43 @@ def _h(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def table_hashes(db: Path) -> dict[str, str]:
-    """sha256 of every table's rows (sorted), wall-clock columns and JSON keys left out."""
+def table_rows(db: Path, drop: frozenset[str]) -> dict[str, tuple[list[str], list[str]]]:
+    """Every results table (the store's TABLES: not its ingest log) as (kept columns, sorted rows as JSON),
+    wall-clock and history columns and JSON keys left out."""
     import duckdb
+
+    from cptscale.store.schema import TABLES
 
     con = duckdb.connect(str(db), read_only=True)
     try:
         out = {}
-        for (t,) in con.execute("select table_name from information_schema.tables order by 1").fetchall():
+        for t in TABLES:
             cur = con.execute(f'select * from "{t}"')
             cols = [d[0] for d in cur.description]
-            keep = [i for i, c in enumerate(cols) if c not in CLOCK_KEYS and c not in FILE_HASH_COLUMNS]
-            rows = sorted(json.dumps([_scrub(r[i]) for i in keep], default=str) for r in cur.fetchall())
-            out[t] = _h([[cols[i] for i in keep], rows])
+            keep = [i for i, c in enumerate(cols) if c not in drop and c not in FILE_HASH_COLUMNS]
+            rows = [r for r in cur.fetchall() if not (t == "checkpoints" and r[cols.index("kind")] in HISTORY_KEYS)]
+            out[t] = ([cols[i] for i in keep], sorted(json.dumps([_scrub(r[i], drop) for i in keep], default=str)
+                                                      for r in rows))
         return out
     finally:
         con.close()
+
+
+def table_hashes(db: Path, drop: frozenset[str] = CLOCK_KEYS | HISTORY_KEYS) -> dict[str, str]:
+    """sha256 of every results table's rows (see :func:`table_rows`)."""
+    return {t: _h(v) for t, v in table_rows(db, drop).items()}
+
+
+def diff_tables(a: Path, b: Path, drop: frozenset[str] = CLOCK_KEYS | HISTORY_KEYS, limit: int = 3) -> list[str]:
+    """Rows of ``a`` and ``b`` that differ, per table (for a failure message)."""
+    ra, rb = table_rows(a, drop), table_rows(b, drop)
+    out = []
+    for t in ra:
+        only_a = sorted(set(ra[t][1]) - set(rb[t][1]))[:limit]
+        only_b = sorted(set(rb[t][1]) - set(ra[t][1]))[:limit]
+        if only_a or only_b:
+            out.append(f"{t} {ra[t][0]}:\n  - " + "\n  - ".join(only_a) + "\n  + " + "\n  + ".join(only_b))
+    return out
 
 
 def curves(study: Path) -> dict[str, list[float]]:
@@ -216,14 +242,14 @@ def curves(study: Path) -> dict[str, list[float]]:
     return out
 
 
-def stage_outputs(study: Path) -> dict[str, dict[str, str]]:
+def stage_outputs(study: Path, drop: frozenset[str] = CLOCK_KEYS | HISTORY_KEYS) -> dict[str, dict[str, str]]:
     """Per stage, a hash of each of its own output files (JSON without wall-clock keys)."""
     def files(*globs: str) -> list[Path]:
         return sorted(p for g in globs for p in study.glob(g) if p.is_file())
 
     def digest(p: Path) -> str:
         if p.suffix == ".json":
-            return _h(_scrub(json.loads(p.read_text())))
+            return _h(_scrub(json.loads(p.read_text()), drop))
         return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
 
     groups = {
@@ -241,16 +267,17 @@ def stage_outputs(study: Path) -> dict[str, dict[str, str]]:
         out[stage] = {}
         for p in paths:
             if p.suffix == ".jsonl":
-                out[stage][str(p.relative_to(study))] = _h([_scrub(json.loads(x)) for x in p.read_text().splitlines()
-                                                            if x.strip()])
+                out[stage][str(p.relative_to(study))] = _h([_scrub(json.loads(x), drop)
+                                                            for x in p.read_text().splitlines() if x.strip()])
             else:
                 out[stage][str(p.relative_to(study))] = digest(p)
     return out
 
 
-def fingerprint(study: Path) -> dict[str, Any]:
+def fingerprint(study: Path, drop: frozenset[str] = CLOCK_KEYS | HISTORY_KEYS) -> dict[str, Any]:
     dbs = sorted(study.glob("*.duckdb"))
-    return {"tables": table_hashes(dbs[0]) if dbs else {}, "curves": curves(study), "stages": stage_outputs(study)}
+    return {"tables": table_hashes(dbs[0], drop) if dbs else {}, "curves": curves(study),
+            "stages": stage_outputs(study, drop), "db": str(dbs[0]) if dbs else None}
 
 
 def outcome_table(kills: list[Kill], base: dict[str, Any], got: dict[str, Any]) -> list[dict[str, Any]]:
@@ -293,6 +320,9 @@ def campaign(work: Path, kills: int, seed: int) -> tuple[list[dict[str, Any]], d
     if straight.final_rc != 0:
         raise RuntimeError(f"uninterrupted run failed (rc {straight.final_rc}):\n{straight.log[-5000:]}")
     base = fingerprint(study)
+    if base["db"]:  # kept for the diff of a failure
+        shutil.copy(base["db"], work / "uninterrupted.duckdb")
+        base["db"] = str(work / "uninterrupted.duckdb")
     med = {s: sorted(v)[len(v) // 2] for s, v in straight.durations.items()}
     shutil.rmtree(work / "results")
     shutil.rmtree(work / ".snakemake", ignore_errors=True)
@@ -308,7 +338,18 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", default="/tmp/cptscale-faults")
+    ap.add_argument("--compare", nargs=2, metavar=("UNINTERRUPTED", "FAULTED"), default=None,
+                    help="only compare two finished study dirs (same paths when they ran)")
+    ap.add_argument("--ignore-code", action="store_true",
+                    help="leave the code version (git commit, dirty flag) out: for runs across a code change")
     args = ap.parse_args()
+    drop = CLOCK_KEYS | HISTORY_KEYS | (CODE_KEYS if args.ignore_code else frozenset())
+    if args.compare:
+        a, b = (fingerprint(Path(p), drop) for p in args.compare)
+        for k in ("tables", "curves", "stages"):
+            print(k, "identical" if a[k] == b[k] else "DIFFER")
+        print("\n".join(diff_tables(Path(a["db"]), Path(b["db"]), drop)))
+        return
     t0 = time.time()
     rows, base, got, faulted = campaign(Path(args.dir), args.kills, args.seed)
     print(format_table(rows))
@@ -318,6 +359,8 @@ def main() -> None:
         for name in sorted(set(base[k]) | set(got[k])):
             if base[k].get(name) != got[k].get(name):
                 print(f"differs: {k} {name}")
+    if base["db"] and got["db"]:
+        print("\n".join(diff_tables(Path(base["db"]), Path(got["db"]))))
 
 
 if __name__ == "__main__":
