@@ -30,8 +30,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from cptscale.train import checkpoint as ck
-    from cptscale.train.engine import setup_parallel, teardown_parallel
     from cptscale.train.model import build_model
+    from cptscale.train.parallel import setup_parallel, teardown_parallel
 
     h, layers = args.hidden, args.layers
     shape = {"name": f"d{h}l{layers}", "hidden": h, "layers": layers, "heads": max(1, h // 64), "ffn": 4 * h,

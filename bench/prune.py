@@ -37,8 +37,8 @@ def main() -> None:
 
     from cptscale import prune as P
     from cptscale.ladder import tiny_ffn
-    from cptscale.train.engine import setup_parallel, teardown_parallel
     from cptscale.train.model import build_model, count_params
+    from cptscale.train.parallel import setup_parallel, teardown_parallel
 
     ffn = tiny_ffn(a.hidden)
     shape = {"hidden": a.hidden, "layers": a.layers, "heads": a.heads, "ffn": ffn, "kv_heads": a.kv_heads}

@@ -10,7 +10,7 @@ towards 1), and both ratios are printed::
     .venv/bin/python bench/train.py --hidden 256 --layers 4 --heads 4 --seq 256 --vocab 8192   # reference
 
 GPU (when one is present): a ladder shape (default the paper's ``992M``) in bf16, both models on the
-device, tokens/s and MFU with the engine's formula (``cptscale.train.engine.mfu``; peak from
+device, tokens/s and MFU with the engine's formula (``cptscale.train.meter.mfu``; peak from
 ``--peak-flops``, default H100 bf16 dense 989 TFLOP/s); then, with two GPUs, the engine alone at TP=2
 under torchrun (the plain model has no tensor parallelism)::
 
@@ -94,6 +94,8 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--peak-flops", type=float, default=None, help="per-GPU peak for MFU (default: H100 bf16 dense)")
     ap.add_argument("--tp2", action="store_true", help="GPU: after the 1-GPU comparison, the engine at TP=2 under "
                     "torchrun (needs 2 GPUs)")
+    ap.add_argument("--compile", action="store_true", help="also time the engine with its model under torch.compile "
+                    "(speed-up over eager, loss difference)")
     ap.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)  # set by the --tp2 re-launch
     a = ap.parse_args()
     a.gpu = a.gpu or torch.cuda.is_available()
@@ -127,122 +129,165 @@ def _sync(gpu: bool) -> None:
         torch.cuda.synchronize()
 
 
-def main() -> None:
-    a = _args()
-    from cptscale.train.engine import (
-        DEFAULT_PEAK_FLOPS,
-        build_optimizer,
-        collate,
-        mfu,
-        run_microbatches,
-        setup_parallel,
-        teardown_parallel,
-        wrap_ddp,
-    )
-    from cptscale.train.model import build_model, count_params
+class Engine:
+    """The trainer's own step: Megatron-Core GPTModel in Megatron's DDP, its optimizer (global-norm
+    clipping + AdamW), forward/backward through Megatron's schedules."""
 
-    shape = _shape(a)
-    peak = a.peak_flops or DEFAULT_PEAK_FLOPS
-    setup_parallel(a.tp, 1, 0)
-    import torch.distributed as dist
+    def __init__(self, a: argparse.Namespace, shape: dict, compiled: bool = False) -> None:
+        from cptscale.train.model import build_model, count_params
+        from cptscale.train.parallel import seed_all
+        from cptscale.train.step import build_optimizer, collate, wrap_ddp
 
-    rank0 = dist.get_rank() == 0
-    try:
-        meg = build_model(shape, a.vocab, a.seq, tp=a.tp, bf16=a.bf16)
-        n_total = count_params(meg)
-        meg = wrap_ddp(meg, distributed_optimizer=a.gpu)  # exactly what the trainer runs
-        opt_m = build_optimizer(meg, {"weight_decay": 0.1, "grad_clip": 1.0}, 1e-4, bf16=a.bf16,
-                                distributed_optimizer=a.gpu)
-        dev = torch.device("cuda", torch.cuda.current_device()) if a.gpu else torch.device("cpu")
-        g = torch.Generator().manual_seed(0)
-        toks = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g)
-        items = [{"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(a.seq),
-                  "position_ids": torch.arange(a.seq)} for t in toks]
-        batch = collate(items)
-        toks = toks.to(dev)
+        seed_all(0)  # the same initial weights for every Engine of a run (eager and compiled alike)
+        model = build_model(shape, a.vocab, a.seq, tp=a.tp, bf16=a.bf16)
+        self.n_params = count_params(model)
+        if compiled:
+            model.forward = torch.compile(model.forward)
+        self.model = wrap_ddp(model, distributed_optimizer=a.gpu)  # exactly what the trainer runs
+        self.opt = build_optimizer(self.model, {"weight_decay": 0.1, "grad_clip": 1.0}, 1e-4, bf16=a.bf16,
+                                   distributed_optimizer=a.gpu)
+        self.a = a
+        self.batch = collate([{"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(a.seq),
+                               "position_ids": torch.arange(a.seq)} for t in _tokens(a)])
+        self.losses: list[float] = []
 
-        def step_meg():
-            meg.zero_grad_buffer()
-            opt_m.zero_grad()
-            run_microbatches(meg, [batch], a.seq, a.batch, forward_only=False)
-            meg.finish_grad_sync()
-            opt_m.step()  # Megatron optimizer: global-norm clipping + AdamW
+    def step(self) -> None:
+        from cptscale.train.step import run_microbatches
 
-        ntok = a.batch * a.seq * a.steps
-        head = (f"shape {shape['name']} (hidden {shape['hidden']}, layers {shape['layers']}, heads {shape['heads']}, "
-                f"ffn {shape['ffn']}), params {n_total:,}{' per rank' if a.tp > 1 else ''}, seq {a.seq}, batch {a.batch}, vocab {a.vocab}, "
-                f"{'bf16' if a.bf16 else 'fp32'}, {'GPU ' + torch.cuda.get_device_name() if a.gpu else 'CPU'}, "
-                f"threads {torch.get_num_threads()}, world {dist.get_world_size()} (tp {a.tp})")
-        if a.tp > 1:  # TP=2 re-launch: the engine alone
-            step_meg()
-            _sync(True)
-            t0 = time.perf_counter()
-            for _ in range(a.steps):
-                step_meg()
-            _sync(True)
-            tm = time.perf_counter() - t0
-            if rank0:
-                print(head)
-                print(f"megatron-core engine TP={a.tp}: {ntok / tm:10.0f} tokens/s, MFU "
-                      f"{mfu(shape, a.vocab, a.seq, ntok / tm, dist.get_world_size(), peak, tp=a.tp):.3f}")
-            return
+        self.model.zero_grad_buffer()
+        self.opt.zero_grad()
+        s, c = run_microbatches(self.model, [self.batch], self.a.seq, self.a.batch, forward_only=False)
+        self.model.finish_grad_sync()
+        self.opt.step()
+        self.losses.append(s / c)
 
-        plain = Plain(meg.module.embedding.word_embeddings.weight.shape[0], shape["hidden"], shape["layers"],
-                      shape["heads"], shape["ffn"], a.seq).to(dev)
-        assert n_total == sum(p.numel() for p in plain.parameters()), "shapes differ"
-        decay = [p for p in plain.parameters() if p.ndim >= 2]
-        rest = [p for p in plain.parameters() if p.ndim < 2]
-        opt_p = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                                  lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=a.gpu)
-        def amp():
-            return torch.autocast("cuda", dtype=torch.bfloat16) if a.gpu and a.bf16 else contextlib.nullcontext()
 
-        def step_plain():
-            opt_p.zero_grad(set_to_none=True)
-            with amp():
-                loss = plain(toks[:, :-1], toks[:, 1:])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
-            opt_p.step()
+def _tokens(a: argparse.Namespace) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g)
 
-        def outside_mode():
-            if a.gpu:
-                return contextlib.nullcontext()
-            from cptscale.train import cpu_compat
 
-            return cpu_compat.device_mode_suspended()
+def _plain_step(a: argparse.Namespace, shape: dict, vocab_rows: int, n_params: int):
+    """The same step in plain PyTorch: SDPA attention, fused cross-entropy, torch AdamW."""
+    dev = torch.device("cuda", torch.cuda.current_device()) if a.gpu else torch.device("cpu")
+    plain = Plain(vocab_rows, shape["hidden"], shape["layers"], shape["heads"], shape["ffn"], a.seq).to(dev)
+    assert n_params == sum(p.numel() for p in plain.parameters()), "shapes differ"
+    decay = [p for p in plain.parameters() if p.ndim >= 2]
+    rest = [p for p in plain.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=a.gpu)
+    toks = _tokens(a).to(dev)
 
-        def timed(fn, ctx=contextlib.nullcontext) -> float:
-            _sync(a.gpu)
+    def step():
+        opt.zero_grad(set_to_none=True)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if a.gpu and a.bf16 else contextlib.nullcontext()
+        with amp:
+            loss = plain(toks[:, :-1], toks[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+        opt.step()
+
+    return step
+
+
+def _outside_mode(gpu: bool):
+    """The plain baseline runs outside cpu_compat's device-rewriting mode (the honest ratio)."""
+    if gpu:
+        return contextlib.nullcontext()
+    from cptscale.train import cpu_compat
+
+    return cpu_compat.device_mode_suspended()
+
+
+def _alternate(fns: dict[str, tuple], steps: int, gpu: bool) -> dict[str, float]:
+    """Seconds per name over ``steps`` rounds; each round runs every fn once, so drifts in machine load
+    hit all alike. ``fns``: name -> (fn, context factory). One warm-up call each first."""
+    for fn, ctx in fns.values():
+        with ctx():
+            fn()
+    total = dict.fromkeys(fns, 0.0)
+    for _ in range(steps):
+        for name, (fn, ctx) in fns.items():
+            _sync(gpu)
             t0 = time.perf_counter()
             with ctx():
                 fn()
-            _sync(a.gpu)
-            return time.perf_counter() - t0
+            _sync(gpu)
+            total[name] += time.perf_counter() - t0
+    return total
 
-        step_meg()
-        with outside_mode():
-            step_plain()  # warm-up
-        step_plain()
-        tm = tp_out = tp_in = 0.0
-        for _ in range(a.steps):  # alternate, so drifts in machine load hit all three alike
-            tm += timed(step_meg)
-            tp_out += timed(step_plain, outside_mode)
-            if not a.gpu:
-                tp_in += timed(step_plain)
-        print(head)
-        if a.gpu:
-            print(f"megatron-core engine : {ntok / tm:10.0f} tokens/s  MFU {mfu(shape, a.vocab, a.seq, ntok / tm, 1, peak):.3f}")
-            print(f"plain pytorch        : {ntok / tp_out:10.0f} tokens/s  MFU "
-                  f"{mfu(shape, a.vocab, a.seq, ntok / tp_out, 1, peak):.3f}")
-            print(f"ratio engine/plain   : {tp_out / tm:.3f}  (MFU against {peak:.3g} FLOP/s per GPU)")
-            print(f"peak memory          : {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-        else:
-            print(f"megatron-core engine              : {ntok / tm:10.0f} tokens/s")
-            print(f"plain pytorch (no compat mode)    : {ntok / tp_out:10.0f} tokens/s")
-            print(f"plain pytorch (under compat mode) : {ntok / tp_in:10.0f} tokens/s")
-            print(f"ratio engine/plain                : {tp_out / tm:.3f}  (aim >= 0.8; baseline outside the mode)")
-            print(f"ratio, both under the compat mode : {tp_in / tm:.3f}  (the old, biased measure)")
+
+def _header(a: argparse.Namespace, shape: dict, n_params: int, world: int) -> str:
+    return (f"shape {shape['name']} (hidden {shape['hidden']}, layers {shape['layers']}, heads {shape['heads']}, "
+            f"ffn {shape['ffn']}), params {n_params:,}{' per rank' if a.tp > 1 else ''}, seq {a.seq}, batch "
+            f"{a.batch}, vocab {a.vocab}, {'bf16' if a.bf16 else 'fp32'}, "
+            f"{'GPU ' + torch.cuda.get_device_name() if a.gpu else 'CPU'}, threads {torch.get_num_threads()}, "
+            f"world {world} (tp {a.tp})")
+
+
+def _compare(a: argparse.Namespace, shape: dict) -> None:
+    """Engine vs plain PyTorch (and, with --compile, the engine with its model under torch.compile)."""
+    from cptscale.train.meter import DEFAULT_PEAK_FLOPS, mfu
+
+    peak = a.peak_flops or DEFAULT_PEAK_FLOPS
+    eng = Engine(a, shape)
+    plain = _plain_step(a, shape, eng.model.module.embedding.word_embeddings.weight.shape[0], eng.n_params)
+    none = contextlib.nullcontext
+    fns = {"engine": (eng.step, none), "plain": (plain, lambda: _outside_mode(a.gpu))}
+    if not a.gpu:
+        fns["plain_in_mode"] = (plain, none)
+    if a.compile:
+        comp = Engine(a, shape, compiled=True)
+        t0 = time.perf_counter()
+        comp.step()  # compilation happens in the first call
+        print(f"torch.compile: first (compiling) step {time.perf_counter() - t0:.1f} s")
+        fns["compiled"] = (comp.step, none)
+    t = _alternate(fns, a.steps, a.gpu)
+    ntok = a.batch * a.seq * a.steps
+    print(_header(a, shape, eng.n_params, 1))
+    if a.gpu:
+        print(f"megatron-core engine : {ntok / t['engine']:10.0f} tokens/s  MFU "
+              f"{mfu(shape, a.vocab, a.seq, ntok / t['engine'], 1, peak):.3f}")
+        print(f"plain pytorch        : {ntok / t['plain']:10.0f} tokens/s  MFU "
+              f"{mfu(shape, a.vocab, a.seq, ntok / t['plain'], 1, peak):.3f}")
+        print(f"ratio engine/plain   : {t['plain'] / t['engine']:.3f}  (MFU against {peak:.3g} FLOP/s per GPU)")
+        print(f"peak memory          : {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    else:
+        print(f"megatron-core engine              : {ntok / t['engine']:10.0f} tokens/s")
+        print(f"plain pytorch (no compat mode)    : {ntok / t['plain']:10.0f} tokens/s")
+        print(f"plain pytorch (under compat mode) : {ntok / t['plain_in_mode']:10.0f} tokens/s")
+        print(f"ratio engine/plain                : {t['plain'] / t['engine']:.3f}  (aim >= 0.95; baseline outside the mode)")
+        print(f"ratio, both under the compat mode : {t['plain_in_mode'] / t['engine']:.3f}  (the old, biased measure)")
+    if a.compile:
+        diff = max(abs(x - y) for x, y in zip(eng.losses, comp.losses, strict=False))
+        print(f"engine under torch.compile        : {ntok / t['compiled']:10.0f} tokens/s, speed-up "
+              f"{t['engine'] / t['compiled']:.3f} over eager; max |loss diff| vs eager {diff:.3g} over "
+              f"{min(len(eng.losses), len(comp.losses))} steps")
+
+
+def _engine_alone(a: argparse.Namespace, shape: dict) -> None:
+    """The TP=2 re-launch (one process per GPU under torchrun): the engine alone, tokens/s and MFU."""
+    import torch.distributed as dist
+
+    from cptscale.train.meter import DEFAULT_PEAK_FLOPS, mfu
+
+    eng = Engine(a, shape)
+    t = _alternate({"engine": (eng.step, contextlib.nullcontext)}, a.steps, True)["engine"]
+    ntok = a.batch * a.seq * a.steps
+    if dist.get_rank() == 0:
+        print(_header(a, shape, eng.n_params, dist.get_world_size()))
+        print(f"megatron-core engine TP={a.tp}: {ntok / t:10.0f} tokens/s, MFU "
+              f"{mfu(shape, a.vocab, a.seq, ntok / t, dist.get_world_size(), a.peak_flops or DEFAULT_PEAK_FLOPS, tp=a.tp):.3f}")
+
+
+def main() -> None:
+    a = _args()
+    from cptscale.train.parallel import setup_parallel, teardown_parallel
+
+    shape = _shape(a)
+    setup_parallel(a.tp, 1, 0)
+    try:
+        (_engine_alone if a.tp > 1 else _compare)(a, shape)
     finally:
         teardown_parallel()
     if a.gpu and a.tp2:

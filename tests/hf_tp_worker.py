@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from cptscale.hf import mcore_logits
-from cptscale.train.engine import setup_parallel, teardown_parallel
+from cptscale.train.parallel import setup_parallel, teardown_parallel
 
 
 def main(ckpt: str, tokens_path: str, out: str) -> None:

@@ -195,17 +195,18 @@ def _hashes(raw: dict) -> dict[str, str]:
     {"train": {"checkpoint_every": 7, "keep_checkpoints": 5}},
     {"report": {"title": "retitled", "max_points": 50}, "description": "edited"},
     {"store": {"allow_partial": True}},
-], ids=["slurm-resources", "data-io", "checkpoints", "presentation", "store"])
+    {"logging": {"tensorboard": False, "wandb": {"project": "cptscale", "mode": "offline"}}},
+], ids=["slurm-resources", "data-io", "checkpoints", "presentation", "store", "logging"])
 def test_training_hash_ignores_resources_and_io(edit: dict) -> None:
-    """Job resources, runtime estimates, thread counts, data workers/cache, checkpoint cadence and report
-    options change no run's training hash (the rerun trigger of run.json, hence of training) and not the
+    """Job resources, runtime estimates, thread counts, data workers/cache, checkpoint cadence, report and
+    experiment-tracking options change no run's training hash (the rerun trigger of run.json, hence of training) and not the
     study manifest's trigger either, while they do change the plan's resources where they should."""
     from cptscale.plan import results_hash
 
     raw = _demo_raw()
     edited = copy.deepcopy(raw)
     for section, values in edit.items():
-        edited[section] = {**edited[section], **values} if isinstance(values, dict) else values
+        edited[section] = {**edited.get(section, {}), **values} if isinstance(values, dict) else values
     assert _hashes(edited) == _hashes(raw)
     assert results_hash(parse_config(edited, base_dir=ROOT)) == results_hash(parse_config(raw, base_dir=ROOT))
     if "slurm" in edit:  # the resources themselves did change

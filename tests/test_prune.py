@@ -15,7 +15,7 @@ SEQ = 32
 
 @contextlib.contextmanager
 def parallel(seed: int = 0):
-    from cptscale.train.engine import setup_parallel, teardown_parallel
+    from cptscale.train.parallel import setup_parallel, teardown_parallel
 
     setup_parallel(1, 1, seed)
     try:
@@ -380,8 +380,8 @@ def test_pruned_final_checkpoint_loads_at_its_shape(pruned_run):
     import json
     from pathlib import Path
 
-    from cptscale.evaluate import evaluate_model
     from cptscale.train import checkpoint as ck
+    from cptscale.train.evaluate import evaluate_model
     from cptscale.train.model import build_model
 
     done = json.loads((Path(pruned_run["out_dir"]) / "done.json").read_text())

@@ -27,7 +27,7 @@ PLANNED_KEYS = {"spec_version", "run_id", "study", "size", "init", "lang", "sour
                 "shape", "vocab_size", "params", "params_nonemb", "tokens", "seq_length", "micro_batch_size",
                 "global_batch_size", "steps", "seed", "schedule", "optimizer", "init_std", "precision", "layout",
                 "data", "tokenizer", "eval", "checkpoint", "parent", "out_dir", "loss_spike_factor", "resources",
-                "config_hash", "provenance"}
+                "config_hash", "provenance", "logging"}
 
 
 def _planned_study(path: Path, tmp: Path):

@@ -131,8 +131,8 @@ def test_cli_bad_spec_exit_2(root, capsys):
 @pytest.mark.parametrize("name", ["d32l2", "d64l2", "d64l3"])
 def test_param_count_matches_built_model(name):
     from cptscale.ladder import get_shape
-    from cptscale.train.engine import setup_parallel, teardown_parallel
     from cptscale.train.model import build_model, count_params
+    from cptscale.train.parallel import setup_parallel, teardown_parallel
 
     shape = get_shape(name)
     try:
@@ -479,7 +479,7 @@ def test_loss_falls_on_real_english_text(tmp_path):
     from cptscale.data.ingest import ingest
     from cptscale.data.sources import parse_sources
     from cptscale.data.tokenizer import Tokenizer, train_tokenizer
-    from cptscale.evaluate import text_bytes
+    from cptscale.train.evaluate import text_bytes
     from cptscale.train.launch import run_spec
 
     docs = tmp_path / "data" / "en" / "docs.parquet"
@@ -518,7 +518,7 @@ def test_loss_falls_on_real_english_text(tmp_path):
 # ----------------------------------------------------------------------------------------------
 def test_mfu_formula_by_hand():
     """MFU = (6 N + 12 L H Q S) x tokens/s / (GPUs x peak), N = non-embedding + output layer."""
-    from cptscale.train.engine import DEFAULT_PEAK_FLOPS, mfu, mfu_flops_per_token, peak_flops
+    from cptscale.train.meter import DEFAULT_PEAK_FLOPS, mfu, mfu_flops_per_token, peak_flops
 
     shape = {"hidden": 32, "layers": 2, "heads": 2, "ffn": 96, "kv_heads": None}
     # per layer: qkv 32x96 + proj 32x32 + fc1 32x192 + fc2 96x32 + 2 RMSNorms x 32 = 13,376;

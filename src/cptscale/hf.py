@@ -286,7 +286,7 @@ def _copy_into(model, sd: dict[str, Any], where: str) -> None:
 
 def _single_process(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` with Megatron's parallel state at TP=PP=1 in this process (one gloo rank)."""
-    from cptscale.train.engine import setup_parallel, teardown_parallel
+    from cptscale.train.parallel import setup_parallel, teardown_parallel
 
     setup_parallel(1, 1, 0)
     try:
@@ -459,7 +459,7 @@ def _write_tokenizer(tok_path: Path, dest: Path, special: dict[str, Any]) -> Non
 
 def find_tokenizer(ckpt: Path, state: dict[str, Any], spec_path: str | Path | None) -> Path:
     """The tokenizer of a checkpoint: its own copy (an imported model), else the run's (run.json)."""
-    from cptscale.evaluate import find_spec
+    from cptscale.train.evaluate import find_spec
     from cptscale.util import read_json
 
     own = ckpt / str(state.get("tokenizer") or "tokenizer.json")
@@ -518,7 +518,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, tokenizer: str | Path | None
 def hf_validation_loss(hf_dir: str | Path, prefix: str, seq_length: int, *, max_tokens: int | None = None,
                        micro_batch_size: int = 8) -> dict[str, Any]:
     """Mean token cross-entropy of the Hugging Face model itself (``transformers``, fp32) over a validation
-    set, with exactly the windows and mask of :func:`cptscale.evaluate.evaluate_model`: the reference
+    set, with exactly the windows and mask of :func:`cptscale.train.evaluate.evaluate_model`: the reference
     the init-sanity gate of a CPT run from an imported model compares against."""
     import torch
     import torch.nn.functional as F

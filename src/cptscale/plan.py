@@ -123,7 +123,7 @@ def config_hash(cfg: StudyConfig) -> str:
 
 
 #: Config sections that change how results are shown or where jobs run, never what they compute.
-PRESENTATION_KEYS = ("description", "report", "slurm", "store")
+PRESENTATION_KEYS = ("description", "report", "slurm", "store", "logging")
 
 
 #: Config fields that only change I/O: worker processes, caches, checkpoint cadence and retention (a run
@@ -283,6 +283,7 @@ def run_spec(cfg: StudyConfig, rid: str, planned: PlannedRun | None = None) -> R
         checkpoint=CheckpointSpec(dir=str(checkpoint_dir(cfg, run.run_id)), every=t.checkpoint_every,
                                   keep=t.keep_checkpoints),
         parent=recipe.parent(cfg, run), out_dir=str(run_dir(cfg, run.run_id)), loss_spike_factor=t.loss_spike_factor,
+        logging=cfg.logging.model_dump(mode="json"),
         resources=ResourcesSpec(gpus=run.gpus, cpus=run.cpus, runtime_minutes=run.runtime_minutes,
                                 mem_gb=run.mem_gb, gpu_peak_flops=cfg.slurm.gpu_peak_flops),
         config_hash=chash,

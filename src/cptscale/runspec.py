@@ -187,6 +187,18 @@ class PruneSpec(_Part):
     events: Annotated[list[PruneEvent], Field(min_length=1)]
 
 
+class WandbSpec(_Part):
+    project: str = Field(min_length=1)
+    mode: Literal["offline", "online"] = "offline"
+
+
+class LoggingSpec(_Part):
+    """Experiment tracking (the study config's ``logging``; see :mod:`cptscale.train.tracking`)."""
+
+    tensorboard: bool = True
+    wandb: WandbSpec | None = None
+
+
 class RunSpec(_Part):
     """One run, completely: what the trainer needs and nothing it must guess."""
 
@@ -230,6 +242,7 @@ class RunSpec(_Part):
     suggestion: dict[str, Any] | None = None  #: the fit's suggested next run (cptscale.nextrun)
     #: an imported model's architecture (RoPE, norm eps, QKV bias, ...; see cptscale.train.model.resolve_arch)
     arch: dict[str, Any] | None = None
+    logging: LoggingSpec | None = None  #: absent: TensorBoard on, no W&B
 
     # -- cross-field rules (messages name the fields and the fix) --------------------------------
     @model_validator(mode="after")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cptscale.errors import CLIError
-from cptscale.evaluate import evaluate_model, find_spec
+
+if TYPE_CHECKING:
+    from cptscale.runspec import RunSpec
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -20,12 +23,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd)
 
 
-def _cmd(args: argparse.Namespace) -> int:
-    import json
-    import os
-
+def _load(args: argparse.Namespace) -> tuple[dict[str, Any], RunSpec, list[str]]:
+    """The checkpoint's state.json, its run.json and the languages to evaluate; CLIError naming what is wrong."""
     from cptscale.runspec import RunSpec, SpecError
     from cptscale.train.checkpoint import CheckpointError, read_state
+    from cptscale.train.evaluate import find_spec
 
     if not Path(args.checkpoint).is_dir():
         raise CLIError(f"checkpoint {args.checkpoint} does not exist")
@@ -41,11 +43,19 @@ def _cmd(args: argparse.Namespace) -> int:
         if lang not in known:
             raise CLIError(f"--lang {lang}: not in the spec's eval.languages of {spec_path} "
                            f"({', '.join(known) or 'none'})")
-    from cptscale.train.checkpoint import load_weights
-    from cptscale.train.engine import setup_parallel, teardown_parallel
-    from cptscale.train.model import build_model
+    return state, spec, langs
 
-    # the checkpoint's own shape (a pruned run's final model is smaller than its spec's shape)
+
+def _evaluate_checkpoint(checkpoint: str, state: dict[str, Any], spec: RunSpec, langs: list[str]) -> dict[str, Any]:
+    """Build the model at the checkpoint's own shape (a pruned run's final model is smaller than its
+    spec's shape), load it and evaluate each language."""
+    import os
+
+    from cptscale.train.checkpoint import CheckpointError, load_weights
+    from cptscale.train.evaluate import evaluate_model
+    from cptscale.train.model import build_model
+    from cptscale.train.parallel import setup_parallel, teardown_parallel
+
     shape = state.get("shape") or spec.shape.model_dump(exclude_unset=True)
     vocab = int(state.get("vocab_size") or spec.vocab_size)
     tp, pp = (spec.layout.tp, spec.layout.pp) if "RANK" in os.environ else (1, 1)
@@ -53,18 +63,22 @@ def _cmd(args: argparse.Namespace) -> int:
         setup_parallel(tp, pp, spec.seed)
         model = build_model(shape, vocab, spec.seq_length, tp=tp, pp=pp, arch=state.get("arch") or spec.arch)
         try:
-            state = load_weights(args.checkpoint, model)
+            state = load_weights(checkpoint, model)
         except CheckpointError as exc:
             raise CLIError(str(exc)) from exc
-        out = {}
-        for lang in langs:
-            v = known[lang]
-            out[lang] = {"step": state.get("step"), **evaluate_model(
-                model, v.prefix, spec.seq_length, spec.eval.micro_batch_size,
-                val_bytes=v.bytes, max_tokens=spec.eval.max_tokens, tokenizer=spec.tokenizer)}
+        ev = spec.eval
+        return {lang: {"step": state.get("step"), **evaluate_model(
+            model, ev.languages[lang].prefix, spec.seq_length, ev.micro_batch_size, val_bytes=ev.languages[lang].bytes,
+            max_tokens=ev.max_tokens, tokenizer=spec.tokenizer)} for lang in langs}
     finally:
         teardown_parallel()
-    text = json.dumps(out, indent=1)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    import json
+
+    state, spec, langs = _load(args)
+    text = json.dumps(_evaluate_checkpoint(args.checkpoint, state, spec, langs), indent=1)
     if args.out:
         from cptscale.util import atomic_write
 

@@ -294,6 +294,20 @@ class ReportConfig(_Model):
     max_points: int = Field(400, ge=10, description="curves are downsampled to this many points")
 
 
+class WandbConfig(_Model):
+    project: str = Field(min_length=1, description="W&B project the runs are logged to")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: files under each run's directory (`wandb sync` uploads them later)")
+
+
+class LoggingConfig(_Model):
+    """Experiment tracking: mirrors of each run's metrics and evaluations for TensorBoard / W&B users. The
+    run's own jsonl files (ingested into the store) stay the source of truth."""
+
+    tensorboard: bool = Field(True, description="event files under <results>/<study>/runs/<run>/tensorboard/")
+    wandb: WandbConfig | None = Field(None, description="also log to Weights & Biases (needs the wandb package)")
+
+
 class SlurmConfig(_Model):
     """Cluster resources per training job, derived from each run's size and layout (see plan.py)."""
 
@@ -338,6 +352,7 @@ class StudyConfig(_Model):
     fit: FitConfig = Field(default_factory=FitConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     def blend_corpora(self, lang: str) -> list[str]:

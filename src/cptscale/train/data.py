@@ -31,13 +31,16 @@ class PackedDataset:
             raise ValueError(f"{prefix}: fewer than seq_length+1 = {seq_length + 1} tokens")
         self.num_samples = num_samples
         self.seed = seed
+        self._perm: tuple[int, np.ndarray] | None = None  # the last epoch's order (samples come in order)
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         epoch, j = divmod(int(i), self.n_windows)
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_windows))
+        perm = self._perm[1]
         start = int(perm[j]) * self.seq
         w = self.tokens[start:start + self.seq + 1]
         return {"tokens": w[:-1].copy(), "labels": w[1:].copy(),

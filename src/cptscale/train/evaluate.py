@@ -1,5 +1,6 @@
-"""Validation loss / perplexity / bits-per-byte over a held-out indexed dataset, and the
-``cptscale evaluate`` subcommand. The trainer calls :func:`evaluate_model` at log-spaced steps.
+"""Validation loss / perplexity / bits-per-byte over a held-out indexed dataset: :func:`evaluate_model`
+(also behind ``cptscale evaluate``) and the trainer's :class:`Evaluator` (every language at the spec's
+eval steps, rows of evals.jsonl).
 
 Bits per byte = summed token cross-entropy (nats) / (ln 2 x UTF-8 bytes of the evaluated text). Over
 the whole set the bytes are the data stage's count (``eval.languages.<lang>.bytes``). When
@@ -70,21 +71,17 @@ def _evaluated_bytes(tokenizer: str | Path | None, labels: np.ndarray) -> int | 
         return None
 
 
-def evaluate_model(model, prefix: str, seq_length: int, micro_batch_size: int, *, val_bytes: int | None = None,
-                   max_tokens: int | None = None, cache: dict[str, Any] | None = None,
-                   tokenizer: str | Path | None = None) -> dict[str, Any]:
-    """Mean token cross-entropy over the full validation set (or its first ``max_tokens``
-    predictions), fixed order and batching; ``bytes`` is the byte count bpb divides by.
-
-    Works under TP/PP/DP (every rank evaluates the whole set; Megatron's schedules handle PP)."""
+def _validation_set(prefix: str, seq_length: int, micro_batch_size: int, max_tokens: int | None,
+                    cache: dict[str, Any], tokenizer: str | Path | None,
+                    val_bytes: int | None) -> tuple[list[dict[str, Any]], int | None]:
+    """The validation set's micro-batches (fixed order; the last may be smaller) and the bytes bpb divides
+    by: the caller's ``val_bytes`` for the whole set, else those of the scored text, counted with the
+    tokenizer. Both are cached per set in ``cache`` (the trainer evaluates the same sets many times)."""
     import torch
 
     from cptscale.train.data import validation_tokens, validation_windows
-    from cptscale.train.engine import collate, run_microbatches
+    from cptscale.train.step import collate
 
-    # cached per validation set: the windows and, for a capped set, the bytes of its scored text (counted
-    # with the tokenizer); the bytes of a whole set are the caller's ``val_bytes``
-    cache = {} if cache is None else cache
     key = f"{prefix}:{seq_length}:{max_tokens}"
     if key not in cache:
         toks, truncated = validation_tokens(prefix, max_tokens)
@@ -97,13 +94,27 @@ def evaluate_model(model, prefix: str, seq_length: int, micro_batch_size: int, *
         if bkey not in cache:
             cache[bkey] = _evaluated_bytes(tokenizer, scored)
         n_bytes = cache[bkey]
-    mb = micro_batch_size
-    pos = torch.arange(seq_length)
-    batches = []
-    for a in range(0, len(tokens), mb):
-        items = [{"tokens": tokens[i], "labels": labels[i], "loss_mask": mask[i], "position_ids": pos}
-                 for i in range(a, min(a + mb, len(tokens)))]
-        batches.append(collate(items))
+    mb, batches_key = micro_batch_size, f"{key}:batches:{micro_batch_size}"
+    if batches_key not in cache:
+        pos = torch.arange(seq_length)
+        cache[batches_key] = [collate([{"tokens": tokens[i], "labels": labels[i], "loss_mask": mask[i], "position_ids": pos}
+                                for i in range(a, min(a + mb, len(tokens)))]) for a in range(0, len(tokens), mb)]
+    return cache[batches_key], n_bytes
+
+
+def evaluate_model(model, prefix: str, seq_length: int, micro_batch_size: int, *, val_bytes: int | None = None,
+                   max_tokens: int | None = None, cache: dict[str, Any] | None = None,
+                   tokenizer: str | Path | None = None) -> dict[str, Any]:
+    """Mean token cross-entropy over the full validation set (or its first ``max_tokens``
+    predictions), fixed order and batching; ``bytes`` is the byte count bpb divides by.
+
+    Works under TP/PP/DP (every rank evaluates the whole set; Megatron's schedules handle PP)."""
+    import torch
+
+    from cptscale.train.step import run_microbatches
+
+    batches, n_bytes = _validation_set(prefix, seq_length, micro_batch_size, max_tokens,
+                                       {} if cache is None else cache, tokenizer, val_bytes)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
@@ -141,3 +152,37 @@ def find_spec(checkpoint: str | Path) -> Path:
     raise FileNotFoundError(
         f"no run.json found for checkpoint {ck} (run {rid!r}); looked at "
         f"{', '.join(map(str, tried)) or 'nothing (state.json records neither out_dir nor run_id)'}; pass --spec run.json")
+
+
+class Evaluator:
+    """Every language of the spec's ``eval.languages`` on the current weights; one evals.jsonl row each
+    (``branch`` set for a WSD branch's final evaluation). Validation windows are read once per set."""
+
+    def __init__(self, spec: dict[str, Any], runlog, tokens_per_step: int) -> None:
+        ev = spec["eval"]
+        self.languages: dict[str, dict[str, Any]] = ev.get("languages", {})
+        self.steps = {int(s) for s in ev.get("steps", [])}
+        self.seq = int(spec["seq_length"])
+        self.micro_batch_size = int(ev.get("micro_batch_size", spec["micro_batch_size"]))
+        self.max_tokens = ev.get("max_tokens")
+        self.tokenizer = spec.get("tokenizer")
+        self.runlog, self.tokens_per_step = runlog, tokens_per_step
+        self.cache: dict[str, Any] = {}
+
+    def loss(self, model, lang: str) -> float:
+        """Validation loss of one language (the init-sanity gate's check)."""
+        return evaluate_model(model, self.languages[lang]["prefix"], self.seq, self.micro_batch_size,
+                              max_tokens=self.max_tokens, cache=self.cache)["loss"]
+
+    def __call__(self, model, step: int, totals: dict[str, Any], branch: int | None = None) -> dict[str, float]:
+        """Evaluate after ``step`` steps; ``totals``: params and FLOPs spent so far (recorded per row)."""
+        res = {}
+        for lang, v in self.languages.items():
+            r = evaluate_model(model, v["prefix"], self.seq, self.micro_batch_size, val_bytes=v.get("bytes"),
+                               max_tokens=self.max_tokens, cache=self.cache, tokenizer=self.tokenizer)
+            row = {"step": step, "tokens": step * self.tokens_per_step, "lang": lang, **r, **totals}
+            if branch is not None:
+                row["branch"] = branch
+            self.runlog.append("evals.jsonl", row)
+            res[lang] = r["loss"]
+        return res
