@@ -302,6 +302,7 @@ def test_bound_hugging_fit_flagged_in_json_store_summary_and_report(tmp_path: Pa
     specs = json.dumps(page_specs(tmp_path / "report" / "index.html"))
     assert "scratch-chinchilla-zh: NOT IDENTIFIED: E on its lower bound" in specs  # fit-quality subtitle
     assert "frontier and allocation unreliable" in specs  # the IsoLoss frontier's equation line
+    assert "scratch-chinchilla-zh: annealed points (" in specs  # the point selection, stated per fit
     if Path(CHROMIUM).exists():
         res = render(tmp_path / "report" / "index.html")
         check_rendered(res, tmp_path / "report" / "index.html", info["drawn"])

@@ -395,6 +395,10 @@ def _trust_lines(f: dict[str, Any]) -> list[str]:
     """A loss-law fit's identifiability verdict, the remedy it used and its rollout errors (cptscale.fit.identify)."""
     meta = f.get("meta") or {}
     ident, out = meta.get("identifiability") or {}, []
+    sel = meta.get("selection") or {}
+    if sel.get("points") and ident:  # the loss laws: which points, and the bias of `all` stated
+        out.append(f"{f.get('fit_id')}: {sel['points']} points ({sel.get('n_selected', '?')} of "
+                   f"{sel.get('n_candidates', '?')})" + (f" — {sel['bias']}" if sel["points"] == "all" else ""))
     if ident:
         rem = (meta.get("remedy") or {}).get("used")
         used = f"; remedy used: {rem}" if rem and rem != "none" else ""
