@@ -49,14 +49,15 @@ STAGES: dict[str, re.Pattern[str]] = {
 
 #: wall-clock columns and JSON keys: they differ between two identical runs by nature
 CLOCK_KEYS = frozenset({"wall_s", "seconds", "time", "tokens_per_s", "mfu", "mem_bytes", "ingested_at",
-                        "elapsed_s", "launch", "fit_seconds", "duration_s", "created"})
+                        "elapsed_s", "launch", "fit_seconds", "duration_s", "created", "build_s"})
 #: columns holding a hash of a whole file that records wall-clock times (done.json, fit JSON, data.json)
 FILE_HASH_COLUMNS = frozenset({"file_hash", "file_hashes"})
 #: the history of an interrupted run, which an uninterrupted one cannot have: the step a run resumed
 #: from (done.json's ``resumed_from``, the store's checkpoint rows of that kind)
 HISTORY_KEYS = frozenset({"resumed_from"})
-#: the code version (only left out when the code changed between the two runs compared, see ``--ignore-code``)
-CODE_KEYS = frozenset({"git_commit", "git_dirty"})
+#: the code version (only left out when the code changed between the two runs compared, see ``--ignore-code``):
+#: the commit, and the input hash of run.json, which records the planner's provenance
+CODE_KEYS = frozenset({"git_commit", "git_dirty", "run.json"})
 
 
 def fault_config(tmp: Path) -> Path:
@@ -90,21 +91,22 @@ def _jobs(pid: int) -> dict[int, str]:
     """pid -> stage of every job process (by command line) under ``pid``."""
     import psutil
 
-    out = {}
+    found: dict[int, tuple[str, int]] = {}
     try:
         procs = psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
-        return out
+        return {}
     for p in procs:
         try:
-            cmd = " ".join(p.cmdline())
+            cmd, ppid = " ".join(p.cmdline()), p.ppid()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
         for stage, pat in STAGES.items():
             if pat.search(cmd):
-                out[p.pid] = stage
+                found[p.pid] = (stage, ppid)
                 break
-    return out
+    # the job is the outermost match: forked helpers (checkpoint writers, data workers) share its command line
+    return {p: stage for p, (stage, ppid) in found.items() if ppid not in found}
 
 
 @dataclass
