@@ -545,15 +545,15 @@ def test_killed_index_leaves_no_partial_output_and_rerun_finishes(study: dict, t
     import cptscale.data.indexed as indexed
 
     calls = {"n": 0}
-    real = indexed._encode
+    real = indexed.encode_batch
 
-    def dying(texts: list[str]):
+    def dying(tok, texts: list[str]):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt("killed")
-        return real(texts)
+        return real(tok, texts)
 
-    monkeypatch.setattr(indexed, "_encode", dying)
+    monkeypatch.setattr(indexed, "encode_batch", dying)
     monkeypatch.setattr(indexed, "BATCH_DOCS", 32)
     docs = study["data"] / "en" / "docs.parquet"
     with pytest.raises(KeyboardInterrupt):
@@ -561,7 +561,7 @@ def test_killed_index_leaves_no_partial_output_and_rerun_finishes(study: dict, t
     left = sorted(p.name for p in tmp_path.iterdir())
     assert "train.bin" not in left and "train.idx" not in left and "data.json" not in left
     assert not [n for n in left if ".tmp" in n], left
-    monkeypatch.setattr(indexed, "_encode", real)
+    monkeypatch.setattr(indexed, "encode_batch", real)
     prepare("en", docs, study["tok"], study["valid_tokens"], tmp_path, progress=False)
     assert (tmp_path / "train.bin").read_bytes() == (study["data"] / "en" / "train.bin").read_bytes()
 

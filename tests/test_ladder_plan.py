@@ -135,12 +135,35 @@ def test_job_resources_single_node_one_launcher() -> None:
     assert r.gpus == 0 and r.cpus == 3 * r.tp * r.pp * r.dp
 
 
-def test_layout_beyond_one_node_is_refused() -> None:
+def test_layout_beyond_one_node_spans_nodes() -> None:
+    """TP x PP x DP = 16 GPUs on 8-GPU nodes: 2 nodes of 8 ranks, cores and memory per node; `cptscale
+    plan` shows the nodes. A layout that cannot split evenly, or whose TP group would span nodes, is a
+    config error naming the fix."""
+    from cptscale.commands.plan import PLAN_COLUMNS, format_plan
+
     raw = yaml.safe_load((ROOT / "workflow/studies/paper.yaml").read_text())
-    raw["parallel"] = {"default": {"tp": 4, "pp": 2, "dp": 2}}
-    raw["slurm"] = {"gpus": True, "gpus_per_node": 8}
-    with pytest.raises(ConfigError, match=r"exceeds slurm\.gpus_per_node"):
-        parse_config(raw, base_dir=ROOT)
+    raw["parallel"] = {"default": {"tp": 4, "pp": 2, "dp": 2}, "per_size": {"49M": {"tp": 1, "pp": 1, "dp": 8}}}
+    raw["slurm"] = {"gpus": True, "gpus_per_node": 8, "cpus_per_gpu": 6, "mem_gb_per_gpu": 60}
+    cfg = parse_config(raw, base_dir=ROOT)
+    runs = plan_study(cfg)
+    big = [r for r in runs if r.size != "49M"]
+    assert big and all((r.nodes, r.gpus, r.cpus, r.mem_gb) == (2, 16, 48, 480) for r in big)
+    assert all((r.nodes, r.gpus, r.cpus) == (1, 8, 48) for r in runs if r.size == "49M")
+    table = format_plan(cfg, runs).splitlines()
+    col = PLAN_COLUMNS.index("nodes")
+    assert table[0].split()[col + 2] == "nodes"  # "mbs x acc" is three words in the header, one in a row
+    row = next(ln for ln in table if ln.startswith(big[0].run_id))
+    assert row.split()[col:col + 2] == ["2", "16"]
+    # CPU-only cluster: ranks per node from slurm.cpu_ranks_per_node
+    raw["slurm"] = {"gpus": False, "cpu_ranks_per_node": 4, "threads_per_rank": 2}
+    cpu = plan_study(parse_config(raw, base_dir=ROOT))
+    assert all((r.nodes, r.cpus) == (4, 8) for r in cpu if r.size != "49M")
+    for layout, msg in (({"tp": 4, "pp": 1, "dp": 3}, r"tp = 4 does not divide the 6 ranks per node"),
+                        ({"tp": 1, "pp": 1, "dp": 9}, r"does not split evenly over 2 nodes")):
+        raw["parallel"] = {"default": layout}
+        raw["slurm"] = {"gpus": True, "gpus_per_node": 8}
+        with pytest.raises(ConfigError, match=msg):
+            parse_config(raw, base_dir=ROOT)
 
 
 def test_generic_tiny_names_and_nearest_shape() -> None:
@@ -233,10 +256,11 @@ def test_training_hash_follows_what_a_run_computes() -> None:
     assert all(v != base[k] for k, v in _hashes(seeded).items())
 
 
-def test_plan_table_columns_and_totals(capsys: pytest.CaptureFixture[str]) -> None:
+def test_plan_table_columns_and_totals(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """`cptscale plan config.yaml`: one row per run with N (with and without embeddings), tokens, FLOPs,
     steps, batch, micro-batch x accumulation, layout and resources; a totals line in CPU core-hours for
-    this CPU study (GPU-hours only for GPU studies)."""
+    this CPU study (GPU-hours only for GPU studies). Results in an empty directory: no finished runs, so
+    the assumed rates (the calibrated ones: tests/test_throughput.py)."""
     import math
     import re
 
@@ -244,12 +268,16 @@ def test_plan_table_columns_and_totals(capsys: pytest.CaptureFixture[str]) -> No
     from cptscale.commands.plan import PLAN_COLUMNS
     from cptscale.util import fmt_num as _fmt_num
 
-    cfg = load_config(ROOT / "config.yaml")
-    assert main(["plan", str(ROOT / "config.yaml")]) == 0
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    raw["results_dir"] = str(tmp_path / "results")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    assert main(["plan", str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert re.split(r"\s{2,}", lines[0].strip()) == list(PLAN_COLUMNS)
     assert PLAN_COLUMNS == ("run", "N", "N_nonemb", "tokens", "FLOPs", "steps", "batch", "mbs x acc", "tp/pp/dp",
-                            "gpus", "cpus", "time", "mem")
+                            "nodes", "gpus", "cpus", "time", "mem")
     assert set(lines[1]) == {"-"}
     runs = plan_study(cfg)
     rows = [ln.split() for ln in lines[2:2 + len(runs)]]
@@ -267,7 +295,7 @@ def test_plan_table_columns_and_totals(capsys: pytest.CaptureFixture[str]) -> No
                                                         + s.runtime_overhead_minutes))
         assert row == [r.run_id, _fmt_num(n), _fmt_num(n_nonemb), _fmt_num(tokens), _fmt_num(6 * n * tokens), str(steps),
                        f"{batch_seqs}x{cfg.train.seq_length}",
-                       f"{cfg.train.micro_batch_size}x{batch_seqs // cfg.train.micro_batch_size}", "1/1/1", "0",
+                       f"{cfg.train.micro_batch_size}x{batch_seqs // cfg.train.micro_batch_size}", "1/1/1", "1", "0",
                        str(cpus), f"{minutes}m", f"{r.mem_gb}G"], row
     total = next(ln for ln in lines if ln.startswith(f"study {cfg.study}:"))
     assert any(ln.startswith("Can the planned points identify each law?") for ln in lines)  # after the totals

@@ -132,7 +132,7 @@ IO_KEYS: dict[str, set[str]] = {"data": {"workers", "cache_dir"}, "train": {"che
 
 
 #: PlannedRun fields that size the job (cluster resources and time limits), not the training itself.
-RESOURCE_FIELDS = ("gpus", "cpus", "runtime_minutes", "mem_gb")
+RESOURCE_FIELDS = ("gpus", "cpus", "runtime_minutes", "mem_gb", "nodes")
 
 
 def results_hash(cfg: StudyConfig) -> str:
@@ -284,7 +284,7 @@ def run_spec(cfg: StudyConfig, rid: str, planned: PlannedRun | None = None) -> R
                                   keep=t.keep_checkpoints),
         parent=recipe.parent(cfg, run), out_dir=str(run_dir(cfg, run.run_id)), loss_spike_factor=t.loss_spike_factor,
         logging=cfg.logging.model_dump(mode="json"),
-        resources=ResourcesSpec(gpus=run.gpus, cpus=run.cpus, runtime_minutes=run.runtime_minutes,
+        resources=ResourcesSpec(gpus=run.gpus, cpus=run.cpus, nodes=run.nodes, runtime_minutes=run.runtime_minutes,
                                 mem_gb=run.mem_gb, gpu_peak_flops=cfg.slurm.gpu_peak_flops),
         config_hash=chash,
         provenance=provenance(chash, manifest_hashes(manifests, str(ddir / "{lang}" / "data.json"))),

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from cptscale.cluster import node_layout
 from cptscale.config.schema import StudyConfig
+from cptscale.throughput import MARGIN, Calibration, study_calibration, time_limit_minutes
 
 RUN_ID = re.compile(
     r"^(?P<size>[A-Za-z0-9.]+)-(?P<init>scratch|cpt)-(?P<lang>[a-z]{2})"
@@ -45,11 +47,12 @@ class PlannedRun:
     pp: int
     dp: int
     flops_6nd: float
-    gpus: int  #: GPUs requested (0 on CPU-only clusters); one node, torchrun starts tp*pp*dp ranks
-    cpus: int  #: CPU cores requested for the job
+    gpus: int  #: GPUs requested in all (0 on CPU-only clusters), tp*pp*dp
+    cpus: int  #: CPU cores requested per node (one launcher task per node)
     runtime_minutes: int  #: time limit of attempt 1 (retries multiply it by the attempt number)
-    mem_gb: int
+    mem_gb: int  #: memory per node
     arm: str | None = None  #: IPLT arm (cptscale.iplt); None for the study's ordinary runs
+    nodes: int = 1  #: nodes the run spans (cptscale.cluster.node_layout); one torchrun agent on each
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,7 +92,7 @@ def plan_run(
     tokens = steps * gbs * cfg.train.seq_length
     params = shape.params(cfg.vocab_size, tp=layout.tp)
     flops = 6.0 * params * tokens
-    res = job_resources(cfg, layout.world, params, flops)
+    res = job_resources(cfg, layout.world, params, flops, tp=layout.tp)
     return PlannedRun(
         run_id=rid or run_id(size, init, lang, replay if init == "cpt" else None, variant),
         size=size, init=init, lang=lang, source_lang=source, replay=replay, variant=variant,
@@ -101,21 +104,46 @@ def plan_run(
     )
 
 
-def job_resources(cfg: StudyConfig, world: int, params: int, flops: float) -> dict[str, int]:
-    """GPUs, cores, memory and time limit of one training job (single node; torchrun starts ``world``
-    ranks once). Time = FLOPs / sustained throughput x 1.5 + overhead; memory ~16 bytes per parameter
-    (fp32 weights, grads, two Adam moments) per rank on CPU, per-GPU host memory on GPU."""
+def job_resources(cfg: StudyConfig, world: int, params: int, flops: float, tp: int = 1) -> dict[str, int]:
+    """Nodes, GPUs, cores and memory per node, and time limit of one training job. A run larger than a
+    node (``slurm.gpus_per_node``, or ``slurm.cpu_ranks_per_node`` on CPU-only clusters) spans
+    ``ceil(world / per node)`` nodes (:func:`cptscale.cluster.node_layout`). Time: :func:`job_seconds`
+    with a 1.5x margin; memory ~16 bytes per parameter (fp32 weights, grads, two Adam moments) per rank
+    on CPU, per-GPU host memory on GPU."""
     s = cfg.slurm
+    lay = node_layout(world, s.gpus_per_node if s.gpus else s.cpu_ranks_per_node, tp)
+    per = lay.ranks_per_node
     if s.gpus:
-        rate = world * s.gpu_peak_flops * s.assumed_mfu
-        gpus, cpus, mem = world, world * s.cpus_per_gpu, world * s.mem_gb_per_gpu
+        gpus, cpus, mem = world, per * s.cpus_per_gpu, per * s.mem_gb_per_gpu
     else:
-        cpus = world * s.threads_per_rank
-        rate = cpus * s.cpu_flops_per_core
-        gpus, mem = 0, 2 + math.ceil(world * (1 + params * 16 * 2 / 2**30))
-    minutes = flops / rate / 60 * 1.5 + s.runtime_overhead_minutes
-    return {"gpus": gpus, "cpus": cpus, "runtime_minutes": max(s.min_runtime_minutes, math.ceil(minutes)),
-            "mem_gb": max(4, mem)}
+        cpus = per * s.threads_per_rank
+        gpus, mem = 0, 2 + math.ceil(per * (1 + params * 16 * 2 / 2**30))
+    seconds, cal = job_seconds(cfg, world, params, flops)
+    if cal is not None:
+        minutes = time_limit_minutes(seconds, s.min_runtime_minutes)
+    else:
+        minutes = max(s.min_runtime_minutes, math.ceil((seconds - 60 * s.runtime_overhead_minutes) * MARGIN / 60
+                                                       + s.runtime_overhead_minutes))
+    return {"gpus": gpus, "cpus": cpus, "nodes": lay.nodes, "runtime_minutes": minutes, "mem_gb": max(4, mem)}
+
+
+def job_units(cfg: StudyConfig, world: int) -> int:
+    """What a job's throughput scales with: its GPUs, or its cores on a CPU-only cluster."""
+    return world if cfg.slurm.gpus else world * cfg.slurm.threads_per_rank
+
+
+def job_seconds(cfg: StudyConfig, world: int, params: int, flops: float) -> tuple[float, Calibration | None]:
+    """Estimated seconds of a training job and the calibration it came from: the study's measured
+    throughput (:mod:`cptscale.throughput`) once it has finished runs on this kind of device, else the
+    assumed rate (``slurm.cpu_flops_per_core`` per core, or ``gpu_peak_flops`` x ``assumed_mfu`` per
+    GPU) plus ``runtime_overhead_minutes``."""
+    s = cfg.slurm
+    units = job_units(cfg, world)
+    cal = study_calibration(cfg.study_dir, s.gpus, s.gpu_peak_flops if s.gpus else None)
+    if cal is not None:
+        return cal.seconds(flops, params, units), cal
+    rate = s.gpu_peak_flops * s.assumed_mfu if s.gpus else s.cpu_flops_per_core
+    return flops / (rate * units) + 60 * s.runtime_overhead_minutes, None
 
 
 def eval_steps(total_steps: int, points: int) -> list[int]:

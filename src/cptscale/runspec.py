@@ -166,8 +166,9 @@ class ParentSpec(_Part):
 
 
 class ResourcesSpec(_Part):
-    gpus: NonNegInt
-    cpus: PosInt
+    gpus: NonNegInt  #: all the run's GPUs
+    cpus: PosInt  #: per node
+    nodes: PosInt = 1  #: nodes the run spans (one torchrun agent each; cptscale.cluster)
     runtime_minutes: PosInt
     mem_gb: PosInt
     gpu_peak_flops: float | None = None

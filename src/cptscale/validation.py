@@ -147,8 +147,10 @@ _CHECKS: list[tuple[str, tuple[str, ...], Callable[[StudyConfig, Path], Iterable
     ("mixes", ("mix", "variants"), _check_mixes),
     ("iplt-ok", (*_SECTIONS, "languages-ok", "corpora-langs", "ladder-ok", "size-keys", "batches", "layouts", "mixes"),
      _check_iplt),
-    # corpora-ok: a blend names corpora by their `name` (a corpus entry without a valid one cannot be planned)
-    ("blends", (*_SECTIONS, "languages-ok", "corpora-langs", "ladder-ok", "mixes", "iplt-ok", "corpora-ok"),
+    # corpora-ok: a blend names corpora by their `name` (a corpus entry without a valid one cannot be planned);
+    # batches: planning needs layouts that fit the nodes (cptscale.cluster.node_layout)
+    ("blends", (*_SECTIONS, "languages-ok", "corpora-langs", "ladder-ok", "batches", "mixes", "iplt-ok",
+                "corpora-ok"),
      _check_blends),
 ]
 

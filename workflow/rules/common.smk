@@ -33,22 +33,25 @@ def _planned_resource(key, per_attempt=False, scale=1):
 def train_resources():
     """Per-job resources of `train`, from each run's size and layout (cptscale.runs.job_resources).
 
-    One node per run and one launcher task per node: `cptscale train` starts torchrun once, which
-    starts tp*pp*dp ranks. GPU jobs therefore set no `tasks` (the SLURM executor plugin turns `tasks`
-    on a GPU job into --ntasks-per-gpu, one launcher per GPU) but `gpu`, and give the single task
-    every core (`cpus_per_task`, which the plugin prefers over `cpus_per_gpu`); CPU jobs set one task
-    with all the ranks' cores. (Even a job given more tasks runs its command once: the plugin starts
-    it with `srun -n1`.) The time limit grows with the attempt, so a retry after a time-limit kill
-    (which checkpointed on SIGTERM) gets longer."""
+    `nodes` nodes per run (more than one when tp*pp*dp exceeds a node) and one launcher task per node:
+    `cptscale train` starts torchrun once on a single node, or one srun step of one torchrun agent per
+    node (c10d rendezvous) on several. GPU jobs therefore set no `tasks` (the SLURM executor plugin
+    turns `tasks` on a GPU job into --ntasks-per-gpu, one launcher per GPU; without it sbatch gives one
+    task per node) but `gpu` (all the run's GPUs), and give each task its node's cores
+    (`cpus_per_task`, which the plugin prefers over `cpus_per_gpu`); CPU jobs set one task per node.
+    Memory is per node. (The plugin starts the rule's command once, with `srun -n1`.) The time limit
+    grows with the attempt, so a retry after a time-limit kill (which checkpointed on SIGTERM) gets
+    longer."""
     res = {
         "mem_mb": _planned_resource("mem_gb", scale=1024),
         "runtime": _planned_resource("runtime_minutes", per_attempt=True),
         "cpus_per_task": _planned_resource("cpus"),
+        "nodes": _planned_resource("nodes"),
     }
     if CFG.slurm.gpus:
         res["gpu"] = _planned_resource("gpus")
     else:
-        res["tasks"] = 1
+        res["tasks"] = _planned_resource("nodes")
     return res
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from cptscale.errors import CLIError
@@ -126,6 +127,8 @@ def _index(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise CLIError("--workers must be >= 1")
+    # the tokenizer's thread pool (Rayon) takes its size from the environment when it first starts
+    os.environ.setdefault("RAYON_NUM_THREADS", str(args.workers))
     m = prepare(args.lang, args.docs, args.tokenizer, args.valid_tokens, args.out_dir,
                 workers=args.workers, split_corpora=args.split_corpora, progress=not args.no_progress)
     print(json.dumps({"lang": m["lang"], "train_tokens": m["train"]["tokens"], "valid_tokens": m["valid"]["tokens"],

@@ -8,31 +8,37 @@ from typing import Any
 from cptscale.config.schema import StudyConfig
 from cptscale.errors import CLIError
 from cptscale.plan import plan_study, run_spec, study_manifest
-from cptscale.runs import (
-    PlannedRun,
-)
+from cptscale.runs import PlannedRun, job_seconds, job_units
+from cptscale.throughput import study_calibration
 from cptscale.util import fmt_num
 
 #: Columns of ``cptscale plan``: run, parameters with and without embeddings, tokens, 6ND FLOPs, optimizer
 #: steps, batch (sequences x sequence length), micro-batch x gradient accumulation, parallel layout and the
-#: job's resources (GPUs, cores, time limit of attempt 1, memory).
-PLAN_COLUMNS = ("run", "N", "N_nonemb", "tokens", "FLOPs", "steps", "batch", "mbs x acc", "tp/pp/dp", "gpus", "cpus",
-                "time", "mem")
+#: job's resources (nodes, GPUs in all, cores and memory per node, time limit of attempt 1).
+PLAN_COLUMNS = ("run", "N", "N_nonemb", "tokens", "FLOPs", "steps", "batch", "mbs x acc", "tp/pp/dp", "nodes", "gpus",
+                "cpus", "time", "mem")
 
 
 def plan_totals(cfg: StudyConfig, runs: list[PlannedRun]) -> dict[str, Any]:
     """Totals of a plan: runs, tokens, FLOPs and the compute estimate in the unit the study runs on
-    (GPU-hours at the assumed MFU, or CPU core-hours at the assumed per-core throughput), plus the
-    resource-hours the jobs' time limits request (attempt 1)."""
+    (GPU-hours or CPU core-hours: calibrated on the study's finished runs when it has some, else at the
+    assumed MFU or per-core throughput), plus the resource-hours the jobs' time limits request (attempt 1)
+    and the calibration used (None: assumed rates)."""
     s = cfg.slurm
     flops = sum(r.flops_6nd for r in runs)
     out: dict[str, Any] = {"runs": len(runs), "tokens": sum(r.tokens for r in runs), "flops": flops}
-    if s.gpus:
-        out.update(unit="GPU-hours", hours=flops / (s.gpu_peak_flops * s.assumed_mfu) / 3600,
-                   requested_hours=sum(r.gpus * r.runtime_minutes for r in runs) / 60)
+    cal = study_calibration(cfg.study_dir, s.gpus, s.gpu_peak_flops if s.gpus else None)
+    world = {r.run_id: r.tp * r.pp * r.dp for r in runs}
+    if cal is not None:
+        hours = sum(job_seconds(cfg, world[r.run_id], r.params, r.flops_6nd)[0] * job_units(cfg, world[r.run_id])
+                    for r in runs) / 3600
+    elif s.gpus:
+        hours = flops / (s.gpu_peak_flops * s.assumed_mfu) / 3600
     else:
-        out.update(unit="CPU core-hours", hours=flops / s.cpu_flops_per_core / 3600,
-                   requested_hours=sum(r.cpus * r.runtime_minutes for r in runs) / 60)
+        hours = flops / s.cpu_flops_per_core / 3600
+    requested = sum((r.gpus if s.gpus else r.cpus * r.nodes) * r.runtime_minutes for r in runs) / 60
+    out.update(unit="GPU-hours" if s.gpus else "CPU core-hours", hours=hours, requested_hours=requested,
+               calibration=cal)
     return out
 
 
@@ -42,7 +48,7 @@ def format_plan(cfg: StudyConfig, runs: list[PlannedRun]) -> str:
         rows.append((
             r.run_id, fmt_num(r.params), fmt_num(r.params_nonemb), fmt_num(r.tokens), fmt_num(r.flops_6nd),
             str(r.steps), f"{r.global_batch_size}x{r.seq_length}", f"{r.micro_batch_size}x{r.grad_accum}",
-            f"{r.tp}/{r.pp}/{r.dp}", str(r.gpus), str(r.cpus), f"{r.runtime_minutes}m", f"{r.mem_gb}G",
+            f"{r.tp}/{r.pp}/{r.dp}", str(r.nodes), str(r.gpus), str(r.cpus), f"{r.runtime_minutes}m", f"{r.mem_gb}G",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(PLAN_COLUMNS))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
@@ -50,8 +56,11 @@ def format_plan(cfg: StudyConfig, runs: list[PlannedRun]) -> str:
     lines.insert(1, "-" * len(lines[0]))
     t = plan_totals(cfg, runs)
     s = cfg.slurm
-    rate = (f"{s.assumed_mfu:.0%} MFU of {fmt_num(s.gpu_peak_flops)}FLOP/s per GPU" if s.gpus
-            else f"{fmt_num(s.cpu_flops_per_core)}FLOP/s per core")
+    if t["calibration"] is not None:
+        rate = t["calibration"].describe()
+    else:
+        rate = (f"{s.assumed_mfu:.0%} MFU of {fmt_num(s.gpu_peak_flops)}FLOP/s per GPU" if s.gpus
+                else f"{fmt_num(s.cpu_flops_per_core)}FLOP/s per core") + " (assumed: no finished runs measured yet)"
     lines.append("")
     lines.append(
         f"study {cfg.study}: {t['runs']} runs, {fmt_num(t['tokens'])} tokens, {fmt_num(t['flops'])} FLOPs (6ND), "

@@ -14,6 +14,7 @@ from pydantic import (
     ValidationError,
 )
 
+from cptscale.cluster import NodeLayoutError, node_layout
 from cptscale.config.problems import ConfigWarning, Problem, _pydantic_problems
 from cptscale.config.schema import StudyConfig
 from cptscale.data.registry import _Unreachable, registry_verdict
@@ -102,9 +103,12 @@ def _check_batches(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
     for size in cfg.ladder.sizes:
         layout = cfg.layout(size)
         where = f"parallel.per_size.{size}" if size in cfg.parallel.per_size else "parallel.default"
-        if cfg.slurm.gpus and layout.world > cfg.slurm.gpus_per_node:
-            yield Problem(where, f"size {size!r}: layout tp x pp x dp = {layout.world} GPUs exceeds "
-                          f"slurm.gpus_per_node ({cfg.slurm.gpus_per_node}); runs are single-node: lower dp (or tp/pp)")
+        per_node = cfg.slurm.gpus_per_node if cfg.slurm.gpus else cfg.slurm.cpu_ranks_per_node
+        try:  # a run larger than a node spans several, evenly, with TP groups inside a node
+            node_layout(layout.world, per_node, layout.tp)
+        except NodeLayoutError as exc:
+            node = "slurm.gpus_per_node" if cfg.slurm.gpus else "slurm.cpu_ranks_per_node"
+            yield Problem(where, f"size {size!r}: {exc} ({node} = {per_node})")
         shape = cfg.shape(size)
         if shape.heads % layout.tp or shape.layers % layout.pp:
             yield Problem(where, f"size {size!r}: layout tp={layout.tp}, pp={layout.pp} does not divide its "

@@ -314,7 +314,11 @@ class SlurmConfig(_Model):
     partition: str | None = None
     account: str | None = None
     gpus: bool = Field(True, description="request GPUs (TP x PP x DP per run); false on CPU-only clusters")
-    gpus_per_node: int = Field(8, ge=1, description="a run's TP x PP x DP must fit on one node")
+    gpus_per_node: int = Field(8, ge=1, description="GPUs per node; a run with more (TP x PP x DP) spans "
+                               "ceil(world / gpus_per_node) nodes, the same number of ranks on each")
+    cpu_ranks_per_node: int | None = Field(
+        None, ge=1, description="CPU-only clusters: most ranks of a run on one node (more span several nodes); "
+        "none: every run on one node")
     cpus_per_gpu: int = Field(8, ge=1, description="CPU cores per GPU (data loading, launcher)")
     threads_per_rank: int = Field(1, ge=1, description="CPU-only runs: cores (torch threads) per process")
     mem_gb_per_gpu: int = Field(64, ge=1)
@@ -323,7 +327,7 @@ class SlurmConfig(_Model):
     cpu_flops_per_core: float = Field(
         2e10, gt=0, description="CPU-only runs: sustained 6ND FLOP/s per core (measured ~5e10 on tiny models)")
     runtime_overhead_minutes: int = Field(10, ge=0, description="added to each estimate (start-up, evals, saves)")
-    min_runtime_minutes: int = Field(30, ge=1, description="floor of a training job's time limit (attempt 1)")
+    min_runtime_minutes: int = Field(5, ge=1, description="floor of a training job's time limit (attempt 1)")
 
 
 class StudyConfig(_Model):
