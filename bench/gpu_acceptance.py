@@ -689,11 +689,10 @@ def p_collectives(a: argparse.Namespace) -> dict[str, Any] | None:
 def p_stop_at_7(a: argparse.Namespace) -> None:
     """Under torchrun: the engine run of ``--spec``, every rank signalling itself SIGTERM after step 7
     (as a time limit would): the engine saves a checkpoint and the launch exits 143."""
-    from cptscale.train.spec import load_spec
-
+    from cptscale.runspec import RunSpec
     from cptscale.train.engine import Terminated, Trainer, teardown_parallel
 
-    tr = Trainer(load_spec(a.spec))
+    tr = Trainer(RunSpec.load(a.spec).to_dict())
     tr.on_step = lambda s: os.kill(os.getpid(), signal.SIGTERM) if s == 7 else None
     try:
         tr.run()

@@ -142,6 +142,7 @@ def test_layout_beyond_one_node_spans_nodes() -> None:
     from cptscale.commands.plan import PLAN_COLUMNS, format_plan
 
     raw = yaml.safe_load((ROOT / "workflow/studies/paper.yaml").read_text())
+    raw["ladder"] = {"sizes": ["49M", "301M", "1542M"]}  # heads divisible by tp=4, layers by pp=2
     raw["parallel"] = {"default": {"tp": 4, "pp": 2, "dp": 2}, "per_size": {"49M": {"tp": 1, "pp": 1, "dp": 8}}}
     raw["slurm"] = {"gpus": True, "gpus_per_node": 8, "cpus_per_gpu": 6, "mem_gb_per_gpu": 60}
     cfg = parse_config(raw, base_dir=ROOT)
