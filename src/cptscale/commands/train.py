@@ -71,8 +71,8 @@ def _torchrun_path() -> str:
 def _multinode(spec_path: str, spec: dict, world: int, nodes: int) -> int:
     """A run planned on several nodes: inside its SLURM allocation, one srun step with one torchrun
     agent per node, meeting through c10d rendezvous on the allocation's first node."""
-    from cptscale.cluster import allocation_nodes
-    from cptscale.errors import CLIError, node_address, rendezvous_port, srun_command
+    from cptscale.cluster import allocation_nodes, node_address, rendezvous_port, srun_command
+    from cptscale.errors import CLIError
 
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
