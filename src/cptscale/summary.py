@@ -104,7 +104,7 @@ def _rollout_text(fit: dict[str, Any]) -> str | None:
 def _selection_text(fit: dict[str, Any]) -> str | None:
     sel = (fit.get("meta") or {}).get("selection") or {}
     pts = sel.get("points")
-    if not pts or fit.get("status", "ok") != "ok":
+    if not pts or "bias" not in sel or fit.get("status", "ok") != "ok":  # the loss laws' point selection
         return None
     return f"points: {pts} ({sel.get('n_selected', '?')} of {sel.get('n_candidates', '?')}); {sel.get('bias', '')}".rstrip("; ")
 

@@ -408,7 +408,9 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
             records.append(_constrained_record(f"scratch-constrained-{lang}", lang, sets["scratch"],
                                                float(unique[lang]), scratch, budgets, kw))
         for kind in ("scratch", "cpt"):
-            frame, sel = curves[kind], {**sets[kind][1], "points": "all (whole curves)"}
+            frame = curves[kind]
+            sel = {**{k: v for k, v in sets[kind][1].items() if k not in ("rule", "bias", "n_selected", "n_candidates")},
+                   "points": "all (whole curves: the envelope's frontier and IsoFLOP profiles need them)"}
             records.append(_envelope_record(f"{kind}-envelope-{lang}", kind, lang, frame, sel, bootstrap, seed))
             records.append(_isoflop_record(f"{kind}-isoflop-{lang}", kind, lang, frame, sel, bootstrap, seed,
                                            [r for r in records if r["status"] == "ok" and r["kind"] == kind
