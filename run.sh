@@ -9,8 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 VENV=${CPTSCALE_VENV:-.venv}
-PY=${PYTHON:-python3}
 STAMP="$VENV/.cptscale-setup"
+#: Python versions the project supports (requirements.lock pins per version with environment markers:
+#: megatron-core 0.16.x on 3.11, the newest release on 3.12+, which needs >= 3.12)
+SUPPORTED_PYTHONS="3.11 3.12 3.13"
 TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 
 log() { printf '\033[1m[cptscale]\033[0m %s\n' "$*" >&2; }
@@ -61,18 +63,46 @@ install_torch() {
   fi
 }
 
+py_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null; }
+
+supported() { case " $SUPPORTED_PYTHONS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+pick_python() {
+  # PYTHON=... wins (refused if unsupported); else the first supported of python3, python3.11, 3.12, 3.13.
+  local c v
+  if [ -n "${PYTHON:-}" ]; then
+    v=$(py_version "$PYTHON") || { log "PYTHON=$PYTHON does not run"; exit 1; }
+    supported "$v" || { log "PYTHON=$PYTHON is Python $v; cptscale supports Python ${SUPPORTED_PYTHONS// /, }"; exit 1; }
+    PY=$PYTHON; return
+  fi
+  for c in python3 python3.11 python3.12 python3.13; do
+    command -v "$c" >/dev/null 2>&1 || continue
+    v=$(py_version "$c") || continue
+    if supported "$v"; then PY=$c; return; fi
+  done
+  log "no supported Python found (python3 is $(python3 --version 2>&1)); cptscale supports Python" \
+      "${SUPPORTED_PYTHONS// /, }: install one (e.g. apt-get install python3.11) or set PYTHON=/path/to/python"
+  exit 1
+}
+
 setup() {
-  "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' \
-    || { log "Python 3.11 is required (found $("$PY" --version 2>&1))"; exit 1; }
-  if [ ! -x "$VENV/bin/python" ]; then
-    "$PY" -m venv "$VENV" 2>/dev/null || { apt_install python3-venv && "$PY" -m venv "$VENV"; }
+  pick_python
+  local pyv venv_v
+  pyv=$(py_version "$PY")
+  if [ -x "$VENV/bin/python" ]; then
+    venv_v=$(py_version "$VENV/bin/python")
+    [ "$venv_v" = "$pyv" ] || { log "$VENV was made with Python $venv_v, not $pyv ($PY): remove it, or set" \
+      "CPTSCALE_VENV to another directory"; exit 1; }
+  else
+    log "creating $VENV with Python $pyv ($PY)"
+    "$PY" -m venv "$VENV" 2>/dev/null || { apt_install "python$pyv-venv" python3-venv && "$PY" -m venv "$VENV"; }
   fi
   local want
-  want=$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+  want=$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)-py$pyv
   if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
     log "installing pinned Python dependencies into $VENV (first run: a few minutes)"
     "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-    install_torch "$(sed -n 's/^torch==//p' requirements.lock)"
+    install_torch "$(sed -n 's/^torch==\([^ ;]*\).*/\1/p' requirements.lock)"
     "$VENV/bin/pip" install -q -r requirements.lock
     "$VENV/bin/pip" install -q --no-deps -e .
     echo "$want" > "$STAMP"

@@ -47,7 +47,11 @@ def test_cpu_compat_patches_what_it_expects():
 
     from cptscale.train import cpu_compat
 
-    assert megatron.core.__version__ == cpu_compat.PATCHED_VERSION == "0.16.1"
+    import sys
+
+    # requirements.lock pins 0.16.1 on Python 3.11 and 0.19.2 on Python >= 3.12
+    assert megatron.core.__version__ == ("0.16.1" if sys.version_info < (3, 12) else "0.19.2")
+    assert megatron.core.__version__ in cpu_compat.PATCHED_VERSIONS
     assert 'device="cuda"' in Path(schedules.__file__).read_text(), "schedules no longer allocates on cuda"
     assert "device='cuda'" in Path(moptimizer.__file__).read_text(), "optimizers no longer allocate on cuda"
     assert "'torch.cuda.FloatTensor'" in Path(clip_grads.__file__).read_text(), "clipping no longer asserts cuda"

@@ -1,4 +1,5 @@
-"""CUDA work-arounds for running Megatron-Core 0.16.1 on CPU (loaded only when there is no GPU).
+"""CUDA work-arounds for running Megatron-Core on CPU (loaded only when there is no GPU): 0.16.1 (the
+newest release for Python 3.11) and 0.19.2 (Python >= 3.12), whose patched call sites are the same.
 
 Megatron-Core hard-codes CUDA in a few places (measured recipe: the project's megatron-cpu notes):
 ``torch.cuda.current_device``/``synchronize``, ``device="cuda"`` allocations in the schedules, the
@@ -12,7 +13,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-PATCHED_VERSION = "0.16.1"
+#: the megatron-core releases these patches were checked against (requirements.lock pins one per Python)
+PATCHED_VERSIONS = ("0.16.1", "0.19.2")
 _applied = False
 _mode = None  # the active device-rewriting TorchFunctionMode (patch 3)
 
@@ -107,10 +109,10 @@ def apply() -> None:
     from megatron.core.optimizer import optimizer as moptimizer
     from megatron.core.tensor_parallel import random as mrandom
 
-    if megatron.core.__version__ != PATCHED_VERSION:
+    if megatron.core.__version__ not in PATCHED_VERSIONS:
         raise RuntimeError(
-            f"cpu_compat was written for megatron-core {PATCHED_VERSION}, found {megatron.core.__version__}: "
-            "re-check the patches in cptscale/train/cpu_compat.py"
+            f"cpu_compat was checked against megatron-core {', '.join(PATCHED_VERSIONS)}, found "
+            f"{megatron.core.__version__}: re-check the patches in cptscale/train/cpu_compat.py"
         )
     # 1. current_device -> "cpu" (used as a device= argument, e.g. by rotary embeddings)
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
