@@ -280,3 +280,31 @@ def test_cpt_from_imported_model_passes_gate_and_resumes_exactly(tmp_path, impor
     final = json.loads((Path(done["final_checkpoint"]) / "state.json").read_text())
     assert final["arch"] == state["arch"]  # the CPT result stays exportable as the same architecture
     shutil.rmtree(tmp_path / "data")
+
+
+def test_the_data_stage_tokenizes_with_a_models_own_tokenizer(tmp_path):
+    """A LLaMA-style tokenizer has no ``<|endoftext|>``: documents end with its ``eos_token`` (from the
+    tokenizer_config.json beside it), and the data stage writes them with it."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from cptscale.data.indexed import write_indexed
+    from cptscale.data.sources import SourceError
+    from cptscale.data.tokenizer import Tokenizer
+    from cptscale.train.data import validation_tokens
+
+    tok = HFTokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["a model's own tokenizer"] * 5, trainers.BpeTrainer(
+        vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"]))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    with pytest.raises(SourceError, match="eos_token"):
+        Tokenizer(path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}, "bos_token": "<s>"}))
+    t = Tokenizer(path)
+    assert (t.eod, t.eod_token) == (tok.token_to_id("</s>"), "</s>")
+    write_indexed(["a model's own", "tokenizer"], t, tmp_path / "docs", progress=False)
+    ids, _ = validation_tokens(str(tmp_path / "docs"))
+    assert list(ids).count(t.eod) == 2 and ids[-1] == t.eod
+

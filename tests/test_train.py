@@ -39,6 +39,8 @@ def parent_run(root, data):
 
 def test_cpu_compat_patches_what_it_expects():
     """Fails loudly if a Megatron-Core upgrade changes what cpu_compat patches (or stops needing it)."""
+    import sys
+
     import megatron.core
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as moptimizer
@@ -46,8 +48,6 @@ def test_cpu_compat_patches_what_it_expects():
     from megatron.core.tensor_parallel import random as mrandom
 
     from cptscale.train import cpu_compat
-
-    import sys
 
     # requirements.lock pins 0.16.1 on Python 3.11 and 0.19.2 on Python >= 3.12
     assert megatron.core.__version__ == ("0.16.1" if sys.version_info < (3, 12) else "0.19.2")

@@ -39,8 +39,13 @@ class Tokenizer:
         except Exception as exc:
             raise SourceError(f"cannot load tokenizer {path}: {exc}; give a Hugging Face tokenizer.json") from exc
         eod = self.hf.token_to_id(EOD)
+        self.eod_token = EOD
+        if eod is None:  # a model's own tokenizer (cptscale import-hf): its end-of-sequence token
+            self.eod_token = model_eos_token(self.path) or EOD
+            eod = self.hf.token_to_id(self.eod_token)
         if eod is None:
-            raise SourceError(f"tokenizer {path} has no EOD token {EOD!r}; add it as a special token")
+            raise SourceError(f"tokenizer {path} has no EOD token {EOD!r} and no eos_token in a tokenizer_config.json "
+                              "beside it; add one of them")
         self.eod: int = eod
         pad = self.hf.token_to_id(PAD)
         self.pad: int | None = pad
@@ -60,6 +65,22 @@ class Tokenizer:
     def dtype(self) -> type[np.integer]:
         """Token dtype for .bin files: uint16 while every id fits, else int32."""
         return np.uint16 if self.vocab_size < 65500 else np.int32
+
+
+def model_eos_token(tokenizer_json: str | Path) -> str | None:
+    """The ``eos_token`` of the ``tokenizer_config.json`` beside a Hugging Face model's tokenizer.json
+    (a string, or a dict with its ``content``), which documents end with when the study tokenizes with
+    the model's own tokenizer; None without one."""
+    import json
+
+    cfg = Path(tokenizer_json).with_name("tokenizer_config.json")
+    try:
+        eos = json.loads(cfg.read_text()).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and eos else None
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
