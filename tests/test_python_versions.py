@@ -66,7 +66,7 @@ def test_setup_and_unit_tests_under_python_312():
     """``PYTHON=python3.12 ./run.sh setup`` into its own venv (``CPTSCALE_VENV312``, default
     /tmp/cptscale-venv-py312, kept between runs: a second setup is a no-op), then the unit tests in it.
     On a machine without an NVIDIA GPU whose CPU torch index is unreachable, torch for 3.12 is PyPI's
-    CUDA build (several GB): the first setup took 0 s here (see the README)."""
+    CUDA build (several GB): the first setup took 945 s here (see the README)."""
     py = _python312()
     if py is None:
         pytest.skip("no Python 3.12 interpreter on this machine (python3.12 or ~/.pyenv/versions/3.12*)")
