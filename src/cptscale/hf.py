@@ -435,15 +435,13 @@ def hf_config(shape: dict[str, Any], arch: dict[str, Any], rows: int, special: d
 
 
 def _tokenizer_special(tok_path: Path) -> dict[str, Any]:
-    """EOS/BOS/PAD ids and names of a tokenizer.json: the study tokenizer's EOD is its EOS."""
-    from tokenizers import Tokenizer
+    """EOS/BOS/PAD ids and names: the document separator the study trained with (the study tokenizer's
+    EOD, or a model's own eos_token) is the EOS."""
+    from cptscale.data.tokenizer import Tokenizer
 
-    from cptscale.data.tokenizer import EOD, PAD
-
-    t = Tokenizer.from_file(str(tok_path))
-    eod, pad = t.token_to_id(EOD), t.token_to_id(PAD)
-    return {"eos": eod, "bos": eod, "pad": pad, "eos_token": EOD if eod is not None else None,
-            "pad_token": PAD if pad is not None else None}
+    t = Tokenizer(tok_path)
+    return {"eos": t.eod, "bos": t.eod, "pad": t.pad, "eos_token": t.eod_token,
+            "pad_token": t.hf.id_to_token(t.pad) if t.pad is not None else None}
 
 
 def _write_tokenizer(tok_path: Path, dest: Path, special: dict[str, Any]) -> None:
@@ -625,13 +623,14 @@ def resolve_checkpoint_arg(path: str | Path, spec: str | Path | None) -> tuple[P
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from cptscale.data.sources import SourceError
     from cptscale.errors import CLIError
     from cptscale.train.checkpoint import CheckpointError
 
     try:
         ckpt, spec = resolve_checkpoint_arg(args.checkpoint, args.spec)
         cfg = export_hf(ckpt, args.out, tokenizer=args.tokenizer, spec_path=spec, dtype=args.dtype)
-    except (HFError, CheckpointError) as exc:
+    except (HFError, CheckpointError, SourceError) as exc:  # SourceError: a tokenizer without EOD/eos
         raise CLIError(str(exc)) from exc
     print(f"exported {args.checkpoint} -> {args.out} ({cfg['architectures'][0]}, vocab {cfg['vocab_size']})")
     return 0
