@@ -84,6 +84,7 @@ def test_setup_and_unit_tests_under_python_312():
     assert check.returncode == 0 and "(3, 12) 0.19.2" in check.stdout, check.stdout + check.stderr
     env["PYTHONPATH"] = str(ROOT / "src")
     tests = subprocess.run([f"{venv}/bin/python", "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider",
+                            "-p", "no:warnings", "--tb=short",
                             *UNIT_TESTS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     print(tests.stdout[-2000:])
     assert tests.returncode == 0, tests.stdout[-4000:] + tests.stderr[-2000:]

@@ -74,6 +74,11 @@ def test_cpu_compat_patches_what_it_expects():
     import torch
 
     assert torch.cuda.current_device() == "cpu" and torch.cuda.synchronize() is None
+    # patch 6: megatron-core 0.19's DDP buckets wait on CUDA-graph events through current_stream()
+    if megatron.core.__version__ != "0.16.1":
+        assert _cuda_calls(param_and_grad_buffer.__file__, "current_stream") > 0, "current_stream patch no longer needed"
+    stream = torch.cuda.current_stream()
+    assert stream.wait_event(None) is None and stream.wait_stream(None) is None
     assert torch.zeros(1, device="cuda").device.type == "cpu"  # the device mode is active
     if not torch.cuda.is_available():  # bench/train.py times its plain baseline outside the mode
         with cpu_compat.device_mode_suspended(), pytest.raises((RuntimeError, AssertionError)):

@@ -83,6 +83,17 @@ def _make_device_mode():
     return _Mode
 
 
+class _CPUStream:
+    """What ``torch.cuda.current_stream()`` answers on CPU: waiting on an event or a stream is a no-op
+    (CPU work is synchronous; there are no CUDA-graph events to wait for)."""
+
+    def wait_event(self, event) -> None:
+        return None
+
+    def wait_stream(self, stream) -> None:
+        return None
+
+
 def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
     """Megatron's ``clip_grad_by_total_norm_fp32`` without its ``torch.cuda.FloatTensor`` assertion:
     the same in-place scaling by ``max_norm / (total_norm + 1e-6)`` when that is below 1."""
@@ -133,6 +144,9 @@ def apply() -> None:
     if not hasattr(moptimizer, "clip_grad_by_total_norm_fp32"):
         raise RuntimeError("megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32 is gone: update cpu_compat")
     moptimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    # 6. (0.19) the DDP bucket's start_grad_sync waits on CUDA-graph events via torch.cuda.current_stream():
+    #    on CPU there are no streams or events, so a stream stand-in whose waits are no-ops
+    torch.cuda.current_stream = lambda *a, **k: _CPUStream()  # type: ignore[assignment]
     _applied = True
 
 
