@@ -86,3 +86,24 @@ def test_bad_points_are_refused():
         fit_data_law([1e6, 1e6, 2e6], [3.0, 3.0, 2.9])
     with pytest.raises(ValueError, match="> 0"):
         fit_data_law([1e6, 2e6, 0], [3.0, 2.9, 2.8])
+
+
+def test_cli_recommend_from_a_points_csv(tmp_path, capsys):
+    import json
+
+    from cptscale.cli import main
+
+    pts, before = _points(noise=0.0)
+    csv_path = tmp_path / "points.csv"
+    csv_path.write_text("replay,tokens,target_loss,source_loss\n" + "".join(
+        f"{p.replay},{p.tokens},{p.target_loss},{p.source_loss}\n" for p in pts))
+    out = tmp_path / "rec.json"
+    assert main(["existing-model", "recommend", "--points", str(csv_path), "--source-loss-before", str(before),
+                 "--max-forgetting", "0.05", "--lang", "zh", "--source-lang", "en", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec == {**rec, "replay": recommend(pts, before, max_forgetting=0.05)["replay"], "within_forgetting": True}
+    assert rec["answer"] in capsys.readouterr().out
+    csv_path.write_text("replay,tokens,target_loss,source_loss\n0.1,abc,2.0,3.0\n")
+    assert main(["existing-model", "recommend", "--points", str(csv_path), "--source-loss-before", "3"]) == 2
+    assert "points.csv:2" in capsys.readouterr().err
+

@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "cptscale.commands.report",
     "cptscale.commands.summary",
     "cptscale.commands.prune",
+    "cptscale.commands.existing",
     "cptscale.verify",
     "cptscale.hf",
 )
