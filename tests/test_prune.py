@@ -216,9 +216,9 @@ def test_refuses_tensor_parallel_models():
 
 
 def test_pruned_shape_flops_and_params():
+    from cptscale.compute import flops_per_token as fpt
     from cptscale.ladder import get_shape
     from cptscale.prune import PrunedShape, flops_per_token
-    from cptscale.transfer import flops_per_token as fpt
 
     ladder = get_shape("d128l4")
     same = PrunedShape(ladder.hidden, ladder.layers, ladder.heads, ladder.ffn)

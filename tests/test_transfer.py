@@ -6,14 +6,9 @@ import json
 
 import pytest
 
+from cptscale.compute import flops_6nd, flops_exact
 from cptscale.ladder import ModelShape, get_shape
-from cptscale.transfer import (
-    flops_6nd,
-    flops_exact,
-    forgetting,
-    scratch_tokens_for_loss,
-    transfer_curve,
-)
+from cptscale.transfer import forgetting, scratch_tokens_for_loss, transfer_curve
 
 SHAPE = ModelShape("t", hidden=64, layers=2, heads=4, ffn=128)
 

@@ -27,7 +27,7 @@ CPT arms (``iplt.cpt``; target t, source s, replay r; parent ``S-scratch-s``): `
 Budget rule (equal total training FLOPs; also in :class:`cptscale.config.schema.IPLTConfig`): F_dense is the
 exact training FLOPs of S on its study token budget D_L (the ordinary run ``S-scratch-L``, whole
 steps); every arm spends B = ``budget_factor`` x F_dense. FLOPs are counted as the trainer counts
-them: per step, the current shape's :func:`cptscale.transfer.flops_per_token` x batch tokens. An arm
+them: per step, the current shape's :func:`cptscale.compute.flops_per_token` x batch tokens. An arm
 with prunes at steps e_1 < ... < e_k spends ``sum_i (e_{i+1} - e_i) x fpt(shape_i) x batch`` up to
 its last prune; its total steps are solved so that the remainder, trained at the final shape, brings
 it to B (rounded to the nearest whole step: |F - B| <= 1/2 x fpt(T) x batch tokens). The classic
@@ -37,7 +37,6 @@ B - F_dense; CPT arms do not count the shared source pretraining. Every arm uses
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -360,9 +359,3 @@ def format_arms(cfg: StudyConfig) -> str:
             f"head_dim {t.head_dim}), k = {ic.increments} prunes, budget B = {ic.budget_factor:g} x F_dense "
             f"({'; '.join(budgets)} FLOPs)")
     return head + "\n" + "\n".join(lines)
-
-
-def budget_error(arm: Arm, spent: float, tokens_per_step: int, vocab: int, seq: int) -> float:
-    """|spent - B| in steps of the arm's final shape (the test and the report check it is <= 1/2)."""
-    per_step = flops_per_token(PrunedShape.from_dict(arm.final_shape), vocab, seq) * tokens_per_step
-    return abs(spent - arm.budget_flops) / per_step if per_step else math.inf

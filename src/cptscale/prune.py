@@ -91,7 +91,7 @@ class PruneError(ValueError):
 class PrunedShape:
     """A model shape that may have ``head_dim != hidden / heads`` (after head pruning).
 
-    Duck-types :class:`cptscale.ladder.ModelShape` for :func:`cptscale.transfer.flops_per_token`.
+    Duck-types :class:`cptscale.ladder.ModelShape` for :mod:`cptscale.compute`.
     """
 
     hidden: int
@@ -554,8 +554,8 @@ def prune_events(start_shape: dict[str, Any] | PrunedShape, target_shape: dict[s
 
 
 def flops_per_token(shape: PrunedShape | dict[str, Any], vocab: int, seq_length: int) -> float:
-    """:func:`cptscale.transfer.flops_per_token` for a possibly pruned shape (explicit head_dim)."""
-    from cptscale.transfer import flops_per_token as fpt
+    """:func:`cptscale.compute.flops_per_token` of a possibly pruned shape given as a dict or a shape."""
+    from cptscale.compute import flops_per_token as fpt
 
     sh = shape if isinstance(shape, PrunedShape) else PrunedShape.from_dict(shape)
     return fpt(sh, vocab, seq_length)  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from cptscale.cluster import node_layout
+from cptscale.compute import flops_6nd
 from cptscale.config.schema import StudyConfig
 from cptscale.throughput import MARGIN, Calibration, study_calibration, time_limit_minutes
 
@@ -91,7 +92,7 @@ def plan_run(
     steps = max(1, math.ceil(tokens_target / (gbs * cfg.train.seq_length)))
     tokens = steps * gbs * cfg.train.seq_length
     params = shape.params(cfg.vocab_size, tp=layout.tp)
-    flops = 6.0 * params * tokens
+    flops = flops_6nd(params, tokens)
     res = job_resources(cfg, layout.world, params, flops, tp=layout.tp)
     return PlannedRun(
         run_id=rid or run_id(size, init, lang, replay if init == "cpt" else None, variant),

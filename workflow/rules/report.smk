@@ -19,7 +19,7 @@ rule report:
         f"{LOGS}/report.log",
     shell:
         "cptscale report --db {input} --study {CFG.study} --out-dir $(dirname {output.html})"
-        " --fits-dir {S}/fits --title {params.title:q} --max-points {params.max_points}"
+        " --title {params.title:q} --max-points {params.max_points}"
         " --config {CONFIG_FILE:q} 2> {log}"
 
 

@@ -20,7 +20,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         sections = sections_for(load_study(args.config))
     # a database that does not exist yet gives the "what is missing" page (exit 0), like missing tables
     info = build_report(
-        args.db, args.study, args.out_dir, fits_dir=args.fits_dir, title=args.title,
+        args.db, args.study, args.out_dir, title=args.title,
         max_points=args.max_points, images=not args.no_images, sections=sections,
     )
     print(
@@ -38,7 +38,6 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--db", required=True, help="DuckDB store")
     p.add_argument("--study", required=True)
     p.add_argument("--out-dir", required=True, help="e.g. results/<study>/report")
-    p.add_argument("--fits-dir", default=None, help="results/<study>/fits (recorded in report.json)")
     p.add_argument("--title", default=None)
     p.add_argument("--max-points", type=int, default=400, help="points kept per curve")
     p.add_argument("--no-images", action="store_true", help="skip SVG/PNG export")

@@ -181,7 +181,7 @@ class IPLTConfig(_Model):
     training vs after all of it vs train the small model from scratch, at equal total training FLOPs.
 
     **Budget rule.** F_dense = the exact training FLOPs (the trainer's own count,
-    ``cptscale.transfer.flops_per_token`` per token) of the dense model ``size`` on its study token budget
+    ``cptscale.compute.flops_per_token`` per token) of the dense model ``size`` on its study token budget
     D_L (the ordinary run ``<size>-scratch-<lang>``: budget.tokens_per_param x N, whole steps). Every arm
     spends B = ``budget_factor`` x F_dense:
 

@@ -107,7 +107,6 @@ def build_report(
     study: str,
     out_dir: str | Path,
     *,
-    fits_dir: str | Path | None = None,
     title: str | None = None,
     max_points: int = 400,
     images: bool = True,
@@ -189,7 +188,6 @@ def build_report(
     info = {
         "study": study,
         "db": str(db_path),
-        "fits_dir": str(fits_dir) if fits_dir else None,
         "drawn": drawn,
         "missing": missing,
         "sections": list(builders),

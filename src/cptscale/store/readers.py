@@ -9,9 +9,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from cptscale.compute import flops_6nd
 from cptscale.runspec import RunSpec, SpecError
 from cptscale.store.schema import FIT_CHOICES, PROVENANCE_FIELDS
-from cptscale.transfer import flops_6nd, flops_at_step, forgetting, main_trajectory, run_compute
+from cptscale.transfer import flops_at_step, forgetting, main_trajectory, run_compute
 from cptscale.util import read_json
 
 
@@ -103,6 +104,16 @@ def _metrics_frame(path: Path, *, allow_partial: bool, problems: list[str], bran
     return df
 
 
+def _optional_json(path: Path, fix: str = "") -> Any:
+    """A run's optional JSON file: None when absent, BadInput (naming the file and ``fix``) when malformed."""
+    if not path.exists():
+        return None
+    try:
+        return read_json(path)
+    except ValueError as exc:
+        raise BadInput(f"{path}: malformed JSON ({exc}){fix}") from None
+
+
 def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[str]) -> dict[str, Any]:
     """All table rows for one run directory (raises BadInput for a bad file): a DataFrame for the
     train metrics, lists of dicts for the small tables (framed once for all runs, which is faster)."""
@@ -111,12 +122,7 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
         spec = RunSpec.load(run_dir / "run.json").to_dict()
     except SpecError as exc:
         raise BadInput(f"{exc}; re-run `cptscale plan` for this run") from None
-    done = None
-    if (run_dir / "done.json").exists():
-        try:
-            done = read_json(run_dir / "done.json")
-        except ValueError as exc:
-            raise BadInput(f"{run_dir / 'done.json'}: malformed JSON ({exc})") from None
+    done = _optional_json(run_dir / "done.json")
     rid = spec.get("run_id") or run_dir.name
     chash = spec.get("config_hash")
     prov = merged_provenance(spec.get("provenance"), (done or {}).get("provenance"))
@@ -179,12 +185,8 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
         ev_rows = main_trajectory(ev_rows)  # forgetting is a main-trajectory curve
 
     # blend realization
-    blend = None
-    if (run_dir / "blend.json").exists():
-        try:
-            blend = read_json(run_dir / "blend.json")
-        except ValueError as exc:
-            raise BadInput(f"{run_dir / 'blend.json'}: malformed JSON ({exc})") from None
+    blend = _optional_json(run_dir / "blend.json")
+    if blend is not None:
         rows = []
         phases = blend.get("phases") if isinstance(blend, dict) else None
         if phases is None and isinstance(blend, dict) and "sources" in blend:
@@ -200,12 +202,8 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
         out["blend_realizations"] = rows
 
     # transfer + forgetting
-    tr = None
-    if (run_dir / "transfer.json").exists():
-        try:
-            tr = read_json(run_dir / "transfer.json")
-        except ValueError as exc:
-            raise BadInput(f"{run_dir / 'transfer.json'}: malformed JSON ({exc}); re-run `cptscale transfer`") from None
+    tr = _optional_json(run_dir / "transfer.json", "; re-run `cptscale transfer`")
+    if tr is not None:
         base = {**key, "scratch_run_id": tr.get("scratch_run_id"), "source_run_id": tr.get("source_run_id"),
                 "size": spec.get("size"), "lang": tr.get("lang", spec.get("lang")),
                 "source_lang": tr.get("source_lang"), "replay": spec.get("replay")}

@@ -20,7 +20,7 @@ wrapper and a **fresh optimizer**: Adam moments restart for the kept units (carr
 mean slicing each optimizer variant's state: fp32, mixed-precision master weights, the distributed
 optimizer's flat shards; IPLT-style retraining restarts it too), the LR schedule continues. An eval
 at step s is the model after s steps, before any prune at s. FLOPs are counted per step at the
-current shape: ``flops`` with the exact per-token count of :func:`cptscale.transfer.flops_per_token`
+current shape: ``flops`` with the exact per-token count of :func:`cptscale.compute.flops_per_token`
 (the store's ``evals.flops`` convention), ``flops_6nd`` as 6 x params x tokens; both cumulative in
 metrics.jsonl, evals.jsonl and checkpoints' state.json (with the current ``shape``, so a resume
 rebuilds the pruned model), totals in done.json. Each prune writes a line to prune.jsonl.

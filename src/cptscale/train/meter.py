@@ -18,17 +18,11 @@ def peak_flops(spec: dict[str, Any]) -> float:
 
 
 def mfu_flops_per_token(shape: dict[str, Any], vocab: int, seq: int, tp: int = 1) -> float:
-    """Training FLOPs per token in the standard MFU convention (Megatron-LM / PaLM appendix B):
-    ``6 N + 12 L H Q S`` with N = the non-embedding parameters plus the output layer (the input
-    embedding is a table lookup, no matmul, so it is excluded; the output projection is a real
-    ``hidden x vocab`` matmul, so it counts), L layers, H heads of size Q, sequence length S (the
-    attention score and value matmuls, forward + backward, without halving for the causal mask)."""
-    from cptscale.ladder import padded_vocab
+    """:func:`cptscale.compute.mfu_flops_per_token` of a run.json shape."""
+    from cptscale.compute import mfu_flops_per_token as mfu_fpt
     from cptscale.prune import PrunedShape
 
-    sh = PrunedShape.from_dict(shape)
-    n = sh.params(vocab, embeddings=False, tp=tp) + padded_vocab(vocab, tp) * sh.hidden
-    return 6.0 * n + 12.0 * sh.layers * sh.heads * int(sh.head_dim or 0) * seq
+    return mfu_fpt(PrunedShape.from_dict(shape), vocab, seq, tp)
 
 
 def mfu(shape: dict[str, Any], vocab: int, seq: int, tokens_per_s: float, n_gpus: int, peak: float,
