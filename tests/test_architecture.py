@@ -12,9 +12,6 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "cptscale"
 #: Cycles that exist today, each with why it is still there and who removes it. The test fails when one
 #: of them changes (so the list can only shrink) or a new cycle appears.
 KNOWN_CYCLES: dict[frozenset[str], str] = {
-    frozenset({"cptscale.evaluate", "cptscale.train.engine"}):
-        "evaluate_model runs the engine's micro-batches and the engine evaluates with it; it moves under "
-        "train/ with the trainer made of parts (issue 19 item 3, trainer engineer)",
     frozenset({"cptscale.data.readers", "cptscale.data.sources"}):
         "sources dispatch to the readers, which raise sources' SourceError; a data/ leaf for the shared "
         "types removes it",
