@@ -155,6 +155,16 @@ def generate_study(study_dir: str | os.PathLike[str], sizes: Sequence[str] | int
 
                 write_run(sp, cpt_loss)
                 expected.append(sp)
+    _write_study_files(sdir, study, seed, lang, source_lang, vocab, prov, expected)
+    return ids
+
+
+def _write_study_files(sdir: Path, study: str, seed: int, lang: str, source_lang: str, vocab: int,
+                       prov: dict[str, Any], expected: list[RunSpec]) -> None:
+    """The study-level files of a generated study: data manifests, tokenizer report and study.json."""
+    from cptscale.util import write_json
+
+    chash = prov["config_hash"]
     for el, tpb in ((lang, 0.45), (source_lang, 0.27)):
         write_json(sdir / "data" / el / "data.json", {
             "lang": el, "train": {"docs": 1000, "tokens": 10**9, "bytes": int(10**9 / tpb), "chars": int(4e9)},
@@ -168,7 +178,6 @@ def generate_study(study_dir: str | os.PathLike[str], sizes: Sequence[str] | int
                            "parent": s.parent.run_id if s.parent else None, "params": s.params,
                            "tokens": s.tokens, "steps": s.steps} for s in expected],
         "provenance": prov})
-    return ids
 
 
 def write_generated_transfers(study_dir: str | os.PathLike[str]) -> int:
