@@ -305,7 +305,8 @@ class LoggingConfig(_Model):
     run's own jsonl files (ingested into the store) stay the source of truth."""
 
     tensorboard: bool = Field(True, description="event files under <results>/<study>/runs/<run>/tensorboard/")
-    wandb: WandbConfig | None = Field(None, description="also log to Weights & Biases (needs the wandb package)")
+    wandb: WandbConfig | None = Field(None, description="also log to Weights & Biases (needs the wandb package)",
+                                      json_schema_extra=_no_schema_default)
 
 
 class SlurmConfig(_Model):
