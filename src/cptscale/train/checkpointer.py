@@ -7,19 +7,22 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from cptscale.train import checkpoint as ck
 from cptscale.train.errors import TrainingError
 from cptscale.train.runlog import RunLog
 
+if TYPE_CHECKING:
+    from cptscale.runspec import RunSpec
+
 
 class Checkpointer:
-    def __init__(self, spec: dict[str, Any], runlog: RunLog) -> None:
-        self.spec, self.runlog = spec, runlog
-        self.dir = Path(spec["checkpoint"]["dir"])
-        self.every = int(spec["checkpoint"].get("every", 0) or 0)
-        self.keep = int(spec["checkpoint"].get("keep", 2) or 2)
+    def __init__(self, spec: RunSpec, raw: dict[str, Any], runlog: RunLog) -> None:
+        self.spec, self.raw, self.runlog = spec, raw, runlog  # checkpoints record run.json as given (raw)
+        self.dir = Path(spec.checkpoint.dir)
+        self.every = int(spec.checkpoint.every or 0)
+        self.keep = int(spec.checkpoint.keep or 2)
         self.stale: Path | None = None  # where checkpoints of another config were moved (rank 0)
         self.latest: Path | None = None
         self.state: dict[str, Any] = {}
@@ -34,11 +37,11 @@ class Checkpointer:
             return
         for p in self.dir.glob("branch_*"):
             shutil.rmtree(p, ignore_errors=True)
-        moved = ck.set_aside_stale(self.dir, self.spec.get("config_hash"))
+        moved = ck.set_aside_stale(self.dir, self.spec.config_hash)
         if moved is not None:
             self.stale = moved
             self.runlog.log(f"checkpoints in {self.dir} were written under another config (config_hash "
-                            f"!= {self.spec.get('config_hash')}): moved to {moved}; starting afresh")
+                            f"!= {self.spec.config_hash}): moved to {moved}; starting afresh")
         for msg in ck.set_aside_damaged(self.dir):  # resume only from an intact checkpoint
             self.runlog.log(msg)
 
@@ -54,7 +57,7 @@ class Checkpointer:
 
     def save(self, done_steps: int, model, opt, extra: dict[str, Any]) -> None:
         """A periodic (or stop-signal) checkpoint: unverified until the next step's loss is checked."""
-        self.pending = ck.save_full(self.dir, done_steps, model, opt, self.spec, keep=self.keep, extra=extra)
+        self.pending = ck.save_full(self.dir, done_steps, model, opt, self.raw, keep=self.keep, extra=extra)
 
     def verify_pending(self, info: dict[str, Any]) -> None:
         """The pending checkpoint's weights just gave a good loss and finite gradients."""
@@ -85,13 +88,13 @@ class Checkpointer:
 
     def save_end(self, steps: int, model, opt, extra: dict[str, Any], final_eval: dict[str, float]) -> Path:
         """The last full checkpoint (verified by the final evaluation) and the weights-only ``final``."""
-        end = ck.save_full(self.dir, steps, model, opt, self.spec, keep=self.keep, extra=extra)
+        end = ck.save_full(self.dir, steps, model, opt, self.raw, keep=self.keep, extra=extra)
         ck.mark_verified(end, {"step": steps, "eval_loss": final_eval, "time": time.time()})
-        return ck.save_final(self.dir, steps, model, self.spec, extra={"shape": extra["shape"]})
+        return ck.save_final(self.dir, steps, model, self.raw, extra={"shape": extra["shape"]})
 
     # -- WSD branch snapshots ---------------------------------------------------------------------
     def snapshot(self, step: int, model, opt, extra: dict[str, Any], name: str) -> Path:
-        return ck.save_full(self.dir, step, model, opt, self.spec, keep=0, extra=extra, name=name)
+        return ck.save_full(self.dir, step, model, opt, self.raw, keep=0, extra=extra, name=name)
 
     def restore(self, snap: Path, model, opt) -> None:
         ck.load_weights(snap, model)

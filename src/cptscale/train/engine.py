@@ -58,6 +58,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cptscale.runspec import RunSpec
 from cptscale.train.errors import Terminated, TrainingError
 from cptscale.train.guards import update_problem
 from cptscale.train.parallel import device, setup_parallel, teardown_parallel
@@ -68,20 +69,19 @@ __all__ = ["Terminated", "Trainer", "TrainingError", "teardown_parallel", "train
 
 
 class Trainer:
-    """One run described by a validated run.json dict. The run's state (step, model, optimizer, FLOP
-    counter, recent losses, pending checkpoint) lives on the trainer and its parts: the loss guard,
-    the checkpointer, the evaluator, the pruner, the WSD branch runner, the throughput meter and the
-    run log with its trackers. :meth:`train_step` is the one step of the main run and of the branches.
+    """One run described by a run.json dict, read through :class:`~cptscale.runspec.RunSpec`. The run's
+    state (step, model, optimizer, FLOP counter, recent losses, pending checkpoint) lives on the trainer
+    and its parts: the loss guard, the checkpointer, the evaluator, the pruner, the WSD branch runner,
+    the throughput meter and the run log with its trackers. :meth:`train_step` is the one step of the
+    main run and of the branches.
 
     Test hooks (fault injection only; None in production): ``on_step(done_steps)`` after every main
     step, ``on_branch_step(branch_total, done_steps)`` after every WSD branch step; ``schedule`` and
     ``model`` are attributes so such a hook can inject an LR jump or a gradient fault."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        self.spec = spec
-        lay = spec["layout"]
-        self.tp, self.pp = int(lay["tp"]), int(lay["pp"])
-        self.out_dir = Path(spec["out_dir"])
+        self.raw = spec  # run.json as given (checkpoints and provenance record it); read through self.spec
+        self.spec: RunSpec | None = None  # the typed spec (set in run())
         self._term = False
         self.on_step = None  # test hook: called with the number of completed steps
         self.on_branch_step = None  # test hook: called with (branch total steps, completed steps)
@@ -167,11 +167,11 @@ class Trainer:
             self.runlog.close()
 
     def _validate(self) -> None:
-        from cptscale.runspec import RunSpec, SpecError
+        from cptscale.runspec import SpecError
         from cptscale.train.tracking import check_logging
 
         try:  # bad input (e.g. a CPT spec without the parent's final loss) before any expensive work
-            self.typed = RunSpec.parse(self.spec, f"run.json of {self.spec.get('run_id')}")
+            self.spec = RunSpec.parse(self.raw, f"run.json of {self.raw.get('run_id')}")
         except SpecError as exc:
             raise TrainingError(str(exc)) from None
         check_logging(self.spec)  # a SpecError: the launcher records it as a failure a retry cannot change
@@ -187,25 +187,25 @@ class Trainer:
         from cptscale.train.model import use_gpu
 
         spec = self.spec
-        self.steps = int(spec["steps"])
-        self.mb, self.gb, self.seq = int(spec["micro_batch_size"]), int(spec["global_batch_size"]), int(spec["seq_length"])
+        self.tp, self.pp = spec.layout.tp, spec.layout.pp
+        self.out_dir = Path(spec.out_dir)
+        self.steps, self.mb, self.gb, self.seq = spec.steps, spec.micro_batch_size, spec.global_batch_size, spec.seq_length
         self.tokens_per_step = self.gb * self.seq
-        setup_parallel(self.tp, self.pp, int(spec["seed"]))
+        setup_parallel(self.tp, self.pp, spec.seed)
         self.gpu = use_gpu()
         if not self.gpu:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.dp = ps.get_data_parallel_world_size()
-        want_dp = int(spec["layout"]["dp"])
+        want_dp = spec.layout.dp
         if self.dp != want_dp:
             raise TrainingError(f"layout.dp is {want_dp} but the launch gives data-parallel size {self.dp}")
         self.dp_rank = ps.get_data_parallel_rank()
         self.n_micro = self.gb // (self.mb * self.dp)
-        precision = spec.get("precision", "auto")
-        self.bf16 = precision == "bf16" or (precision == "auto" and self.gpu)
-        self.dist_opt = self.gpu and bool(spec.get("distributed_optimizer", True))
-        self.runlog = RunLog(self.out_dir, spec["run_id"], self.rank == 0)
-        self.ckpt = Checkpointer(spec, self.runlog)
+        self.bf16 = spec.precision == "bf16" or (spec.precision == "auto" and self.gpu)
+        self.dist_opt = self.gpu and spec.distributed_optimizer
+        self.runlog = RunLog(self.out_dir, spec.run_id, self.rank == 0)
+        self.ckpt = Checkpointer(spec, self.raw, self.runlog)
         if self.rank == 0:
             self.ckpt.prepare()
         dist.barrier()
@@ -218,14 +218,14 @@ class Trainer:
 
         spec = self.spec
         latest = self.ckpt.find_latest()
-        shape = dict(self.ckpt.state.get("shape") or spec["shape"])
+        shape = dict(self.ckpt.state.get("shape") or spec.shape.model_dump(exclude_unset=True))
         if latest is not None:
             self._check_resume_shape(shape, int(self.ckpt.state["step"]), latest)
         self.shape = shape
-        self.model = wrap_ddp(build_model(shape, int(spec["vocab_size"]), self.seq, init_std=float(spec.get("init_std", 0.02)),
-                                          tp=self.tp, pp=self.pp, bf16=self.bf16, arch=spec.get("arch")),
+        self.model = wrap_ddp(build_model(shape, spec.vocab_size, self.seq, init_std=spec.init_std, tp=self.tp,
+                                          pp=self.pp, bf16=self.bf16, arch=spec.arch),
                               distributed_optimizer=self.dist_opt)
-        self.schedule = self.typed.schedule.make()
+        self.schedule = spec.schedule.make()
         self.start_step, self.resumed_from = 0, None
         if latest is not None:
             ck.load_weights(latest, self.model)
@@ -233,9 +233,9 @@ class Trainer:
             self.runlog.drop_all()
             if self.ckpt.stale is not None:
                 self.runlog.event("stale_checkpoints_moved", launch=False, to=str(self.ckpt.stale))
-            if spec["init"] == "cpt":
-                ck.load_weights(spec["parent"]["checkpoint"], self.model)
-                self.runlog.log(f"initialised from parent checkpoint {spec['parent']['checkpoint']}")
+            if spec.init == "cpt":
+                ck.load_weights(spec.parent.checkpoint, self.model)
+                self.runlog.log(f"initialised from parent checkpoint {spec.parent.checkpoint}")
         self.opt = self._make_optimizer(self.model, 0)
         if latest is not None:
             self.start_step = self.resumed_from = ck.load_full(latest, self.model, self.opt)
@@ -245,7 +245,7 @@ class Trainer:
     def _make_optimizer(self, model, step: int):
         from cptscale.schedule import lr_at
 
-        return build_optimizer(model, self.spec["optimizer"], lr_at(self.schedule, step), bf16=self.bf16,
+        return build_optimizer(model, self.spec.optimizer.model_dump(), lr_at(self.schedule, step), bf16=self.bf16,
                                distributed_optimizer=self.dist_opt)
 
     def _build_parts(self) -> None:
@@ -265,14 +265,14 @@ class Trainer:
         self.branches = BranchRunner(self, start)
         if self.resumed_from is not None:
             self.runlog.truncate(start, self.branches.starts())
-        self.train_ds = build_train_dataset(spec)
+        self.train_ds = build_train_dataset(self.raw)
         self.evaluator = Evaluator(spec, self.runlog, tps)
-        self.counter = FlopCounter.at(self.shape, int(spec["vocab_size"]), self.seq, self.tp)
+        self.counter = FlopCounter.at(self.shape, spec.vocab_size, self.seq, self.tp)
         st = self.ckpt.state
         self.counter.flops = float(st.get("flops", start * tps * self.counter.flops_per_token))
         self.counter.flops_6nd = float(st.get("flops_6nd", 6.0 * self.counter.params * start * tps))
         self.pruner = Pruner(spec, self.runlog, self.train_ds, self.dist_opt, self.tp)
-        self.guard = LossGuard(float(spec.get("loss_spike_factor", 0) or 0), self.runlog.recent_losses())
+        self.guard = LossGuard(float(spec.loss_spike_factor or 0), self.runlog.recent_losses())
         self.meter = ThroughputMeter(spec, tps, self.tp, dist.get_world_size(), self.gpu)
         if self.rank == 0:
             self.runlog.trackers = trackers_for(spec, self.out_dir, self.resumed_from)
@@ -283,19 +283,19 @@ class Trainer:
         """CPT, fresh start only: the loaded parent must give the source language's validation loss the
         parent run recorded (RunSpec made sure parent.final_loss is a number)."""
         spec = self.spec
-        if spec["init"] != "cpt" or self.resumed_from is not None:
+        if spec.init != "cpt" or self.resumed_from is not None:
             return
-        par = spec["parent"]
-        plang = par.get("lang") or spec.get("source_lang")
+        par = spec.parent
+        plang = par.lang or spec.source_lang
         if plang not in self.evaluator.languages:
             raise TrainingError(f"init-sanity gate: no validation set for source language {plang!r} in eval.languages")
         got = self.evaluator.loss(self.model, plang)
-        exp = float(par["final_loss"])
-        tol = float(par.get("tolerance", 1e-3))
+        exp = float(par.final_loss)
+        tol = float(par.tolerance if par.tolerance is not None else 1e-3)
         if not abs(got - exp) <= tol:
             raise TrainingError(
-                f"init-sanity gate failed: loaded checkpoint {par['checkpoint']} gives {plang} validation loss "
-                f"{got:.6f} but the source run {par.get('run_id')} recorded {exp:.6f} "
+                f"init-sanity gate failed: loaded checkpoint {par.checkpoint} gives {plang} validation loss "
+                f"{got:.6f} but the source run {par.run_id} recorded {exp:.6f} "
                 f"(|diff| {abs(got - exp):.3g} > tolerance {tol:g}); the checkpoint is corrupted or "
                 "does not belong to that run"
             )
@@ -349,11 +349,11 @@ class Trainer:
         spec, steps = self.spec, self.steps
         self.check_final_eval(final_eval, steps, "", self.ckpt.pending)
         final = self.ckpt.save_end(steps, self.model, self.opt, self.counter.checkpoint_extra(), final_eval)
-        shape = PrunedShape.from_dict(spec["shape"])
-        done = {"run_id": spec["run_id"], "steps": steps, "tokens": steps * self.tokens_per_step,
+        shape = PrunedShape.from_dict(spec.shape.model_dump(exclude_unset=True))
+        done = {"run_id": spec.run_id, "steps": steps, "tokens": steps * self.tokens_per_step,
                 "final_loss": final_eval, "final_checkpoint": str(final), "wall_s": time.time() - t_start,
-                "params": shape.params(int(spec["vocab_size"]), tp=self.tp),
-                "params_nonemb": shape.params(int(spec["vocab_size"]), embeddings=False),
+                "params": shape.params(spec.vocab_size, tp=self.tp),
+                "params_nonemb": shape.params(spec.vocab_size, embeddings=False),
                 "resumed_from": self.resumed_from, "flops_spent": self.counter.flops,
                 "flops_spent_6nd": self.counter.flops_6nd, "final_shape": self.counter.shape,
                 "final_params": self.counter.params, "world_size": dist.get_world_size(), "launch": launch_info()}
@@ -362,7 +362,7 @@ class Trainer:
         if self.rank == 0:
             from cptscale.util import provenance, stable_hash, write_json
 
-            done["provenance"] = provenance(spec.get("config_hash"), {"run.json": stable_hash(spec)})
+            done["provenance"] = provenance(spec.config_hash, {"run.json": stable_hash(self.raw)})
             write_json(self.out_dir / "done.json", done)
         dist.barrier()
         return done
@@ -402,8 +402,8 @@ class Trainer:
         from cptscale.prune import PrunedShape, resolve_target
         from cptscale.train.checkpoint import CheckpointError
 
-        events = {int(e["step"]): e["shape"] for e in (self.spec.get("prune") or {}).get("events", [])}
-        want = PrunedShape.from_dict(self.spec["shape"])
+        events = {e.step: e.shape for e in (self.spec.prune.events if self.spec.prune else [])}
+        want = PrunedShape.from_dict(self.spec.shape.model_dump(exclude_unset=True))
         for s in sorted(events):
             if s < step:
                 want = resolve_target(want, events[s])

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from cptscale.runspec import RunSpec
 
 
 def token_byte_lengths(tokenizer: str | Path) -> np.ndarray | None:
@@ -158,27 +161,28 @@ class Evaluator:
     """Every language of the spec's ``eval.languages`` on the current weights; one evals.jsonl row each
     (``branch`` set for a WSD branch's final evaluation). Validation windows are read once per set."""
 
-    def __init__(self, spec: dict[str, Any], runlog, tokens_per_step: int) -> None:
-        ev = spec["eval"]
-        self.languages: dict[str, dict[str, Any]] = ev.get("languages", {})
-        self.steps = {int(s) for s in ev.get("steps", [])}
-        self.seq = int(spec["seq_length"])
-        self.micro_batch_size = int(ev.get("micro_batch_size", spec["micro_batch_size"]))
-        self.max_tokens = ev.get("max_tokens")
-        self.tokenizer = spec.get("tokenizer")
+    def __init__(self, spec: RunSpec, runlog, tokens_per_step: int) -> None:
+        ev = spec.eval
+        self.languages = ev.languages
+        self.steps = set(ev.steps)
+        self.seq = spec.seq_length
+        # eval.micro_batch_size when given, else the training micro-batch
+        self.micro_batch_size = ev.micro_batch_size if "micro_batch_size" in ev.model_fields_set else spec.micro_batch_size
+        self.max_tokens = ev.max_tokens
+        self.tokenizer = spec.tokenizer
         self.runlog, self.tokens_per_step = runlog, tokens_per_step
         self.cache: dict[str, Any] = {}
 
     def loss(self, model, lang: str) -> float:
         """Validation loss of one language (the init-sanity gate's check)."""
-        return evaluate_model(model, self.languages[lang]["prefix"], self.seq, self.micro_batch_size,
+        return evaluate_model(model, self.languages[lang].prefix, self.seq, self.micro_batch_size,
                               max_tokens=self.max_tokens, cache=self.cache)["loss"]
 
     def __call__(self, model, step: int, totals: dict[str, Any], branch: int | None = None) -> dict[str, float]:
         """Evaluate after ``step`` steps; ``totals``: params and FLOPs spent so far (recorded per row)."""
         res = {}
         for lang, v in self.languages.items():
-            r = evaluate_model(model, v["prefix"], self.seq, self.micro_batch_size, val_bytes=v.get("bytes"),
+            r = evaluate_model(model, v.prefix, self.seq, self.micro_batch_size, val_bytes=v.bytes,
                                max_tokens=self.max_tokens, cache=self.cache, tokenizer=self.tokenizer)
             row = {"step": step, "tokens": step * self.tokens_per_step, "lang": lang, **r, **totals}
             if branch is not None:

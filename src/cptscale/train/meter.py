@@ -4,7 +4,10 @@ memory and model FLOPs utilisation for metrics.jsonl."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cptscale.runspec import RunSpec
 
 #: Peak dense bf16 FLOP/s of one GPU when the spec gives none (NVIDIA H100 SXM, without sparsity).
 DEFAULT_PEAK_FLOPS = 989e12
@@ -72,9 +75,11 @@ class ThroughputMeter:
     """tokens/s, peak memory and (on GPU) MFU of one step. The MFU FLOPs per token are computed once
     per shape, not once per step."""
 
-    def __init__(self, spec: dict[str, Any], tokens_per_step: int, tp: int, world: int, gpu: bool) -> None:
-        self.spec, self.tokens_per_step, self.tp, self.world, self.gpu = spec, tokens_per_step, tp, world, gpu
-        self.peak = peak_flops(spec)
+    def __init__(self, spec: RunSpec, tokens_per_step: int, tp: int, world: int, gpu: bool) -> None:
+        self.vocab, self.seq = spec.vocab_size, spec.seq_length
+        self.tokens_per_step, self.tp, self.world, self.gpu = tokens_per_step, tp, world, gpu
+        res = spec.resources
+        self.peak = float(res.gpu_peak_flops) if res is not None and res.gpu_peak_flops else DEFAULT_PEAK_FLOPS
         self._mfu_fpt: tuple[str, float] | None = None
         self._proc = _proc()
 
@@ -84,8 +89,7 @@ class ThroughputMeter:
 
         key = json.dumps(shape, sort_keys=True)
         if self._mfu_fpt is None or self._mfu_fpt[0] != key:
-            self._mfu_fpt = (key, mfu_flops_per_token(shape, int(self.spec["vocab_size"]),
-                                                      int(self.spec["seq_length"]), self.tp))
+            self._mfu_fpt = (key, mfu_flops_per_token(shape, self.vocab, self.seq, self.tp))
         return self._mfu_fpt[1] * tps / (self.world * self.peak)
 
     def measure(self, dt: float, shape: dict[str, Any]) -> dict[str, Any]:

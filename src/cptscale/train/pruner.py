@@ -6,21 +6,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cptscale.train.meter import FlopCounter
 from cptscale.train.runlog import RunLog
 from cptscale.train.step import collate, run_microbatches, wrap_ddp
 
+if TYPE_CHECKING:
+    from cptscale.runspec import RunSpec
+
 
 class Pruner:
-    def __init__(self, spec: dict[str, Any], runlog: RunLog, train_ds, distributed_optimizer: bool, tp: int) -> None:
-        pr = spec.get("prune") or {}
-        self.events: dict[int, dict[str, Any]] = {int(e["step"]): e["shape"] for e in pr.get("events", [])}
-        self.importance = pr.get("importance", "activation")
-        self.spec, self.runlog, self.train_ds, self.dist_opt, self.tp = spec, runlog, train_ds, distributed_optimizer, tp
-        self.mb, self.gb, self.seq = int(spec["micro_batch_size"]), int(spec["global_batch_size"]), int(spec["seq_length"])
-        self.calib_batches = max(1, min(int(pr.get("calib_batches", 4)), (int(spec["steps"]) * self.gb) // self.mb))
+    def __init__(self, spec: RunSpec, runlog: RunLog, train_ds, distributed_optimizer: bool, tp: int) -> None:
+        pr = spec.prune
+        self.events: dict[int, dict[str, Any]] = {e.step: e.shape for e in pr.events} if pr else {}
+        self.importance = pr.importance if pr else "activation"
+        self.vocab, self.runlog, self.train_ds, self.dist_opt, self.tp = spec.vocab_size, runlog, train_ds, distributed_optimizer, tp
+        self.mb, self.gb, self.seq = spec.micro_batch_size, spec.global_batch_size, spec.seq_length
+        n_cal = pr.calib_batches if pr and pr.calib_batches is not None else 4
+        self.calib_batches = max(1, min(n_cal, (spec.steps * self.gb) // self.mb))
 
     def _calibration(self, step: int) -> tuple[int, list[dict[str, Any]]]:
         """The micro-batches of samples consumed just before ``step`` (the run's first ones at step 0)."""
@@ -61,7 +65,7 @@ class Pruner:
         p_before = counter.params
         model = wrap_ddp(P.apply_plan(model, plan), distributed_optimizer=self.dist_opt)
         opt = make_optimizer(model)
-        counter.reshape(target.as_dict(), int(self.spec["vocab_size"]), self.seq, self.tp)
+        counter.reshape(target.as_dict(), self.vocab, self.seq, self.tp)
         n_cal = self.calib_batches
         rec = {"step": step, "tokens": step * self.gb * self.seq, "importance": self.importance,
                "calib_batches": n_cal, "calib_samples": [first, first + n_cal * self.mb],

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cptscale.runspec import RunSpec
 
 #: metrics.jsonl fields mirrored under ``train/`` (a WSD branch: the same tags in its own directory)
 TRAIN_FIELDS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")
@@ -71,14 +74,14 @@ class TensorBoardTracker:
             w.close()
 
 
-def check_logging(spec: dict[str, Any]) -> None:
+def check_logging(spec: RunSpec) -> None:
     """W&B asked for (run.json ``logging.wandb``, whose fields RunSpec checks) without the wandb package
     stops the run before any model is built (a SpecError: a retry cannot change it)."""
     import importlib.util
 
     from cptscale.runspec import SpecError
 
-    if (spec.get("logging") or {}).get("wandb") and importlib.util.find_spec("wandb") is None:
+    if spec.logging is not None and spec.logging.wandb is not None and importlib.util.find_spec("wandb") is None:
         raise SpecError("run.json logging.wandb is set but the wandb package is not installed: "
                         "pip install wandb, or remove logging.wandb from the study config")
 
@@ -87,12 +90,11 @@ class WandbTracker:
     """A W&B run named after the run id; every logged dict carries its ``step`` as the x-axis (WSD
     branches go back to their decay start, which W&B's own monotonic step would drop)."""
 
-    def __init__(self, cfg: dict[str, Any], out_dir: Path, run_id: str, config: dict[str, Any]) -> None:
+    def __init__(self, project: str, mode: str, out_dir: Path, run_id: str, config: dict[str, Any]) -> None:
         import wandb
 
-        mode = cfg.get("mode", "offline")
         (out_dir / "wandb").mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=cfg["project"], mode=mode, dir=str(out_dir), name=run_id, config=config,
+        self.run = wandb.init(project=project, mode=mode, dir=str(out_dir), name=run_id, config=config,
                               reinit="create_new")
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
@@ -107,20 +109,23 @@ class WandbTracker:
         self.run.finish()
 
 
-def trackers_for(spec: dict[str, Any], out_dir: Path, resume_step: int | None) -> list[Any]:
-    """The trackers run.json's ``logging`` asks for (rank 0 only). ``resume_step``: where a resumed run
-    goes on (None: a fresh start, whose old event files go with its other rows)."""
+def trackers_for(spec: RunSpec, out_dir: Path, resume_step: int | None) -> list[Any]:
+    """The trackers run.json's ``logging`` asks for (rank 0 only; absent: TensorBoard). ``resume_step``:
+    where a resumed run goes on (None: a fresh start, whose old event files go with its other rows)."""
     import shutil
 
-    cfg = spec.get("logging") or {}
+    from cptscale.runspec import LoggingSpec
+
+    cfg = spec.logging or LoggingSpec()
     out: list[Any] = []
-    if cfg.get("tensorboard", True):
+    if cfg.tensorboard:
         tb = out_dir / TENSORBOARD_DIR
         if resume_step is None and tb.exists():
             shutil.rmtree(tb)
         out.append(TensorBoardTracker(tb, resume_step))
-    if cfg.get("wandb"):
-        out.append(WandbTracker(cfg["wandb"], out_dir, spec["run_id"], {k: spec.get(k) for k in (
-            "run_id", "study", "size", "init", "lang", "replay", "shape", "steps", "global_batch_size",
-            "seq_length", "schedule", "optimizer", "config_hash")}))
+    if cfg.wandb is not None:
+        config = spec.model_dump(mode="json", include={"run_id", "study", "size", "init", "lang", "replay", "shape",
+                                                       "steps", "global_batch_size", "seq_length", "schedule",
+                                                       "optimizer", "config_hash"})
+        out.append(WandbTracker(cfg.wandb.project, cfg.wandb.mode, out_dir, spec.run_id, config))
     return out
