@@ -147,8 +147,7 @@ start() {
   alive /run/slurmctld.pid || /usr/sbin/slurmctld $clear
   local n
   for n in $(node_names); do
-    if (( NODES == 1 )); then alive "$(slurmd_pid "$n")" || /usr/sbin/slurmd
-    else alive "$(slurmd_pid "$n")" || /usr/sbin/slurmd -N "$n"; fi
+    alive "$(slurmd_pid "$n")" || /usr/sbin/slurmd -N "$n"  # -N: the pid file's %n is the node name
   done
   local i
   for i in $(seq 60); do
