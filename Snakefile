@@ -79,7 +79,23 @@ onstart:
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/data.smk"
+
+
+# train.backend: simulate (never the default): the data stage is replaced by simulated manifests and
+# every run's outputs come from a law file (cptscale.simulate); everything downstream is unchanged
+if CFG.train.backend == "simulate":
+
+    include: "workflow/rules/simulate.smk"
+
+    localrules:
+        simulated_data,
+        simulated_tokenizer,
+
+else:
+
+    include: "workflow/rules/data.smk"
+
+
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/fit.smk"

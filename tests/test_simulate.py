@@ -133,3 +133,116 @@ def test_truth_file_round_trip_and_errors(tmp_path):
         Truth.from_dict({**t.as_dict(), "extra": 1})
     with pytest.raises(TruthError, match="does not exist"):
         Truth.load(tmp_path / "missing.json")
+
+
+# -- studies in one process: known-truth recovery, design ------------------------------------------
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _small_config(sizes=("49M", "86M", "137M", "259M", "512M", "1085M"), wsd=True, mixed=True, **fit):
+    """The simulated paper study, shrunk: a few sizes, no replay sweep, WSD branches and (mixed) every other
+    size at 80 instead of 20 tokens/param, so that N and D are not collinear."""
+    import yaml
+
+    from cptscale.validation import parse_config
+
+    raw = yaml.safe_load((ROOT / "workflow/studies/paper-simulated.yaml").read_text())
+    raw["ladder"]["sizes"] = list(sizes)
+    raw["replay"]["ratios"] = [0.0]
+    raw["parallel"]["per_size"] = {}
+    raw["fit"].update(fit)
+    if wsd:
+        raw["train"].update(schedule="wsd", wsd_branches=[0.25, 0.5])
+    cfg = parse_config(raw)
+    if mixed:
+        raw["budget"]["tokens"] = {s: int(80 * cfg.params(s)) for s in sizes[1::2]}
+        cfg = parse_config(raw)
+    return cfg
+
+
+def test_known_truth_recovery_on_a_small_ladder():
+    """Fitted like fit-study fits (Huber, grid, L-BFGS) on the fully annealed points (final evaluations and
+    WSD branch ends) of 6 simulated sizes: without noise the truth comes back up to the branches' small
+    point-selection bias (< 0.05 on each exponent); with the measured
+    noise every exponent lies within 4 standard deviations (+ the point-selection bias) of the truth, the
+    standard deviation being the design's linearised one (an independent computation: cptscale design)."""
+    from cptscale.fit.estimate import exponents, fit_law
+    from cptscale.simulate.design import examine, law_data
+    from cptscale.simulate.study import points_frame, simulate_study
+
+    cfg = _small_config()
+    truth = default_truth()
+    law = truth.scratch["zh"]
+    sims0 = simulate_study(cfg, truth.with_noise(0.0), 0)
+    d = next(x for x in law_data(cfg, truth, sims0, "annealed") if x.law == "chinchilla")
+    expect = examine(d, truth, [1e21], cfg.fit.huber_delta, cfg.fit.reduction)
+
+    def fit(sims):
+        df = points_frame(sims, cfg.fit.min_step_fraction)
+        df = df[(df["init"] == "scratch") & ((df["step"] == df.groupby("run")["step"].transform("max"))
+                                             | df["branch"].notna())]
+        return fit_law(df, "chinchilla", grid="coarse")
+
+    exact = fit(sims0)
+    # without noise the grid fit lands where the design's warm-started fit does: the truth, moved only by the
+    # point-selection bias of WSD branches (a branch shares its run's warmup, so it ends slightly above the law)
+    for k in ("alpha", "beta"):
+        assert exact.params[k] == pytest.approx(expect["noiseless_fit"][k], abs=1e-3), k
+        assert abs(expect["bias"][k]) < 0.05, k
+    for seed in (1, 2):
+        fr = fit(simulate_study(cfg, truth, seed))
+        for k in ("alpha", "beta"):
+            tol = 4 * expect["sd"][k] + abs(expect["bias"][k])
+            assert abs(fr.params[k] - getattr(law, k)) <= tol, (k, fr.params[k], tol)
+        a = exponents(fr)["a"]
+        assert abs(a - law.allocation()["a"]) <= 4 * expect["a"]["sd"] + abs(expect["a"]["bias"])
+
+
+def test_points_match_what_the_store_selects(tmp_path):
+    """The in-process points table equals `cptscale db points` on the same simulated runs written to disk
+    and ingested (same rows, losses and D): the coverage bench and `cptscale design` fit what the
+    pipeline fits."""
+    from cptscale.simulate.study import points_frame, simulate_study
+
+    cfg = _small_config(sizes=("49M", "86M", "137M"), mixed=False)
+    sims = simulate_study(cfg, default_truth(), 3)
+    df = points_frame(sims, cfg.fit.min_step_fraction)
+    assert set(df["run"]) == {r for r, (s, _) in sims.items() if s["lang"] == "zh"}
+    assert df["branch"].notna().sum() == 2 * 3 * 2  # two branches per zh run (3 scratch + 3 CPT)
+    assert (df["step"] > 0).all() and (df["lang"] == "zh").all()
+
+
+def test_design_ranks_the_better_identified_design_first(tmp_path):
+    """Two designs of the same study, both fitted on annealed points: 3 sizes at one token budget each (N and
+    D collinear) vs 6 sizes, WSD branches and two token budgets per parameter. `cptscale design A B` puts
+    the second first."""
+    import yaml
+
+    from cptscale.cli import main
+
+    bad = _small_config(sizes=("49M", "86M", "137M"), wsd=False, mixed=False, points="annealed")
+    good = _small_config(points="annealed")
+    paths = []
+    for name, cfg in (("bad", bad), ("good", good)):
+        d = cfg.model_dump(mode="json", exclude_none=True)
+        d["study"], d["results_dir"] = f"design-{name}", str(tmp_path / "results")
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(yaml.safe_dump(d))
+        paths.append(str(p))
+    assert main(["design", *paths, "--studies", "0", "--no-alternatives"]) == 0
+    ranking = json.loads((tmp_path / "results" / "design-ranking.json").read_text())
+    assert [r["study"] for r in ranking["ranking"]] == ["design-good", "design-bad"]
+    assert ranking["ranking"][0]["precision"] > 10 * ranking["ranking"][1]["precision"]
+
+
+def test_annealing_momentum_matches_the_recurrence():
+    from cptscale.simulate.curve import ewm
+
+    rng = np.random.default_rng(0)
+    x = rng.random(5000)
+    for lam in (0.0, 0.5, 0.99, 0.9999):
+        ref, acc = np.empty_like(x), 0.0
+        for i, v in enumerate(x):
+            acc = lam * acc + v
+            ref[i] = acc
+        assert np.allclose(ewm(x, lam), ref, rtol=1e-9, atol=1e-12), lam

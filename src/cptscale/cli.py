@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "cptscale.commands.existing",
     "cptscale.verify",
     "cptscale.hf",
+    "cptscale.commands.simulate",
 )
 
 

@@ -176,7 +176,22 @@ def training_hash(cfg: StudyConfig, run: PlannedRun) -> str:
         "eval": cfg.evaluation.model_dump(mode="json"),
         **recipe_for(cfg, run).hash_parts(cfg, run),  # cpt and mix sections (None from scratch), IPLT arm
     }
+    if cfg.train.backend == "simulate":  # a simulated run changes with its law file and noise seed
+        keep["simulate"] = simulate_section(cfg)
     return stable_hash(keep)
+
+
+def simulate_section(cfg: StudyConfig) -> dict[str, Any]:
+    """run.json's ``simulate`` section (train.backend: simulate): the law file and its content hash, the
+    noise seed, the study's languages and how N is counted; ``cptscale train`` dispatches on it."""
+    from cptscale.simulate.backend import truth_hash
+
+    sim = cfg.simulate
+    truth = sim.truth if sim else None
+    return {"backend": "simulate", "truth": truth, "truth_hash": truth_hash(truth), "seed": sim.seed if sim else 0,
+            "languages": list(cfg.languages.all), "source": cfg.languages.source,
+            "targets": list(cfg.languages.targets),
+            "param_count": "nonembedding" if cfg.budget.param_count == "nonembedding" else "total"}
 
 
 def _manifest(cfg: StudyConfig, lang: str) -> dict[str, Any]:
@@ -290,6 +305,8 @@ def run_spec(cfg: StudyConfig, rid: str, planned: PlannedRun | None = None) -> R
         provenance=provenance(chash, manifest_hashes(manifests, str(ddir / "{lang}" / "data.json"))),
     )
     fields.update(recipe.spec_fields(cfg, run, fields["eval"]))  # e.g. an IPLT arm's prune events
+    if cfg.train.backend == "simulate":  # cptscale train writes the run's outputs from the law file
+        fields["simulate"] = simulate_section(cfg)
     try:
         return RunSpec(spec_version=SPEC_VERSION, **fields)
     except ValidationError as exc:  # a planner bug, not bad input: say which field

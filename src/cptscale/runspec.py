@@ -200,6 +200,19 @@ class LoggingSpec(_Part):
     wandb: WandbSpec | None = None
 
 
+class SimulateSpec(_Part):
+    """train.backend: simulate: the run's outputs come from a law file (cptscale.simulate), nothing is trained."""
+
+    backend: Literal["simulate"] = "simulate"
+    truth: str | None = None  #: law file; None: cptscale.simulate.default_truth()
+    truth_hash: str | None = None
+    seed: NonNegInt = 0
+    languages: list[str] = []
+    source: str | None = None
+    targets: list[str] = []
+    param_count: Literal["total", "nonembedding"] = "total"
+
+
 class RunSpec(_Part):
     """One run, completely: what the trainer needs and nothing it must guess."""
 
@@ -244,6 +257,7 @@ class RunSpec(_Part):
     #: an imported model's architecture (RoPE, norm eps, QKV bias, ...; see cptscale.train.model.resolve_arch)
     arch: dict[str, Any] | None = None
     logging: LoggingSpec | None = None  #: absent: TensorBoard on, no W&B
+    simulate: SimulateSpec | None = None  #: train.backend: simulate (cptscale.simulate.backend)
 
     # -- cross-field rules (messages name the fields and the fix) --------------------------------
     @model_validator(mode="after")

@@ -250,13 +250,44 @@ def summarize(study_dir: Path, study: str) -> dict[str, Any]:
     out["next_run"] = _next_run(study_dir, fits, fsum)
     out["law_comparison"] = fsum.get("law_comparison") or []
     db = study_dir / "cptscale.duckdb"
+    out["simulated"] = simulated_runs(db, study) if db.exists() else {"simulated": 0, "trained": 0}
     out["compute_saving"] = compute_saving(db, study) if db.exists() else {"error": f"{db} missing"}
     if db.exists():
         out.update({k: v for k, v in arm_results(db, study).items() if k in ("iplt", "variants")})
     return out
 
 
+def simulated_runs(db: Path, study: str) -> dict[str, int]:
+    """How many of the study's stored runs are simulated (train.backend: simulate) and how many trained."""
+    import duckdb
+
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        sim, trained = con.execute("SELECT count(*) FILTER (WHERE simulated), count(*) FILTER (WHERE NOT simulated "
+                                   "OR simulated IS NULL) FROM runs WHERE study = ?", [study]).fetchone()
+    except duckdb.Error:  # a store from before the flag: every run in it was trained
+        sim, trained = 0, con.execute("SELECT count(*) FROM runs WHERE study = ?", [study]).fetchone()[0]
+    finally:
+        con.close()
+    return {"simulated": int(sim or 0), "trained": int(trained or 0)}
+
+
+#: The prefix of every summary line of a study with simulated runs.
+SIMULATED_PREFIX = "[SIMULATED] "
+
+
 def format_summary(s: dict[str, Any]) -> str:
+    lines = _format_lines(s)
+    sim = (s.get("simulated") or {}).get("simulated", 0)
+    if not sim:
+        return "\n".join(lines)
+    trained = s["simulated"].get("trained", 0)
+    head = (f"{sim} of the {sim + trained} runs are SIMULATED from a known law (train.backend: simulate): these "
+            "numbers validate the pipeline's statistics; they are not results of training")
+    return "\n".join(SIMULATED_PREFIX + line for line in [head, *lines])
+
+
+def _format_lines(s: dict[str, Any]) -> list[str]:
     lines = [f"study {s['study']}", f"  report: {s['report']}"]
     for name, f in s["fits"].items():
         lines.append(f"  fit {name}: {f['equation']}")
@@ -312,4 +343,4 @@ def format_summary(s: dict[str, Any]) -> str:
             by.setdefault(f"{v['variant']} ({v['run_id']})", {})[v["which"]] = v["final_loss"]
         for name, d in by.items():
             lines.append(f"      {name}: {_num(d.get('target'), '.4f')} / {_num(d.get('source'), '.4f')}")
-    return "\n".join(lines)
+    return lines

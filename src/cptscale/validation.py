@@ -130,6 +130,19 @@ def _check_blends(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
         yield Problem(path, f"run {rid}{more}: {detail}")
 
 
+def _check_simulate(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
+    """A simulate section belongs to train.backend: simulate; its law file must exist and load."""
+    if cfg.simulate is not None and cfg.train.backend != "simulate":
+        yield Problem("simulate", "is only read with train.backend: simulate; set that, or drop the section")
+    if cfg.train.backend == "simulate" and cfg.simulate is not None and cfg.simulate.truth:
+        from cptscale.simulate.truth import Truth, TruthError
+
+        try:
+            Truth.load(cfg.simulate.truth)
+        except TruthError as exc:
+            yield Problem("simulate.truth", f"{exc}; `cptscale simulate truth --out law.json` writes the default")
+
+
 _SECTIONS = tuple(StudyConfig.model_fields)
 
 
@@ -145,6 +158,7 @@ _CHECKS: list[tuple[str, tuple[str, ...], Callable[[StudyConfig, Path], Iterable
     ("tokenizer-ok", ("tokenizer",), _check_tokenizer),
     ("corpora-ok", ("corpora", "data"), _check_corpora),
     ("mixes", ("mix", "variants"), _check_mixes),
+    ("simulate-ok", ("train", "simulate"), _check_simulate),
     ("iplt-ok", (*_SECTIONS, "languages-ok", "corpora-langs", "ladder-ok", "size-keys", "batches", "layouts", "mixes"),
      _check_iplt),
     # corpora-ok: a blend names corpora by their `name` (a corpus entry without a valid one cannot be planned);

@@ -42,6 +42,8 @@ def train_resources():
     Memory is per node. (The plugin starts the rule's command once, with `srun -n1`.) The time limit
     grows with the attempt, so a retry after a time-limit kill (which checkpointed on SIGTERM) gets
     longer."""
+    if CFG.train.backend == "simulate":  # a simulated run is one small process, whatever the model size
+        return {"mem_mb": 1024, "runtime": 10, "cpus_per_task": 1, "tasks": 1}
     res = {
         "mem_mb": _planned_resource("mem_gb", scale=1024),
         "runtime": _planned_resource("runtime_minutes", per_attempt=True),
@@ -57,7 +59,9 @@ def train_resources():
 
 def run_world(wc):
     """Ranks of a run (local scheduling counts them as threads), from its planned layout (IPLT arms use
-    the layout of the size they prune); the next run uses the default layout."""
+    the layout of the size they prune); the next run uses the default layout. A simulated run is one thread."""
+    if CFG.train.backend == "simulate":
+        return 1
     if wc.run in RUNS:
         r = RUNS[wc.run]
         return r.tp * r.pp * r.dp

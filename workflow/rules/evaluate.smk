@@ -44,7 +44,7 @@ rule aggregate_runs:
         f"{S}/db/runs.duckdb",
     params:
         store=f"{S}/db/store.duckdb",
-        partial="--allow-partial" if CFG.store.allow_partial else "",
+        partial=("--allow-partial" if CFG.store.allow_partial else "") + (" --allow-mixed" if CFG.store.allow_mixed else ""),
     log:
         f"{LOGS}/aggregate_runs.log",
     shell:

@@ -60,12 +60,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from cptscale.data.sources import SourceError
-    from cptscale.data.tokenizer import MegatronTokenizerAdapter, load_tokenizer
     from cptscale.util import read_json, write_json
 
     try:
         spec = read_json(args.spec)
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"{args.spec}: {type(exc).__name__}: {exc}") from None
+    if spec.get("simulate"):  # a simulated study (train.backend: simulate): the planned blend, no data to draw
+        from cptscale.simulate.backend import planned_blend_report
+
+        write_json(args.out, planned_blend_report(spec))
+        return 0
+    from cptscale.data.sources import SourceError
+    from cptscale.data.tokenizer import MegatronTokenizerAdapter, load_tokenizer
+
+    try:
         data = spec["data"]
         tok = MegatronTokenizerAdapter(load_tokenizer(spec["tokenizer"]))
         report = realize(data, tok, seq_length=spec["seq_length"], global_batch_size=spec["global_batch_size"],

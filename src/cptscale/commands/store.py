@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cptscale.errors import CLIError
-from cptscale.store.ingest import ingest, publish
+from cptscale.store.ingest import MixedStore, ingest, publish
 from cptscale.store.queries import connect, export, status_table, write_points_table
 from cptscale.store.schema import default_db
 from cptscale.store.synthetic import generate_study, write_generated_transfers
@@ -20,7 +20,10 @@ def _cmd_ingest(args: Any) -> int:
     db = Path(args.db) if args.db else default_db(args.study_dir)
     if args.publish and Path(args.publish).resolve() == db.resolve():
         raise CLIError(f"--publish {args.publish} is the store itself (--db); publish to another path")
-    rep = ingest(args.study_dir, db, allow_partial=args.allow_partial)
+    try:
+        rep = ingest(args.study_dir, db, allow_partial=args.allow_partial, allow_mixed=args.allow_mixed)
+    except MixedStore as exc:
+        raise CLIError(str(exc)) from None
     for w in rep.warnings:
         print(f"warning: {w}", file=sys.stderr)
     for e in rep.errors:
@@ -104,6 +107,8 @@ def add_commands(subparsers: Any) -> None:
                    help="then copy the database atomically to PATH (the workflow's declared output: the store "
                         "itself is not a Snakemake output, so a failed job cannot delete it)")
     q.add_argument("--allow-partial", action="store_true", help="keep the good lines of malformed files")
+    q.add_argument("--allow-mixed", action="store_true",
+                   help="keep simulated and trained runs in one store (each flagged in runs.simulated)")
     q.set_defaults(func=_cmd_ingest)
 
     q = sub.add_parser("status", help="expected vs present runs and evals per size x init x replay")

@@ -34,6 +34,14 @@ def _cmd(args: argparse.Namespace) -> int:
     except SpecError as exc:
         raise CLIError(str(exc)) from exc
     spec = typed.to_dict()
+    if spec.get("simulate"):  # train.backend: simulate: the run's outputs from the law file, nothing is trained
+        from cptscale.simulate.backend import run_simulated
+        from cptscale.simulate.truth import TruthError
+
+        try:
+            return run_simulated(spec)
+        except TruthError as exc:
+            raise CLIError(str(exc)) from exc
     from cptscale.train.launch import EXIT_PERMANENT, FAILED, refused_retry
 
     why = refused_retry(spec, args.attempt)

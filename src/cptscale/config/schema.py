@@ -137,6 +137,11 @@ class TrainConfig(_Model):
     checkpoint_every: int = Field(1000, ge=0, description="steps between checkpoints (0: only final and SIGTERM)")
     keep_checkpoints: int = Field(2, ge=1)
     loss_spike_factor: float = Field(3.0, gt=1, description="stop when a step's loss exceeds this x the mean of the last 20 step losses (checked once 10 are known)")
+    backend: Literal["megatron", "simulate"] = Field(
+        "megatron", exclude_if=lambda v: v == "megatron",
+        description="megatron: train (Megatron-Core). simulate: write each run's outputs from a known law "
+        "(section simulate; no data stage, nothing trained) to validate the statistics or plan a study; "
+        "everything it produces is flagged simulated")
 
 
 class CPTConfig(_Model):
@@ -287,6 +292,18 @@ class StoreConfig(_Model):
     allow_partial: bool = Field(
         False, description="aggregate: keep the good lines of a truncated or malformed metrics file (each "
         "problem is logged by path and line) instead of failing the aggregate job")
+    allow_mixed: bool = Field(
+        False, exclude_if=lambda v: not v,
+        description="aggregate: keep simulated and trained runs in one store (each row keeps its flag); "
+        "without it the ingest refuses to mix them")
+
+
+class SimulateConfig(_Model):
+    """train.backend: simulate: where the simulated runs' losses come from (cptscale.simulate)."""
+
+    truth: str | None = Field(None, description="law file (JSON; `cptscale simulate truth` writes the default), "
+                              "relative to the working directory like results_dir; null: the paper's exponents")
+    seed: int = Field(0, ge=0, description="seed of the simulated noise (a different seed is another study)")
 
 
 class ReportConfig(_Model):
@@ -356,6 +373,9 @@ class StudyConfig(_Model):
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     fit: FitConfig = Field(default_factory=FitConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    simulate: SimulateConfig | None = Field(None, exclude_if=lambda v: v is None,
+                                            description="train.backend: simulate: the law file and noise seed",
+                                            json_schema_extra=_no_schema_default)
     report: ReportConfig = Field(default_factory=ReportConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)

@@ -31,6 +31,8 @@ _PAGE = """<!doctype html>
 body{{font-family:system-ui,sans-serif;margin:1.5em;color:#222}}
 .fig{{margin:1.5em 0;padding:.5em;border-top:1px solid #ddd}}
 .missing{{color:#8a4b00;background:#fff4e0;padding:.6em;border-radius:4px}}
+.simulated{{color:#fff;background:#b00020;padding:.6em;border-radius:4px;font-weight:bold}}
+table.design td,table.design th{{padding:.15em .6em;border-bottom:1px solid #eee;text-align:left}}
 code{{background:#f2f2f2;padding:0 .2em}}
 </style>
 <script>
@@ -48,12 +50,13 @@ for (const [level, sink] of [['error', window.__errors], ['warn', window.__warni
 </script>
 <script type="module">{bundle}</script>
 </head><body>
-<h1>{title}</h1>
+{banner}<h1>{title}</h1>
 <p>Study <code>{study}</code> &middot; generated {when} &middot; {n_ok} figures drawn, {n_missing} missing.
 Legend entries select a size / replay ratio; drag to pan and scroll to zoom (every figure with
 continuous axes).</p>
 {missing_list}
 {sections}
+{banner}
 <pre id="render-status" style="display:none"></pre>
 <script type="module">
 const specs = {specs};
@@ -102,6 +105,27 @@ def sections_for(cfg: Any) -> list[str]:
     return [n for n in BUILDERS if n not in OPTIONAL_SECTIONS or has[n]]
 
 
+def _simulated_runs(con: Any, study: str) -> dict[str, int]:
+    """Simulated and trained runs of the study (a store from before runs.simulated: all trained)."""
+    cols = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'runs'")
+            .fetchall()}
+    if "simulated" not in cols:
+        return {"simulated": 0, "trained": int(con.execute("SELECT count(*) FROM runs WHERE study = ?",
+                                                           [study]).fetchone()[0])}
+    sim, trained = con.execute("SELECT count(*) FILTER (WHERE simulated), count(*) FILTER (WHERE NOT "
+                               "coalesce(simulated, false)) FROM runs WHERE study = ?", [study]).fetchone()
+    return {"simulated": int(sim), "trained": int(trained)}
+
+
+def _mark_simulated(spec: dict[str, Any]) -> None:
+    """Prefix a figure's title with SIMULATED (its SVG and PNG copies carry it too)."""
+    t = spec.get("title")
+    if isinstance(t, dict):
+        spec["title"] = {**t, "text": f"SIMULATED: {t.get('text', '')}", "color": "#b00020"}
+    else:
+        spec["title"] = {"text": f"SIMULATED: {t or ''}", "color": "#b00020"}
+
+
 def build_report(
     db_path: str | Path,
     study: str,
@@ -130,12 +154,14 @@ def build_report(
     drawn: dict[str, Any] = {}
     missing: dict[str, str] = {}
     specs: dict[str, Any] = {}
+    simulated = {"simulated": 0, "trained": 0}
     if not Path(db_path).exists():
         missing = {n: f"database {db_path} (it does not exist yet: the workflow's `database` rule writes it "
                       "once runs have finished; `cptscale db ingest` builds it by hand)" for n in builders}
     else:
         con = _connect(db_path)
         try:
+            simulated = _simulated_runs(con, study)
             for name, fn in builders.items():
                 try:
                     chart, n = fn(con, study, max_points)
@@ -147,6 +173,19 @@ def build_report(
                     missing[name] = f"error building figure: {type(exc).__name__}: {exc}"
         finally:
             con.close()
+    design_html = ""
+    design_path = Path(fits_dir).parent / "design" / "design.json" if fits_dir else None
+    if design_path is not None and design_path.exists():  # written by `cptscale design`
+        from cptscale.simulate.design import design_chart, design_table
+
+        rep_d = json.loads(design_path.read_text())
+        design_html = design_table(rep_d)
+        specs["design"] = design_chart(rep_d).to_dict()
+        drawn["design"] = {"rows": len(rep_d.get("designs", []))}
+    if simulated["simulated"]:  # every page and figure says so
+        title = f"SIMULATED: {title}"
+        for spec in specs.values():
+            _mark_simulated(spec)
     if images:
         for name, spec in specs.items():
             try:
@@ -158,6 +197,8 @@ def build_report(
             except Exception as exc:
                 drawn[name]["image_error"] = str(exc)
     sections = []
+    if design_html:
+        sections.append(f'<div class="fig" id="fig-design">{design_html}<div id="vis-design"></div></div>')
     for name in builders:
         if name in specs:
             sections.append(f'<div class="fig" id="fig-{name}"><div id="vis-{name}"></div></div>')
@@ -172,7 +213,14 @@ def build_report(
         if missing
         else ""
     )
+    banner = ""
+    if simulated["simulated"]:
+        n_all = simulated["simulated"] + simulated["trained"]
+        banner = (f'<p class="simulated">SIMULATED STUDY: {simulated["simulated"]} of its {n_all} runs were drawn from a '
+                  "known law (train.backend: simulate), nothing was trained. These figures check the pipeline's "
+                  "statistics against the truth; they are not results of training.</p>")
     page = _PAGE.format(
+        banner=banner,
         csp=CSP,
         title=html.escape(title),
         study=html.escape(study),
@@ -194,6 +242,7 @@ def build_report(
         "page_bytes": len(page.encode()),
         "build_s": round(time.perf_counter() - t0, 3),
         "max_points": max_points,
+        "simulated": simulated,
     }
     write_json(out / "report.json", info)
     return info

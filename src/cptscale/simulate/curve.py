@@ -14,6 +14,7 @@ decay, and a WSD decay branch ends close to the law at its shorter budget.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,8 +33,12 @@ class Areas:
     s2: np.ndarray  #: normalised annealing area (0 before any LR drop, ~1 after a full anneal)
 
 
+@functools.lru_cache(maxsize=64)
 def lr_series(schedule: Schedule) -> np.ndarray:
-    return np.array([lr_at(schedule, i) for i in range(schedule.total_steps)], dtype=float)
+    """The LR of every optimizer step (read-only; cached: the CPT runs of one size share a schedule)."""
+    out = np.array([lr_at(schedule, i) for i in range(schedule.total_steps)], dtype=float)
+    out.flags.writeable = False
+    return out
 
 
 def areas(schedule: Schedule, lag_steps: float, lr: np.ndarray | None = None, weights: np.ndarray | None = None
@@ -46,13 +51,26 @@ def areas(schedule: Schedule, lag_steps: float, lr: np.ndarray | None = None, we
     s1 = np.concatenate([[0.0], np.cumsum(w * lr / peak)])
     drops = np.maximum(0.0, -np.diff(lr, prepend=lr[:1]))  # warmup (rising LR) anneals nothing
     lam = math.exp(-1.0 / max(lag_steps, 1e-9))
-    m = np.empty_like(drops)
-    acc = 0.0
-    for i, d in enumerate(drops):  # momentum of the LR drops (a linear recurrence; steps are few enough)
-        acc = lam * acc + d
-        m[i] = acc
+    m = ewm(drops, lam)  # momentum of the LR drops: m_i = lam m_{i-1} + drop_i
     s2 = np.concatenate([[0.0], np.cumsum(m)]) * (1 - lam) / peak
     return Areas(lr=lr, s1=s1, s2=s2)
+
+
+def ewm(x: np.ndarray, lam: float) -> np.ndarray:
+    """``m_i = lam m_{i-1} + x_i`` (m_{-1} = 0) in numpy: within blocks short enough that lam^-k stays below
+    e^50, ``m_j = lam^j (lam carry + sum_{i<=j} x_i lam^-i)`` (scipy.signal.lfilter costs 3 s to import)."""
+    x = np.asarray(x, float)
+    out = np.empty_like(x)
+    if lam <= 0:
+        return x.copy()
+    block = max(1, int(50.0 / -math.log(lam))) if lam < 1 else len(x) or 1
+    carry = 0.0
+    for s in range(0, len(x), block):
+        blk = x[s : s + block]
+        p = lam ** np.arange(len(blk), dtype=float)
+        out[s : s + block] = p * (lam * carry + np.cumsum(blk / p))
+        carry = float(out[s + len(blk) - 1])
+    return out
 
 
 def smooth_min(a: np.ndarray, b: float, width: float = 0.05) -> np.ndarray:

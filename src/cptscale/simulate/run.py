@@ -24,6 +24,9 @@ from cptscale.schedule import Schedule
 from cptscale.simulate.curve import Areas, areas, data_term_curve, lr_series, smooth_min
 from cptscale.simulate.truth import Truth
 
+#: Bytes per token of a simulated validation set (it sets bits per byte only; no loss depends on it).
+BYTES_PER_TOKEN = 3.0
+
 
 @dataclass
 class SimulatedRun:
@@ -88,6 +91,8 @@ class _Model:
         self.lag = truth.curve.lag_fraction * self.steps
         self.lr = lr_series(self.schedule)
         self.shares = lang_shares(spec, self.steps)
+        #: tokens of each language seen after k steps (k = 0..steps)
+        self.seen = {lg: np.concatenate([[0.0], np.cumsum(s)]) * self.tps for lg, s in self.shares.items()}
         own = self.shares.get(self.lang, np.zeros(self.steps))
         self.main = areas(self.schedule, self.lag, self.lr, own)
         self.d_own_end = float(own.sum() * self.tps)
@@ -117,7 +122,7 @@ class _Model:
     def losses(self, lang: str, ar: Areas, k: np.ndarray) -> np.ndarray:
         """Noiseless loss on ``lang`` after k steps (k indexes ``ar``: the main run's or a branch's areas)."""
         t = self.truth
-        shares = {lg: np.concatenate([[0.0], np.cumsum(s[: len(ar.lr)])]) * self.tps for lg, s in self.shares.items()}
+        shares = {lg: s[: len(ar.lr) + 1] for lg, s in self.seen.items()}  # a branch shares the main run's blend
         zero = np.zeros(len(ar.lr) + 1)
         if lang == self.lang:
             base = t.scratch_law(lang)
@@ -141,12 +146,17 @@ class _Model:
         return np.full(len(k), self.parent_final[lang])  # a third language: left where the parent had it
 
 
-def _rng(seed: int, spec: Mapping[str, Any]) -> np.random.Generator:
-    return np.random.default_rng([int(seed), int(spec.get("seed") or 0), zlib.crc32(str(spec["run_id"]).encode())])
+def _rng(seed: int, spec: Mapping[str, Any], stream: int) -> np.random.Generator:
+    """Stream 0: run and evaluation noise; stream 1: training-step noise (so evaluations do not depend on
+    whether training rows are drawn)."""
+    return np.random.default_rng([int(seed), int(spec.get("seed") or 0), zlib.crc32(str(spec["run_id"]).encode()),
+                                  stream])
 
 
-def simulate_run(spec: Any, truth: Truth, seed: int = 0, parent: Mapping[str, Any] | None = None) -> SimulatedRun:
-    """The rows and totals a trained run of ``spec`` would write, drawn from ``truth``.
+def simulate_run(spec: Any, truth: Truth, seed: int = 0, parent: Mapping[str, Any] | None = None,
+                 metrics: bool = True) -> SimulatedRun:
+    """The rows and totals a trained run of ``spec`` would write, drawn from ``truth`` (``metrics=False``:
+    no training-step rows, for statistics over many studies that read evaluations only).
 
     ``parent`` (CPT): the source run's done.json (``final_loss`` per language, ``tokens``); without it
     the source loss is the spec's ``parent.final_loss`` and other languages start at the truth's
@@ -155,7 +165,7 @@ def simulate_run(spec: Any, truth: Truth, seed: int = 0, parent: Mapping[str, An
 
     spec = _as_dict(spec)
     m = _Model(spec, truth, parent)
-    rng = _rng(seed, spec)
+    rng, rng_train = _rng(seed, spec, 0), _rng(seed, spec, 1)
     nz = truth.noise
     langs = m._langs()
     run_noise = {lang: float(rng.normal(0.0, nz.run)) if nz.run > 0 else 0.0 for lang in langs}
@@ -177,7 +187,8 @@ def simulate_run(spec: Any, truth: Truth, seed: int = 0, parent: Mapping[str, An
                 row: dict[str, Any] = {"step": int(s), "tokens": tokens, "lang": lang, "loss": loss,
                                        "ppl": math.exp(min(loss, 700.0))}
                 v = ev_langs.get(lang) or {}
-                n_tok, nbytes = v.get("tokens"), v.get("bytes")
+                nbytes = v.get("bytes")
+                n_tok = v.get("tokens") or (round(nbytes / BYTES_PER_TOKEN) if nbytes else None)
                 row["n_tokens"] = n_tok
                 row["bpb"] = loss * n_tok / (nbytes * math.log(2)) if n_tok and nbytes else None
                 row["bytes"] = nbytes
@@ -193,7 +204,7 @@ def simulate_run(spec: Any, truth: Truth, seed: int = 0, parent: Mapping[str, An
         for lang, share in m.shares.items():
             if lang in langs or lang == m.lang:
                 mix += share[start:stop] * (m.losses(lang, ar, k) if lang in langs else 0.0)
-        noise = rng.normal(0.0, nz.train, len(k)) if nz.train > 0 else np.zeros(len(k))
+        noise = rng_train.normal(0.0, nz.train, len(k)) if nz.train > 0 else np.zeros(len(k))
         out = []
         for j, s in enumerate(k):
             tokens = int((s + 1) * m.tps)
@@ -209,7 +220,7 @@ def simulate_run(spec: Any, truth: Truth, seed: int = 0, parent: Mapping[str, An
     steps = m.steps
     want = sorted({int(s) for s in (spec.get("eval") or {}).get("steps", []) if 0 <= int(s) <= steps} | {steps})
     evals = eval_rows(m.main, want, None)
-    metrics = metric_rows(m.main, 0, steps, None)
+    metrics = metric_rows(m.main, 0, steps, None) if metrics else []
     branch_metrics: list[dict[str, Any]] = []
     branches = []
     for sb in m.schedule.branch_schedules():
@@ -217,7 +228,8 @@ def simulate_run(spec: Any, truth: Truth, seed: int = 0, parent: Mapping[str, An
         ar = areas(sb, truth.curve.lag_fraction * sb.total_steps, lr_series(sb), share_own)
         rows = eval_rows(ar, [sb.total_steps], sb.total_steps)
         evals += rows
-        branch_metrics += metric_rows(ar, sb.decay_start, sb.total_steps, sb.total_steps)
+        if metrics:
+            branch_metrics += metric_rows(ar, sb.decay_start, sb.total_steps, sb.total_steps)
         branches.append({"steps": sb.total_steps, "tokens": int(sb.total_steps * m.tps),
                          "final_loss": {r["lang"]: r["loss"] for r in rows},
                          "flops_spent": rows[0]["flops"], "flops_spent_6nd": rows[0]["flops_6nd"]})

@@ -70,7 +70,7 @@ class CPTLaw:
         """Eq. 5: a = beta'/(alpha + beta' - gamma), G = (alpha A / ((beta' - gamma) B'))^(1/(alpha + beta' - gamma))."""
         s = base.alpha + self.beta - self.gamma
         G = (base.alpha * base.A / ((self.beta - self.gamma) * self.B)) ** (1 / s)
-        return {"a": self.beta / s, "b": base.alpha / s, "G": G}
+        return {"a": self.beta / s, "b": (base.alpha - self.gamma) / s, "G": G}
 
 
 @dataclass(frozen=True)

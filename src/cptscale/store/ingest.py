@@ -117,9 +117,15 @@ def _fingerprint(files: Sequence[Path]) -> dict[str, str]:
     return {p.name: file_hash(p) for p in files if p.exists()}
 
 
+class MixedStore(Exception):
+    """Simulated and trained runs would end up in one store without ``allow_mixed``."""
+
+
 def ingest(study_dir: str | os.PathLike[str], db_path: str | os.PathLike[str] | None = None, *,
-           allow_partial: bool = False, _pause_before_replace: float = 0.0) -> IngestReport:
-    """Ingest one study directory into ``db_path`` atomically (see the module docstring)."""
+           allow_partial: bool = False, allow_mixed: bool = False, _pause_before_replace: float = 0.0) -> IngestReport:
+    """Ingest one study directory into ``db_path`` atomically (see the module docstring). Simulated runs
+    (``runs.simulated``) and trained ones never share a store silently: unless ``allow_mixed``, an ingest
+    that would mix them raises :class:`MixedStore` and leaves the store as it was."""
     import duckdb
 
     t0 = time.perf_counter()
@@ -147,6 +153,8 @@ def ingest(study_dir: str | os.PathLike[str], db_path: str | os.PathLike[str] | 
             try:
                 create_schema(con)
                 _ingest_into(con, sdir, study, sj, run_dirs, rep, allow_partial=allow_partial)
+                if not allow_mixed:
+                    _refuse_mixed(con, db)
                 rep.totals = {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
                 con.execute("CHECKPOINT")
             finally:
@@ -281,3 +289,17 @@ def _ingest_into(con: Any, sdir: Path, study: str, sj: dict[str, Any], run_dirs:
         now = _now()
         con.executemany("INSERT OR REPLACE INTO ingest_log VALUES (?, ?, ?, ?)",
                         [(study, k, v, now) for k, v in new_log.items()])
+
+
+def _refuse_mixed(con: Any, db: Path) -> None:
+    sim, trained = con.execute("SELECT count(*) FILTER (WHERE simulated), count(*) FILTER (WHERE NOT "
+                               "coalesce(simulated, false)) FROM runs").fetchone()
+    if sim and trained:
+        studies = con.execute("SELECT study, count(*) FILTER (WHERE simulated), count(*) FILTER (WHERE NOT "
+                              "coalesce(simulated, false)) FROM runs GROUP BY study ORDER BY study").fetchall()
+        where = "; ".join(f"{st}: {a} simulated, {b} trained" for st, a, b in studies)
+        raise MixedStore(
+            f"{db}: this ingest would mix {sim} simulated runs (train.backend: simulate) with {trained} trained runs "
+            f"({where}); the store is left unchanged. Keep simulated studies in their own store (their own "
+            "study name and results_dir), or pass --allow-mixed (`store: {allow_mixed: true}` in the study "
+            "config) to keep both, each row flagged in runs.simulated")

@@ -274,6 +274,8 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
         "flops_inherited": iplt.get("flops_inherited"), "final_params": d.get("final_params"),
         "final_shape": _j(d.get("final_shape")), "prune": _j(prune_rows), "branches": _j(branches),
         "provenance": _j(prov),
+        # simulated (cptscale.simulate): done.json says so, and so does a run.json planned for the simulator
+        "simulated": bool((done or {}).get("simulated") or spec.get("simulate")),
     }]
     return out
 

@@ -10,7 +10,8 @@ from typing import Any
 #: 3: evals gained ``branch`` (WSD decay branches; NULL = the main trajectory), runs gained ``branches``
 #:    (done.json) and ``provenance`` (the merged record), fits gained the fitting choices as columns
 #: 4: train_metrics gained ``branch`` (the steps of WSD decay branches, from branch_metrics.jsonl)
-SCHEMA_VERSION = 4
+#: 5: runs gained ``simulated`` (train.backend: simulate; the store refuses to mix them with trained runs)
+SCHEMA_VERSION = 5
 
 
 #: table -> column DDL. Names are a contract with the report and fit stages.
@@ -28,7 +29,7 @@ SCHEMA: dict[str, str] = {
         packages JSON, input_hashes JSON, file_hashes JSON, config JSON, blend JSON, ingested_at TIMESTAMP,
         arm VARCHAR, arm_panel VARCHAR, iplt JSON, flops_spent DOUBLE, flops_spent_6nd DOUBLE,
         flops_inherited DOUBLE, final_params BIGINT, final_shape JSON, prune JSON, branches JSON, provenance JSON,
-        PRIMARY KEY (study, run_id)""",
+        simulated BOOLEAN, PRIMARY KEY (study, run_id)""",
     "checkpoints": """study VARCHAR, run_id VARCHAR, kind VARCHAR, step BIGINT, path VARCHAR, config_hash VARCHAR""",
     "train_metrics": """study VARCHAR, run_id VARCHAR, step BIGINT, tokens BIGINT, loss DOUBLE, lr DOUBLE,
         grad_norm DOUBLE, tokens_per_s DOUBLE, mem_bytes DOUBLE, mfu DOUBLE, config_hash VARCHAR,
@@ -78,7 +79,8 @@ RUN_FILES = ("run.json", "metrics.jsonl", "evals.jsonl", "done.json", "blend.jso
 ADDED_COLUMNS: dict[str, dict[str, str]] = {
     "runs": {"arm": "VARCHAR", "arm_panel": "VARCHAR", "iplt": "JSON", "flops_spent": "DOUBLE",
              "flops_spent_6nd": "DOUBLE", "flops_inherited": "DOUBLE", "final_params": "BIGINT",
-             "final_shape": "JSON", "prune": "JSON", "branches": "JSON", "provenance": "JSON"},
+             "final_shape": "JSON", "prune": "JSON", "branches": "JSON", "provenance": "JSON",
+             "simulated": "BOOLEAN"},
     "evals": {"branch": "BIGINT"},
     "train_metrics": {"branch": "BIGINT"},
     "fits": {"loss": "VARCHAR", "delta": "DOUBLE", "reduction": "VARCHAR", "optimizer": "VARCHAR", "grid": "JSON",

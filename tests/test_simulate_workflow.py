@@ -1,0 +1,144 @@
+"""Simulated studies through the real workflow (Snakemake, DuckDB, fits, Chromium-free report checks):
+simulated outputs pass the trained outputs' validation, and the store, report and summary mark them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cptscale.config.problems import ConfigError
+from cptscale.validation import parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+PAPER_SIM = ROOT / "workflow/studies/paper-simulated.yaml"
+
+
+def _study(tmp_path: Path, sizes: list[str] | None, ratios: list[float] | None, **fit) -> Path:
+    raw = yaml.safe_load(PAPER_SIM.read_text())
+    raw["results_dir"] = str(tmp_path / "results")
+    if sizes is not None:
+        raw["ladder"]["sizes"] = sizes
+        raw["parallel"]["per_size"] = {k: v for k, v in raw["parallel"]["per_size"].items() if k in sizes}
+    if ratios is not None:
+        raw["replay"]["ratios"] = ratios
+    raw["fit"].update(fit)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _snakemake(config: Path, timeout: int) -> subprocess.CompletedProcess:
+    out = subprocess.run([SNAKEMAKE, "--profile", "workflow/profiles/local", "--cores", "2", "--configfile",
+                          str(config)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    return out
+
+
+def _check_study(config: Path) -> None:
+    import duckdb
+    from cptscale.runspec import RunSpec
+
+    from cptscale.store.ingest import ingest
+
+    raw = yaml.safe_load(config.read_text())
+    sdir = Path(raw["results_dir"]) / raw["study"]
+    runs = sorted((sdir / "runs").glob("*/done.json"))
+    assert runs
+    for done_path in runs:
+        done = json.loads(done_path.read_text())
+        assert done["simulated"] is True and done["simulation"]["truth"] == "paper-default"
+        spec = RunSpec.load(done_path.parent / "run.json").to_dict()  # the trainer's own run.json validation
+        assert spec["simulate"]["backend"] == "simulate"
+        assert set(done["final_loss"]) == {"en", "zh"}
+        assert (done_path.parent / "metrics.jsonl").read_text().count("\n") == spec["steps"]
+    con = duckdb.connect(str(sdir / "cptscale.duckdb"), read_only=True)
+    try:
+        n, sim = con.execute("SELECT count(*), count(*) FILTER (WHERE simulated) FROM runs").fetchone()
+        assert n == sim == len(runs)
+        assert con.execute("SELECT count(*) FROM evals").fetchone()[0] > 0
+        assert con.execute("SELECT count(*) FROM fits").fetchone()[0] > 0
+    finally:
+        con.close()
+    # the report says so on its page and in every figure; the summary on every line
+    page = (sdir / "report" / "index.html").read_text()
+    assert page.count("SIMULATED STUDY") == 2 and "<title>SIMULATED: " in page
+    figures = sorted((sdir / "report" / "figures").glob("*.svg"))
+    assert figures and all("SIMULATED" in f.read_text() for f in figures)
+    assert json.loads((sdir / "report" / "report.json").read_text())["simulated"]["simulated"] == len(runs)
+    out = subprocess.run([str(Path(sys.executable).with_name("cptscale")), "summary", "--config", str(config)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) > 5 and all(line.startswith("[SIMULATED] ") for line in lines)
+    assert json.loads((sdir / "summary.json").read_text())["simulated"]["simulated"] == len(runs)
+
+    # a trained run (the same files without the simulated flags) is refused in this store, unless allowed
+    src = runs[0].parent
+    trained = sdir / "runs" / "zz-trained-copy"
+    trained.mkdir()
+    for f in src.iterdir():
+        (trained / f.name).write_bytes(f.read_bytes())
+    spec = json.loads((trained / "run.json").read_text())
+    spec.pop("simulate")
+    spec["run_id"] = trained.name
+    (trained / "run.json").write_text(json.dumps(spec))
+    done = json.loads((trained / "done.json").read_text())
+    done.pop("simulated")
+    (trained / "done.json").write_text(json.dumps(done))
+    store = sdir / "db" / "store.duckdb"
+    before = store.read_bytes()
+    from cptscale.store.ingest import MixedStore
+
+    with pytest.raises(MixedStore, match=r"would mix \d+ simulated runs .* with 1 trained"):
+        ingest(sdir, store)
+    assert store.read_bytes() == before  # left unchanged
+    rep = ingest(sdir, store, allow_mixed=True)
+    assert rep.ok
+    con = duckdb.connect(str(store), read_only=True)
+    try:
+        assert con.execute("SELECT simulated FROM runs WHERE run_id = ?", [trained.name]).fetchone() == (False,)
+    finally:
+        con.close()
+
+
+def test_reduced_simulated_paper_study_end_to_end(tmp_path: Path) -> None:
+    """Three paper sizes, one replay ratio: every stage of the real workflow on simulated runs."""
+    config = _study(tmp_path, ["49M", "137M", "512M"], [0.0], bootstrap=5, grid="coarse")
+    _snakemake(config, timeout=1800)
+    _check_study(config)
+
+
+@pytest.mark.slow
+def test_simulated_paper_study_end_to_end(tmp_path: Path) -> None:
+    """workflow/studies/paper-simulated.yaml as it is (336 runs, ~1,300 jobs) through Snakemake on 2 cores."""
+    config = _study(tmp_path, None, None)
+    _snakemake(config, timeout=4 * 3600)
+    _check_study(config)
+
+
+def test_paper_simulated_is_the_paper_study_with_the_simulator() -> None:
+    sim = yaml.safe_load(PAPER_SIM.read_text())
+    paper = yaml.safe_load((ROOT / "workflow/studies/paper.yaml").read_text())
+    assert sim.pop("simulate") == {"truth": None, "seed": 0}
+    assert sim["train"].pop("backend") == "simulate"
+    for key in ("study", "description"):
+        assert sim.pop(key) != paper.pop(key)
+    assert sim == paper
+
+
+def test_simulate_config_errors(tmp_path: Path) -> None:
+    raw = yaml.safe_load(PAPER_SIM.read_text())
+    raw["train"].pop("backend")
+    with pytest.raises(ConfigError, match=r"simulate.*train.backend: simulate"):
+        parse_config(raw)
+    raw = yaml.safe_load(PAPER_SIM.read_text())
+    raw["simulate"]["truth"] = str(tmp_path / "nope.json")
+    with pytest.raises(ConfigError, match=r"simulate.truth.*does not exist"):
+        parse_config(raw)
+    assert parse_config(yaml.safe_load((ROOT / "workflow/studies/paper.yaml").read_text())).train.backend == "megatron"
