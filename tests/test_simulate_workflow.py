@@ -42,8 +42,8 @@ def _snakemake(config: Path, timeout: int) -> subprocess.CompletedProcess:
 
 def _check_study(config: Path) -> None:
     import duckdb
-    from cptscale.runspec import RunSpec
 
+    from cptscale.runspec import RunSpec
     from cptscale.store.ingest import ingest
 
     raw = yaml.safe_load(config.read_text())

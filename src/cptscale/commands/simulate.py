@@ -12,10 +12,10 @@ from typing import Any
 
 def _cmd_data(args: argparse.Namespace) -> int:
     from cptscale.errors import CLIError
-    from cptscale.validation import load_study
     from cptscale.plan import config_hash
     from cptscale.simulate.backend import simulated_manifest
     from cptscale.util import write_json
+    from cptscale.validation import load_study
 
     cfg = load_study(args.config)
     _require_simulated(cfg, args.config)
@@ -28,9 +28,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokenizer(args: argparse.Namespace) -> int:
-    from cptscale.validation import load_study
     from cptscale.simulate.backend import simulated_tokenizer
     from cptscale.util import write_json
+    from cptscale.validation import load_study
 
     cfg = load_study(args.config)
     _require_simulated(cfg, args.config)
@@ -62,10 +62,10 @@ def _cmd_design(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cptscale.errors import CLIError
-    from cptscale.validation import load_study
     from cptscale.simulate.design import design_report, format_design
     from cptscale.simulate.truth import Truth, TruthError, default_truth, truth_for
     from cptscale.util import write_json
+    from cptscale.validation import load_study
 
     if args.studies < 0:
         raise CLIError(f"--studies {args.studies}: must be >= 0")
