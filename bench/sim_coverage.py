@@ -138,8 +138,12 @@ def main() -> int:
 
     if args.summarize:
         studies = [json.loads(line) for line in Path(args.summarize).read_text().splitlines() if line.strip()]
-        for r in summarize(studies):
+        rows = summarize(studies)
+        for r in rows:
             print(json.dumps(r))
+        svg = Path(args.summarize).with_name("coverage.svg")
+        figure(rows, svg, f"{Path(args.summarize).parent.name}: {len(studies)} studies")
+        print(f"wrote {svg}", file=sys.stderr)
         return 0
     cfg = load_config(args.config)
     if args.design == "wsd":
