@@ -174,8 +174,8 @@ def build_report(
         finally:
             con.close()
     design_html = ""
-    design_path = Path(fits_dir).parent / "design" / "design.json" if fits_dir else None
-    if design_path is not None and design_path.exists():  # written by `cptscale design`
+    design_path = Path(out_dir).parent / "design" / "design.json"  # <study>/report -> <study>/design
+    if design_path.exists():  # written by `cptscale design`
         from cptscale.simulate.design import design_chart, design_table
 
         rep_d = json.loads(design_path.read_text())
