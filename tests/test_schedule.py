@@ -89,7 +89,11 @@ def _demo_cfg(**train: object):
 
     root = Path(__file__).resolve().parents[1]
     raw = yaml.safe_load((root / "config.yaml").read_text())
-    raw["train"].update(train)
+    for key, value in train.items():  # None removes a key the demo config sets
+        if value is None:
+            raw["train"].pop(key, None)
+        else:
+            raw["train"][key] = value
     return parse_config(raw, base_dir=root)
 
 
@@ -116,12 +120,13 @@ def test_schedule_for_wsd_branches() -> None:
     run = next(r for r in plan_study(cfg) if r.init == "scratch")
     s = schedule_for(cfg, run)
     assert s.branches == (round(0.25 * run.steps), round(0.5 * run.steps))
-    assert "wsd_branches" not in _demo_cfg().train.model_dump(mode="json")  # unset: training hashes unchanged
+    unset = _demo_cfg(schedule="cosine", wsd_branches=None)
+    assert "wsd_branches" not in unset.train.model_dump(mode="json")  # unset: training hashes unchanged
     # config validation (which plans every run's schedule) reports the field and the fix
     from cptscale.config.problems import ConfigError
 
     with pytest.raises(ConfigError, match=r"train.wsd_branches: .*\[0.5\] needs train.schedule: wsd"):
-        _demo_cfg(wsd_branches=[0.5])  # the demo config's schedule is cosine
+        _demo_cfg(schedule="cosine", wsd_branches=[0.5])
     with pytest.raises(ConfigError, match=r"train.wsd_branches: .*branches of \[\d+, \d+\] steps .*must end after "
                                           "warmup"):
         _demo_cfg(schedule="wsd", wsd_branches=[0.001, 0.5])
