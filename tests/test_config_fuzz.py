@@ -146,12 +146,15 @@ def test_impossible_layouts_are_refused_at_validate_time(base, size, layout, fie
 
 
 def test_layout_over_gpus_per_node_and_batch_over_dp_are_refused(base) -> None:
+    """A run larger than a node spans several nodes, but only evenly: dp 8 on 4-GPU nodes is 2 nodes,
+    dp 5 cannot be split evenly over 2 nodes and is refused naming slurm.gpus_per_node."""
     cfg, where = copy.deepcopy(base[0]), base[1]
     cfg["slurm"] = {"gpus": True, "gpus_per_node": 4}
-    cfg["parallel"] = {"per_size": {"d16l2": {"dp": 8}}, "default": {"dp": 2}}
+    cfg["parallel"] = {"per_size": {"d16l2": {"dp": 5}, "d32l2": {"dp": 8}}, "default": {"dp": 2}}
     cfg["train"]["batch_tokens"] = 256  # 8 sequences of 32: one micro-batch of 8 per step, so dp 2 cannot fit
     found = _problems(cfg, where)
-    assert "exceeds slurm.gpus_per_node (4)" in found["parallel.per_size.d16l2"]
+    assert "slurm.gpus_per_node = 4" in found["parallel.per_size.d16l2"], found
+    assert "parallel.per_size.d32l2" not in found, found
     assert "micro_batch_size x dp x seq_length" in found["train.batch_tokens"]
 
 
