@@ -69,9 +69,10 @@ def test_every_planned_run_json_validates_and_reads_back(study: Path, tmp_path: 
             back = RunSpec.load(tmp_path / "run.json")
             assert back == spec and back.to_dict() == json.loads(text), run.run_id
             keys = set(json.loads(text))
-            assert keys - {"prune", "iplt"} == PLANNED_KEYS, (run.run_id, keys ^ PLANNED_KEYS)
+            assert keys - {"prune", "iplt", "simulate"} == PLANNED_KEYS, (run.run_id, keys ^ PLANNED_KEYS)
             assert json.loads(text)["spec_version"] == SPEC_VERSION
             assert ("iplt" in keys) == (run.arm is not None)
+            assert ("simulate" in keys) == (cfg.train.backend == "simulate")
 
 
 def test_generated_study_specs_are_what_the_trainer_accepts(tmp_path: Path) -> None:
