@@ -36,7 +36,8 @@ def main() -> int:
     os.environ["RAYON_NUM_THREADS"] = str(args.workers)  # before tokenizers starts its thread pool
 
     from cptscale.data.indexed import prepare
-    from cptscale.data.ingest import ingest, iter_doc_batches
+    from cptscale.data.ingest import ingest
+    from cptscale.data.keys import iter_doc_batches
     from cptscale.data.sources import parse_sources
     from cptscale.data.tokenizer import Tokenizer, train_tokenizer
 

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from cptscale.data.ingest import check_enough_text
-from cptscale.data.keys import hash_prefix, iter_key_range, key_hex
+from cptscale.data.keys import hash_prefix, iter_doc_batches, iter_key_range, key_hex
 from cptscale.data.sources import SourceError
 from cptscale.data.tokenizer import RESERVE_BYTES_PER_TOKEN, Tokenizer
 from cptscale.integrity import sample_fingerprint
@@ -379,8 +379,6 @@ def select_validation(docs: Path, tok: Tokenizer, valid_tokens: int, lang: str) 
 def store_corpora(docs: str | Path) -> list[str]:
     """Corpus names (the ``source`` column) of a docs store, in order of first appearance."""
     import pyarrow.compute as pc
-
-    from cptscale.data.ingest import iter_doc_batches
 
     seen: dict[str, None] = {}
     for batch in iter_doc_batches(docs, ("source",), batch_size=1 << 16):

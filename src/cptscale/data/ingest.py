@@ -221,18 +221,3 @@ def ingest(
     return report
 
 
-def iter_doc_batches(path: str | Path, columns: Sequence[str] = ("text",), batch_size: int = 1024):
-    """Stream record batches from a docs store, one row group in memory at a time.
-
-    ``read_row_group`` rather than ``iter_batches``: the latter kept decoded buffers alive across row
-    groups (arrow-allocated memory grew with file size in a measurement)."""
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as exc:
-        raise SourceError(f"cannot read docs store {path}: {exc}; re-run `cptscale data ingest`") from exc
-    for i in range(pf.metadata.num_row_groups):
-        table = pf.read_row_group(i, columns=list(columns))
-        yield from table.to_batches(max_chunksize=batch_size)
-        del table

