@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from hf_helpers import VOCAB, make_hf_model
-from train_helpers import make_data, make_spec, read_jsonl
+from train_helpers import make_data, make_spec, read_jsonl, run_until_sigterm
 
 pytest.importorskip("megatron.core")
 pytest.importorskip("transformers")
@@ -245,7 +244,6 @@ def test_cpt_from_imported_model_passes_gate_and_resumes_exactly(tmp_path, impor
     a resume, gives the uninterrupted run's losses."""
     from cptscale.hf import hf_validation_loss
     from cptscale.train.checkpoint import read_state
-    from cptscale.train.engine import Terminated, Trainer, teardown_parallel
     from cptscale.train.launch import run_spec
 
     src, ckpt = imported("llama")
@@ -264,13 +262,7 @@ def test_cpt_from_imported_model_passes_gate_and_resumes_exactly(tmp_path, impor
     print(f"gate: |Megatron loss - transformers loss| {abs(ev0['loss'] - ref):.3g}")
     assert abs(ev0["loss"] - ref) <= 1e-4
     b = spec("cpt-killed")
-    tr = Trainer(b)
-    tr.on_step = lambda s: os.kill(os.getpid(), signal.SIGTERM) if s == 4 else None
-    with pytest.raises(Terminated):
-        try:
-            tr.run()
-        finally:
-            teardown_parallel()
+    run_until_sigterm(b, 4)
     assert run_spec(b) == 0
     done = json.loads((Path(b["out_dir"]) / "done.json").read_text())
     assert done["resumed_from"] == 4

@@ -4,14 +4,12 @@ the file (real Megatron-Core checkpoints, real data-stage datasets)."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
-from train_helpers import make_data, make_spec, read_jsonl, write_spec
+from train_helpers import make_data, make_spec, read_jsonl, run_until_sigterm, write_spec
 
 pytest.importorskip("megatron.core")
 
@@ -141,17 +139,10 @@ def test_cpt_init_refuses_a_damaged_parent(root, data, run, capsys):
 def test_resume_falls_back_to_newest_intact_checkpoint_and_curve_is_exact(root, data, run, capsys):
     """Killed after step 7 (checkpoints step_5, step_7); step_7's optimizer state then damaged: the re-run
     sets it aside, says so, resumes from step_5 and ends on exactly the uninterrupted curve."""
-    from cptscale.train.engine import Terminated, Trainer, teardown_parallel
     from cptscale.train.launch import run_spec
 
     spec = make_spec(root, data, run_id="fallback", steps=12, every=5)
-    tr = Trainer(spec)
-    tr.on_step = lambda s: os.kill(os.getpid(), signal.SIGTERM) if s == 7 else None
-    with pytest.raises(Terminated):
-        try:
-            tr.run()
-        finally:
-            teardown_parallel()
+    run_until_sigterm(spec, 7)
     ck = Path(spec["checkpoint"]["dir"])
     assert sorted(p.name for p in ck.iterdir()) == ["step_5", "step_7"]
     flip_middle(next((ck / "step_7" / "optimizer").glob("*.distcp")), n=64)
@@ -405,15 +396,8 @@ def test_store_records_saved_and_resumed_from_checkpoints(root, data, run):
 
     resumed = make_spec(root, data, run_id="resumed", steps=12, every=5)
     rdone = Path(resumed["out_dir"]) / "done.json"
-    from cptscale.train.engine import Terminated, Trainer, teardown_parallel
 
-    tr = Trainer(resumed)
-    tr.on_step = lambda s: os.kill(os.getpid(), signal.SIGTERM) if s == 7 else None
-    with pytest.raises(Terminated):
-        try:
-            tr.run()
-        finally:
-            teardown_parallel()
+    run_until_sigterm(resumed, 7)
     assert run_spec(resumed) == 0 and json.loads(rdone.read_text())["resumed_from"] == 7
     study = root / "store-study"
     for spec in (run["spec"], resumed):

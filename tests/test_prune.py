@@ -398,23 +398,14 @@ def test_resume_after_prune_is_exact(root, data, pruned_run, capsys):
     """Killed after the first prune (checkpoint at the pruned shape), resumed at the step of the
     second prune event: losses, FLOPs and pruning decisions equal the uninterrupted run's."""
     import json
-    import os
-    import signal
     from pathlib import Path
 
-    from train_helpers import read_jsonl
+    from train_helpers import read_jsonl, run_until_sigterm
 
-    from cptscale.train.engine import Terminated, Trainer, teardown_parallel
     from cptscale.train.launch import run_spec
 
     b = _pspec(root, data, "pruned-killed", EVENTS, eval_steps=[0, 3, 6, 9])
-    tr = Trainer(b)
-    tr.on_step = lambda s: os.kill(os.getpid(), signal.SIGTERM) if s == 7 else None
-    with pytest.raises(Terminated):
-        try:
-            tr.run()
-        finally:
-            teardown_parallel()
+    run_until_sigterm(b, 7)
     ckpt = Path(b["checkpoint"]["dir"]) / "step_7"
     state = json.loads((ckpt / "state.json").read_text())
     assert state["shape"]["heads"] == 1 and state["shape"]["layers"] == 2  # after event 1, before event 2

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from train_helpers import make_data, make_spec, read_jsonl
+from train_helpers import make_data, make_spec, read_jsonl, run_until_sigterm
 
 pytest.importorskip("megatron.core")
 
@@ -66,23 +66,13 @@ def test_tensorboard_events_mirror_the_run(root, data):
 def test_tensorboard_after_resume_shows_each_step_once(root, data):
     """Stopped by SIGTERM after step 5 and resumed: TensorBoard's reader sees every training step once, with
     the losses of metrics.jsonl, and the evaluation at the resume step (kept, not recomputed) too."""
-    import os
-    import signal
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cptscale.train.engine import Terminated, Trainer
     from cptscale.train.launch import run_spec
-    from cptscale.train.parallel import teardown_parallel
 
     spec = make_spec(root, data, run_id="tb-resumed", steps=8, every=0, eval_steps=[0, 5])
-    tr = Trainer(spec)
-    tr.on_step = lambda s: os.kill(os.getpid(), signal.SIGTERM) if s == 5 else None
-    with pytest.raises(Terminated):
-        try:
-            tr.run()
-        finally:
-            teardown_parallel()
+    run_until_sigterm(spec, 5)
     assert run_spec(spec) == 0
     out = Path(spec["out_dir"])
     ea = EventAccumulator(str(out / "tensorboard"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_helpers import VOCAB, make_data, make_spec, read_jsonl, write_spec
+from train_helpers import VOCAB, make_data, make_spec, read_jsonl, run_until_sigterm, write_spec
 
 pytest.importorskip("megatron.core")
 
@@ -228,19 +228,12 @@ def test_evaluate_cli_without_spec_uses_checkpoint_shape(root, data, capsys):
 
 def test_resume_after_sigterm_is_exact(root, data):
     """Run 12 steps straight; run again with a SIGTERM after step 7 (save, exit 143), then resume."""
-    from cptscale.train.engine import Terminated, Trainer, teardown_parallel
     from cptscale.train.launch import run_spec
 
     a = make_spec(root, data, run_id="straight", steps=12, every=5)
     assert run_spec(a) == 0
     b = make_spec(root, data, run_id="killed", steps=12, every=5)
-    tr = Trainer(b)
-    tr.on_step = lambda s: os.kill(os.getpid(), signal.SIGTERM) if s == 7 else None
-    with pytest.raises(Terminated):
-        try:
-            tr.run()
-        finally:
-            teardown_parallel()
+    run_until_sigterm(b, 7)
     assert (Path(b["checkpoint"]["dir"]) / "step_7").is_dir()
     assert not (Path(b["out_dir"]) / "done.json").exists()
     assert run_spec(b) == 0

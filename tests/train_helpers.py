@@ -85,3 +85,23 @@ def write_spec(root: Path, spec: dict[str, Any]) -> Path:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def run_until_sigterm(spec: dict[str, Any], step: int) -> None:
+    """Train ``spec`` in this process and send it SIGTERM after main step ``step``: the run saves
+    ``step_<step>`` and stops (Terminated), as a SLURM time limit or Ctrl-C would stop it."""
+    import os
+    import signal
+
+    import pytest
+
+    from cptscale.train.engine import Terminated, Trainer
+    from cptscale.train.parallel import teardown_parallel
+
+    tr = Trainer(spec)
+    tr.on_step = lambda s: os.kill(os.getpid(), signal.SIGTERM) if s == step else None
+    with pytest.raises(Terminated):
+        try:
+            tr.run()
+        finally:
+            teardown_parallel()
