@@ -4,6 +4,7 @@ the file (real Megatron-Core checkpoints, real data-stage datasets)."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -335,6 +336,10 @@ def _fill(fs: Path) -> None:
             pass
 
 
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def test_disk_full_ingest_db_and_report_keep_previous_outputs(tmp_path, capsys):
     """On a real tmpfs filled to the last byte: `cptscale data ingest`, `db ingest` and `report` fail with
     a clear message, leave no partial file, and keep the previous outputs byte for byte."""
@@ -361,8 +366,9 @@ def test_disk_full_ingest_db_and_report_keep_previous_outputs(tmp_path, capsys):
         assert main(["data", "ingest", "--lang", "en", "--sources-json", str(sources), "--out", str(docs),
                      "--no-progress"]) == 0
         assert main(["db", "ingest", "--study-dir", str(study), "--db", str(db)]) == 0
-        assert main(["report", "--db", str(db), "--study", name, "--out-dir", str(report), "--no-images"]) == 0
-        before = {"docs": docs.read_bytes(), "html": (report / "index.html").read_bytes(), "db": table_hashes(db)}
+        assert main(["report", "--db", str(db), "--study", name, "--out-dir", str(report)]) == 0
+        before = {"docs": docs.read_bytes(), "report": _tree_bytes(report), "db": table_hashes(db)}
+        assert any(p.startswith("figures/") for p in before["report"])  # the page and its figures
         listing = sorted(p.name for p in fs.rglob("*"))
 
         corpus.write_text(corpus.read_text() * 2)  # new inputs: each command has something new to write
@@ -370,16 +376,20 @@ def test_disk_full_ingest_db_and_report_keep_previous_outputs(tmp_path, capsys):
         assert main(["db", "generate", "--study-dir", str(study), "--sizes", "4", "--seed", "2"]) == 0
         _fill(fs)
         capsys.readouterr()
+        figure_bytes = sum(len(b) for p, b in before["report"].items() if p.startswith("figures/"))
         for argv in (["data", "ingest", "--lang", "en", "--sources-json", str(sources), "--out", str(docs),
                       "--no-progress"],
                      ["db", "ingest", "--study-dir", str(study), "--db", str(db)],
-                     ["report", "--db", str(db), "--study", name, "--out-dir", str(report), "--no-images"]):
+                     ["report", "--db", str(db), "--study", name, "--out-dir", str(report)]):
+            if argv[0] == "report":  # room for about half the figures: the disk fills in the middle of them
+                filler = fs / "filler"
+                os.truncate(filler, filler.stat().st_size - figure_bytes // 2)
             assert main(argv) == 1, argv
             err = capsys.readouterr().err
             assert "no space left on device" in err and "previous outputs are intact" in err, (argv, err)
         (fs / "filler").unlink()
         assert docs.read_bytes() == before["docs"]
-        assert (report / "index.html").read_bytes() == before["html"]
+        assert _tree_bytes(report) == before["report"]  # page and figures: all old, none half-new
         assert table_hashes(db) == before["db"]
         assert sorted(p.name for p in fs.rglob("*")) == listing  # no temp file left behind
     finally:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -52,6 +53,35 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty staging directory next to ``path``; swap it in for ``path`` only if the block succeeds.
+
+    For outputs made of several files (a report and its figures): a failure half-way (disk full, a kill)
+    leaves the previous directory whole instead of a mix of old and new files. The swap is two renames
+    (old aside, new in), so at every instant one complete directory exists; a leftover ``.previous`` from
+    a kill between them is put back on the next call."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    previous = final.with_name(f".{final.name}.previous")
+    if previous.exists():
+        if final.exists():
+            shutil.rmtree(previous)
+        else:
+            os.replace(previous, final)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    os.chmod(stage, 0o777 & ~_UMASK)
+    try:
+        yield stage
+        if final.exists():
+            os.replace(final, previous)
+        os.replace(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 @contextlib.contextmanager

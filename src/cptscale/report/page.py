@@ -15,7 +15,7 @@ from typing import Any
 
 from cptscale.report.figures import BUILDERS
 from cptscale.report.queries import Missing, _connect
-from cptscale.util import atomic_write, write_json
+from cptscale.util import atomic_write, staged_dir, write_json
 
 CSP = (
     "default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; "
@@ -143,13 +143,20 @@ def build_report(
     if unknown:
         raise ValueError(f"unknown report section(s) {', '.join(unknown)}; known: {', '.join(BUILDERS)}")
     builders = {n: fn for n, fn in BUILDERS.items() if sections is None or n in sections}
-    import altair as alt
+    with staged_dir(out_dir) as out:  # the page and its figures replace the previous report together
+        (out / "figures").mkdir()
+        return _build_into(out, Path(db_path), study, Path(out_dir), title=title, max_points=max_points,
+                           images=images, builders=builders)
+
+
+def _build_into(out: Path, db_path: Path, study: str, final_dir: Path, *, title: str | None, max_points: int,
+                images: bool, builders: dict[str, Any]) -> dict[str, Any]:
+    """The body of :func:`build_report`, writing into the staging directory ``out``."""
+    import altair as alt  # heavy (vega bundle); only a report needs it
     import vl_convert as vlc
 
     t0 = time.perf_counter()
     alt.data_transformers.disable_max_rows()
-    out = Path(out_dir)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
     title = title or f"cptscale report: {study}"
     drawn: dict[str, Any] = {}
     missing: dict[str, str] = {}
@@ -174,7 +181,7 @@ def build_report(
         finally:
             con.close()
     design_html = ""
-    design_path = Path(out_dir).parent / "design" / "design.json"  # <study>/report -> <study>/design
+    design_path = final_dir.parent / "design" / "design.json"  # <study>/report -> <study>/design
     if design_path.exists():  # written by `cptscale design`
         from cptscale.simulate.design import design_chart, design_table
 
