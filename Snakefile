@@ -21,6 +21,7 @@ from cptscale.config.checks import resolve_corpora  # noqa: E402
 from cptscale.config.problems import ConfigError  # noqa: E402
 from cptscale.validation import parse_config  # noqa: E402
 from cptscale import plan as P  # noqa: E402
+from cptscale import source_model as SM  # noqa: E402
 
 _CONFIG_FILE = Path(workflow.configfiles[-1]) if workflow.configfiles else Path("config.yaml")
 # The typed schema first: it reports every problem with its field path, value and what is allowed
@@ -38,7 +39,9 @@ S = str(CFG.study_dir)
 CONFIG_FILE = str(_CONFIG_FILE)
 RUNS = {r.run_id: r for r in P.plan_study(CFG)}
 # transfer metrics pair CPT runs with same-size scratch runs; IPLT arms (cptscale.iplt) are compared with each other
-CPT_RUNS = [r for r in RUNS.values() if r.init == "cpt" and not r.arm]
+CPT_RUNS = [r for r in RUNS.values() if r.init == "cpt" and not r.arm and r.parent]
+# CPT of an existing model (source_model:): the imported model's eval and the study kind's fit (rules/existing.smk)
+EXISTING = CFG.source_model is not None
 LANGS = CFG.languages.all
 LOGS = f"{S}/logs"
 # fit.next_run_budget: after the fits, train the suggested compute-optimal run of each target language
@@ -101,6 +104,11 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/fit.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/export.smk"
+
+
+if EXISTING:
+
+    include: "workflow/rules/existing.smk"
 
 
 rule all:

@@ -57,3 +57,22 @@ def make_hf_model(dest: Path, family: str = "llama", seed: int = 0, **overrides:
     model.save_pretrained(str(dest))
     make_tokenizer(dest)
     return dest
+
+
+#: config.json of the tiny LLaMA make_hf_model builds (for tests that only read a model directory)
+LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB, "hidden_size": 64,
+                "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 500000.0, "hidden_act": "silu"}
+
+
+def make_model_dir(dest: Path, config: dict[str, Any] | None = None, tokenizer: bool = True) -> Path:
+    """A model directory as validation reads it (config.json, a weights file, tokenizer.json) without
+    building the model: for config checks, which never load weights."""
+    import json
+
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "config.json").write_text(json.dumps(config or LLAMA_CONFIG))
+    (dest / "model.safetensors").write_bytes(b"")
+    if tokenizer:
+        make_tokenizer(dest)
+    return dest

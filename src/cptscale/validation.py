@@ -143,6 +143,20 @@ def _check_simulate(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
             yield Problem("simulate.truth", f"{exc}; `cptscale simulate truth --out law.json` writes the default")
 
 
+def _check_source_model(cfg: StudyConfig, base: Path) -> Iterator[Problem]:
+    """Every target-token budget of an existing-model study is at least one step of every replay ratio."""
+    sm = cfg.source_model
+    if sm is None:
+        return
+    from cptscale.source_model import SIZE
+
+    batch = cfg.batch_tokens(SIZE)
+    small = [d for d in sm.target_tokens if d < batch]
+    if small:
+        yield Problem("source_model.target_tokens", f"budgets {small} are below one step ({batch} tokens: "
+                      "train.batch_tokens); raise them or lower train.batch_tokens")
+
+
 _SECTIONS = tuple(StudyConfig.model_fields)
 
 
@@ -156,6 +170,7 @@ _CHECKS: list[tuple[str, tuple[str, ...], Callable[[StudyConfig, Path], Iterable
     ("batches", ("ladder", "ladder-ok", "budget", "parallel", "slurm", "train", "tokenizer"), _check_batches),
     ("layouts", ("ladder", "ladder-ok", "parallel", "size-keys"), _check_layouts),
     ("tokenizer-ok", ("tokenizer",), _check_tokenizer),
+    ("source-model-ok", ("source_model", "ladder", "ladder-ok", "train", "batches"), _check_source_model),
     ("corpora-ok", ("corpora", "data"), _check_corpora),
     ("mixes", ("mix", "variants"), _check_mixes),
     ("simulate-ok", ("train", "simulate"), _check_simulate),
@@ -207,17 +222,50 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".", where: str = 
     if not isinstance(data, dict):
         raise ConfigError(where, ["the config must be a YAML mapping"])
     failed: set[str] = set()
+    data, problems = _with_source_model(data, Path(base_dir), failed)
     try:
         cfg = StudyConfig.model_validate(data)
-        problems: list[Problem] = []
     except ValidationError as exc:
-        problems = _pydantic_problems(exc, StudyConfig)
-        failed = {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
+        problems += _pydantic_problems(exc, StudyConfig)
+        failed |= {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
         cfg = _partial_config(data, failed)
-    problems += _cross_check(cfg, Path(base_dir), failed)
+    if cfg.ladder is None:  # no ladder and no usable source_model: the checks that read it cannot run
+        failed.add("ladder")
+    found = _cross_check(cfg, Path(base_dir), failed)
+    if "source_model" in data:  # its tokenizer section is derived: name the field the user wrote
+        found = [Problem(f"source_model.{p.path}" if p.path.startswith("tokenizer") else p.path, p.message, p.value)
+                 for p in found]
+    problems += found
     if problems:
         raise ConfigError(where, problems)
     return cfg
+
+
+def _with_source_model(data: dict[str, Any], base: Path, failed: set[str]) -> tuple[dict[str, Any], list[Problem]]:
+    """CPT of an existing model: the config gets the model's own ``ladder`` (its shape, one size) and
+    ``tokenizer`` (its file) before the schema runs; a model the study cannot use, or a ladder or tokenizer
+    section written beside ``source_model``, is a problem naming the field (and nothing is derived)."""
+    sm = data.get("source_model")
+    if not isinstance(sm, dict) or not isinstance(sm.get("path"), str):
+        return data, []  # absent, or a type error the schema reports
+    from cptscale.source_model import SourceModelError, derived_sections, describe, tokenizer_path
+
+    problems = [Problem(key, f"not used with source_model (the {what} is the model's own); remove this section")
+                for key, what in (("ladder", "shape"), ("tokenizer", "tokenizer")) if key in data]
+    problems += [Problem(key, f"{what} cannot be combined with source_model (a study of one existing model); "
+                         "remove it, or study them in a scratch study")
+                 for key, what in (("iplt", "IPLT arms"), ("variants", "recipe variants")) if data.get(key)]
+    if isinstance(data.get("fit"), dict) and data["fit"].get("next_run_budget"):
+        problems.append(Problem("fit.next_run_budget", "the next run is planned from a scratch ladder fit; an "
+                                "existing-model study has none: remove it"))
+    try:
+        model = describe(sm["path"], sm.get("tokenizer"), base)
+    except SourceModelError as exc:
+        problems.append(Problem(exc.field, str(exc)))
+    if problems:
+        failed.update({"ladder", "tokenizer", "source_model"})
+        return {k: v for k, v in data.items() if k not in ("ladder", "tokenizer")}, problems
+    return {**data, **derived_sections(model, tokenizer_path(sm))}, []
 
 
 def load_config(path: str | Path) -> StudyConfig:

@@ -83,6 +83,7 @@ rule database:
         _all_run_files,
         f"{S}/fits/summary.json",
         _next_run_checks,
+        [f"{S}/{SM.FIT}"] if EXISTING else [],
     output:
         f"{S}/cptscale.duckdb",
     params:

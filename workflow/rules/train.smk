@@ -7,6 +7,8 @@ def _run_spec_inputs(wc):
     deps = [f"{S}/data/{lang}/data.json" for lang in LANGS] + [f"{S}/tokenizer/tokenizer.json"]
     if r.parent:
         deps.append(f"{S}/runs/{r.parent}/done.json")
+    if EXISTING:  # from the imported model; its loss as given is the init gate's reference
+        deps.append(f"{S}/{SM.EVAL}")
     return deps
 
 

@@ -1,5 +1,7 @@
-"""``cptscale existing-model recommend``: the answer for CPT of an existing model from its runs' final
-evaluations (a CSV), around :mod:`cptscale.existing`."""
+"""``cptscale existing-model``: the subcommands of a "CPT of an existing model" study (``source_model:``),
+one per workflow rule: ``import`` (the model into the study dir), ``evaluate`` (the model as given),
+``fit`` (data law, frontier and answer from the store; :mod:`cptscale.existing_study`), and
+``recommend`` (the answer from a CSV of runs' final evaluations, around :mod:`cptscale.existing`)."""
 
 from __future__ import annotations
 
@@ -52,6 +54,63 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> tuple[Any, Path]:
+    from cptscale.validation import load_study
+
+    return load_study(args.config), Path(args.config).resolve().parent
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from cptscale.existing_study import import_model
+    from cptscale.hf import HFError
+    from cptscale.source_model import SourceModelError
+    from cptscale.train.checkpoint import CheckpointError
+
+    cfg, base = _study(args)
+    if Path(args.out).exists():
+        raise CLIError(f"--out {args.out} exists; remove it to import again")
+    try:
+        state = import_model(cfg, base, args.out)
+    except (HFError, SourceModelError, CheckpointError) as exc:
+        raise CLIError(str(exc)) from exc
+    sh = state["shape"]
+    print(f"imported {cfg.source_model.path} (hidden {sh['hidden']}, {sh['layers']} layers, vocab "
+          f"{state['vocab_size']}) -> {args.out}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cptscale.existing_study import evaluate_given
+    from cptscale.source_model import SourceModelError
+    from cptscale.train.checkpoint import CheckpointError
+    from cptscale.util import write_json
+
+    cfg, base = _study(args)
+    try:
+        res = evaluate_given(cfg, base, args.checkpoint)
+    except (SourceModelError, CheckpointError, FileNotFoundError) as exc:
+        raise CLIError(str(exc)) from exc
+    write_json(args.out, res)
+    ref = res["reference"]
+    print("model as given: " + ", ".join(f"{k} loss {v['loss']:.4f}" for k, v in res["languages"].items())
+          + f"; gate reference {ref['lang']} {ref['loss']:.4f} ({ref['by']})")
+    return 0
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from cptscale.existing_study import fit_existing
+    from cptscale.util import write_json
+
+    cfg, _ = _study(args)
+    if not Path(args.db).is_file():
+        raise CLIError(f"--db {args.db} does not exist; run the aggregate step (`cptscale db ingest`) first")
+    res = fit_existing(cfg, args.db, args.model_eval, args.tokenizer_report)
+    write_json(args.out, res)
+    for lang, rec in res["recommendation"].items():
+        print(f"{lang}: {rec.get('answer') or rec.get('reason')}")
+    return 0
+
+
 def add_commands(subparsers: Any) -> None:
     p = subparsers.add_parser("existing-model", help="CPT of an existing model: how many target tokens and how "
                               "much replay (data law at fixed N, forgetting-vs-replay frontier)")
@@ -67,3 +126,22 @@ def add_commands(subparsers: Any) -> None:
     r.add_argument("--source-lang", default="source", help="source language (for the sentence)")
     r.add_argument("--out", default=None, help="write the recommendation JSON here")
     r.set_defaults(func=_cmd_recommend)
+    i = sub.add_parser("import", help="the study's source_model into the study dir as a cptscale checkpoint "
+                       "(Hugging Face: import-hf's mapping; a cptscale checkpoint: verified and copied)")
+    i.add_argument("config", help="study config with source_model")
+    i.add_argument("--out", required=True, help="checkpoint dir to write (must not exist)")
+    i.set_defaults(func=_cmd_import)
+    e = sub.add_parser("evaluate", help="the imported model as given on every language's validation set (the "
+                       "init gate's and forgetting's reference)")
+    e.add_argument("config", help="study config with source_model")
+    e.add_argument("--checkpoint", required=True, help="the imported checkpoint")
+    e.add_argument("--out", required=True, help="eval JSON to write")
+    e.set_defaults(func=_cmd_evaluate)
+    f = sub.add_parser("fit", help="data law at fixed N per replay ratio, forgetting-vs-replay frontier and the "
+                       "answer, from the study's store")
+    f.add_argument("config", help="study config with source_model")
+    f.add_argument("--db", required=True, help="the study's DuckDB store (runs and evals)")
+    f.add_argument("--model-eval", required=True, help="the model as given (`existing-model evaluate` output)")
+    f.add_argument("--tokenizer-report", default=None, help="the data stage's tokenizer report (fertility)")
+    f.add_argument("--out", required=True, help="fit JSON to write (fits/existing.json)")
+    f.set_defaults(func=_cmd_fit)

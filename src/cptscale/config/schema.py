@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     field_validator,
+    model_validator,
 )
 
 from cptscale.ladder import ModelShape, batch_tier_tokens, tiny_ffn
@@ -326,6 +327,36 @@ class LoggingConfig(_Model):
                                       json_schema_extra=_no_schema_default)
 
 
+class SourceModelConfig(_Model):
+    """CPT of an existing model (a study kind): the model the study continues, instead of a scratch source
+    ladder. Its shape, vocabulary and tokenizer come from the model; the study sweeps ``target_tokens`` x
+    ``replay.ratios`` from it (cptscale.recipes.existing) and fits the data law at fixed N and the
+    forgetting-vs-replay frontier (cptscale.existing)."""
+
+    path: str = Field(
+        min_length=1, description="the model: a Hugging Face directory (config.json, *.safetensors, tokenizer.json) "
+        "of a LLaMA-family model (Llama, Mistral, Qwen2), or a cptscale/Megatron checkpoint dir (state.json + "
+        "manifest.json); relative to the config file")
+    tokenizer: str | None = Field(
+        None, description="the model's tokenizer.json (null: <path>/tokenizer.json); the data stage tokenizes with it")
+    target_tokens: list[Annotated[float, Field(gt=0)]] = Field(
+        min_length=3, description="target-language tokens per CPT run (the data law in D needs >= 3 distinct "
+        "budgets); each run also sees replay / (1 - replay) x as many source tokens")
+    max_forgetting: float = Field(
+        0.05, ge=0, description="nats of source-language loss rise (over the model as given) the recommended replay "
+        "ratio may cost")
+    target_loss: float | None = Field(
+        None, gt=0, description="target-language loss the recommendation asks tokens for (null: the best any run of "
+        "the chosen ratio reached)")
+
+    @field_validator("target_tokens")
+    @classmethod
+    def _distinct_budgets(cls, v: list[float]) -> list[float]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"target_tokens repeat: {v}; give >= 3 distinct budgets")
+        return v
+
+
 class SlurmConfig(_Model):
     """Cluster resources per training job, derived from each run's size and layout (see plan.py)."""
 
@@ -357,7 +388,12 @@ class StudyConfig(_Model):
     corpora: dict[LangCode, list[dict[str, Any]]] = Field(description="corpus sources per language code")
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    ladder: LadderConfig
+    ladder: LadderConfig | None = Field(
+        None, description="model sizes of a scratch study (required unless source_model is given; with it the "
+        "ladder is the model's own shape)", json_schema_extra=_no_schema_default)
+    source_model: SourceModelConfig | None = Field(
+        None, exclude_if=lambda v: v is None, description="CPT of an existing model: the model and the target-token "
+        "budgets to sweep (instead of a scratch source ladder)", json_schema_extra=_no_schema_default)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -379,6 +415,13 @@ class StudyConfig(_Model):
     report: ReportConfig = Field(default_factory=ReportConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @model_validator(mode="after")
+    def _ladder_or_source_model(self) -> StudyConfig:
+        if self.ladder is None and self.source_model is None:
+            raise ValueError("ladder: missing; a scratch study needs ladder.sizes, or name source_model: {path: "
+                             "<model dir>, target_tokens: [...]} to study CPT of an existing model")
+        return self
 
     def blend_corpora(self, lang: str) -> list[str]:
         """Corpora of ``lang`` that some blend (the study's ``mix`` or a variant's) names as ``lang/<corpus>``:

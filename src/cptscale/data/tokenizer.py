@@ -266,6 +266,10 @@ def copy_tokenizer(src: str | Path, out: str | Path, docs: Sequence[str | Path] 
             raise SourceError(f"language {lang_of(d)!r}: docs store {_strip_lang(d)} is missing; "
                               "run `cptscale data ingest` first")
     out = Path(out)
+    beside = Path(src).with_name("tokenizer_config.json")  # a model's eos_token (its EOD) lives there
+    if beside.is_file():
+        with atomic_path(out.with_name(beside.name)) as tmp:
+            shutil.copyfile(beside, tmp)
     with atomic_path(out) as tmp:
         shutil.copyfile(src, tmp)
     loaded = Tokenizer(out)
@@ -277,20 +281,23 @@ def copy_tokenizer(src: str | Path, out: str | Path, docs: Sequence[str | Path] 
 
 
 def fertility_report(tok: Tokenizer, docs: dict[str, Path], max_chars: int = 1_000_000) -> dict[str, Any]:
-    """Tokens per byte and per character on up to ``max_chars`` of each language's lowest-hash docs
+    """Tokens per byte, per character and per (whitespace) word on up to ``max_chars`` of each language's lowest-hash docs
     (the validation region, never in the tokenizer sample)."""
     out: dict[str, Any] = {}
     for lang, path in docs.items():
         upto = hash_prefix(path, "chars", max_chars).boundary
-        n_chars = n_bytes = n_tok = 0
+        n_chars = n_bytes = n_tok = n_words = 0
         for text in _iter_texts(path, hi=upto) if upto is not None else ():
             n_chars += len(text)
             n_bytes += len(text.encode("utf-8"))
+            n_words += len(text.split())
             n_tok += len(tok.encode(text))
         out[lang] = {
-            "chars": n_chars, "bytes": n_bytes, "tokens": n_tok,
+            "chars": n_chars, "bytes": n_bytes, "tokens": n_tok, "words": n_words,
             "tokens_per_byte": n_tok / n_bytes if n_bytes else None,
             "tokens_per_char": n_tok / n_chars if n_chars else None,
+            # whitespace-separated words: meaningful for languages that separate words (not zh, ja, th)
+            "tokens_per_word": n_tok / n_words if n_words else None,
         }
     return {"fertility": out}
 

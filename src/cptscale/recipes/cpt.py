@@ -61,4 +61,6 @@ class CPT(Recipe):
 
 
 def recipes(cfg: StudyConfig) -> list[Recipe]:
+    if cfg.source_model is not None:  # CPT of an existing model: cptscale.recipes.existing
+        return []
     return [CPT(None), *(CPT(v) for v in cfg.variants)]

@@ -27,4 +27,4 @@ class Scratch(Recipe):
 
 
 def recipes(cfg: StudyConfig) -> list[Recipe]:
-    return [Scratch()]
+    return [] if cfg.source_model is not None else [Scratch()]  # an existing model's study trains none

@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from cptscale.report.existing import fig_existing
 from cptscale.report.queries import (
     Missing,
     _columns,
@@ -907,4 +908,5 @@ BUILDERS: dict[str, Callable[[Any, str, int], tuple[Any, int]]] = {
     "iplt": fig_iplt,
     "variants": fig_variants,
     "next_run": fig_next_run,
+    "existing": fig_existing,
 }

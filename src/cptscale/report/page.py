@@ -93,15 +93,20 @@ document.body.setAttribute('data-rendered', 'done');
 
 
 #: Sections of study kinds a study has only when its config asks for them (config key -> figure).
-OPTIONAL_SECTIONS = {"iplt": "iplt", "variants": "variants", "next_run": "fit.next_run_budget"}
+OPTIONAL_SECTIONS = {"iplt": "iplt", "variants": "variants", "next_run": "fit.next_run_budget",
+                     "existing": "source_model"}
 
 
 def sections_for(cfg: Any) -> list[str]:
     """The figures a study's report shows: every core figure, plus IPLT, recipe variants and the next
     run only when the config has ``iplt``, ``variants`` or ``fit.next_run_budget`` (a study without them
     would otherwise carry a "missing" note for each)."""
+    if getattr(cfg, "source_model", None) is not None:  # CPT of an existing model: its own sections
+        from cptscale.report.existing import SECTIONS
+
+        return [n for n in BUILDERS if n in SECTIONS]
     has = {"iplt": cfg.iplt is not None, "variants": bool(cfg.variants),
-           "next_run": bool(cfg.fit.next_run_budget)}
+           "next_run": bool(cfg.fit.next_run_budget), "existing": False}
     return [n for n in BUILDERS if n not in OPTIONAL_SECTIONS or has[n]]
 
 
