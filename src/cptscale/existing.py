@@ -150,5 +150,8 @@ def answer_text(rec: dict[str, Any], lang: str, source: str) -> str:
     tok_s = "never (the fitted floor E is above it)" if math.isinf(tok) else f"{tok:.3g} {lang} tokens"
     cond = (f"keeps {source} forgetting within {rec['max_forgetting']:g} nats" if rec["within_forgetting"]
             else f"forgets least ({rec['forgetting']:.3g} nats; no ratio stays within {rec['max_forgetting']:g})")
+    bound = rec["law"].get("on_bound") or ()
+    caveat = f" ({', '.join(bound)} on a bound of the fit: not identified, treat the tokens as rough)" if bound else ""
     return (f"replay {rec['replay']:g} {cond}; its data law L(D) = {rec['law']['E']:.3f} + "
-            f"{rec['law']['B']:.3g}/D^{rec['law']['beta']:.3f} reaches {lang} loss {rec['target_loss']:.3f} at {tok_s}")
+            f"{rec['law']['B']:.3g}/D^{rec['law']['beta']:.3f} reaches {lang} loss {rec['target_loss']:.3f} at {tok_s}"
+            + caveat)

@@ -23,6 +23,8 @@ from cptscale.source_model import SourceModel, SourceModelError, describe
 from cptscale.util import read_json
 
 FORMAT = "cptscale-existing/1"
+#: languages written without spaces between words: their fertility is per character, not per word
+NO_WORD_SPACES = frozenset({"zh", "ja", "th", "lo", "km", "my"})
 
 
 def model_of(cfg: StudyConfig, base: str | Path) -> SourceModel:
@@ -122,6 +124,8 @@ def fertility(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for lang, f in (report.get("fertility") or {}).items():
         out[lang] = {k: f.get(k) for k in ("tokens_per_word", "tokens_per_char", "tokens_per_byte", "words",
                                              "chars", "tokens")}
+        if lang in NO_WORD_SPACES:  # whitespace does not delimit words there: per character only
+            out[lang]["tokens_per_word"] = None
     return out
 
 

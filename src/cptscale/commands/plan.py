@@ -99,10 +99,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps([r.as_dict() for r in runs], indent=2))
     else:
         print(format_plan(cfg, runs))
-        from cptscale.fit.design import design_check, format_design
+        if cfg.source_model is not None:  # one model: its laws are in D at fixed N, not the ladder's
+            sm = cfg.source_model
+            print(f"\nCPT of an existing model: the data law in D at fixed N per replay ratio from "
+                  f"{len(sm.target_tokens)} target-token budgets (3 fit the law; with 4 or more the largest is also "
+                  f"held out); the frontier over {len(cfg.replay.ratios)} replay ratios")
+        else:
+            from cptscale.fit.design import design_check, format_design
 
-        print("\nCan the planned points identify each law? (before any compute is spent)")
-        print(format_design(design_check(cfg, runs)))
+            print("\nCan the planned points identify each law? (before any compute is spent)")
+            print(format_design(design_check(cfg, runs)))
         if cfg.iplt is not None:
             from cptscale.iplt import format_arms
 

@@ -28,6 +28,9 @@ def _raw_fits(con: Any, study: str) -> list[dict[str, Any]]:
 
 
 def _fertility(con: Any, study: str) -> list[dict[str, Any]]:
+    """Tokens per word and per character per language (per word only where spaces delimit words)."""
+    from cptscale.existing_study import NO_WORD_SPACES
+
     if "tokenizer_report" not in _columns(con, "studies"):
         return []
     row = con.execute("select tokenizer_report from studies where study = ?", [study]).fetchone()
@@ -36,7 +39,7 @@ def _fertility(con: Any, study: str) -> list[dict[str, Any]]:
     for lang, f in sorted((rep.get("fertility") or {}).items()):
         for unit in ("word", "char"):
             v = f.get(f"tokens_per_{unit}")
-            if v is not None:
+            if v is not None and not (unit == "word" and lang in NO_WORD_SPACES):
                 out.append({"lang": lang, "unit": f"tokens per {unit}", "value": float(v)})
     return out
 
@@ -99,6 +102,6 @@ def fig_existing(con: Any, study: str, mp: int) -> tuple[Any, int]:
             tooltip=["lang", "unit", alt.Tooltip("value:Q", format=".3f")])
             .properties(width=90, height=240, title="Fertility of the model's tokenizer"))
     title = answer_lines(fits) or ["no recommendation yet"]
-    chart = alt.hconcat(*panels).properties(title=alt.TitleParams(
+    chart = alt.hconcat(*panels).resolve_scale(color="independent").properties(title=alt.TitleParams(
         ["How many target tokens and how much replay for this model", *title], anchor="start"))
     return chart, len(pts)
