@@ -76,3 +76,25 @@ def make_model_dir(dest: Path, config: dict[str, Any] | None = None, tokenizer: 
     if tokenizer:
         make_tokenizer(dest)
     return dest
+
+
+def with_tiny_source_model(raw: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """A shipped study config of the existing-model kind points ``source_model.path`` at the user's model;
+    tests point it at a tiny local model directory instead (other configs are returned unchanged)."""
+    if "source_model" in raw:
+        raw["source_model"]["path"] = str(make_model_dir(tmp / "source-model"))
+    return raw
+
+
+def fake_import(study_dir: Path, source_loss: float = 4.0) -> None:
+    """What the existing-model workflow writes before planning its runs' run.json: the imported
+    checkpoint's state.json and the model's evaluation as given (for planner tests without torch)."""
+    import json
+
+    ck = study_dir / "model" / "checkpoint"
+    ck.mkdir(parents=True, exist_ok=True)
+    shape = {"name": "hf-llama-d64l2", "hidden": 64, "layers": 2, "heads": 4, "ffn": 96, "kv_heads": 2}
+    (ck / "state.json").write_text(json.dumps({"shape": shape, "vocab_size": VOCAB,
+                                               "arch": {"family": "llama", "rope_theta": 500000.0}}))
+    (study_dir / "model" / "eval.json").write_text(json.dumps(
+        {"reference": {"lang": "en", "loss": source_loss, "by": "transformers"}}))

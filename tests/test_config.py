@@ -54,14 +54,10 @@ needs_pypi = pytest.mark.skipif(not _pypi_reachable(), reason="PyPI (https://pyp
 
 @pytest.mark.parametrize("path", CONFIGS)
 def test_shipped_configs_validate(path: str, tmp_path: Path) -> None:
-    raw = yaml.safe_load((ROOT / path).read_text())
-    if "source_model" in raw:  # the user points it at their model: here, a tiny local one
-        from hf_helpers import make_model_dir
+    from hf_helpers import with_tiny_source_model  # source_model: the user's model; here a tiny local one
 
-        raw["source_model"]["path"] = str(make_model_dir(tmp_path / "model"))
-        cfg = parse_config(raw, base_dir=(ROOT / path).parent)
-    else:
-        cfg = load_config(ROOT / path)
+    raw = with_tiny_source_model(yaml.safe_load((ROOT / path).read_text()), tmp_path)
+    cfg = parse_config(raw, base_dir=(ROOT / path).parent, where=path)
     assert cfg.ladder.sizes and cfg.languages.targets
 
 

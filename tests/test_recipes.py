@@ -7,18 +7,21 @@ import warnings
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cptscale.plan import mix_for_run, plan_study, schedule_for
 from cptscale.recipes import recipe_for, study_recipes
-from cptscale.validation import load_config
+from cptscale.validation import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = [ROOT / "config.yaml", *sorted((ROOT / "workflow" / "studies").glob("*.yaml"))]
 
 
 @pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.stem)
-def test_every_run_has_exactly_one_recipe(study: Path) -> None:
-    cfg = load_config(study)
+def test_every_run_has_exactly_one_recipe(study: Path, tmp_path: Path) -> None:
+    from hf_helpers import with_tiny_source_model
+
+    cfg = parse_config(with_tiny_source_model(yaml.safe_load(study.read_text()), tmp_path), base_dir=study.parent)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         runs = plan_study(cfg)
@@ -32,6 +35,9 @@ def test_every_run_has_exactly_one_recipe(study: Path) -> None:
             assert mix_for_run(cfg, run) == recipe.mix(cfg, run)
             assert (recipe.cpt_config(cfg, run) is not None) == (run.init == "cpt"), run.run_id
     names = [r.name for r in recipes]
+    if cfg.source_model is not None:  # one model, no scratch ladder: only its own recipe
+        assert names == ["existing"]
+        return
     assert names[:2] == ["scratch", "cpt"] and ("iplt" in names) == (cfg.iplt is not None)
     assert names[2:2 + len(cfg.variants)] == [f"cpt-{v}" for v in cfg.variants]
 

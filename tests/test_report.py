@@ -19,8 +19,8 @@ from cptscale.report.page import build_report
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 #: Figures of study kinds a plain CPT scaling study does not have (they give a "missing" note here; the
-#: study tests draw them from real IPLT / variant / next-run studies).
-OPTIONAL = {"iplt", "variants", "next_run"}
+#: study tests draw them from real IPLT / variant / next-run / existing-model studies).
+OPTIONAL = {"iplt", "variants", "next_run", "existing"}
 CORE = set(BUILDERS) - OPTIONAL
 
 

@@ -33,7 +33,9 @@ PLANNED_KEYS = {"spec_version", "run_id", "study", "size", "init", "lang", "sour
 def _planned_study(path: Path, tmp: Path):
     """The study config with its results in ``tmp``, fake data manifests (real-looking hashes, ample
     tokens) and a done.json for every run, so run_spec can plan each run's run.json."""
-    raw = yaml.safe_load(path.read_text())
+    from hf_helpers import fake_import, with_tiny_source_model
+
+    raw = with_tiny_source_model(yaml.safe_load(path.read_text()), tmp)
     raw["results_dir"] = str(tmp / "results")
     cfg_path = path.parent / f".test-runspec-{tmp.name}.yaml"  # beside the original: corpus paths resolve
     cfg_path.write_text(yaml.safe_dump(raw))
@@ -52,6 +54,8 @@ def _planned_study(path: Path, tmp: Path):
         runs = P.plan_study(cfg)
     for r in runs:
         write_json(R.run_dir(cfg, r.run_id) / "done.json", {"final_loss": dict.fromkeys(cfg.languages.all, 4.0)})
+    if cfg.source_model is not None:
+        fake_import(cfg.study_dir)
     return cfg, runs
 
 
@@ -69,7 +73,8 @@ def test_every_planned_run_json_validates_and_reads_back(study: Path, tmp_path: 
             back = RunSpec.load(tmp_path / "run.json")
             assert back == spec and back.to_dict() == json.loads(text), run.run_id
             keys = set(json.loads(text))
-            assert keys - {"prune", "iplt", "simulate"} == PLANNED_KEYS, (run.run_id, keys ^ PLANNED_KEYS)
+            assert keys - {"prune", "iplt", "simulate", "arch"} == PLANNED_KEYS, (run.run_id, keys ^ PLANNED_KEYS)
+            assert ("arch" in keys) == (cfg.source_model is not None)  # an imported model's architecture
             assert json.loads(text)["spec_version"] == SPEC_VERSION
             assert ("iplt" in keys) == (run.arm is not None)
             assert ("simulate" in keys) == (cfg.train.backend == "simulate")
