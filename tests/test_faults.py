@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from faults import STAGES, campaign, format_table
+from faults import STAGES, campaign, diff_tables, format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,8 @@ def test_sigkill_every_stage_then_rerun_gives_identical_results(tmp_path: Path) 
     print(format_table(rows))
     assert base["tables"] and set(base["tables"]) == set(got["tables"])
     diff = [t for t in base["tables"] if base["tables"][t] != got["tables"][t]]
-    assert not diff, f"results tables differ after the kills: {diff}"
+    assert not diff, (f"results tables differ after the kills: {diff}\n"
+                      + "\n".join(diff_tables(Path(base["db"]), Path(got["db"]))))
     assert base["curves"] and got["curves"] == base["curves"], "a training curve after resume differs"
     for stage, files in base["stages"].items():
         assert got["stages"][stage] == files, f"outputs of stage {stage} differ"
