@@ -154,3 +154,22 @@ def test_scratch_studies_are_unchanged(tmp_path):
     cfg = parse_config(_raw(tmp_path), base_dir=tmp_path)
     assert "existing" in sections_for(cfg)
     assert "isoloss" not in sections_for(cfg)
+
+
+def test_summary_gives_the_answer_and_the_fertility(tmp_path):
+    """The printed summary of an existing-model study leads with the answer, not the ladder's skipped laws."""
+    from cptscale.summary import format_summary, summarize
+    from cptscale.util import write_json
+
+    fits = tmp_path / "fits"
+    write_json(fits / "existing.json", {
+        "format": "cptscale-existing/1", "source_loss_before": 3.2,
+        "recommendation": {"zh": {"answer": "replay 0.25 keeps en forgetting within 0.05 nats; ..."}},
+        "fertility": {"en": {"tokens_per_word": 1.31, "tokens_per_char": 0.25},
+                      "zh": {"tokens_per_word": None, "tokens_per_char": 0.71}}})
+    write_json(fits / "scratch-chinchilla-zh.json", {"law": "chinchilla", "kind": "scratch", "params": {},
+                                                     "status": "skipped", "reason": "1 size"})
+    text = format_summary(summarize(tmp_path, "s"))
+    assert "how many zh tokens and how much replay for this model: replay 0.25" in text
+    assert "en: 1.310 per word, 0.250 per character" in text and "zh: 0.710 per character" in text
+    assert "chinchilla" not in text and "compute saving" not in text

@@ -240,6 +240,8 @@ def summarize(study_dir: Path, study: str) -> dict[str, Any]:
             continue
         if isinstance(data, dict) and str(data.get("format", "")).startswith("cptscale-fit-summary"):
             fsum = data
+        elif isinstance(data, dict) and str(data.get("format", "")).startswith("cptscale-existing"):
+            out["existing"] = _existing(data)
         elif isinstance(data, dict) and "params" in data and "law" in data:
             fits[data.get("fit_id") or path.stem] = data
     out["fits"] = {name: {"law": f["law"], "kind": f.get("kind"), "status": f.get("status", "ok"),
@@ -255,6 +257,14 @@ def summarize(study_dir: Path, study: str) -> dict[str, Any]:
     if db.exists():
         out.update({k: v for k, v in arm_results(db, study).items() if k in ("iplt", "variants")})
     return out
+
+
+def _existing(data: dict[str, Any]) -> dict[str, Any]:
+    """CPT of an existing model (fits/existing.json): the answer per target language and the fertility."""
+    return {"answers": {lang: r.get("answer") or f"not available: {r.get('reason')}"
+                        for lang, r in (data.get("recommendation") or {}).items()},
+            "fertility": data.get("fertility") or {}, "source_loss_before": data.get("source_loss_before"),
+            "reference": data.get("reference")}
 
 
 def simulated_runs(db: Path, study: str) -> dict[str, int]:
@@ -289,7 +299,17 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def _format_lines(s: dict[str, Any]) -> list[str]:
     lines = [f"study {s['study']}", f"  report: {s['report']}"]
+    ex = s.get("existing")
+    if ex:  # CPT of an existing model: its answer; the ladder's laws (all skipped: one size) are left out
+        for lang, answer in ex["answers"].items():
+            lines.append(f"  how many {lang} tokens and how much replay for this model: {answer}")
+        for lang, f in ex["fertility"].items():
+            per_word = f" {f['tokens_per_word']:.3f} per word," if f.get("tokens_per_word") else ""
+            lines.append(f"  fertility of the model's tokenizer, {lang}:{per_word} {_num(f.get('tokens_per_char'), '.3f')}"
+                         " per character")
     for name, f in s["fits"].items():
+        if ex and f.get("status") == "skipped":
+            continue
         lines.append(f"  fit {name}: {f['equation']}")
         for key in ("points", "identifiability", "intervals", "heldout", "rollout"):
             if f.get(key):
@@ -328,7 +348,7 @@ def _format_lines(s: dict[str, Any]) -> list[str]:
             variant = m.group("variant") if m else None
             label = f"{row['size']:>8} replay {row['replay']:<5g}" + (f" {variant:<10}" if variant else "")
             lines.append(f"      {label} saved {row['frac_saved']:.1%} of FLOPs")
-    else:
+    elif not ex:  # an existing model's study has no scratch runs to save compute against
         lines.append(f"  CPT compute saving: {cs.get('error', 'not available (no CPT run reached a scratch loss)')}")
     if s.get("iplt"):
         lines.append("  IPLT arms (final loss on the training language at equal FLOPs; FLOPs / budget):")
