@@ -74,16 +74,8 @@ def _fit_meta(law: str, params: dict[str, float], pts: Points, delta: float) -> 
     }
 
 
-def fit_law(data: Any, law: str = "chinchilla", fixed: dict[str, float] | None = None,
-            exclude: Sequence[Any] | None = None, delta: float = 1e-3, reduction: str = "sum",
-            grid: str = "chinchilla", polish: int = 3, loss: str = "huber",
-            overestimate_penalty: float = 1.0, init: np.ndarray | None = None) -> FitResult:
-    """Fit a loss law. ``loss="huber"`` (default): vectorised L-BFGS from every grid start, then scipy
-    L-BFGS-B on the best distinct optima. ``loss="huber-nll"``: Besiroglu et al.'s published-table recipe
-    (:func:`_fit_huber_nll`; ``grid`` and ``reduction`` do not apply and are recorded as such)."""
-    from scipy.optimize import minimize
-
-    t0 = time.perf_counter()
+def _check_fit_options(law: str, loss: str, reduction: str, delta: float, overestimate_penalty: float) -> None:
+    """Refuse an unknown law, loss or reduction and a non-positive delta or penalty, naming the option."""
     if law not in LAWS:
         raise CLIError(f"unknown law {law!r}; choose one of {list(LAWS)}")
     if loss not in LOSSES:
@@ -94,11 +86,11 @@ def fit_law(data: Any, law: str = "chinchilla", fixed: dict[str, float] | None =
         raise CLIError(f"Huber delta must be > 0, not {delta}")
     if not overestimate_penalty > 0:
         raise CLIError(f"overestimate_penalty must be > 0, not {overestimate_penalty}")
+
+
+def _check_design(pts: Points, law: str, fixed: dict[str, float], free: list[int]) -> None:
+    """Refuse data that cannot identify the law's free parameters (too few points or sizes), saying what helps."""
     names = LAWS[law]
-    fixed = {k: float(v) for k, v in (fixed or {}).items()}
-    _check_law(law, fixed, names)
-    pts = _points(data, exclude)
-    free = [i for i, k in enumerate(names) if k not in fixed]
     if not free:
         raise CLIError(f"every parameter of {law!r} is frozen; nothing to fit")
     if len(pts.N) < len(free):
@@ -108,20 +100,19 @@ def fit_law(data: Any, law: str = "chinchilla", fixed: dict[str, float] | None =
         raise CLIError(f"{len(pts.sizes)} distinct model size(s) (N = {', '.join(f'{n:.4g}' for n in pts.sizes)}): "
                    f"the {law} law with {', '.join(k for k in names if k not in fixed)} free needs >= {need} sizes "
                    "to separate the N term from E; add runs of other sizes or freeze E, A and alpha (--fixed)")
-    if loss == "huber-nll":
-        return _fit_huber_nll(pts, law, fixed, delta, t0)
-    lN, lD, lL = np.log(pts.N), np.log(pts.D), np.log(pts.L)
-    starts = _grid(law, grid, fixed)
-    if init is not None:  # warm starts (free coordinates) instead of the grid, e.g. a neighbouring fit's optima
-        starts = np.repeat(starts[:1], len(init), axis=0)
-        starts[:, free] = np.asarray(init, float).reshape(len(init), len(free))
-    asym = float(overestimate_penalty)
-    res = _run_batch(starts, free, lN, lD, lL, delta, reduction, asym=asym, maxiter=2000, ftol=1e-9)
-    fbest = float(np.min(res["f"]))
-    top = _distinct(res["x"], res["f"], polish)
-    lo = np.array([BOUNDS[names[i]][0] for i in free])
-    hi = np.array([BOUNDS[names[i]][1] for i in free])
-    scale = 1.0 / max(fbest, 1e-300)
+
+
+def _polish(starts: np.ndarray, res: dict[str, np.ndarray], top: Sequence[int], free: list[int],
+            bounds: tuple[np.ndarray, np.ndarray], logs: tuple[np.ndarray, np.ndarray, np.ndarray], delta: float,
+            reduction: str, asym: float) -> tuple[float, np.ndarray, int, bool, str]:
+    """scipy L-BFGS-B from each of the ``top`` vectorised optima (objective rescaled to O(1)); the best result
+    as (objective, free coordinates, start index, converged, message), keeping a vectorised optimum that
+    polishing made worse."""
+    from scipy.optimize import minimize
+
+    lN, lD, lL = logs
+    lo, hi = bounds
+    scale = 1.0 / max(float(np.min(res["f"])), 1e-300)
     prep = _Prep(lN, lD, lL)
     best: tuple[float, np.ndarray, int, bool, str] | None = None
     for i in top:
@@ -139,27 +130,77 @@ def fit_law(data: Any, law: str = "chinchilla", fixed: dict[str, float] | None =
         if best is None or cand[0] < best[0]:
             best = cand
     assert best is not None
-    fobj, x, i0, success, message = best
-    th = starts[i0].copy()
-    th[free] = x
-    f1, g1 = _obj(th[None], lN, lD, lL, delta, reduction, asym=asym)
-    gfree = g1[0, free]
-    at_lo, at_hi = np.abs(x - lo) < 1e-7, np.abs(x - hi) < 1e-7
-    pg = np.where((at_lo & (gfree > 0)) | (at_hi & (gfree < 0)), 0.0, gfree)
-    params = _to_params(th, names)
-    # grid edge: a parameter whose every start that reached the optimum lies on the grid's edge (the grid
-    # may be too narrow there; Hoffmann et al. check "the optimal initialisation is not on the boundary")
+    return best
+
+
+def _grid_edge(res: dict[str, np.ndarray], fobj: float, i0: int, starts: np.ndarray, th: np.ndarray,
+               free: list[int], names: Sequence[str], grid: str,
+               warm: bool) -> tuple[np.ndarray, list[str], list[str]]:
+    """The basin (starts that reached the optimum, objective within 1e-6 relative), the parameters whose every
+    basin start lies on the grid's edge (the grid may be too narrow there; Hoffmann et al. check "the optimal
+    initialisation is not on the boundary") and those whose optimum lies outside the grid's span."""
     basin = res["f"] <= fobj * (1 + 1e-6) + 1e-300
     if not basin.any():
         basin[i0] = True
     edge, outside = [], []
     for j in free:
         ax = GRIDS[grid][names[j]]
-        if init is None and len(ax) > 1 and np.all(np.isin(starts[basin, j], (min(ax), max(ax)))):
+        if not warm and len(ax) > 1 and np.all(np.isin(starts[basin, j], (min(ax), max(ax)))):
             edge.append(names[j])
         if not min(ax) <= th[j] <= max(ax):
             outside.append(names[j])
-    topx = res["x"][top]
+    return basin, edge, outside
+
+
+def _optimum_checks(th: np.ndarray, free: list[int], names: Sequence[str], bounds: tuple[np.ndarray, np.ndarray],
+                    logs: tuple[np.ndarray, np.ndarray, np.ndarray], delta: float, reduction: str, asym: float,
+                    success: bool, message: str) -> dict[str, Any]:
+    """The fit record's checks of the optimum ``th``: objective, convergence, gradient and projected-gradient
+    norms (a bound that the gradient pushes against does not count) and the parameters on a bound."""
+    lN, lD, lL = logs
+    lo, hi = bounds
+    x = th[free]
+    f1, g1 = _obj(th[None], lN, lD, lL, delta, reduction, asym=asym)
+    gfree = g1[0, free]
+    at_lo, at_hi = np.abs(x - lo) < 1e-7, np.abs(x - hi) < 1e-7
+    pg = np.where((at_lo & (gfree > 0)) | (at_hi & (gfree < 0)), 0.0, gfree)
+    return {"objective": float(f1[0]), "converged": bool(success), "message": message,
+            "grad_norm": float(np.linalg.norm(gfree)), "proj_grad_norm": float(np.linalg.norm(pg)),
+            "on_bound": [names[j] for j, b in zip(free, at_lo | at_hi, strict=True) if b]}
+
+
+def fit_law(data: Any, law: str = "chinchilla", fixed: dict[str, float] | None = None,
+            exclude: Sequence[Any] | None = None, delta: float = 1e-3, reduction: str = "sum",
+            grid: str = "chinchilla", polish: int = 3, loss: str = "huber",
+            overestimate_penalty: float = 1.0, init: np.ndarray | None = None) -> FitResult:
+    """Fit a loss law. ``loss="huber"`` (default): vectorised L-BFGS from every grid start, then scipy
+    L-BFGS-B on the best distinct optima. ``loss="huber-nll"``: Besiroglu et al.'s published-table recipe
+    (:func:`_fit_huber_nll`; ``grid`` and ``reduction`` do not apply and are recorded as such)."""
+    t0 = time.perf_counter()
+    _check_fit_options(law, loss, reduction, delta, overestimate_penalty)
+    names = LAWS[law]
+    fixed = {k: float(v) for k, v in (fixed or {}).items()}
+    _check_law(law, fixed, names)
+    pts = _points(data, exclude)
+    free = [i for i, k in enumerate(names) if k not in fixed]
+    _check_design(pts, law, fixed, free)
+    if loss == "huber-nll":
+        return _fit_huber_nll(pts, law, fixed, delta, t0)
+    lN, lD, lL = np.log(pts.N), np.log(pts.D), np.log(pts.L)
+    starts = _grid(law, grid, fixed)
+    if init is not None:  # warm starts (free coordinates) instead of the grid, e.g. a neighbouring fit's optima
+        starts = np.repeat(starts[:1], len(init), axis=0)
+        starts[:, free] = np.asarray(init, float).reshape(len(init), len(free))
+    asym = float(overestimate_penalty)
+    res = _run_batch(starts, free, lN, lD, lL, delta, reduction, asym=asym, maxiter=2000, ftol=1e-9)
+    top = _distinct(res["x"], res["f"], polish)
+    lo = np.array([BOUNDS[names[i]][0] for i in free])
+    hi = np.array([BOUNDS[names[i]][1] for i in free])
+    fobj, x, i0, success, message = _polish(starts, res, top, free, (lo, hi), (lN, lD, lL), delta, reduction, asym)
+    th = starts[i0].copy()
+    th[free] = x
+    params = _to_params(th, names)
+    basin, edge, outside = _grid_edge(res, fobj, i0, starts, th, free, names, grid, init is not None)
     meta = {
         "loss": "huber", "loss_description": "Huber(delta) on log-loss residuals log L_hat - log L",
         "delta": delta, "reduction": reduction, "overestimate_penalty": asym,
@@ -170,10 +211,8 @@ def fit_law(data: Any, law: str = "chinchilla", fixed: dict[str, float] | None =
         "grid_spec": _grid_spec(law, grid, fixed, starts) if init is None else
         {"name": "warm", "n_starts": len(starts), "note": "warm starts from a neighbouring fit's optima"},
         "n_starts": len(starts),
-        "n_polished": len(top), "objective": float(f1[0]),
-        "converged": bool(success), "message": message,
-        "grad_norm": float(np.linalg.norm(gfree)), "proj_grad_norm": float(np.linalg.norm(pg)),
-        "on_bound": [names[j] for j, b in zip(free, at_lo | at_hi, strict=True) if b],
+        "n_polished": len(top),
+        **_optimum_checks(th, free, names, (lo, hi), (lN, lD, lL), delta, reduction, asym, success, message),
         "bounds": {k: list(BOUNDS[k]) for k in names if k not in fixed},
         "bound_coords": "internal: log E, log A, log B, alpha, beta, gamma",
         "grid_edge": {"best_start": _to_params(starts[i0], names), "params_on_grid_edge": edge,
@@ -186,8 +225,7 @@ def fit_law(data: Any, law: str = "chinchilla", fixed: dict[str, float] | None =
         **_fit_meta(law, params, pts, delta),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    fr = FitResult(law, params, fixed, meta, starts=np.vstack([x[None], topx]))
-    return fr
+    return FitResult(law, params, fixed, meta, starts=np.vstack([x[None], res["x"][top]]))
 
 
 def _huber_log_norm(delta: float) -> float:
@@ -444,6 +482,61 @@ def fit_hernandez(N: np.ndarray, DF: np.ndarray, DT: np.ndarray, fixed: dict[str
                       "rmse_log": float(np.sqrt(np.mean(resid**2)))})
 
 
+_Curve = tuple[float, np.ndarray, np.ndarray, int]  # N, log D (ascending), log L, bootstrap count
+
+
+def _isoflop_curves(N: np.ndarray, D: np.ndarray, L: np.ndarray, run: np.ndarray,
+                    w: dict[str, int] | None) -> list[_Curve]:
+    """Each run's loss curve with >= 2 points (runs with bootstrap count 0 left out)."""
+    curves = []
+    for r in dict.fromkeys(run):
+        if w is not None and not w.get(r):
+            continue
+        m = run == r
+        o = np.argsort(D[m])
+        if m.sum() >= 2:
+            curves.append((float(N[m][0]), np.log(D[m][o]), np.log(L[m][o]), (w or {}).get(r, 1)))
+    return curves
+
+
+def _isoflop_budgets(curves: list[_Curve], n_budgets: int, min_sizes: int) -> np.ndarray:
+    """Up to ``n_budgets`` log-spaced log budgets that the curves of >= ``min_sizes`` sizes cover."""
+    if len({c[0] for c in curves}) < min_sizes:
+        raise CLIError(f"isoflop: curves of {len({c[0] for c in curves})} sizes; need at least {min_sizes}")
+    lc_lo = [math.log(6 * n) + ld[0] for n, ld, _, _ in curves]
+    lc_hi = [math.log(6 * n) + ld[-1] for n, ld, _, _ in curves]
+    cand = np.linspace(min(lc_lo), max(lc_hi), 64)
+    cover = [len({c[0] for c, a, b in zip(curves, lc_lo, lc_hi, strict=True) if a <= x <= b}) for x in cand]
+    ok = cand[np.array(cover) >= min_sizes]
+    if len(ok) < 2:
+        raise CLIError(f"isoflop: fewer than 2 budgets are covered by {min_sizes} sizes' curves")
+    return ok[np.unique(np.round(np.linspace(0, len(ok) - 1, min(n_budgets, len(ok)))).astype(int))]
+
+
+def _isoflop_profile(lc: float, curves: list[_Curve], window: int) -> dict[str, Any]:
+    """The IsoFLOP profile at log budget ``lc``: loss vs log N at D = C/6N, and its parabola's minimum."""
+    xs, ys, ws = [], [], []
+    for n, ld, ll, cnt in curves:
+        x = lc - math.log(6 * n)
+        if ld[0] <= x <= ld[-1]:
+            xs.append(math.log(n))
+            ys.append(math.exp(np.interp(x, ld, ll)))
+            ws.append(cnt)
+    # the parabola is a local model: fit it to the (up to) `window` sizes nearest the empirical minimum
+    o = np.argsort(xs)
+    xs, ys, ws = [xs[i] for i in o], [ys[i] for i in o], [ws[i] for i in o]
+    k = int(np.argmin(ys))
+    lo_i = max(0, min(k - window // 2, len(xs) - window))
+    xs, ys, ws = xs[lo_i : lo_i + window], ys[lo_i : lo_i + window], ws[lo_i : lo_i + window]
+    c2, c1, c0 = np.polyfit(xs, ys, 2, w=np.sqrt(ws))
+    interior = c2 > 0 and min(xs) <= -c1 / (2 * c2) <= max(xs)
+    nopt = math.exp(-c1 / (2 * c2)) if c2 > 0 else None
+    return {"C": math.exp(lc), "n_sizes": len(set(xs)), "N_opt": nopt,
+            "D_opt": math.exp(lc) / (6 * nopt) if nopt else None,
+            "predicted_loss": float(c0 - c1**2 / (4 * c2)) if c2 > 0 else None, "interior": bool(interior),
+            "profile": {"logN": xs, "loss": ys}}
+
+
 def isoflop(N: np.ndarray, D: np.ndarray, L: np.ndarray, run: np.ndarray, n_budgets: int = 8,
             min_sizes: int = 3, w: dict[str, int] | None = None, window: int = 5) -> FitResult:
     """Chinchilla approach 2 on loss curves: per budget C, loss vs log N at D = C/6N (log-log interpolation
@@ -455,50 +548,10 @@ def isoflop(N: np.ndarray, D: np.ndarray, L: np.ndarray, run: np.ndarray, n_budg
     ``w`` (run → count) weights runs for the bootstrap.
     """
     N, D, L = (np.asarray(x, float) for x in (N, D, L))
-    run = np.asarray(run).astype(str)
-    curves = []
-    for r in dict.fromkeys(run):
-        if w is not None and not w.get(r):
-            continue
-        m = run == r
-        o = np.argsort(D[m])
-        if m.sum() >= 2:
-            curves.append((float(N[m][0]), np.log(D[m][o]), np.log(L[m][o]), (w or {}).get(r, 1)))
-    if len({c[0] for c in curves}) < min_sizes:
-        raise CLIError(f"isoflop: curves of {len({c[0] for c in curves})} sizes; need at least {min_sizes}")
-    lc_lo = [math.log(6 * n) + ld[0] for n, ld, _, _ in curves]
-    lc_hi = [math.log(6 * n) + ld[-1] for n, ld, _, _ in curves]
-    cand = np.linspace(min(lc_lo), max(lc_hi), 64)
-    cover = [len({c[0] for c, a, b in zip(curves, lc_lo, lc_hi, strict=True) if a <= x <= b}) for x in cand]
-    ok = cand[np.array(cover) >= min_sizes]
-    if len(ok) < 2:
-        raise CLIError(f"isoflop: fewer than 2 budgets are covered by {min_sizes} sizes' curves")
-    budgets = ok[np.unique(np.round(np.linspace(0, len(ok) - 1, min(n_budgets, len(ok)))).astype(int))]
-    profiles, used = [], []
-    for lc in budgets:
-        xs, ys, ws = [], [], []
-        for n, ld, ll, cnt in curves:
-            x = lc - math.log(6 * n)
-            if ld[0] <= x <= ld[-1]:
-                xs.append(math.log(n))
-                ys.append(math.exp(np.interp(x, ld, ll)))
-                ws.append(cnt)
-        # the parabola is a local model: fit it to the (up to) `window` sizes nearest the empirical minimum
-        o = np.argsort(xs)
-        xs, ys, ws = [xs[i] for i in o], [ys[i] for i in o], [ws[i] for i in o]
-        k = int(np.argmin(ys))
-        lo_i = max(0, min(k - window // 2, len(xs) - window))
-        xs, ys, ws = xs[lo_i : lo_i + window], ys[lo_i : lo_i + window], ws[lo_i : lo_i + window]
-        c2, c1, c0 = np.polyfit(xs, ys, 2, w=np.sqrt(ws))
-        interior = c2 > 0 and min(xs) <= -c1 / (2 * c2) <= max(xs)
-        nopt = math.exp(-c1 / (2 * c2)) if c2 > 0 else None
-        row = {"C": math.exp(lc), "n_sizes": len(set(xs)), "N_opt": nopt,
-               "D_opt": math.exp(lc) / (6 * nopt) if nopt else None,
-               "predicted_loss": float(c0 - c1**2 / (4 * c2)) if c2 > 0 else None, "interior": bool(interior),
-               "profile": {"logN": xs, "loss": ys}}
-        profiles.append(row)
-        if interior:
-            used.append((lc, math.log(nopt)))
+    curves = _isoflop_curves(N, D, L, np.asarray(run).astype(str), w)
+    budgets = _isoflop_budgets(curves, n_budgets, min_sizes)
+    profiles = [_isoflop_profile(lc, curves, window) for lc in budgets]
+    used = [(lc, math.log(row["N_opt"])) for lc, row in zip(budgets, profiles, strict=True) if row["interior"]]
     if len(used) < 2:
         raise CLIError(f"isoflop: {len(used)} budget(s) with an interior minimum; need at least 2")
     a, c = np.polyfit([u[0] for u in used], [u[1] for u in used], 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -245,30 +246,34 @@ def _study_config_hash(given: str | None, db: str | None, study: str | None,
     return None, None
 
 
-def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstrap: int = 100,
-              delta: float = 1e-3, reduction: str = "sum", grid: str = "chinchilla",
-              next_run_budget: float | None = None, db: str | None = None, transfer: str | None = None,
-              min_step_fraction: float = 0.0, cpt_replay: str = "min", seed: int = 0,
-              study: str | None = None, params: str = "total", loss: str = "huber",
-              config_hash: str | None = None, points_mode: str = "annealed", overestimate_penalty: float = 1.0,
-              remedy: str = "auto", fixed_E: float | None = None) -> dict[str, Any]:
-    """Every fit of a study from the points table of ``cptscale db points``; one JSON per fit + summary.json.
+@dataclass(frozen=True)
+class _StudyFit:
+    """The settings every law of one ``fit-study`` call shares (what each per-law step needs)."""
 
-    Per target language: Chinchilla on scratch runs; the extended CPT law on CPT runs with E, A, alpha
-    frozen from that scratch fit; free Chinchilla on CPT and the extended law on scratch (the paper's
-    Table 3 comparison); loss–compute envelopes of both; Hernandez's law when transfer metrics are
-    given; IsoFLOP for both. CPT fits use the target-language tokens D_target and, by default, the
-    runs with the study's smallest replay ratio (``cpt_replay="all"`` pools every ratio). N counts every
-    parameter (``params="total"``, Chinchilla's and the paper's convention) or the non-embedding ones
-    (``"nonembedding"``, Kaplan's; the study's ``budget.param_count``). A law with too few points or sizes
-    is written as skipped, with the reason. Every record's provenance carries the study's config hash:
-    ``config_hash``, else the ``studies`` row of ``study`` in ``db``, else ``study.json`` beside the
-    points file's folder (``results/<study>/fits/points.csv`` -> ``results/<study>/study.json``).
-    """
+    budgets: Sequence[float]
+    bootstrap: int
+    seed: int
+    next_run_budget: float | None
+    remedy: str
+    fixed_E: float | None
+    kw: dict[str, Any]  # the loss fits' delta, reduction, grid, loss, overestimate_penalty
+    cpt_replay: str
+    points_mode: str
+    params: str
+    min_step_fraction: float
 
-    from cptscale.util import file_hash, provenance, write_json
+    @property
+    def alloc_budgets(self) -> list[float]:
+        return [*self.budgets, *([self.next_run_budget] if self.next_run_budget else [])]
 
-    t0 = time.perf_counter()
+
+_LOSS_LAW_PLAN = (("scratch", "chinchilla", None), ("cpt", "cpt", "frozen"), ("cpt", "chinchilla", None),
+                  ("scratch", "cpt", None))  # the scratch Chinchilla fit first: the CPT law freezes E, A, alpha from it
+
+
+def _read_points(points: str, cpt_replay: str, params: str, min_step_fraction: float) -> tuple[Any, int]:
+    """The points table with every column the fits read (run, replay, D_target; N by ``params``), cut to
+    ``min_step_fraction`` of each run; also the number of rows in the file."""
     df = _load_df(points)
     need_cols = {"N", "D", "loss", "init", "lang"}
     if not need_cols <= set(df.columns):
@@ -293,6 +298,173 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
     if min_step_fraction > 0 and "step" in df.columns:
         last = df.groupby("run")["step"].transform("max")
         df = df[df["step"] >= min_step_fraction * last]
+    return df, n_in
+
+
+def _transfer_inputs(db: str | None, transfer: str | None, study: str | None) -> tuple[Any, str]:
+    """The Hernandez inputs (or None) and, when there are none, why."""
+    if not (db or transfer):
+        return None, "no --db or --transfer given"
+    try:
+        tr_df = _transfer_table(db, transfer, study)
+        return tr_df, "transfer table not in the store" if tr_df is None else ""
+    except Exception as exc:
+        return None, f"cannot read transfer metrics: {exc}"
+
+
+def _lang_point_sets(df: Any, lang: str, base_sel: dict[str, Any], cpt_replay: str,
+                     points_mode: str) -> tuple[dict[str, tuple[Any, dict[str, Any]]], dict[str, Any], float | None]:
+    """One target language's points: the selected (frame, selection record) per kind for the loss laws, the
+    whole curves per kind (envelope, IsoFLOP) and the replay ratio of the CPT runs used (None: all)."""
+    sc_all = df[(df["init"] == "scratch") & (df["lang"] == lang)]
+    cp_all = df[(df["init"] == "cpt") & (df["lang"] == lang)]
+    rep_used = None
+    if len(cp_all) and cpt_replay == "min":
+        rep_used = float(cp_all["replay"].min())
+        cp_all = cp_all[cp_all["replay"] == rep_used]
+    cp_all = cp_all.assign(D=cp_all["D_target"])
+    sc, sc_sel = select_points(sc_all, points_mode)
+    cp, cp_sel = select_points(cp_all, points_mode)
+    base_sel = {**base_sel, "what": POINT_SELECTIONS[points_mode]["rule"] + "; target-language validation "
+                "loss; D = tokens seen"}
+    sets = {
+        "scratch": (sc, {**base_sel, **sc_sel, "init": "scratch"}),
+        "cpt": (cp, {**base_sel, **cp_sel, "init": "cpt", "replay": rep_used if cpt_replay == "min" else "all",
+                     "D": "D_target = CPT target-language tokens (replay and source pre-training excluded)"}),
+    }
+    return sets, {"scratch": sc_all, "cpt": cp_all}, rep_used
+
+
+def _frozen_validation(pts: Points, law: str, need: int, main: bool, scratch: dict[str, Any],
+                       kw: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Rollout and held-out check of a law with E, A, alpha frozen from the scratch fit: each step freezes
+    the values the scratch fit had on the same sizes."""
+    ro_fixed = scratch["rollout_fixed"]
+    ro = rollout(pts, law, lambda k, r=ro_fixed: r.get(k), need, **kw) if main else None
+    if scratch["ho"].get("status") == "ok":
+        hfix = {k: scratch["ho"]["params"][k] for k in ("E", "A", "alpha")}
+        ho = _heldout_loss(pts, law, hfix, need, **kw)
+        ho["frozen_from"] = "the scratch fit without its largest size"
+    else:
+        ho = {"status": "skipped", "reason": "the scratch held-out fit (source of E, A, alpha) was skipped"}
+    return ro, ho
+
+
+def _loss_law_record(kind: str, law: str, frozen: str | None, lang: str,
+                     sets: dict[str, tuple[Any, dict[str, Any]]], scratch: dict[str, Any] | None,
+                     unique: dict[str, float], opt: _StudyFit) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One loss-law fit of one language (fit, bootstrap, remedy, rollout, held-out) as its record, and the
+    state the CPT law needs when this is the scratch Chinchilla fit (else None)."""
+    fit_id = f"{kind}-{({'chinchilla': 'chinchilla', 'cpt': 'extended'}[law])}-{lang}"
+    frame, sel = sets[kind]
+    fixed: dict[str, float] = {}
+    fixed_from = None
+    if frozen:
+        if scratch is None:
+            return _skipped(fit_id, law, kind, lang, "needs the scratch Chinchilla fit for the frozen E, A, alpha, "
+                            "which was skipped", selection=sel), None
+        fixed = {k: scratch["fr"].params[k] for k in ("E", "A", "alpha")}
+        fixed_from = f"scratch-chinchilla-{lang}"
+    pts = _points(frame) if len(frame) else None
+    need = _min_sizes(law, fixed)
+    nfree = len(LAWS[law]) - len(fixed)
+    if pts is None or len(pts.sizes) < need or len(pts.N) < nfree + 1:
+        have = "no points" if pts is None else f"{len(pts.N)} points of {len(pts.sizes)} sizes"
+        return _skipped(fit_id, law, kind, lang, f"{have}; the {law} law with {nfree} free parameters needs "
+                        f">= {need} sizes and >= {nfree + 1} points", selection=sel), None
+    main = (kind, law) in (("scratch", "chinchilla"), ("cpt", "cpt"))
+    fs = {k: scratch["bs"]["samples"][k] for k in fixed} if frozen and scratch and scratch["bs"] else None
+    try:
+        fr, bs, ident, rem = fit_remedied(
+            pts, law, fixed, opt.bootstrap, opt.seed, opt.alloc_budgets, fs, opt.kw,
+            opt.remedy if (kind, law) == ("scratch", "chinchilla") else "flag", opt.fixed_E,
+            sets["cpt"][0] if kind == "scratch" else None)
+    except Exception as exc:
+        return _skipped(fit_id, law, kind, lang, f"fit failed: {exc}", selection=sel), None
+    if frozen:
+        assert scratch is not None
+        ro, ho = _frozen_validation(pts, law, need, main, scratch, opt.kw)
+    else:
+        rfix = {k: fr.fixed[k] for k in fr.fixed}  # the remedy's frozen values hold at every step
+        ro = rollout(pts, law, lambda k, f=rfix: f, need, **opt.kw) if main else None
+        ho = _heldout_loss(pts, law, rfix, need, **opt.kw)
+    rec = _loss_fit_record(fit_id, kind, lang, pts, fr, bs, ho, opt.budgets, opt.next_run_budget, sel, fixed_from,
+                           unique.get(lang))
+    if frozen and scratch and not scratch["ident"]["identified"]:  # frozen values of an unidentified fit
+        ident = {**ident, "identified": False, "allocation_reliable": False,
+                 "summary": f"E, A, alpha frozen from {fixed_from}, which is not identified "
+                            f"({scratch['ident']['summary']})" + ("" if ident["identified"] else
+                                                                  f"; {ident['summary']}")}
+    rec.update(identifiability=ident, rollout=ro, remedy=rem)
+    rec["meta"].update(identifiability=ident, rollout=ro, remedy={k: rem[k] for k in ("policy", "used")})
+    if kind == "scratch" and law == "chinchilla":
+        steps = {x["k"]: {k: x["params"][k] for k in ("E", "A", "alpha")}
+                 for x in (ro or {}).get("steps", []) if x["status"] == "ok"}
+        return rec, {"fr": fr, "bs": bs, "ho": ho, "rollout_fixed": steps, "ident": ident}
+    return rec, None
+
+
+def _curve_records(lang: str, sets: dict[str, tuple[Any, dict[str, Any]]], curves: dict[str, Any],
+                   records: list[dict[str, Any]], opt: _StudyFit) -> list[dict[str, Any]]:
+    """The envelope and IsoFLOP records of one language (whole curves), each kind's IsoFLOP cross-checked
+    against the ok loss-law fits of that kind in ``records``."""
+    out: list[dict[str, Any]] = []
+    for kind in ("scratch", "cpt"):
+        frame = curves[kind]
+        sel = {**{k: v for k, v in sets[kind][1].items() if k not in ("rule", "bias", "n_selected", "n_candidates")},
+               "points": "all (whole curves: the envelope's frontier and IsoFLOP profiles need them)"}
+        out.append(_envelope_record(f"{kind}-envelope-{lang}", kind, lang, frame, sel, opt.bootstrap, opt.seed))
+        out.append(_isoflop_record(f"{kind}-isoflop-{lang}", kind, lang, frame, sel, opt.bootstrap, opt.seed,
+                                   [r for r in [*records, *out] if r["status"] == "ok" and r["kind"] == kind
+                                    and r["law"] == ("chinchilla" if kind == "scratch" else "cpt")]))
+    return out
+
+
+def _language_records(df: Any, lang: str, base_sel: dict[str, Any], records: list[dict[str, Any]],
+                      unique: dict[str, float], tr: tuple[Any, str], opt: _StudyFit) -> list[dict[str, Any]]:
+    """Every fit record of one target language, in the order summary.json lists them (``records``: those of
+    the languages before, which the IsoFLOP cross-check also reads)."""
+    sets, curves, rep_used = _lang_point_sets(df, lang, base_sel, opt.cpt_replay, opt.points_mode)
+    out: list[dict[str, Any]] = []
+    scratch: dict[str, Any] | None = None  # the scratch Chinchilla fit the CPT law freezes E, A, alpha from
+    for kind, law, frozen in _LOSS_LAW_PLAN:
+        rec, state = _loss_law_record(kind, law, frozen, lang, sets, scratch, unique, opt)
+        out.append(rec)
+        scratch = state or scratch
+    if unique.get(lang):
+        out.append(_constrained_record(f"scratch-constrained-{lang}", lang, sets["scratch"], float(unique[lang]),
+                                       scratch, opt.budgets, opt.kw))
+    out += _curve_records(lang, sets, curves, [*records, *out], opt)
+    out.append(_hernandez_record(f"cpt-hernandez-{lang}", lang, *tr, rep_used, opt.cpt_replay,
+                                 opt.min_step_fraction, opt.bootstrap, opt.seed, opt.params))
+    return out
+
+
+def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstrap: int = 100,
+              delta: float = 1e-3, reduction: str = "sum", grid: str = "chinchilla",
+              next_run_budget: float | None = None, db: str | None = None, transfer: str | None = None,
+              min_step_fraction: float = 0.0, cpt_replay: str = "min", seed: int = 0,
+              study: str | None = None, params: str = "total", loss: str = "huber",
+              config_hash: str | None = None, points_mode: str = "annealed", overestimate_penalty: float = 1.0,
+              remedy: str = "auto", fixed_E: float | None = None) -> dict[str, Any]:
+    """Every fit of a study from the points table of ``cptscale db points``; one JSON per fit + summary.json.
+
+    Per target language: Chinchilla on scratch runs; the extended CPT law on CPT runs with E, A, alpha
+    frozen from that scratch fit; free Chinchilla on CPT and the extended law on scratch (the paper's
+    Table 3 comparison); loss–compute envelopes of both; Hernandez's law when transfer metrics are
+    given; IsoFLOP for both. CPT fits use the target-language tokens D_target and, by default, the
+    runs with the study's smallest replay ratio (``cpt_replay="all"`` pools every ratio). N counts every
+    parameter (``params="total"``, Chinchilla's and the paper's convention) or the non-embedding ones
+    (``"nonembedding"``, Kaplan's; the study's ``budget.param_count``). A law with too few points or sizes
+    is written as skipped, with the reason. Every record's provenance carries the study's config hash:
+    ``config_hash``, else the ``studies`` row of ``study`` in ``db``, else ``study.json`` beside the
+    points file's folder (``results/<study>/fits/points.csv`` -> ``results/<study>/study.json``).
+    """
+
+    from cptscale.util import file_hash, provenance, write_json
+
+    t0 = time.perf_counter()
+    df, n_in = _read_points(points, cpt_replay, params, min_step_fraction)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if loss not in LOSSES:
@@ -306,117 +478,21 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
                 "overestimate_penalty": overestimate_penalty, "remedy": remedy, "fixed_E": fixed_E}
     if remedy not in REMEDY_POLICIES:
         raise CLIError(f"fit.remedy must be one of {list(REMEDY_POLICIES)}, not {remedy!r}")
-    kw = {"delta": delta, "reduction": reduction, "grid": grid, "loss": loss,
-          "overestimate_penalty": overestimate_penalty}
+    opt = _StudyFit(budgets, bootstrap, seed, next_run_budget, remedy, fixed_E,
+                    {"delta": delta, "reduction": reduction, "grid": grid, "loss": loss,
+                     "overestimate_penalty": overestimate_penalty},
+                    cpt_replay, points_mode, params, min_step_fraction)
     unique = _unique_tokens(db, study)
     records: list[dict[str, Any]] = []
     langs = sorted(df.loc[df["init"] == "cpt", "lang"].unique()) or sorted(df["lang"].unique())
-    tr_df = None
-    tr_note = "no --db or --transfer given"
-    if db or transfer:
-        try:
-            tr_df = _transfer_table(db, transfer, study)
-            tr_note = "transfer table not in the store" if tr_df is None else ""
-        except Exception as exc:
-            tr_note = f"cannot read transfer metrics: {exc}"
+    tr = _transfer_inputs(db, transfer, study)
     for lang in langs:
         base_sel = {"points_file": str(points), "lang": lang, "rows_in_file": n_in,
                     "min_step_fraction": min_step_fraction,
                     "what": "every evaluated checkpoint (step > 0) of each run after min_step_fraction of its "
                             "steps, target-language validation loss; D = tokens seen",
                     "N": "parameters with embeddings" if params == "total" else "non-embedding parameters"}
-        sc_all = df[(df["init"] == "scratch") & (df["lang"] == lang)]
-        cp_all = df[(df["init"] == "cpt") & (df["lang"] == lang)]
-        rep_used = None
-        if len(cp_all) and cpt_replay == "min":
-            rep_used = float(cp_all["replay"].min())
-            cp_all = cp_all[cp_all["replay"] == rep_used]
-        cp_all = cp_all.assign(D=cp_all["D_target"])
-        sc, sc_sel = select_points(sc_all, points_mode)
-        cp, cp_sel = select_points(cp_all, points_mode)
-        base_sel = {**base_sel, "what": POINT_SELECTIONS[points_mode]["rule"] + "; target-language validation "
-                    "loss; D = tokens seen"}
-        sets = {
-            "scratch": (sc, {**base_sel, **sc_sel, "init": "scratch"}),
-            "cpt": (cp, {**base_sel, **cp_sel, "init": "cpt", "replay": rep_used if cpt_replay == "min" else "all",
-                         "D": "D_target = CPT target-language tokens (replay and source pre-training excluded)"}),
-        }
-        curves = {"scratch": sc_all, "cpt": cp_all}  # envelope and IsoFLOP read whole curves
-        scratch: dict[str, Any] | None = None  # the scratch Chinchilla fit the CPT law freezes E, A, alpha from
-        alloc_budgets = [*budgets, *([next_run_budget] if next_run_budget else [])]
-        plan = [("scratch", "chinchilla", None), ("cpt", "cpt", "frozen"), ("cpt", "chinchilla", None),
-                ("scratch", "cpt", None)]
-        for kind, law, frozen in plan:
-            name = {"chinchilla": "chinchilla", "cpt": "extended"}[law]
-            fit_id = f"{kind}-{name}-{lang}"
-            frame, sel = sets[kind]
-            fixed: dict[str, float] = {}
-            fixed_from = None
-            if frozen:
-                if scratch is None:
-                    records.append(_skipped(fit_id, law, kind, lang, "needs the scratch Chinchilla fit for the "
-                                            "frozen E, A, alpha, which was skipped", selection=sel))
-                    continue
-                fixed = {k: scratch["fr"].params[k] for k in ("E", "A", "alpha")}
-                fixed_from = f"scratch-chinchilla-{lang}"
-            pts = _points(frame) if len(frame) else None
-            need = _min_sizes(law, fixed)
-            nfree = len(LAWS[law]) - len(fixed)
-            if pts is None or len(pts.sizes) < need or len(pts.N) < nfree + 1:
-                have = "no points" if pts is None else f"{len(pts.N)} points of {len(pts.sizes)} sizes"
-                records.append(_skipped(fit_id, law, kind, lang, f"{have}; the {law} law with {nfree} free "
-                                        f"parameters needs >= {need} sizes and >= {nfree + 1} points", selection=sel))
-                continue
-            main = (kind, law) in (("scratch", "chinchilla"), ("cpt", "cpt"))
-            fs = {k: scratch["bs"]["samples"][k] for k in fixed} if frozen and scratch and scratch["bs"] else None
-            try:
-                fr, bs, ident, rem = fit_remedied(
-                    pts, law, fixed, bootstrap, seed, alloc_budgets, fs, kw,
-                    remedy if (kind, law) == ("scratch", "chinchilla") else "flag", fixed_E,
-                    sets["cpt"][0] if kind == "scratch" else None)
-            except Exception as exc:
-                records.append(_skipped(fit_id, law, kind, lang, f"fit failed: {exc}", selection=sel))
-                continue
-            if frozen:
-                ro_fixed = scratch["rollout_fixed"]
-                ro = rollout(pts, law, lambda k, r=ro_fixed: r.get(k), need, **kw) if main else None
-                if scratch["ho"].get("status") == "ok":
-                    hfix = {k: scratch["ho"]["params"][k] for k in ("E", "A", "alpha")}
-                    ho = _heldout_loss(pts, law, hfix, need, **kw)
-                    ho["frozen_from"] = "the scratch fit without its largest size"
-                else:
-                    ho = {"status": "skipped", "reason": "the scratch held-out fit (source of E, A, alpha) was skipped"}
-            else:
-                rfix = {k: fr.fixed[k] for k in fr.fixed}  # the remedy's frozen values hold at every step
-                ro = rollout(pts, law, lambda k, f=rfix: f, need, **kw) if main else None
-                ho = _heldout_loss(pts, law, rfix, need, **kw)
-            rec = _loss_fit_record(fit_id, kind, lang, pts, fr, bs, ho, budgets, next_run_budget, sel, fixed_from,
-                                   unique.get(lang))
-            if frozen and scratch and not scratch["ident"]["identified"]:  # frozen values of an unidentified fit
-                ident = {**ident, "identified": False, "allocation_reliable": False,
-                         "summary": f"E, A, alpha frozen from {fixed_from}, which is not identified "
-                                    f"({scratch['ident']['summary']})" + ("" if ident["identified"] else
-                                                                          f"; {ident['summary']}")}
-            rec.update(identifiability=ident, rollout=ro, remedy=rem)
-            rec["meta"].update(identifiability=ident, rollout=ro, remedy={k: rem[k] for k in ("policy", "used")})
-            records.append(rec)
-            if kind == "scratch" and law == "chinchilla":
-                steps = {x["k"]: {k: x["params"][k] for k in ("E", "A", "alpha")}
-                         for x in (ro or {}).get("steps", []) if x["status"] == "ok"}
-                scratch = {"fr": fr, "bs": bs, "ho": ho, "rollout_fixed": steps, "ident": ident}
-        if unique.get(lang):
-            records.append(_constrained_record(f"scratch-constrained-{lang}", lang, sets["scratch"],
-                                               float(unique[lang]), scratch, budgets, kw))
-        for kind in ("scratch", "cpt"):
-            frame = curves[kind]
-            sel = {**{k: v for k, v in sets[kind][1].items() if k not in ("rule", "bias", "n_selected", "n_candidates")},
-                   "points": "all (whole curves: the envelope's frontier and IsoFLOP profiles need them)"}
-            records.append(_envelope_record(f"{kind}-envelope-{lang}", kind, lang, frame, sel, bootstrap, seed))
-            records.append(_isoflop_record(f"{kind}-isoflop-{lang}", kind, lang, frame, sel, bootstrap, seed,
-                                           [r for r in records if r["status"] == "ok" and r["kind"] == kind
-                                            and r["law"] == ("chinchilla" if kind == "scratch" else "cpt")]))
-        records.append(_hernandez_record(f"cpt-hernandez-{lang}", lang, tr_df, tr_note, rep_used, cpt_replay,
-                                         min_step_fraction, bootstrap, seed, params))
+        records += _language_records(df, lang, base_sel, records, unique, tr, opt)
     for rec in records:
         rec["provenance"] = prov
         rec["settings"] = settings

@@ -33,6 +33,86 @@ def _interval(x: Any, level: float = _LEVEL) -> dict[str, Any]:
     return {"lo": float(lo), "hi": float(hi), "median": float(med), "se": float(np.std(x, ddof=1)), "n": len(x)}
 
 
+def _usable_resamples(pts: Points, fit: FitResult, W: np.ndarray, base_th: np.ndarray,
+                      fixed_samples: dict[str, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Which resamples can identify the law (enough sizes and points, finite frozen draws) and each resample's
+    internal parameter vector with its frozen draws filled in."""
+    names = LAWS[fit.law]
+    n = len(W)
+    nfree = sum(k not in fit.fixed for k in names)
+    need = _min_sizes(fit.law, fit.fixed)
+    ok = np.ones(n, bool)
+    for b in range(n):
+        m = W[b] > 0
+        if len(set(pts.N[m])) < need or m.sum() < nfree:
+            ok[b] = False
+    fixed_b = np.tile(base_th, (n, 1))
+    for k, v in (fixed_samples or {}).items():
+        v = np.asarray(v, float)[:n]
+        ok &= np.isfinite(v) & (v > 0 if k in _LOG else True)
+        fixed_b[:, names.index(k)] = np.log(np.where(v > 0, v, 1.0)) if k in _LOG else v
+    return ok, fixed_b
+
+
+def _refit_nll(pts: Points, fixed_b: np.ndarray, bidx: np.ndarray, free: list[int], start: np.ndarray,
+               W: np.ndarray, delta: float) -> tuple[list[tuple[int, np.ndarray]], int]:
+    """The huber-nll recipe per resample: one BFGS from the full-data optimum (law parameters and sigma);
+    (resample, internal parameters) of each and the number that did not converge."""
+    prep = _Prep(np.log(pts.N), np.log(pts.D), np.log(pts.L))
+    fitted, n_unconv = [], 0
+    for b in bidx:
+        th0 = fixed_b[b].copy()
+        th0[free] = start[:-1]
+        r = _nll_minimize(th0, free, float(start[-1]), prep, delta, W[b])
+        th0[free] = r.x[:-1]
+        n_unconv += int(not r.success and "precision loss" not in str(r.message))
+        fitted.append((int(b), th0))
+    return fitted, n_unconv
+
+
+def _refit_batch(pts: Points, fixed_b: np.ndarray, bidx: np.ndarray, free: list[int], starts: np.ndarray,
+                 W: np.ndarray, delta: float, reduction: str,
+                 asym: float) -> tuple[list[tuple[int, np.ndarray]], int]:
+    """The Huber recipe: every resample from every warm start in one vectorised L-BFGS batch, the best start
+    kept per resample; (resample, internal parameters) of each and the number that did not converge."""
+    S = len(starts)
+    theta0 = np.repeat(fixed_b[bidx], S, axis=0)
+    theta0[:, free] = np.tile(starts, (len(bidx), 1))
+    res = _run_batch(theta0, free, np.log(pts.N), np.log(pts.D), np.log(pts.L), delta, reduction, W=W,
+                     wrow=np.repeat(bidx, S), asym=asym, maxiter=3000, ftol=1e-13)
+    f = res["f"].reshape(len(bidx), S)
+    sel = np.arange(len(bidx)) * S + np.argmin(f, 1)
+    fitted = []
+    for row, b in zip(sel, bidx, strict=True):
+        th = theta0[row].copy()
+        th[free] = res["x"][row]
+        fitted.append((int(b), th))
+    return fitted, int(np.sum(~np.isin(res["status"][sel], (1, 2))))
+
+
+def _resample_draws(law: str, fitted: list[tuple[int, np.ndarray]], pts: Points, n: int,
+                    budgets: Sequence[float]) -> tuple[dict[str, np.ndarray], np.ndarray, dict[float, Any]]:
+    """Per resample (NaN where there is none): every parameter and a, b, G; the predicted loss at every point;
+    N_opt, D_opt and the predicted loss at each budget."""
+    names = LAWS[law]
+    samples = {k: np.full(n, np.nan) for k in [*names, "a", "b", "G"]}
+    pred = np.full((n, len(pts.N)), np.nan)
+    alloc = {float(C): {k: np.full(n, np.nan) for k in ("N_opt", "D_opt", "predicted_loss")} for C in budgets}
+    for b, th in fitted:
+        fr = FitResult(law, _to_params(th, names))
+        for k in names:
+            samples[k][b] = fr.params[k]
+        pred[b] = fr.predict(pts.N, pts.D)
+        ex = exponents(fr)
+        if ex["valid"]:
+            samples["a"][b], samples["b"][b], samples["G"][b] = ex["a"], ex["b"], ex["G"]
+            for C, dct in alloc.items():
+                nn = ex["G"] * (C / 6) ** ex["a"]
+                dct["N_opt"][b], dct["D_opt"][b] = nn, C / (6 * nn)
+                dct["predicted_loss"][b] = float(fr.predict(nn, C / (6 * nn)))
+    return samples, pred, alloc
+
+
 def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budgets: Sequence[float] = (),
                   delta: float | None = None, reduction: str | None = None,
                   fixed_samples: dict[str, np.ndarray] | None = None, level: float = _LEVEL) -> dict[str, Any]:
@@ -52,69 +132,23 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
     delta = fit.meta.get("delta", 1e-3) if delta is None else delta
     reduction = fit.meta.get("reduction", "sum") if reduction is None else reduction
     free = [i for i, k in enumerate(names) if k not in fit.fixed]
-    rng = np.random.default_rng(seed)
-    counts, W = bootstrap_counts(pts.run, n, rng)
+    counts, W = bootstrap_counts(pts.run, n, np.random.default_rng(seed))
     base_th = np.array([_to_internal(k, fit.params[k]) for k in names])
-    ok = np.ones(n, bool)
-    need = _min_sizes(fit.law, fit.fixed)
-    for b in range(n):
-        m = W[b] > 0
-        if len(set(pts.N[m])) < need or m.sum() < len(free):
-            ok[b] = False
-    fixed_b = np.tile(base_th, (n, 1))
-    for k, v in (fixed_samples or {}).items():
-        v = np.asarray(v, float)[:n]
-        ok &= np.isfinite(v) & (v > 0 if k in _LOG else True)
-        fixed_b[:, names.index(k)] = np.log(np.where(v > 0, v, 1.0)) if k in _LOG else v
+    ok, fixed_b = _usable_resamples(pts, fit, W, base_th, fixed_samples)
     bidx = np.flatnonzero(ok)
     nll = fit.meta.get("loss") == "huber-nll"
     starts = fit.starts if fit.starts is not None else base_th[free][None]
     if nll and (fit.starts is None or starts.shape[1] != len(free) + 1):
         starts = np.r_[base_th[free], float(fit.meta.get("sigma", 0.0))][None]
-    S = len(starts)
-    theta0 = np.repeat(fixed_b[bidx], S, axis=0)
-    if not nll:
-        theta0[:, free] = np.tile(starts, (len(bidx), 1))
-    lN, lD, lL = np.log(pts.N), np.log(pts.D), np.log(pts.L)
-    samples = {k: np.full(n, np.nan) for k in [*names, "a", "b", "G"]}
-    pred = np.full((n, len(pts.N)), np.nan)
-    alloc = {float(C): {k: np.full(n, np.nan) for k in ("N_opt", "D_opt", "predicted_loss")} for C in budgets}
-    n_unconv = 0
     fitted: list[tuple[int, np.ndarray]] = []  # (resample, internal parameters)
+    n_unconv = 0
     if len(bidx) and nll:
-        # the huber-nll recipe: one BFGS per resample from the full-data optimum (law parameters and sigma)
-        prep = _Prep(lN, lD, lL)
-        for b in bidx:
-            th0 = fixed_b[b].copy()
-            th0[free] = starts[0][:-1]
-            r = _nll_minimize(th0, free, float(starts[0][-1]), prep, delta, W[b])
-            th0[free] = r.x[:-1]
-            n_unconv += int(not r.success and "precision loss" not in str(r.message))
-            fitted.append((int(b), th0))
+        fitted, n_unconv = _refit_nll(pts, fixed_b, bidx, free, starts[0], W, delta)
     elif len(bidx):
-        res = _run_batch(theta0, free, lN, lD, lL, delta, reduction, W=W, wrow=np.repeat(bidx, S),
-                         asym=float(fit.meta.get("overestimate_penalty", 1.0)),
-                         maxiter=3000, ftol=1e-13)
-        f = res["f"].reshape(len(bidx), S)
-        j = np.argmin(f, 1)
-        sel = np.arange(len(bidx)) * S + j
-        n_unconv = int(np.sum(~np.isin(res["status"][sel], (1, 2))))
-        for row, b in zip(sel, bidx, strict=True):
-            th = theta0[row].copy()
-            th[free] = res["x"][row]
-            fitted.append((int(b), th))
-    for b, th in fitted:
-        fr = FitResult(fit.law, _to_params(th, names))
-        for k in names:
-            samples[k][b] = fr.params[k]
-        pred[b] = fr.predict(pts.N, pts.D)
-        ex = exponents(fr)
-        if ex["valid"]:
-            samples["a"][b], samples["b"][b], samples["G"][b] = ex["a"], ex["b"], ex["G"]
-            for C, dct in alloc.items():
-                nn = ex["G"] * (C / 6) ** ex["a"]
-                dct["N_opt"][b], dct["D_opt"][b] = nn, C / (6 * nn)
-                dct["predicted_loss"][b] = float(fr.predict(nn, C / (6 * nn)))
+        fitted, n_unconv = _refit_batch(pts, fixed_b, bidx, free, starts, W, delta, reduction,
+                                        float(fit.meta.get("overestimate_penalty", 1.0)))
+    samples, pred, alloc = _resample_draws(fit.law, fitted, pts, n, budgets)
+    need = _min_sizes(fit.law, fit.fixed)
     return {
         "samples": samples, "pred": pred, "alloc": alloc, "ok": ok,
         "intervals": {k: _interval(v, level) for k, v in samples.items()},
@@ -122,7 +156,7 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
                  "n_not_converged": n_unconv, "unit": "run", "n_runs": int(counts.shape[1]), "seed": seed,
                  "level": level, "method": "percentile",
                  "starts": "warm: one BFGS per resample from the full-data optimum (huber-nll)" if nll else
-                           f"warm: the full-data optimum and the grid stage's {S - 1} best distinct optima",
+                           f"warm: the full-data optimum and the grid stage's {len(starts) - 1} best distinct optima",
                  "loss": "huber-nll" if nll else "huber",
                  "frozen": "resampled with the scratch fit's bootstrap" if fixed_samples else "held at the fit's values",
                  "degenerate_rule": f"resamples with < {need} distinct sizes or fewer points than free parameters"},
