@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cptscale.plan import mix_for_run, plan_study, schedule_for
+from cptscale.plan import find_run, mix_for_run, plan_study, schedule_for
 from cptscale.recipes import recipe_for, study_recipes
 from cptscale.validation import load_config, parse_config
 
@@ -40,6 +40,20 @@ def test_every_run_has_exactly_one_recipe(study: Path, tmp_path: Path) -> None:
         return
     assert names[:2] == ["scratch", "cpt"] and ("iplt" in names) == (cfg.iplt is not None)
     assert names[2:2 + len(cfg.variants)] == [f"cpt-{v}" for v in cfg.variants]
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.stem)
+def test_find_run_plans_the_run_plan_study_lists(study: Path) -> None:
+    """find_run (one workflow job's lookup, which plans only that run where its recipe can) returns
+    exactly the run plan_study lists under that id, for every run (variants and IPLT arms included); an
+    id that is no run of the study is a KeyError naming the command that lists them."""
+    cfg = load_config(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for run in plan_study(cfg):
+            assert find_run(cfg, run.run_id) == run, run.run_id
+        with pytest.raises(KeyError, match="cptscale plan CONFIG"):
+            find_run(cfg, "d1l1-scratch-xx")
 
 
 def test_plan_order_is_the_ladder_grid() -> None:

@@ -68,8 +68,12 @@ def plan_study(cfg: StudyConfig) -> list[PlannedRun]:
 
 
 def find_run(cfg: StudyConfig, rid: str) -> PlannedRun:
-    for run in plan_study(cfg):
-        if run.run_id == rid:
+    """The planned run ``rid``, as ``plan_study`` lists it (a run two recipes add is the first grid
+    recipe's, else the first other recipe's), planning only that run where its recipe can."""
+    recipes = study_recipes(cfg)
+    for recipe in [r for r in recipes if r.grid] + [r for r in recipes if not r.grid]:
+        run = recipe.find(cfg, rid)
+        if run is not None:
             return run
     raise KeyError(f"run {rid!r} is not part of study {cfg.study!r}; `cptscale plan CONFIG` lists its runs")
 

@@ -184,10 +184,13 @@ _CHECKS: list[tuple[str, tuple[str, ...], Callable[[StudyConfig, Path], Iterable
 ]
 
 
-def _cross_check(cfg: StudyConfig, base: Path, failed: set[str]) -> list[Problem]:
-    """Run every check whose inputs passed; a skipped check counts as failed for the checks after it."""
+def _cross_check(cfg: StudyConfig, base: Path, failed: set[str], skip: Iterable[str] = ()) -> list[Problem]:
+    """Run every check whose inputs passed; a skipped check counts as failed for the checks after it.
+    Checks named in ``skip`` are not run (and do not hold up the checks after them)."""
     problems: list[Problem] = []
     for name, reads, check in _CHECKS:
+        if name in skip:
+            continue
         if name == "iplt-ok" and "iplt" not in failed and cfg.iplt is None:
             continue  # no IPLT study: nothing to check, nothing for later checks to wait for
         if failed.intersection(reads):
@@ -214,10 +217,12 @@ def _partial_config(data: dict[str, Any], failed: set[str]) -> StudyConfig:
     return StudyConfig.model_construct(**values)
 
 
-def parse_config(data: dict[str, Any], base_dir: str | Path = ".", where: str = "<config>") -> StudyConfig:
+def parse_config(data: dict[str, Any], base_dir: str | Path = ".", where: str = "<config>",
+                 skip: Iterable[str] = ()) -> StudyConfig:
     """Validate a study config; raises one :class:`ConfigError` listing every problem found.
 
-    Local paths in it are relative to ``base_dir``. Warnings (:class:`ConfigWarning`) say what could not
+    Local paths in it are relative to ``base_dir``. ``skip`` names cross-field checks not to run (see
+    :func:`load_study`). Warnings (:class:`ConfigWarning`) say what could not
     be checked (e.g. a package registry that is unreachable)."""
     if not isinstance(data, dict):
         raise ConfigError(where, ["the config must be a YAML mapping"])
@@ -231,7 +236,7 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".", where: str = 
         cfg = _partial_config(data, failed)
     if cfg.ladder is None:  # no ladder and no usable source_model: the checks that read it cannot run
         failed.add("ladder")
-    found = _cross_check(cfg, Path(base_dir), failed)
+    found = _cross_check(cfg, Path(base_dir), failed, skip)
     if "source_model" in data:  # its tokenizer section is derived: name the field the user wrote
         found = [Problem(f"source_model.{p.path}" if p.path.startswith("tokenizer") else p.path, p.message, p.value)
                  for p in found]
@@ -268,7 +273,7 @@ def _with_source_model(data: dict[str, Any], base: Path, failed: set[str]) -> tu
     return {**data, **derived_sections(model, tokenizer_path(sm))}, []
 
 
-def load_config(path: str | Path) -> StudyConfig:
+def load_config(path: str | Path, skip: Iterable[str] = ()) -> StudyConfig:
     """Read and validate a study YAML; local paths in it are relative to the file's directory."""
     p = Path(path)
     if not p.is_file():
@@ -277,13 +282,20 @@ def load_config(path: str | Path) -> StudyConfig:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from None
-    return parse_config(data, base_dir=p.resolve().parent, where=str(path))
+    return parse_config(data, base_dir=p.resolve().parent, where=str(path), skip=skip)
 
 
-def load_study(path: str | Path) -> StudyConfig:
+#: The checks that plan every run of the study: a command that works on one run (a workflow job) skips
+#: them, or the study's jobs together would grow with the square of its runs; that run's own blend is
+#: still planned and checked when its run.json is built.
+WHOLE_STUDY_CHECKS = ("blends",)
+
+
+def load_study(path: str | Path, skip: Iterable[str] = ()) -> StudyConfig:
     """The validated study config of a command's CONFIG argument; a bad config is a CLIError that lists
-    every problem (the same text as ``cptscale validate``)."""
+    every problem (the same text as ``cptscale validate``). ``skip``: cross-field checks not to run (e.g.
+    ``WHOLE_STUDY_CHECKS``)."""
     try:
-        return load_config(path)
+        return load_config(path, skip)
     except ConfigError as exc:
         raise CLIError(str(exc)) from None

@@ -71,9 +71,10 @@ def format_plan(cfg: StudyConfig, runs: list[PlannedRun]) -> str:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from cptscale.util import write_json
-    from cptscale.validation import load_study
+    from cptscale.validation import WHOLE_STUDY_CHECKS, load_study
 
-    cfg = load_study(args.config)
+    # one run's run.json (a workflow job per run) checks that run's blend, not every run's
+    cfg = load_study(args.config, skip=WHOLE_STUDY_CHECKS if args.run else ())
     if args.study_json:
         write_json(args.study_json, study_manifest(cfg))
         return 0

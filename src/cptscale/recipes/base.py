@@ -30,6 +30,12 @@ class Recipe:
         """Whether this recipe trains ``run``."""
         raise NotImplementedError
 
+    def find(self, cfg: StudyConfig, rid: str) -> PlannedRun | None:
+        """The run ``rid`` if this recipe adds it (None otherwise). A recipe whose run ids are cheap to
+        list overrides this to plan only that run: each workflow job plans one run, so a lookup that
+        plans every run makes the study's planning jobs grow with the square of its runs."""
+        return next((run for run in self.runs(cfg) if run.run_id == rid), None)
+
     def shape(self, cfg: StudyConfig, run: PlannedRun) -> dict[str, Any]:
         """The model shape run.json builds (the ladder's shape of the run's size)."""
         return cfg.shape(run.size).as_dict()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from cptscale.recipes.base import Recipe
-from cptscale.runs import checkpoint_dir, plan_run, run_dir
+from cptscale.runs import checkpoint_dir, plan_run, run_dir, run_id
 
 if TYPE_CHECKING:
     from cptscale.config.schema import CPTConfig, StudyConfig
@@ -32,6 +32,16 @@ class CPT(Recipe):
 
     def owns(self, run: PlannedRun) -> bool:
         return run.init == "cpt" and run.arm is None and run.variant == self.variant
+
+    def find(self, cfg: StudyConfig, rid: str) -> PlannedRun | None:
+        """Only the run with that id is planned (ids are compared, not runs)."""
+        src = cfg.languages.source
+        for size in cfg.ladder.sizes:
+            for tgt in cfg.languages.targets:
+                for r in cfg.replay.ratios:
+                    if run_id(size, "cpt", tgt, r, self.variant) == rid:
+                        return plan_run(cfg, size, "cpt", tgt, src, r, self.variant)
+        return None
 
     def cpt_config(self, cfg: StudyConfig, run: PlannedRun) -> CPTConfig:
         return cfg.cpt_for(self.variant)
