@@ -119,6 +119,23 @@ class _Model:
         onset = self.truth.forgetting.onset_tokens_per_param * self.N
         return self.lnv + c.off_language_rise * (1 - np.exp(-d_tokens / onset))
 
+    def _branch_gap(self, ar: Areas, L: np.ndarray, model_term: float, coef: float, expo: float) -> np.ndarray:
+        """What a decay branch's curve must add so that its end, like a run's end, is exactly the law's loss
+        for the tokens it has seen. The branch shares its run's warmup, so its LR-weighted tokens fall short
+        of its tokens by more than the full run's do: uncorrected it ends above the law (by ~1 % of the data
+        term), and fits on branch ends recover a biased law. The correction grows with the branch's
+        annealing (its S2 since the decay began): none where the branch leaves its run (the curves join),
+        all of it at the branch's end."""
+        n = len(ar.lr)
+        differs = np.flatnonzero(ar.lr != self.lr[:n])
+        start = int(differs[0]) if len(differs) else n
+        d_end = float(self.seen[self.lang][n])
+        gap = model_term + coef / d_end**expo - float(L[n]) if d_end > 0 else 0.0
+        done = ar.s2 - ar.s2[start]
+        span = float(done[-1])
+        ramp = np.clip(done / span, 0.0, 1.0) if span > 0 else (np.arange(n + 1) >= n).astype(float)
+        return gap * ramp
+
     def losses(self, lang: str, ar: Areas, k: np.ndarray) -> np.ndarray:
         """Noiseless loss on ``lang`` after k steps (k indexes ``ar``: the main run's or a branch's areas)."""
         t = self.truth
@@ -135,6 +152,8 @@ class _Model:
                 coef, expo, init = base.B, base.beta, self.lnv
             data = data_term_curve(coef, expo, self.tps, ar.s1, self.main.s1[-1], self.d_own_end)
             L = base.E + base.A / self.N**base.alpha + data * np.exp(-c * (ar.s2 - self.main.s2[-1]))
+            if len(ar.lr) < self.steps:  # a decay branch: it ends on the law too
+                L = L + self._branch_gap(ar, L, base.E + base.A / self.N**base.alpha, coef, expo)
             return smooth_min(L, init)[k]
         if not self.cpt:
             return self._off_language(shares.get(self.lang, zero))[k]
