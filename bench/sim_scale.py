@@ -6,11 +6,12 @@
 A synthetic ladder of tiny d<hidden>l<layers> shapes with the paper study's replay sweep (8 runs per
 size: source, target scratch, 6 CPT) is planned at each size of study; the runs are simulated
 (train.backend: simulate) and written as the backend writes them, then ingested into DuckDB, fitted and
-reported as the workflow's rules do. Printed per study size: seconds of `plan_study`, of one `plan --run`
-in-process and as the workflow's job runs it (a `cptscale plan --run` process: the workflow runs one per
-run, so a per-job cost that grows with the study makes the study's planning quadratic), of `snakemake -n`
-(CPU), of writing the simulated runs, of the first and a no-op ingest, of the points query, of
-`fit-study` (`--bootstrap` resamples) and of `cptscale report`; then each cost's growth exponent k
+reported as the workflow's rules do. Printed per study size, in CPU seconds (a shared machine's wall
+times say little): `plan_study`, one `plan --run` in-process and as the workflow's job runs it (a
+`cptscale plan --run` process, best of 3: the workflow runs one per run, so a per-job cost that grows
+with the study makes the study's planning quadratic), `snakemake -n`, writing the simulated runs, the
+first ingest; in wall seconds the no-op ingest and the points query; then CPU seconds of `fit-study`
+(`--bootstrap` resamples) and of `cptscale report`, and the report's size; then each cost's growth exponent k
 (cost ~ runs^k, least squares over the study sizes; 1 = linear, per-job costs 0 = constant).
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import subprocess
 import sys
 import tempfile
@@ -83,12 +85,14 @@ def timed(fn):
 
 
 def cptscale(*args: str) -> float:
-    """Wall seconds of one `cptscale` command (a workflow job's process), which must succeed."""
-    t0 = time.perf_counter()
+    """CPU seconds (user + system) of one `cptscale` command, a workflow job's process, which must succeed:
+    CPU, not wall, so that the figures hold on a machine shared with other jobs."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     res = subprocess.run([str(Path(sys.executable).with_name("cptscale")), *args], capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if res.returncode:
         raise SystemExit(f"cptscale {' '.join(args)} failed:\n{res.stderr[-3000:]}")
-    return time.perf_counter() - t0
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def fit_and_report(cfg, path: Path, tmp: Path, db: Path, bootstrap: int) -> dict:
@@ -142,7 +146,7 @@ def measure(runs: int, steps: int, dry_run: bool, bootstrap: int | None) -> dict
         _, _, c_write = timed(write_all)
     last = planned[-1]
     _, _, t_spec = timed(lambda: P.run_spec(cfg, last.run_id))  # CPU of one run.json (the last: a scan's worst)
-    t_job = cptscale("plan", str(path), "--run", last.run_id, "--out", str(tmp / "run.json"))
+    t_job = min(cptscale("plan", str(path), "--run", last.run_id, "--out", str(tmp / "run.json")) for _ in range(3))
     db = tmp / "store.duckdb"
     rep, t_ing, c_ing = timed(lambda: ingest(cfg.study_dir, db))
     _, t_noop, _ = timed(lambda: ingest(cfg.study_dir, db))
@@ -162,6 +166,8 @@ def measure(runs: int, steps: int, dry_run: bool, bootstrap: int | None) -> dict
         user, sys_ = res.stderr.strip().splitlines()[-1].split()
         out["dry_run_cpu_s"] = float(user) + float(sys_)
         out["dry_run_ok"] = res.returncode == 0
+        if res.returncode:
+            print(res.stderr[-3000:], file=sys.stderr)
     return out
 
 
@@ -186,7 +192,7 @@ def main() -> int:
     for n in args.runs:
         rows.append(measure(n, args.steps, not args.no_dry_run, None if args.no_fit else args.bootstrap))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    keys = ["plan_study_s", "plan_run_s", "plan_job_s", "dry_run_cpu_s", "write_runs_s", "ingest_s", "noop_ingest_s",
+    keys = ["plan_study_s", "plan_run_s", "plan_job_s", "dry_run_cpu_s", "write_runs_s", "ingest_cpu_s", "noop_ingest_s",
             "points_s", "fit_s", "report_s", "report_mb"]
     keys = [k for k in keys if all(k in r for r in rows)]
     print(f"{'runs':>6} " + " ".join(f"{k:>14}" for k in keys))

@@ -43,11 +43,14 @@ def test_every_run_has_exactly_one_recipe(study: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.stem)
-def test_find_run_plans_the_run_plan_study_lists(study: Path) -> None:
+def test_find_run_plans_the_run_plan_study_lists(study: Path, tmp_path: Path) -> None:
     """find_run (one workflow job's lookup, which plans only that run where its recipe can) returns
-    exactly the run plan_study lists under that id, for every run (variants and IPLT arms included); an
-    id that is no run of the study is a KeyError naming the command that lists them."""
-    cfg = load_config(study)
+    exactly the run plan_study lists under that id, for every run (variants, IPLT arms and an existing
+    model's runs included); an id that is no run of the study is a KeyError naming the command that lists
+    them."""
+    from hf_helpers import with_tiny_source_model
+
+    cfg = parse_config(with_tiny_source_model(yaml.safe_load(study.read_text()), tmp_path), base_dir=study.parent)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for run in plan_study(cfg):
