@@ -173,3 +173,34 @@ def test_summary_gives_the_answer_and_the_fertility(tmp_path):
     assert "how many zh tokens and how much replay for this model: replay 0.25" in text
     assert "en: 1.310 per word, 0.250 per character" in text and "zh: 0.710 per character" in text
     assert "chinchilla" not in text and "compute saving" not in text
+
+
+def test_a_cptscale_checkpoint_source_is_verified_and_copied(tmp_path):
+    """source_model may be a cptscale checkpoint (state.json + manifest): its shape comes from state.json, its
+    tokenizer from source_model.tokenizer; the import checks every file against the manifest before copying."""
+    from hf_helpers import make_tokenizer
+
+    from cptscale.existing_study import import_model
+    from cptscale.integrity import write_dir_manifest
+    from cptscale.train.checkpoint import CheckpointError
+
+    ck = tmp_path / "ckpt"
+    (ck / "model").mkdir(parents=True)
+    (ck / "model" / "weights.distcp").write_bytes(b"weights" * 100)
+    shape = {"name": "d64l2", "hidden": 64, "layers": 2, "heads": 4, "ffn": 192}
+    (ck / "state.json").write_text(json.dumps({"step": 100, "shape": shape, "vocab_size": 384}))
+    write_dir_manifest(ck)
+    (tmp_path / "tok").mkdir()
+    make_tokenizer(tmp_path / "tok")
+    raw = _raw(tmp_path)
+    raw["source_model"]["path"] = "ckpt"
+    assert "source_model.tokenizer" in _problems(raw, tmp_path)  # a trained run's tokenizer is the study's: name it
+    raw["source_model"]["tokenizer"] = "tok/tokenizer.json"
+    cfg = parse_config(raw, base_dir=tmp_path)
+    assert cfg.shape("model").ffn == 192 and cfg.tokenizer.path == "tok/tokenizer.json"
+    state = import_model(cfg, tmp_path, tmp_path / "imported")
+    assert state["shape"] == shape and (tmp_path / "imported" / "model" / "weights.distcp").read_bytes() == b"weights" * 100
+    (ck / "model" / "weights.distcp").write_bytes(b"damaged" * 100)
+    with pytest.raises(CheckpointError, match="damaged"):
+        import_model(cfg, tmp_path, tmp_path / "imported-again")
+    assert not (tmp_path / "imported-again").exists()
