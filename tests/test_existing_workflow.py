@@ -1,6 +1,6 @@
 """The existing-model study kind end to end (slow): a tiny random LLaMA-style model built here with
 ``transformers`` (no hub), generated English and Chinese-like text, and the whole study through Snakemake on
-CPU: import once, the model evaluated as given, the data stage with the model's own tokenizer, 3 target-token
+CPU: import once, the model evaluated as given, the data stage with the model's own tokenizer, 4 target-token
 budgets x 3 replay ratios of CPT from the imported model (each passing the init-sanity gate against the
 transformers model's own loss), the store, the study kind's fit and the report, rendered in Chromium."""
 
@@ -26,7 +26,7 @@ pytestmark = [
     pytest.mark.timeout(2400),
 ]
 
-BUDGETS = [4096, 8192, 16384]
+BUDGETS = [2048, 4096, 8192, 16384]  # four: the largest is also held out
 RATIOS = [0.0, 0.25, 0.5]
 
 
@@ -68,10 +68,6 @@ def _config(root: Path) -> Path:
 def test_existing_model_study_end_to_end(tmp_path):
     from hf_helpers import make_hf_model
 
-    from cptscale.existing import recommend
-    from cptscale.existing_study import final_points
-    from cptscale.report.existing import SECTIONS
-
     make_hf_model(tmp_path / "model", "llama")
     _corpora(tmp_path)
     cfg = _config(tmp_path)
@@ -80,9 +76,16 @@ def test_existing_model_study_end_to_end(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=2300,
                          env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
     wall = time.perf_counter() - t0
-    print(f"existing-model study (9 CPT runs): {wall:.0f} s wall")
+    print(f"existing-model study ({len(BUDGETS) * len(RATIOS)} CPT runs): {wall:.0f} s wall")
     assert out.returncode == 0, out.stderr[-4000:]
-    study = tmp_path / "results" / "existing-tiny"
+    check_study(tmp_path / "results" / "existing-tiny")
+
+
+def check_study(study: Path) -> None:
+    """What the finished tiny study must show (separate, so a finished study dir can be re-checked)."""
+    from cptscale.existing import recommend
+    from cptscale.existing_study import final_points
+    from cptscale.report.existing import SECTIONS
 
     # the model as given: Megatron-Core's loss of the import equals the transformers model's (the gate's reference)
     ev = json.loads((study / "model" / "eval.json").read_text())
@@ -101,6 +104,7 @@ def test_existing_model_study_end_to_end(tmp_path):
     fit = json.loads((study / "fits" / "existing.json").read_text())
     laws = [f for f in fit["fits"] if f["law"] == "data_law"]
     assert sorted(f["replay"] for f in laws) == RATIOS and all(f["status"] == "ok" for f in laws)
+    assert all(f["heldout"]["D"] == max(p["D"] for p in f["points"]) for f in laws)  # the largest budget
     rec = fit["recommendation"]["zh"]
     pts = final_points(study / "cptscale.duckdb", "existing-tiny", "en", "zh")
     again = recommend(pts, fit["source_loss_before"], max_forgetting=0.5)
@@ -113,9 +117,10 @@ def test_existing_model_study_end_to_end(tmp_path):
               f"beta {f['params']['beta']:.3f}, on bound: {f['on_bound'] or 'none'}, held-out: {f['heldout']}")
     # fertility of the model's tokenizer per language
     fert = fit["fertility"]
-    print("fertility: " + ", ".join(f"{k}: {v['tokens_per_word']:.2f} tokens/word, {v['tokens_per_char']:.3f} "
-                                    "tokens/char" for k, v in fert.items()))
+    print("fertility: " + ", ".join(f"{k}: {v['tokens_per_word'] or float('nan'):.2f} tokens/word, "
+                                    f"{v['tokens_per_char']:.3f} tokens/char" for k, v in fert.items()))
     assert fert["zh"]["tokens_per_char"] > fert["en"]["tokens_per_char"]  # 3 UTF-8 bytes per CJK char
+    assert fert["en"]["tokens_per_word"] > 1 and fert["zh"]["tokens_per_word"] is None  # zh: no spaces between words
 
     # the report: this kind's sections only, the answer in the figure's title, rendered by Chromium
     info = json.loads((study / "report" / "report.json").read_text())
@@ -123,6 +128,8 @@ def test_existing_model_study_end_to_end(tmp_path):
     assert "existing" not in info["missing"]
     html = (study / "report" / "index.html").read_text()
     assert rec["answer"] in html
+    summary = json.loads((study / "summary.json").read_text())
+    assert summary["existing"]["answers"]["zh"] == rec["answer"]
     if os.path.exists("/usr/bin/chromium"):
         from test_report import render
 

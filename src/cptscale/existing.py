@@ -92,7 +92,9 @@ def fit_data_law(D: Sequence[float], L: Sequence[float]) -> DataLaw:
     res = minimize_scalar(lambda b: inner(b)[0], bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
     beta = float(res.x) if inner(float(res.x))[0] <= inner(grid[k])[0] else float(grid[k])
     sse, E, B = inner(beta)
-    on_bound = tuple(n for n, hit in (("E", E <= 0.0), ("beta", not BETA_BOUNDS[0] * 1.01 < beta < BETA_BOUNDS[1] * 0.99))
+    # E at (or within 1e-4 of the smallest loss from) its bound 0: the floor is not identified by these points
+    e_tol = 1e-4 * float(L_arr.min())
+    on_bound = tuple(n for n, hit in (("E", e_tol >= E), ("beta", not BETA_BOUNDS[0] * 1.01 < beta < BETA_BOUNDS[1] * 0.99))
                      if hit)
     return DataLaw(E=E, B=B * scale**beta, beta=beta, n_points=len(D_arr), rmse_log=math.sqrt(sse / len(D_arr)),
                    on_bound=on_bound)
