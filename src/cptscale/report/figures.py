@@ -80,12 +80,8 @@ def _size_sel(alt: Any) -> Any:
     return alt.selection_point(fields=["size"], bind="legend")
 
 
-def fig_loss_compute(con: Any, study: str, mp: int) -> tuple[Any, int]:
-    """Fig. 1: validation loss vs compute, scratch | CPT, with fitted power-law envelopes."""
-    import altair as alt
-    import numpy as np
-    import pandas as pd
-
+def _loss_compute_rows(con: Any, study: str) -> Any:
+    """Target-language evals of the zero-replay, non-IPLT runs with their sizes and parameter counts."""
     _need(con, "evals", ["run_id", "tokens", "loss", "flops", "lang"])
     _need(con, "runs", ["run_id", "size", "init", "lang", "params"])
     rcols = _columns(con, "runs")
@@ -106,24 +102,24 @@ def fig_loss_compute(con: Any, study: str, mp: int) -> tuple[Any, int]:
     )
     if df.empty:
         raise Missing("evals on the target language (no finished runs yet)")
-    df = _downsample(df, "run_id", "tokens", mp)
-    env_rows, titles = [], []
-    fitted = {_fit_kind(f): f for f in _fits(con, study) if str(f.get("law")) == "envelope" and f.get("params")}
-    # the x axis is the fits' compute C = 6·N·D, with N counted as the fits counted it (fit-study --params)
-    sel_n = " ".join(str(((f.get("meta") or {}).get("selection") or {}).get("N", "")) for f in fitted.values())
-    nonemb_n = "non-embedding" in sel_n and df["params_nonemb"].notna().all()
-    df["flops"] = 6.0 * df["params_nonemb" if nonemb_n else "params"].astype(float) * df["tokens"].astype(float)
-    x_title = f"compute C = 6·N·D (N: {'non-embedding' if nonemb_n else 'all'} parameters)"
+    return df
+
+
+def _envelopes(df: Any, fitted: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per init: the fit-study envelope L = k·C^m with its bootstrap interval, or (no fit) a log-log line
+    through the lowest loss in each log-compute bin; the line's rows and its subtitle."""
+    import numpy as np
+
+    env_rows: list[dict[str, Any]] = []
+    titles: list[str] = []
     for init, g in df.groupby("init"):
         ef = fitted.get(str(init))
         if ef is not None and {"k", "m"} <= set(ef["params"]):
-            # the fit-study envelope: L = k·C^m on the lower frontier, with its bootstrap interval
             k, m = float(ef["params"]["k"]), float(ef["params"]["m"])
             lc = np.log10(g["flops"].to_numpy())
             env_rows += [{"init": init, "flops": x, "loss": k * x**m} for x in np.logspace(lc.min(), lc.max(), 40)]
             titles.append(f"{init}: L = {_iv_text(ef, 'k', '.4g')}·C^{_iv_text(ef, 'm', '.4f')} (fit {ef.get('fit_id')})")
             continue
-        # envelope: lowest loss reached in each log-compute bin, then a log-log line through it
         lc = np.log10(g["flops"].to_numpy())
         bins = np.linspace(lc.min(), lc.max() + 1e-9, 16)
         idx = np.digitize(lc, bins)
@@ -135,6 +131,22 @@ def fig_loss_compute(con: Any, study: str, mp: int) -> tuple[Any, int]:
                 {"init": init, "flops": x, "loss": math.exp(c0) * x**k} for x in xs
             ]
             titles.append(f"{init}: L = {math.exp(c0):.4g}·C^{k:.4f} (binned minima; no envelope fit)")
+    return env_rows, titles
+
+
+def fig_loss_compute(con: Any, study: str, mp: int) -> tuple[Any, int]:
+    """Fig. 1: validation loss vs compute, scratch | CPT, with fitted power-law envelopes."""
+    import altair as alt
+    import pandas as pd
+
+    df = _downsample(_loss_compute_rows(con, study), "run_id", "tokens", mp)
+    fitted = {_fit_kind(f): f for f in _fits(con, study) if str(f.get("law")) == "envelope" and f.get("params")}
+    # the x axis is the fits' compute C = 6·N·D, with N counted as the fits counted it (fit-study --params)
+    sel_n = " ".join(str(((f.get("meta") or {}).get("selection") or {}).get("N", "")) for f in fitted.values())
+    nonemb_n = "non-embedding" in sel_n and df["params_nonemb"].notna().all()
+    df["flops"] = 6.0 * df["params_nonemb" if nonemb_n else "params"].astype(float) * df["tokens"].astype(float)
+    x_title = f"compute C = 6·N·D (N: {'non-embedding' if nonemb_n else 'all'} parameters)"
+    env_rows, titles = _envelopes(df, fitted)
     sel = _size_sel(alt)
     base = alt.Chart().encode(  # no data of its own: inside the facet a layer with data is not faceted
         x=alt.X("flops:Q", scale=alt.Scale(type="log"), axis=alt.Axis(format=".0e"), title=x_title),
@@ -234,24 +246,22 @@ def _frontier(law: dict[str, float], budgets: Any) -> list[tuple[float, float, f
     return [(c, G * (c / 6) ** (be / s), c / (6 * G * (c / 6) ** (be / s))) for c in budgets]
 
 
-def fig_isoloss(con: Any, study: str, mp: int) -> tuple[Any, int]:
-    """Fig. 4: IsoLoss contours of the CPT law in (N, D) with scratch and CPT compute-optimal frontiers."""
-    import altair as alt
-    import numpy as np
-    import pandas as pd
-
-    laws = _main_laws(con, study)
-    if not laws:
-        raise Missing("Chinchilla / extended-CPT fits in `fits`")
-    main_fit = laws.get("cpt") or laws["scratch"]
-    main = main_fit["law_params"]
-    # axes: the fitted data's range widened 30x each way (paper-scale defaults when the fit has no range)
+def _isoloss_box(laws: dict[str, dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """The N and D axes: the fitted data's range widened 30x each way (paper-scale defaults when the fit has
+    no range)."""
     ranges = [r for f in laws.values() if (r := (f.get("meta") or {}).get("data_range") or {}).get("N") and r.get("D")]
     nr = [min(r["N"][0] for r in ranges) / 30, max(r["N"][1] for r in ranges) * 30] if ranges else [1e7, 10**10.5]
     dr = [min(r["D"][0] for r in ranges) / 30, max(r["D"][1] for r in ranges) * 30] if ranges else [1e8, 1e12]
+    return nr, dr
+
+
+def _isoloss_contours(main: dict[str, float], nr: list[float], dr: list[float]) -> list[dict[str, Any]]:
+    """IsoLoss contour rows of the law ``main`` inside the box. Levels: quantiles of the loss over the
+    (N, D) box, so every level is reached inside it (levels spaced between the corner losses all fall
+    outside when one corner explodes, e.g. a fit with alpha at its bound)."""
+    import numpy as np
+
     ns = np.logspace(np.log10(nr[0]), np.log10(nr[1]), 160)
-    # levels: quantiles of the loss over the (N, D) box, so every level is reached inside it (levels spaced
-    # between the corner losses all fall outside when one corner explodes, e.g. a fit with alpha at its bound)
     gd = np.logspace(np.log10(dr[0]), np.log10(dr[1]), 80)
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         grid = _law_loss(main, ns[::2, None], gd[None, :])
@@ -262,6 +272,13 @@ def fig_isoloss(con: Any, study: str, mp: int) -> tuple[Any, int]:
         dd = _isoloss_curve(main, lv, ns)
         ok = np.isfinite(dd) & (dd >= dr[0]) & (dd <= dr[1])
         contour += [{"level": lv, "N": float(n), "D": float(d)} for n, d in zip(ns[ok], dd[ok], strict=True)]
+    return contour
+
+
+def _frontier_rows(laws: dict[str, dict[str, Any]], nr: list[float], dr: list[float]) -> list[dict[str, Any]]:
+    """Each law's compute-optimal frontier inside the box."""
+    import numpy as np
+
     front = []
     cmin, cmax = 6 * nr[0] * dr[0], 6 * nr[1] * dr[1]
     for kind, f in laws.items():
@@ -269,6 +286,43 @@ def fig_isoloss(con: Any, study: str, mp: int) -> tuple[Any, int]:
             if nr[0] <= n <= nr[1] and dr[0] <= d <= dr[1]:
                 front.append({"frontier": f"{kind} ({f.get('fit_id')})", "C": c, "N": n, "D": d,
                               "loss": _law_loss(f["law_params"], n, d)})
+    return front
+
+
+def _law_subtitles(laws: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per law: its parameters with intervals, the allocation exponent and an identifiability warning."""
+    import numpy as np
+
+    eq = []
+    for kind, f in laws.items():
+        v = f["law_params"]
+        prime = "'" if v["gamma"] else ""
+        txt = (f"{kind}: E={_iv_text(f, 'E', '.3g')} A={_iv_text(f, 'A', '.4g')} α={_iv_text(f, 'alpha', '.3g')} "
+               f"B{prime}={v['B']:.4g} β{prime}={_iv_text(f, 'beta', '.3g')}")
+        if v["gamma"]:
+            txt += f" γ={_iv_text(f, 'gamma', '.3g')}"
+        fr = _frontier(v, [1.0, 10.0])
+        if fr:
+            txt += f"; N_opt ∝ C^{np.log10(fr[1][1] / fr[0][1]):.3f}"
+        ident = (f.get("meta") or {}).get("identifiability") or {}
+        if ident and not ident.get("identified", True):
+            txt += f" — NOT IDENTIFIED ({ident.get('summary')}): frontier and allocation unreliable"
+        eq.append(txt)
+    return eq
+
+
+def fig_isoloss(con: Any, study: str, mp: int) -> tuple[Any, int]:
+    """Fig. 4: IsoLoss contours of the CPT law in (N, D) with scratch and CPT compute-optimal frontiers."""
+    import altair as alt
+    import pandas as pd
+
+    laws = _main_laws(con, study)
+    if not laws:
+        raise Missing("Chinchilla / extended-CPT fits in `fits`")
+    main_fit = laws.get("cpt") or laws["scratch"]
+    nr, dr = _isoloss_box(laws)
+    contour = _isoloss_contours(main_fit["law_params"], nr, dr)
+    front = _frontier_rows(laws, nr, dr)
     x = alt.X("N:Q", scale=alt.Scale(type="log", domain=nr), axis=alt.Axis(format="~s"), title="parameters N")
     y = alt.Y("D:Q", scale=alt.Scale(type="log", domain=dr), axis=alt.Axis(format="~s"), title="tokens D")
     if not contour and not front:
@@ -290,36 +344,19 @@ def fig_isoloss(con: Any, study: str, mp: int) -> tuple[Any, int]:
                          alt.Tooltip("D:Q", format=".3s"), alt.Tooltip("loss:Q", format=".3f")],
             )
         )
-    eq = []
-    for kind, f in laws.items():
-        v = f["law_params"]
-        prime = "'" if v["gamma"] else ""
-        txt = (f"{kind}: E={_iv_text(f, 'E', '.3g')} A={_iv_text(f, 'A', '.4g')} α={_iv_text(f, 'alpha', '.3g')} "
-               f"B{prime}={v['B']:.4g} β{prime}={_iv_text(f, 'beta', '.3g')}")
-        if v["gamma"]:
-            txt += f" γ={_iv_text(f, 'gamma', '.3g')}"
-        fr = _frontier(v, [1.0, 10.0])
-        if fr:
-            txt += f"; N_opt ∝ C^{np.log10(fr[1][1] / fr[0][1]):.3f}"
-        ident = (f.get("meta") or {}).get("identifiability") or {}
-        if ident and not ident.get("identified", True):
-            txt += f" — NOT IDENTIFIED ({ident.get('summary')}): frontier and allocation unreliable"
-        eq.append(txt)
     chart = (
         alt.layer(*layers)
         .resolve_scale(color="independent")
         .properties(width=520, height=360,
-                    title={"text": "IsoLoss and compute-optimal frontiers (Fig. 4)", "subtitle": eq})
+                    title={"text": "IsoLoss and compute-optimal frontiers (Fig. 4)", "subtitle": _law_subtitles(laws)})
         .interactive()
     )
     return chart, len(contour) + len(front)
 
 
-def fig_replay(con: Any, study: str, mp: int) -> tuple[Any, int]:
-    """Fig. 5: target and source loss vs target compute per replay ratio, and their trade-off."""
-    import altair as alt
-    import pandas as pd
-
+def _replay_rows(con: Any, study: str) -> tuple[Any, str, str]:
+    """CPT runs' target and source evals (``which``) with target-language compute, and the source and target
+    language names."""
     _need(con, "evals", ["run_id", "tokens", "loss", "flops", "lang"])
     _need(con, "runs", ["run_id", "size", "init", "lang", "source_lang", "replay"])
     no_arm = "and r.arm is null" if "arm" in _columns(con, "runs") else ""  # IPLT arms: figure `iplt`
@@ -339,6 +376,51 @@ def fig_replay(con: Any, study: str, mp: int) -> tuple[Any, int]:
     # target-language compute: total compute scaled by the target share of the blend
     df["target_flops"] = df["flops"] * (1 - df["replay"].astype(float))
     df["series"] = df["run_id"] + ":" + df["which"]
+    return df, src_name, tgt_name
+
+
+def _replay_tradeoff(df: Any, src_name: str, tgt_name: str) -> tuple[Any, int]:
+    """Source vs target loss at each run's final budget, a line per size ordered by replay (None without both
+    languages' evals), and its row count."""
+    import altair as alt
+    import pandas as pd
+
+    wide = df.pivot_table(index=["run_id", "size", "replay", "step"], columns="which", values=["loss", "target_flops"], aggfunc="first")
+    if not (("loss", "target") in wide.columns and ("loss", "source") in wide.columns):
+        return None, 0
+    t = pd.DataFrame(
+        {
+            "target_loss": wide[("loss", "target")],
+            "source_loss": wide[("loss", "source")],
+            "target_flops": wide[("target_flops", "target")],
+        }
+    ).dropna().reset_index()
+    if t.empty:
+        return None, 0
+    # per compute budget: the last eval of each run (its final budget)
+    t = t.sort_values("step").groupby("run_id").tail(1)
+    chart = (
+        alt.Chart(t)
+        .mark_line(point=alt.OverlayMarkDef(size=40))
+        .encode(
+            x=alt.X("source_loss:Q", scale=alt.Scale(zero=False), title=f"source ({src_name}) loss"),
+            y=alt.Y("target_loss:Q", scale=alt.Scale(zero=False), title=f"target ({tgt_name}) loss"),
+            color=_size_color(t),
+            order="replay:Q",
+            tooltip=["run_id", "size", "replay", alt.Tooltip("target_flops:Q", format=".2e"),
+                     alt.Tooltip("source_loss:Q", format=".4f"), alt.Tooltip("target_loss:Q", format=".4f")],
+        )
+        .properties(width=300, height=230, title="trade-off at each run's final budget (line = size, ordered by replay)")
+        .interactive(name="zoom_tradeoff")
+    )
+    return chart, len(t)
+
+
+def fig_replay(con: Any, study: str, mp: int) -> tuple[Any, int]:
+    """Fig. 5: target and source loss vs target compute per replay ratio, and their trade-off."""
+    import altair as alt
+
+    df, src_name, tgt_name = _replay_rows(con, study)
     df = _downsample(df, "series", "tokens", mp)
     sel = alt.selection_point(fields=["replay"], bind="legend")
     curves = (
@@ -359,35 +441,8 @@ def fig_replay(con: Any, study: str, mp: int) -> tuple[Any, int]:
         .resolve_scale(y="independent")
         .interactive()
     )
-    wide = df.pivot_table(index=["run_id", "size", "replay", "step"], columns="which", values=["loss", "target_flops"], aggfunc="first")
-    n_trade = 0
-    charts = [curves]
-    if ("loss", "target") in wide.columns and ("loss", "source") in wide.columns:
-        t = pd.DataFrame(
-            {
-                "target_loss": wide[("loss", "target")],
-                "source_loss": wide[("loss", "source")],
-                "target_flops": wide[("target_flops", "target")],
-            }
-        ).dropna().reset_index()
-        if not t.empty:
-            # per compute budget: the last eval of each run (its final budget)
-            t = t.sort_values("step").groupby("run_id").tail(1)
-            n_trade = len(t)
-            charts.append(
-                alt.Chart(t)
-                .mark_line(point=alt.OverlayMarkDef(size=40))
-                .encode(
-                    x=alt.X("source_loss:Q", scale=alt.Scale(zero=False), title=f"source ({src_name}) loss"),
-                    y=alt.Y("target_loss:Q", scale=alt.Scale(zero=False), title=f"target ({tgt_name}) loss"),
-                    color=_size_color(t),
-                    order="replay:Q",
-                    tooltip=["run_id", "size", "replay", alt.Tooltip("target_flops:Q", format=".2e"),
-                             alt.Tooltip("source_loss:Q", format=".4f"), alt.Tooltip("target_loss:Q", format=".4f")],
-                )
-                .properties(width=300, height=230, title="trade-off at each run's final budget (line = size, ordered by replay)")
-                .interactive(name="zoom_tradeoff")
-            )
+    trade, n_trade = _replay_tradeoff(df, src_name, tgt_name)
+    charts = [curves] if trade is None else [curves, trade]
     chart = alt.vconcat(*charts).properties(title="Replay: forgetting vs target loss (Fig. 5)").resolve_scale(color="independent")
     return chart, len(df) + n_trade
 
@@ -413,12 +468,9 @@ def _trust_lines(f: dict[str, Any]) -> list[str]:
     return out
 
 
-def fig_fit_quality(con: Any, study: str, mp: int) -> tuple[Any, int]:
-    """Observed vs predicted with residuals; bootstrap bands (95 % over runs) where present; held-out
-    largest-size predictions marked and their error in the subtitle."""
-    import altair as alt
-    import pandas as pd
-
+def _prediction_rows(con: Any, study: str) -> tuple[Any, str | None, str | None]:
+    """Fitted and held-out predictions with observed losses (fitted / held-out as ``which``, residuals) and
+    the columns of their bootstrap band (None: no band)."""
     _need(con, "predictions", ["fit_id", "predicted_loss", "observed_loss"])
     have = _columns(con, "predictions")
     extra = [c for c in ("kind", "row_kind", "N", "D", "C", "predicted_lo", "predicted_hi", "lo", "hi", "extra")
@@ -443,7 +495,11 @@ def fig_fit_quality(con: Any, study: str, mp: int) -> tuple[Any, int]:
     df["which"] = (df["row_kind"].map({"points": "fitted", "heldout.points": "held-out prediction"})
                    if "row_kind" in df else "fitted")
     df["residual"] = df["observed_loss"] - df["predicted_loss"]
-    df = _downsample(df, "fit_id", "predicted_loss", mp)
+    return df, lo, hi
+
+
+def _fit_quality_subtitles(con: Any, study: str) -> list[str]:
+    """Each fit's held-out error of the largest size (or why it was skipped) and its trust lines."""
     title_bits = []
     for f in _fits(con, study):
         h = f.get("heldout") or {}
@@ -455,6 +511,18 @@ def fig_fit_quality(con: Any, study: str, mp: int) -> tuple[Any, int]:
         elif h.get("status") == "skipped" and f.get("params"):
             title_bits.append(f"{f.get('fit_id')}: held-out skipped ({h.get('reason')})")
         title_bits.extend(_trust_lines(f))
+    return title_bits
+
+
+def fig_fit_quality(con: Any, study: str, mp: int) -> tuple[Any, int]:
+    """Observed vs predicted with residuals; bootstrap bands (95 % over runs) where present; held-out
+    largest-size predictions marked and their error in the subtitle."""
+    import altair as alt
+    import pandas as pd
+
+    df, lo, hi = _prediction_rows(con, study)
+    df = _downsample(df, "fit_id", "predicted_loss", mp)
+    title_bits = _fit_quality_subtitles(con, study)
     tip = ["fit_id", "which", alt.Tooltip("predicted_loss:Q", format=".4f"), alt.Tooltip("observed_loss:Q", format=".4f")]
     tip += [c for c in ("N", "D") if c in df]
     sel = alt.selection_point(fields=["fit_id"], bind="legend")
@@ -625,14 +693,9 @@ def _json_col(v: Any) -> Any:
     return v if isinstance(v, dict | list) else None
 
 
-def fig_iplt(con: Any, study: str, mp: int) -> tuple[Any, int]:
-    """IPLT: validation loss vs the training FLOPs each arm actually spent (the classic arm's curve
-    starts with its full dense training), prune events marked, the budget as a rule; a table of each
-    arm's final loss and FLOPs."""
-    import altair as alt
-    import numpy as np
-    import pandas as pd
-
+def _iplt_runs(con: Any, study: str) -> Any:
+    """The IPLT arms' runs, their JSON columns parsed; ``inherited`` FLOPs and ``parent`` (the classic arm's
+    full training run, else "")."""
     _need(con, "runs", ["run_id", "lang", "arm", "arm_panel", "iplt", "flops_spent", "prune"])
     _need(con, "evals", ["run_id", "step", "lang", "loss", "flops"])
     runs = _df(con, """select run_id, arm, arm_panel as panel, lang, iplt, flops_spent, prune, final_params
@@ -642,33 +705,78 @@ def fig_iplt(con: Any, study: str, mp: int) -> tuple[Any, int]:
     runs["iplt"] = [_json_col(x) or {} for x in runs["iplt"]]
     runs["prune"] = [_json_col(x) or [] for x in runs["prune"]]
     runs["inherited"] = [float(i.get("flops_inherited") or 0.0) for i in runs["iplt"]]
-    parents = [i.get("inherited_from") if isinstance(i.get("inherited_from"), str) else "" for i in runs["iplt"]]
-    runs["parent"] = parents
-    ids = sorted({*runs["run_id"], *(p for p in parents if p)})
-    ev = _df(con, "select run_id, step, lang, loss, flops from evals where study = ? and branch is null and list_contains(?, run_id) "
-                  "and flops is not null order by run_id, step", [study, ids])
-    # training speed-up of each arm's final shape: median tokens/s after its last prune over the median
-    # before its first prune in the same run (adjacent in time, so a shared machine's load cancels), or,
-    # for arms without 5 steps before their first prune, over the panel's dense arm (marked †)
+    runs["parent"] = [i.get("inherited_from") if isinstance(i.get("inherited_from"), str) else "" for i in runs["iplt"]]
+    return runs
+
+
+def _iplt_speedups(con: Any, study: str, runs: Any) -> dict[str, str]:
+    """Training speed-up of each arm's final shape: median tokens/s after its last prune over the median
+    before its first prune in the same run (adjacent in time, so a shared machine's load cancels), or,
+    for arms without 5 steps before their first prune, over the panel's dense arm (marked †)."""
     speed: dict[str, str] = {}
-    if {"run_id", "step", "tokens_per_s"} <= _columns(con, "train_metrics"):
-        tm = _df(con, "select run_id, step, tokens_per_s from train_metrics where study = ? and "
-                      "list_contains(?, run_id) and tokens_per_s > 0" + _main_steps(con),
-                 [study, list(runs["run_id"])])
-        after: dict[str, float] = {}
-        for r in runs.itertuples():
-            last = max((int(p["step"]) for p in r.prune), default=-1)
-            t = tm[(tm["run_id"] == r.run_id) & (tm["step"] > last)]["tokens_per_s"]
-            if len(t):
-                after[r.run_id] = float(t.median())
-        dense = {r.panel: after.get(r.run_id) for r in runs.itertuples() if r.arm in ("dense", "cpt-dense")}
-        for r in runs.itertuples():
-            first = min((int(p["step"]) for p in r.prune), default=-1)
-            before = tm[(tm["run_id"] == r.run_id) & (tm["step"] < first)]["tokens_per_s"]
-            if r.run_id in after and len(before) >= 5:
-                speed[r.run_id] = f"{after[r.run_id] / float(before.median()):.2f}x"
-            elif r.run_id in after and dense.get(r.panel):
-                speed[r.run_id] = f"{after[r.run_id] / dense[r.panel]:.2f}x" + ("" if r.arm.endswith("dense") else " †")
+    if not {"run_id", "step", "tokens_per_s"} <= _columns(con, "train_metrics"):
+        return speed
+    tm = _df(con, "select run_id, step, tokens_per_s from train_metrics where study = ? and "
+                  "list_contains(?, run_id) and tokens_per_s > 0" + _main_steps(con),
+             [study, list(runs["run_id"])])
+    after: dict[str, float] = {}
+    for r in runs.itertuples():
+        last = max((int(p["step"]) for p in r.prune), default=-1)
+        t = tm[(tm["run_id"] == r.run_id) & (tm["step"] > last)]["tokens_per_s"]
+        if len(t):
+            after[r.run_id] = float(t.median())
+    dense = {r.panel: after.get(r.run_id) for r in runs.itertuples() if r.arm in ("dense", "cpt-dense")}
+    for r in runs.itertuples():
+        first = min((int(p["step"]) for p in r.prune), default=-1)
+        before = tm[(tm["run_id"] == r.run_id) & (tm["step"] < first)]["tokens_per_s"]
+        if r.run_id in after and len(before) >= 5:
+            speed[r.run_id] = f"{after[r.run_id] / float(before.median()):.2f}x"
+        elif r.run_id in after and dense.get(r.panel):
+            speed[r.run_id] = f"{after[r.run_id] / dense[r.panel]:.2f}x" + ("" if r.arm.endswith("dense") else " †")
+    return speed
+
+
+def _iplt_prune_marks(r: Any, own: Any, series: str) -> list[dict[str, Any]]:
+    """One arm's prune events at the FLOPs and (interpolated) loss where they happened."""
+    import numpy as np
+
+    steps, losses = own["step"].to_numpy(float), own["loss"].to_numpy(float)
+    pos = own[own["flops"] > 0]
+    marks = []
+    for p in r.prune:
+        px = float(p.get("flops") or 0.0) + r.inherited
+        at = float(p["step"])
+        if px <= 0 and not pos.empty:  # a step-0 prune: drawn at the first evaluation (log axis)
+            px, at = float(pos["flops"].iloc[0]) + r.inherited, float(pos["step"].iloc[0])
+        marks.append({"panel": r.panel, "arm": r.arm, "series": series, "step": p.get("step"), "x": px,
+                      "loss": float(np.interp(at, steps, losses)),
+                      "params_before": p.get("params_before"), "params": p.get("params"),
+                      "calib_loss_before": p.get("calib_loss_before"),
+                      "calib_loss_after": p.get("calib_loss_after")})
+    return marks
+
+
+def _iplt_table_row(r: Any, own: Any, speed: dict[str, str]) -> dict[str, Any]:
+    """One arm's row of the table: final loss, FLOPs spent (with inherited) against the budget, prunes,
+    final parameters and speed-up."""
+    import numpy as np
+    import pandas as pd
+
+    last = own.loc[own["step"].idxmax()]
+    spent = (float(r.flops_spent) if r.flops_spent is not None and not pd.isna(r.flops_spent)
+             else float(last["flops"])) + r.inherited
+    budget = float(r.iplt.get("budget_flops") or np.nan)
+    return {"panel": r.panel, "arm": r.arm, "run_id": r.run_id, "final loss": f"{last['loss']:.4f}",
+            "FLOPs spent": f"{spent:.4g}", "/ budget": f"{spent / budget:.4f}",
+            "prunes": str(len(r.prune)), "final params": f"{int(r.final_params):,}"
+            if r.final_params is not None and not pd.isna(r.final_params) else "?",
+            "tokens/s after/before": speed.get(r.run_id, "?"),
+            "budget": budget}
+
+
+def _iplt_arms(runs: Any, ev: Any, speed: dict[str, str]) -> tuple[list[Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per arm with evaluations: its loss curve pieces (classic: its full training, then its own run), its
+    prune marks and its table row."""
     curves, marks, table = [], [], []
     for r in runs.itertuples():
         own = ev[(ev["run_id"] == r.run_id) & (ev["lang"] == r.lang)]
@@ -681,28 +789,68 @@ def fig_iplt(con: Any, study: str, mp: int) -> tuple[Any, int]:
                                      x=par["flops"]))
         curves.append(own.assign(arm=r.arm, panel=r.panel, series=series, part="arm run",
                                  x=own["flops"] + r.inherited))
-        steps, losses = own["step"].to_numpy(float), own["loss"].to_numpy(float)
-        pos = own[own["flops"] > 0]
-        for p in r.prune:
-            px = float(p.get("flops") or 0.0) + r.inherited
-            at = float(p["step"])
-            if px <= 0 and not pos.empty:  # a step-0 prune: drawn at the first evaluation (log axis)
-                px, at = float(pos["flops"].iloc[0]) + r.inherited, float(pos["step"].iloc[0])
-            marks.append({"panel": r.panel, "arm": r.arm, "series": series, "step": p.get("step"), "x": px,
-                          "loss": float(np.interp(at, steps, losses)),
-                          "params_before": p.get("params_before"), "params": p.get("params"),
-                          "calib_loss_before": p.get("calib_loss_before"),
-                          "calib_loss_after": p.get("calib_loss_after")})
-        last = own.loc[own["step"].idxmax()]
-        spent = (float(r.flops_spent) if r.flops_spent is not None and not pd.isna(r.flops_spent)
-                 else float(last["flops"])) + r.inherited
-        budget = float(r.iplt.get("budget_flops") or np.nan)
-        table.append({"panel": r.panel, "arm": r.arm, "run_id": r.run_id, "final loss": f"{last['loss']:.4f}",
-                      "FLOPs spent": f"{spent:.4g}", "/ budget": f"{spent / budget:.4f}",
-                      "prunes": str(len(r.prune)), "final params": f"{int(r.final_params):,}"
-                      if r.final_params is not None and not pd.isna(r.final_params) else "?",
-                      "tokens/s after/before": speed.get(r.run_id, "?"),
-                      "budget": budget})
+        marks += _iplt_prune_marks(r, own, series)
+        table.append(_iplt_table_row(r, own, speed))
+    return curves, marks, table
+
+
+def _iplt_panel(d: Any, m: Any, b: Any, color: Any, title: str, idx: int) -> Any:
+    """One panel: the arms' loss vs FLOPs curves, their prune marks and the budget rule."""
+    import altair as alt
+    import pandas as pd
+
+    x = alt.X("x:Q", scale=alt.Scale(type="log"), axis=alt.Axis(format=".0e"),
+              title="training FLOPs spent (classic: incl. its full training)")
+    y = alt.Y("loss:Q", scale=alt.Scale(zero=False), title="validation loss (training language)")
+    layers = [alt.Chart(d).mark_line(point=alt.OverlayMarkDef(size=10)).encode(
+        x=x, y=y, color=color, detail="series:N", strokeDash=alt.StrokeDash("part:N", title=None),
+        tooltip=["arm", "run_id", "step", alt.Tooltip("loss:Q", format=".4f"), alt.Tooltip("x:Q", format=".3e")])]
+    if not m.empty:
+        layers.append(alt.Chart(m).mark_point(shape="triangle-down", size=90, filled=True, stroke="black").encode(
+            x="x:Q", y="loss:Q", color=color,
+            tooltip=["arm", "step", "params_before", "params", alt.Tooltip("calib_loss_before:Q", format=".4f"),
+                     alt.Tooltip("calib_loss_after:Q", format=".4f"), alt.Tooltip("x:Q", format=".3e")]))
+    if len(b):
+        layers.append(alt.Chart(pd.DataFrame({"x": [float(b.iloc[0])]})).mark_rule(
+            color="gray", strokeDash=[4, 4]).encode(x="x:Q", tooltip=[alt.Tooltip("x:Q", title="budget B",
+                                                                                   format=".3e")]))
+    return alt.layer(*layers).properties(width=360, height=260, title=title).interactive(name=f"zoom_panel{idx}")
+
+
+def _iplt_table(tb: Any) -> Any:
+    """The arms' table as a text chart, one row per panel and arm."""
+    import altair as alt
+
+    from cptscale.iplt import panel_sort_key
+
+    tb = tb.sort_values(["panel", "arm"], key=lambda s: s.map(_arm_key) if s.name == "arm"
+                        else s.map(panel_sort_key))
+    cols = ["final loss", "FLOPs spent", "/ budget", "prunes", "final params", "tokens/s after/before"]
+    long = tb.melt(id_vars=["panel", "arm"], value_vars=cols, var_name="column", value_name="text")
+    long["row"] = long["panel"] + ": " + long["arm"]
+    rows = list(dict.fromkeys(long["row"]))
+    return alt.Chart(long).mark_text(align="left", dx=-40).encode(
+        x=alt.X("column:N", sort=cols, axis=alt.Axis(orient="top", labelAngle=0), title=None),
+        y=alt.Y("row:N", sort=rows, title=None), text="text:N",
+    ).properties(width=620, height=18 * len(rows), title=[
+        "final loss and FLOPs per arm (loss at the last eval); tokens/s: median training speed after the last prune",
+        "over the median before the first prune in the same run († over the panel's dense arm, another run)"])
+
+
+def fig_iplt(con: Any, study: str, mp: int) -> tuple[Any, int]:
+    """IPLT: validation loss vs the training FLOPs each arm actually spent (the classic arm's curve
+    starts with its full dense training), prune events marked, the budget as a rule; a table of each
+    arm's final loss and FLOPs."""
+    import altair as alt
+    import pandas as pd
+
+    from cptscale.iplt import panel_sort_key
+
+    runs = _iplt_runs(con, study)
+    ids = sorted({*runs["run_id"], *(p for p in runs["parent"] if p)})
+    ev = _df(con, "select run_id, step, lang, loss, flops from evals where study = ? and branch is null and list_contains(?, run_id) "
+                  "and flops is not null order by run_id, step", [study, ids])
+    curves, marks, table = _iplt_arms(runs, ev, _iplt_speedups(con, study, runs))
     if not curves:
         raise Missing("evals of the IPLT arms (no arm has finished an evaluation yet)")
     df = pd.concat(curves, ignore_index=True)
@@ -710,45 +858,12 @@ def fig_iplt(con: Any, study: str, mp: int) -> tuple[Any, int]:
     df = _downsample(df, "series", "x", mp)
     order = sorted(set(df["arm"]), key=_arm_key)
     color = alt.Color("arm:N", sort=order, scale=alt.Scale(scheme="category10"), title="arm")
-    x = alt.X("x:Q", scale=alt.Scale(type="log"), axis=alt.Axis(format=".0e"),
-              title="training FLOPs spent (classic: incl. its full training)")
-    y = alt.Y("loss:Q", scale=alt.Scale(zero=False), title="validation loss (training language)")
-    panels = []
     mk = pd.DataFrame(marks)
     tb = pd.DataFrame(table)
-    from cptscale.iplt import panel_sort_key
-
-    for panel in sorted(set(df["panel"]), key=panel_sort_key):
-        d = df[df["panel"] == panel]
-        layers = [alt.Chart(d).mark_line(point=alt.OverlayMarkDef(size=10)).encode(
-            x=x, y=y, color=color, detail="series:N", strokeDash=alt.StrokeDash("part:N", title=None),
-            tooltip=["arm", "run_id", "step", alt.Tooltip("loss:Q", format=".4f"), alt.Tooltip("x:Q", format=".3e")])]
-        m = mk[mk["panel"] == panel] if not mk.empty else mk
-        if not m.empty:
-            layers.append(alt.Chart(m).mark_point(shape="triangle-down", size=90, filled=True, stroke="black").encode(
-                x="x:Q", y="loss:Q", color=color,
-                tooltip=["arm", "step", "params_before", "params", alt.Tooltip("calib_loss_before:Q", format=".4f"),
-                         alt.Tooltip("calib_loss_after:Q", format=".4f"), alt.Tooltip("x:Q", format=".3e")]))
-        b = tb[tb["panel"] == panel]["budget"].dropna()
-        if len(b):
-            layers.append(alt.Chart(pd.DataFrame({"x": [float(b.iloc[0])]})).mark_rule(
-                color="gray", strokeDash=[4, 4]).encode(x="x:Q", tooltip=[alt.Tooltip("x:Q", title="budget B",
-                                                                                       format=".3e")]))
-        panels.append(alt.layer(*layers).properties(width=360, height=260, title=panel)
-                      .interactive(name=f"zoom_panel{len(panels)}"))
-    tb = tb.sort_values(["panel", "arm"], key=lambda s: s.map(_arm_key) if s.name == "arm"
-                        else s.map(panel_sort_key))
-    cols = ["final loss", "FLOPs spent", "/ budget", "prunes", "final params", "tokens/s after/before"]
-    long = tb.melt(id_vars=["panel", "arm"], value_vars=cols, var_name="column", value_name="text")
-    long["row"] = long["panel"] + ": " + long["arm"]
-    rows = list(dict.fromkeys(long["row"]))
-    text = alt.Chart(long).mark_text(align="left", dx=-40).encode(
-        x=alt.X("column:N", sort=cols, axis=alt.Axis(orient="top", labelAngle=0), title=None),
-        y=alt.Y("row:N", sort=rows, title=None), text="text:N",
-    ).properties(width=620, height=18 * len(rows), title=[
-        "final loss and FLOPs per arm (loss at the last eval); tokens/s: median training speed after the last prune",
-        "over the median before the first prune in the same run († over the panel's dense arm, another run)"])
-    chart = alt.vconcat(alt.hconcat(*panels), text).properties(
+    panels = [_iplt_panel(df[df["panel"] == panel], mk[mk["panel"] == panel] if not mk.empty else mk,
+                          tb[tb["panel"] == panel]["budget"].dropna(), color, panel, i)
+              for i, panel in enumerate(sorted(set(df["panel"]), key=panel_sort_key))]
+    chart = alt.vconcat(alt.hconcat(*panels), _iplt_table(tb)).properties(
         title={"text": "IPLT: prune early vs after training vs small from scratch, at equal FLOPs",
                "subtitle": ["▼ = a prune event (one at step 0 is drawn at the first evaluation); dashed rule = the "
                             "budget B every arm spends; classic's dashed segment = its full dense training"]})
@@ -767,11 +882,8 @@ def _recipe_text(spec: Any) -> str:
     return txt
 
 
-def fig_variants(con: Any, study: str, mp: int) -> tuple[Any, int]:
-    """CPT recipe variants (config `variants`, e.g. the Reuse, Don't Retrain ablation): target and source
-    loss vs CPT tokens per variant, their LR schedules, and each variant's final losses side by side."""
-    import altair as alt
-
+def _variant_rows(con: Any, study: str) -> Any:
+    """CPT runs' target and source evals with each run's recipe variant, recipe text and legend label."""
     _need(con, "runs", ["run_id", "size", "init", "lang", "source_lang", "variant", "replay"])
     _need(con, "evals", ["run_id", "step", "tokens", "lang", "loss"])
     rcols = _columns(con, "runs")
@@ -791,7 +903,34 @@ def fig_variants(con: Any, study: str, mp: int) -> tuple[Any, int]:
     many = df[["size", "replay"]].drop_duplicates().shape[0] > 1
     df["label"] = df["variant"] + (" (" + df["size"] + ", r" + df["replay"].map("{:g}".format) + ")" if many else "")
     df["series"] = df["run_id"] + ":" + df["which"]
-    df = _downsample(df, "series", "step", mp)
+    return df
+
+
+def _variant_lr(con: Any, study: str, df: Any, mp: int, color: Any, op: Any, order: list[str]) -> tuple[Any, int]:
+    """The variants' LR schedules (None when train_metrics has no LR) and the row count."""
+    import altair as alt
+
+    if "lr" not in _columns(con, "train_metrics"):
+        return None, 0
+    lr = _df(con, "select run_id, step, lr from train_metrics where study = ? and list_contains(?, run_id) "
+                  "and lr is not null" + _main_steps(con), [study, sorted(set(df["run_id"]))])
+    if lr.empty:
+        return None, 0
+    lr["label"] = lr["run_id"].map(df.groupby("run_id")["label"].first())
+    lr = _downsample(lr, "run_id", "step", min(mp, 150))
+    return alt.Chart(lr).mark_line(strokeWidth=1.5).encode(
+        x=alt.X("step:Q"), y=alt.Y("lr:Q", axis=alt.Axis(format=".1e"), title="LR"), color=color,
+        detail="run_id:N", opacity=op, tooltip=["run_id", "label", "step", alt.Tooltip("lr:Q", format=".2e")],
+    ).properties(width=260, height=max(120, 22 * len(order)), title="LR schedule per recipe").interactive(
+        name="zoom_lr"), len(lr)
+
+
+def fig_variants(con: Any, study: str, mp: int) -> tuple[Any, int]:
+    """CPT recipe variants (config `variants`, e.g. the Reuse, Don't Retrain ablation): target and source
+    loss vs CPT tokens per variant, their LR schedules, and each variant's final losses side by side."""
+    import altair as alt
+
+    df = _downsample(_variant_rows(con, study), "series", "step", mp)
     order = sorted(set(df["label"]), key=lambda v: (not v.startswith("(study recipe)"), v))
     color = alt.Color("label:N", sort=order, title="CPT recipe", scale=alt.Scale(scheme="tableau20"))
     sel = alt.selection_point(fields=["label"], bind="legend")
@@ -815,23 +954,9 @@ def fig_variants(con: Any, study: str, mp: int) -> tuple[Any, int]:
             tooltip=["run_id", "label", "recipe", alt.Tooltip("loss:Q", format=".4f")],
         ).properties(width=200, height=max(120, 22 * len(order)), title=f"final {which} loss per recipe")
             .interactive(name=f"zoom_final_{which}", bind_y=False))  # y: recipes (nominal)
-    rows = [alt.hconcat(*curves)]
-    bottom = list(finals)
-    n_lr = 0
-    if "lr" in _columns(con, "train_metrics"):
-        lr = _df(con, "select run_id, step, lr from train_metrics where study = ? and list_contains(?, run_id) "
-                      "and lr is not null" + _main_steps(con), [study, sorted(set(df["run_id"]))])
-        if not lr.empty:
-            lr["label"] = lr["run_id"].map(df.groupby("run_id")["label"].first())
-            lr = _downsample(lr, "run_id", "step", min(mp, 150))
-            n_lr = len(lr)
-            bottom.append(alt.Chart(lr).mark_line(strokeWidth=1.5).encode(
-                x=alt.X("step:Q"), y=alt.Y("lr:Q", axis=alt.Axis(format=".1e"), title="LR"), color=color,
-                detail="run_id:N", opacity=op, tooltip=["run_id", "label", "step", alt.Tooltip("lr:Q", format=".2e")],
-            ).properties(width=260, height=max(120, 22 * len(order)), title="LR schedule per recipe")
-                .interactive(name="zoom_lr"))
-    rows.append(alt.hconcat(*bottom))
-    chart = alt.vconcat(*rows).properties(title={
+    lr_chart, n_lr = _variant_lr(con, study, df, mp, color, op, order)
+    bottom = [*finals, *([lr_chart] if lr_chart is not None else [])]
+    chart = alt.vconcat(alt.hconcat(*curves), alt.hconcat(*bottom)).properties(title={
         "text": "CPT recipes: warmup, minimum LR, blend switch (Reuse, Don't Retrain ablation)",
         "subtitle": ["one colour per recipe variant (config `variants`); legend entries select a recipe"]})
     return chart, len(df) + len(last) + n_lr

@@ -154,15 +154,10 @@ def build_report(
                            images=images, builders=builders)
 
 
-def _build_into(out: Path, db_path: Path, study: str, final_dir: Path, *, title: str | None, max_points: int,
-                images: bool, builders: dict[str, Any]) -> dict[str, Any]:
-    """The body of :func:`build_report`, writing into the staging directory ``out``."""
-    import altair as alt  # heavy (vega bundle); only a report needs it
-    import vl_convert as vlc
-
-    t0 = time.perf_counter()
-    alt.data_transformers.disable_max_rows()
-    title = title or f"cptscale report: {study}"
+def _draw_figures(db_path: Path, study: str, builders: dict[str, Any],
+                  max_points: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, str], dict[str, int]]:
+    """Each builder's Vega-Lite spec and row count, or why it is missing (a broken figure is reported as
+    missing, not raised); also the study's simulated and trained run counts."""
     drawn: dict[str, Any] = {}
     missing: dict[str, str] = {}
     specs: dict[str, Any] = {}
@@ -170,44 +165,59 @@ def _build_into(out: Path, db_path: Path, study: str, final_dir: Path, *, title:
     if not Path(db_path).exists():
         missing = {n: f"database {db_path} (it does not exist yet: the workflow's `database` rule writes it "
                       "once runs have finished; `cptscale db ingest` builds it by hand)" for n in builders}
-    else:
-        con = _connect(db_path)
-        try:
-            simulated = _simulated_runs(con, study)
-            for name, fn in builders.items():
-                try:
-                    chart, n = fn(con, study, max_points)
-                    specs[name] = chart.to_dict()
-                    drawn[name] = {"rows": n}
-                except Missing as exc:
-                    missing[name] = str(exc)
-                except Exception as exc:  # a broken figure must not take the page down
-                    missing[name] = f"error building figure: {type(exc).__name__}: {exc}"
-        finally:
-            con.close()
-    design_html = ""
-    design_path = final_dir.parent / "design" / "design.json"  # <study>/report -> <study>/design
-    if design_path.exists():  # written by `cptscale design`
-        from cptscale.simulate.design import design_chart, design_table
-
-        rep_d = json.loads(design_path.read_text())
-        design_html = design_table(rep_d)
-        specs["design"] = design_chart(rep_d).to_dict()
-        drawn["design"] = {"rows": len(rep_d.get("designs", []))}
-    if simulated["simulated"]:  # every page and figure says so
-        title = f"SIMULATED: {title}"
-        for spec in specs.values():
-            _mark_simulated(spec)
-    if images:
-        for name, spec in specs.items():
+        return specs, drawn, missing, simulated
+    con = _connect(db_path)
+    try:
+        simulated = _simulated_runs(con, study)
+        for name, fn in builders.items():
             try:
-                svg = vlc.vegalite_to_svg(spec)
-                atomic_write(out / "figures" / f"{name}.svg", svg)
-                atomic_write(out / "figures" / f"{name}.png", vlc.svg_to_png(svg, scale=1.5))
-                drawn[name]["svg"] = f"figures/{name}.svg"
-                drawn[name]["png"] = f"figures/{name}.png"
-            except Exception as exc:
-                drawn[name]["image_error"] = str(exc)
+                chart, n = fn(con, study, max_points)
+                specs[name] = chart.to_dict()
+                drawn[name] = {"rows": n}
+            except Missing as exc:
+                missing[name] = str(exc)
+            except Exception as exc:  # a broken figure must not take the page down
+                missing[name] = f"error building figure: {type(exc).__name__}: {exc}"
+    finally:
+        con.close()
+    return specs, drawn, missing, simulated
+
+
+def _design_section(final_dir: Path, specs: dict[str, Any], drawn: dict[str, Any]) -> str:
+    """The design table's HTML and chart (into ``specs``) when `cptscale design` wrote design.json beside the
+    report, else ""."""
+    design_path = final_dir.parent / "design" / "design.json"  # <study>/report -> <study>/design
+    if not design_path.exists():
+        return ""
+    from cptscale.simulate.design import design_chart, design_table
+
+    rep_d = json.loads(design_path.read_text())
+    specs["design"] = design_chart(rep_d).to_dict()
+    drawn["design"] = {"rows": len(rep_d.get("designs", []))}
+    return design_table(rep_d)
+
+
+def _write_images(out: Path, specs: dict[str, Any], drawn: dict[str, Any]) -> None:
+    """figures/<name>.svg and .png of each spec, recorded in ``drawn`` (an image error is recorded, not raised)."""
+    import vl_convert as vlc
+
+    for name, spec in specs.items():
+        try:
+            svg = vlc.vegalite_to_svg(spec)
+            atomic_write(out / "figures" / f"{name}.svg", svg)
+            atomic_write(out / "figures" / f"{name}.png", vlc.svg_to_png(svg, scale=1.5))
+            drawn[name]["svg"] = f"figures/{name}.svg"
+            drawn[name]["png"] = f"figures/{name}.png"
+        except Exception as exc:
+            drawn[name]["image_error"] = str(exc)
+
+
+def _page(title: str, study: str, builders: dict[str, Any], specs: dict[str, Any], missing: dict[str, str],
+          design_html: str, simulated: dict[str, int]) -> str:
+    """The self-contained HTML page: one section per figure (or its missing note), the missing list, the
+    simulated banner, the Vega bundle and the specs."""
+    import vl_convert as vlc
+
     sections = []
     if design_html:
         sections.append(f'<div class="fig" id="fig-design">{design_html}<div id="vis-design"></div></div>')
@@ -231,7 +241,7 @@ def _build_into(out: Path, db_path: Path, study: str, final_dir: Path, *, title:
         banner = (f'<p class="simulated">SIMULATED STUDY: {simulated["simulated"]} of its {n_all} runs were drawn from a '
                   "known law (train.backend: simulate), nothing was trained. These figures check the pipeline's "
                   "statistics against the truth; they are not results of training.</p>")
-    page = _PAGE.format(
+    return _PAGE.format(
         banner=banner,
         csp=CSP,
         title=html.escape(title),
@@ -244,6 +254,25 @@ def _build_into(out: Path, db_path: Path, study: str, final_dir: Path, *, title:
         sections="\n".join(sections),
         specs=json.dumps(specs, default=str).replace("</", "<\\/"),
     )
+
+
+def _build_into(out: Path, db_path: Path, study: str, final_dir: Path, *, title: str | None, max_points: int,
+                images: bool, builders: dict[str, Any]) -> dict[str, Any]:
+    """The body of :func:`build_report`, writing into the staging directory ``out``."""
+    import altair as alt  # heavy (vega bundle); only a report needs it
+
+    t0 = time.perf_counter()
+    alt.data_transformers.disable_max_rows()
+    title = title or f"cptscale report: {study}"
+    specs, drawn, missing, simulated = _draw_figures(db_path, study, builders, max_points)
+    design_html = _design_section(final_dir, specs, drawn)
+    if simulated["simulated"]:  # every page and figure says so
+        title = f"SIMULATED: {title}"
+        for spec in specs.values():
+            _mark_simulated(spec)
+    if images:
+        _write_images(out, specs, drawn)
+    page = _page(title, study, builders, specs, missing, design_html, simulated)
     atomic_write(out / "index.html", page)
     info = {
         "study": study,

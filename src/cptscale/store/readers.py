@@ -114,41 +114,26 @@ def _optional_json(path: Path, fix: str = "") -> Any:
         raise BadInput(f"{path}: malformed JSON ({exc}){fix}") from None
 
 
-def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[str]) -> dict[str, Any]:
-    """All table rows for one run directory (raises BadInput for a bad file): a DataFrame for the
-    train metrics, lists of dicts for the small tables (framed once for all runs, which is faster)."""
-
-    try:  # the typed spec (older versions migrated); below, its dump, as the trainer and transfer read it
-        spec = RunSpec.load(run_dir / "run.json").to_dict()
-    except SpecError as exc:
-        raise BadInput(f"{exc}; re-run `cptscale plan` for this run") from None
-    done = _optional_json(run_dir / "done.json")
-    rid = spec.get("run_id") or run_dir.name
-    chash = spec.get("config_hash")
-    prov = merged_provenance(spec.get("provenance"), (done or {}).get("provenance"))
-    branches = _branches(run_dir / "done.json", (done or {}).get("branches"))
-    comp = run_compute(spec) if "shape" in spec else {}
+def _eval_flops(e: dict[str, Any], spec: dict[str, Any], comp: dict[str, Any]) -> tuple[float | None, float | None]:
+    """FLOPs at an eval (exact, 6ND): the trainer's own count when it wrote one (exact after a prune), else
+    the count from the spec's shape(s) at that step."""
+    if e.get("flops") is not None:
+        return float(e["flops"]), (float(e["flops_6nd"]) if e.get("flops_6nd") is not None else None)
+    if e.get("tokens") is None:
+        return None, None
+    if bool((spec.get("prune") or {}).get("events")) and \
+            int(spec.get("global_batch_size") or 0) * int(spec.get("seq_length") or 0):
+        f = flops_at_step(spec, int(e["step"]))
+        return f["flops_exact"], f["flops_6nd"]
     fpt = comp.get("flops_per_token")
     params = comp.get("params", spec.get("params"))
-    pruned = bool((spec.get("prune") or {}).get("events"))
-    tps = int(spec.get("global_batch_size") or 0) * int(spec.get("seq_length") or 0)
+    return (fpt * e["tokens"] if fpt is not None else None,
+            flops_6nd(params, e["tokens"]) if params else None)
 
-    def eval_flops(e: dict[str, Any]) -> tuple[float | None, float | None]:
-        """FLOPs at an eval: the trainer's own count when it wrote one (exact after a prune), else the
-        count from the spec's shape(s) at that step."""
-        if e.get("flops") is not None:
-            return float(e["flops"]), (float(e["flops_6nd"]) if e.get("flops_6nd") is not None else None)
-        if e.get("tokens") is None:
-            return None, None
-        if pruned and tps:
-            f = flops_at_step(spec, int(e["step"]))
-            return f["flops_exact"], f["flops_6nd"]
-        return (fpt * e["tokens"] if fpt is not None else None,
-                flops_6nd(params, e["tokens"]) if params else None)
-    key = {"study": study, "run_id": rid, "config_hash": chash}
-    out: dict[str, Any] = {}
 
-    # train metrics
+def _train_metric_frame(run_dir: Path, key: dict[str, Any], *, allow_partial: bool, problems: list[str]) -> Any:
+    """metrics.jsonl and the WSD decay branches' branch_metrics.jsonl as one frame keyed by the run (None
+    when the run has logged no step)."""
     mpath = run_dir / "metrics.jsonl"
     tm = _metrics_frame(mpath, allow_partial=allow_partial, problems=problems) if mpath.exists() else None
     bpath = run_dir / "branch_metrics.jsonl"
@@ -163,46 +148,54 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
     if tm is not None:
         for k, v in key.items():
             tm.insert(0, k, v)
-        out["train_metrics"] = tm
+    return tm
 
-    # evals
-    ev_rows: list[dict[str, Any]] = []
+
+def _eval_rows(run_dir: Path, key: dict[str, Any], spec: dict[str, Any], comp: dict[str, Any], *,
+               allow_partial: bool, problems: list[str]) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]]]:
+    """The evals table rows of evals.jsonl (None without the file; the last of each re-logged eval wins) and
+    the main trajectory's evals as logged (what forgetting is computed from)."""
     epath = run_dir / "evals.jsonl"
-    if epath.exists():
-        ev_rows = read_jsonl_rows(epath, ("step", "lang", "loss"), allow_partial=allow_partial, problems=problems,
-                                  check=_check_branch)
-        # a resumed run may re-log an eval: the last one of each (step, lang, branch) wins
-        dedup: dict[tuple[int, str, int | None], dict[str, Any]] = {}
-        for e in ev_rows:
-            dedup[(int(e["step"]), str(e["lang"]), e.get("branch"))] = e
-        ev_rows = list(dedup.values())
-        out["evals"] = [
-            {**key, "step": int(e["step"]), "tokens": e.get("tokens"), "lang": e["lang"], "loss": e["loss"],
-             "ppl": e.get("ppl", math.exp(min(e["loss"], 700))), "bpb": e.get("bpb"),
-             "n_tokens": e.get("n_tokens"), "flops": fl, "flops_6nd": f6, "branch": e.get("branch")}
-            for e in ev_rows for fl, f6 in [eval_flops(e)]
-        ]
-        ev_rows = main_trajectory(ev_rows)  # forgetting is a main-trajectory curve
+    if not epath.exists():
+        return None, []
+    ev_rows = read_jsonl_rows(epath, ("step", "lang", "loss"), allow_partial=allow_partial, problems=problems,
+                              check=_check_branch)
+    # a resumed run may re-log an eval: the last one of each (step, lang, branch) wins
+    dedup: dict[tuple[int, str, int | None], dict[str, Any]] = {}
+    for e in ev_rows:
+        dedup[(int(e["step"]), str(e["lang"]), e.get("branch"))] = e
+    ev_rows = list(dedup.values())
+    rows = [
+        {**key, "step": int(e["step"]), "tokens": e.get("tokens"), "lang": e["lang"], "loss": e["loss"],
+         "ppl": e.get("ppl", math.exp(min(e["loss"], 700))), "bpb": e.get("bpb"),
+         "n_tokens": e.get("n_tokens"), "flops": fl, "flops_6nd": f6, "branch": e.get("branch")}
+        for e in ev_rows for fl, f6 in [_eval_flops(e, spec, comp)]
+    ]
+    return rows, main_trajectory(ev_rows)  # forgetting is a main-trajectory curve
 
-    # blend realization
-    blend = _optional_json(run_dir / "blend.json")
-    if blend is not None:
-        rows = []
-        phases = blend.get("phases") if isinstance(blend, dict) else None
-        if phases is None and isinstance(blend, dict) and "sources" in blend:
-            phases = [blend]
-        for pi, ph in enumerate(phases or []):
-            for s in ph.get("sources") or []:
-                rows.append({**key, "phase": str(ph.get("name", ph.get("index", pi))),
-                             "phase_index": ph.get("index", pi), "start_step": ph.get("start_step"),
-                             "end_step": ph.get("end_step"), "source": s.get("name"),
-                             "planned_share": s.get("planned_share"), "realized_share": s.get("realized_share"),
-                             "samples": s.get("samples"), "tokens": s.get("tokens"),
-                             "available_tokens": s.get("available_tokens"), "epochs": s.get("epochs")})
-        out["blend_realizations"] = rows
 
-    # transfer + forgetting
-    tr = _optional_json(run_dir / "transfer.json", "; re-run `cptscale transfer`")
+def _blend_rows(blend: Any, key: dict[str, Any]) -> list[dict[str, Any]]:
+    """blend.json's planned and realized share of each source in each phase (a single-phase file too)."""
+    rows = []
+    phases = blend.get("phases") if isinstance(blend, dict) else None
+    if phases is None and isinstance(blend, dict) and "sources" in blend:
+        phases = [blend]
+    for pi, ph in enumerate(phases or []):
+        for s in ph.get("sources") or []:
+            rows.append({**key, "phase": str(ph.get("name", ph.get("index", pi))),
+                         "phase_index": ph.get("index", pi), "start_step": ph.get("start_step"),
+                         "end_step": ph.get("end_step"), "source": s.get("name"),
+                         "planned_share": s.get("planned_share"), "realized_share": s.get("realized_share"),
+                         "samples": s.get("samples"), "tokens": s.get("tokens"),
+                         "available_tokens": s.get("available_tokens"), "epochs": s.get("epochs")})
+    return rows
+
+
+def _transfer_rows(tr: Any, spec: dict[str, Any], key: dict[str, Any],
+                   ev_rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The transfer rows of transfer.json and the forgetting rows (transfer.json's, else computed from a CPT
+    run's source-language evals against its parent's final loss)."""
+    out: dict[str, list[dict[str, Any]]] = {}
     if tr is not None:
         base = {**key, "scratch_run_id": tr.get("scratch_run_id"), "source_run_id": tr.get("source_run_id"),
                 "size": spec.get("size"), "lang": tr.get("lang", spec.get("lang")),
@@ -217,8 +210,12 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
             fg_rows = forgetting(ev_rows, float(final), spec["source_lang"])
     if fg_rows:
         out["forgetting"] = [{**key, "size": spec.get("size"), "replay": spec.get("replay"), **r} for r in fg_rows]
+    return out
 
-    # checkpoints
+
+def _checkpoint_rows(spec: dict[str, Any], done: dict[str, Any] | None, key: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's checkpoints: the one it started from, its final one, the one it resumed from and every
+    complete step_N the trainer saved."""
     ck = []
     parent = spec.get("parent") or {}
     if parent.get("checkpoint"):
@@ -235,13 +232,14 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
 
         for step, p in list_checkpoints(ckdir):  # the trainer's complete step_N checkpoints
             ck.append({**key, "kind": "saved", "step": step, "path": str(p)})
-    out["checkpoints"] = ck
+    return ck
 
-    # prune events as the trainer recorded them (prune.jsonl; the units kept are left in the file)
-    prune_rows = None
-    if (run_dir / "prune.jsonl").exists():
-        prune_rows = [{k: v for k, v in r.items() if k != "kept"} for r in read_jsonl_rows(
-            run_dir / "prune.jsonl", ("step", "shape"), allow_partial=allow_partial, problems=problems)]
+
+def _runs_row(spec: dict[str, Any], done: dict[str, Any] | None, key: dict[str, Any], comp: dict[str, Any],
+              prov: dict[str, Any], blend: Any, prune_rows: Any, branches: Any) -> dict[str, Any]:
+    """The run's row of the runs table: its spec, what done.json says it did, FLOPs and provenance."""
+    params = comp.get("params", spec.get("params"))
+    parent = spec.get("parent") or {}
     iplt = spec.get("iplt") or {}
     d = done or {}
     # the trainer's FLOPs (done.json) are the run's FLOPs; the spec's count stands in until it is done
@@ -251,7 +249,7 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
             comp["flops_6nd"] = float(d["flops_spent_6nd"])
     shape = spec.get("shape") or {}
     inputs = dict(prov.get("input_hashes") or {})
-    out["runs"] = [{
+    return {
         **key, "size": spec.get("size"), "init": spec.get("init"), "lang": spec.get("lang"),
         "source_lang": spec.get("source_lang"), "replay": spec.get("replay"), "variant": spec.get("variant"),
         "parent_run_id": parent.get("run_id"), "parent_checkpoint": parent.get("checkpoint"),
@@ -261,9 +259,9 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
         "micro_batch_size": spec.get("micro_batch_size"), "global_batch_size": spec.get("global_batch_size"),
         "steps": spec.get("steps"), "params": params,
         "params_nonemb": comp.get("params_nonemb", spec.get("params_nonemb")),
-        "tokens": comp.get("tokens", spec.get("tokens")), "steps_done": (done or {}).get("steps"),
-        "tokens_done": (done or {}).get("tokens"), "final_loss": _j((done or {}).get("final_loss")),
-        "wall_s": (done or {}).get("wall_s"), "status": "done" if done else "partial",
+        "tokens": comp.get("tokens", spec.get("tokens")), "steps_done": d.get("steps"),
+        "tokens_done": d.get("tokens"), "final_loss": _j(d.get("final_loss")),
+        "wall_s": d.get("wall_s"), "status": "done" if done else "partial",
         "flops_6nd": comp.get("flops_6nd"), "flops_6nd_nonemb": comp.get("flops_6nd_nonemb"),
         "flops_exact": comp.get("flops_exact"), "flops_exact_nonemb": comp.get("flops_exact_nonemb"),
         "out_dir": spec.get("out_dir"), "git_commit": prov.get("git_commit"), "git_dirty": prov.get("git_dirty"),
@@ -275,8 +273,43 @@ def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[
         "final_shape": _j(d.get("final_shape")), "prune": _j(prune_rows), "branches": _j(branches),
         "provenance": _j(prov),
         # simulated (cptscale.simulate): done.json says so, and so does a run.json planned for the simulator
-        "simulated": bool((done or {}).get("simulated") or spec.get("simulate")),
-    }]
+        "simulated": bool(d.get("simulated") or spec.get("simulate")),
+    }
+
+
+def _run_rows(run_dir: Path, study: str, *, allow_partial: bool, problems: list[str]) -> dict[str, Any]:
+    """All table rows for one run directory (raises BadInput for a bad file): a DataFrame for the
+    train metrics, lists of dicts for the small tables (framed once for all runs, which is faster)."""
+
+    try:  # the typed spec (older versions migrated); below, its dump, as the trainer and transfer read it
+        spec = RunSpec.load(run_dir / "run.json").to_dict()
+    except SpecError as exc:
+        raise BadInput(f"{exc}; re-run `cptscale plan` for this run") from None
+    done = _optional_json(run_dir / "done.json")
+    key = {"study": study, "run_id": spec.get("run_id") or run_dir.name, "config_hash": spec.get("config_hash")}
+    prov = merged_provenance(spec.get("provenance"), (done or {}).get("provenance"))
+    branches = _branches(run_dir / "done.json", (done or {}).get("branches"))
+    comp = run_compute(spec) if "shape" in spec else {}
+    partial = {"allow_partial": allow_partial, "problems": problems}
+    out: dict[str, Any] = {}
+    tm = _train_metric_frame(run_dir, key, **partial)
+    if tm is not None:
+        out["train_metrics"] = tm
+    evals, ev_main = _eval_rows(run_dir, key, spec, comp, **partial)
+    if evals is not None:
+        out["evals"] = evals
+    blend = _optional_json(run_dir / "blend.json")
+    if blend is not None:
+        out["blend_realizations"] = _blend_rows(blend, key)
+    tr = _optional_json(run_dir / "transfer.json", "; re-run `cptscale transfer`")
+    out.update(_transfer_rows(tr, spec, key, ev_main))
+    out["checkpoints"] = _checkpoint_rows(spec, done, key)
+    # prune events as the trainer recorded them (prune.jsonl; the units kept are left in the file)
+    prune_rows = None
+    if (run_dir / "prune.jsonl").exists():
+        prune_rows = [{k: v for k, v in r.items() if k != "kept"} for r in read_jsonl_rows(
+            run_dir / "prune.jsonl", ("step", "shape"), **partial)]
+    out["runs"] = [_runs_row(spec, done, key, comp, prov, blend, prune_rows, branches)]
     return out
 
 

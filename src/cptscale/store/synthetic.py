@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,138 @@ _LAW = {"E": 1.55, "A": 420.0, "alpha": 0.40, "B": 719.5, "beta": 0.30}
 
 def _law(n: float, d: float, e_shift: float = 0.0) -> float:
     return _LAW["E"] + e_shift + _LAW["A"] / n ** _LAW["alpha"] + _LAW["B"] / max(d, 1.0) ** _LAW["beta"]
+
+
+@dataclass
+class _Generator:
+    """What every generated run shares: where it goes, the study's languages and sizes of runs, and the one
+    random stream (drawn in a fixed order, so a seed gives the same files)."""
+
+    sdir: Path
+    study: str
+    seed: int
+    lang: str
+    source_lang: str
+    steps_per_run: int
+    evals_per_run: int
+    token_multiplier: float
+    prov: dict[str, Any]
+    rng: Any
+    vocab: int = 32000
+    seq: int = 2048
+
+    def spec(self, size: str, init: str, run_lang: str, rep: float, parent: dict[str, Any] | None) -> RunSpec:
+        """A run.json the trainer accepts (a RunSpec), with the numbers the synthetic losses use."""
+        from cptscale.ladder import get_shape
+        from cptscale.runs import run_id as make_run_id
+
+        sh = get_shape(size)
+        n = sh.params(self.vocab)
+        steps, seq, source_lang = self.steps_per_run, self.seq, self.source_lang
+        gbs = max(1, round(self.token_multiplier * n / steps / seq))
+        rid = make_run_id(size, init, run_lang, rep if init == "cpt" else None)
+        ev_steps = sorted({round(steps * i / (self.evals_per_run - 1)) for i in range(self.evals_per_run)})
+        shares = {run_lang: 1.0 - rep, source_lang: rep} if init == "cpt" else {run_lang: 1.0}
+        sources = [{"name": k, "prefix": f"data/{k}/train", "weight": v, "planned_samples": round(v * gbs * steps)}
+                   for k, v in shares.items() if v > 0]
+        return RunSpec.model_validate({
+            "spec_version": SPEC_VERSION,
+            "run_id": rid, "study": self.study, "size": size, "init": init, "lang": run_lang,
+            "source_lang": source_lang if init == "cpt" else None, "replay": rep if init == "cpt" else 0.0,
+            "shape": sh.as_dict(),
+            "vocab_size": self.vocab, "seq_length": seq, "micro_batch_size": 1, "global_batch_size": gbs,
+            "steps": steps, "seed": self.seed,
+            "schedule": {"kind": "cosine", "max_lr": LR, "min_lr": LR / 10, "warmup_steps": round(0.05 * steps),
+                         "total_steps": steps},
+            "optimizer": {"weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "grad_clip": 1.0},
+            "layout": {"tp": 1, "pp": 1, "dp": 1},
+            "data": {"kind": "blend", "target": run_lang, "source": source_lang if init == "cpt" else run_lang,
+                     "replay": rep if init == "cpt" else 0.0, "switch_steps": [],
+                     "phases": [{"index": 0, "start_step": 0, "end_step": steps,
+                                 "samples": gbs * steps, "sources": sources}]},
+            "eval": {"steps": ev_steps, "languages": {self.lang: {"prefix": f"data/{self.lang}/valid"},
+                                                     source_lang: {"prefix": f"data/{source_lang}/valid"}}},
+            "checkpoint": {"dir": f"/nonexistent/checkpoints/{rid}"}, "parent": parent,
+            "out_dir": str(self.sdir / "runs" / rid), "config_hash": self.prov["config_hash"], "provenance": self.prov,
+            "params": n, "params_nonemb": sh.params(self.vocab, embeddings=False), "tokens": gbs * seq * steps,
+        })
+
+    def write_run(self, typed: RunSpec, loss_fn: Callable[[str, float, float], float]) -> dict[str, float]:
+        """The run's directory as the trainer leaves it; returns its final loss per evaluated language."""
+        spec = typed.to_dict()
+        d = self.sdir / "runs" / spec["run_id"]
+        d.mkdir(parents=True, exist_ok=True)
+        typed.write(d / "run.json")
+        self._write_metrics(d, spec, loss_fn)
+        final = self._write_evals(d, spec, loss_fn)
+        self._write_blend_and_done(d, spec, final)
+        return final
+
+    def _write_metrics(self, d: Path, spec: dict[str, Any], loss_fn: Callable[[str, float, float], float]) -> None:
+        tps, steps = spec["global_batch_size"] * self.seq, spec["steps"]
+        noise = self.rng.normal(0, 0.02, steps)
+        gn = self.rng.lognormal(0, 0.2, steps)
+        lines = []
+        for k in range(1, steps + 1):
+            f = k / steps
+            lr = LR * min(1.0, f / 0.05) * 0.5 * (1 + math.cos(math.pi * f))
+            loss = loss_fn(spec["lang"], k * tps, f) + noise[k - 1]
+            lines.append(f'{{"step": {k}, "tokens": {k * tps}, "loss": {loss:.5f}, "lr": {lr:.4e}, '
+                         f'"grad_norm": {gn[k - 1]:.4f}, "tokens_per_s": 50000.0, "mem_bytes": 1000000000, '
+                         f'"mfu": 0.4}}\n')
+        with open(d / "metrics.jsonl", "w") as fh:
+            fh.writelines(lines)
+
+    def _write_evals(self, d: Path, spec: dict[str, Any],
+                     loss_fn: Callable[[str, float, float], float]) -> dict[str, float]:
+        tps, steps = spec["global_batch_size"] * self.seq, spec["steps"]
+        ev, final = [], {}
+        for s in spec["eval"]["steps"]:
+            for el in spec["eval"]["languages"]:
+                lo = loss_fn(el, s * tps, s / steps) + float(self.rng.normal(0, 0.003))
+                ev.append({"step": s, "tokens": s * tps, "lang": el, "loss": round(lo, 5),
+                           "ppl": math.exp(lo), "bpb": lo / math.log(2) * 0.3, "n_tokens": 65536})
+                final[el] = round(lo, 5)
+        with open(d / "evals.jsonl", "w") as fh:
+            fh.writelines(json.dumps(e) + "\n" for e in ev)
+        return final
+
+    def _write_blend_and_done(self, d: Path, spec: dict[str, Any], final: dict[str, float]) -> None:
+        from cptscale.util import write_json
+
+        steps = spec["steps"]
+        src = {x["name"]: x["weight"] for x in spec["data"]["phases"][0]["sources"]}
+        total = steps * spec["global_batch_size"]
+        write_json(d / "blend.json", {"phases": [{"index": 0, "start_step": 0, "end_step": steps, "sources": [
+            {"name": k, "planned_share": v, "realized_share": round(v + float(self.rng.normal(0, 0.002)), 5),
+             "samples": int(total * v), "tokens": int(total * v * self.seq), "available_tokens": 10**11, "epochs": 0.1}
+            for k, v in src.items() if v > 0]}], "warnings": []})
+        write_json(d / "done.json", {"run_id": spec["run_id"], "steps": steps, "tokens": steps * spec["global_batch_size"] * self.seq,
+                                     "final_loss": final, "final_checkpoint": f"{spec['checkpoint']['dir']}/final",
+                                     "wall_s": 1.0, "params": spec["params"],
+                                     "params_nonemb": spec["params_nonemb"], "resumed_from": None})
+
+
+def _scratch_loss(g: _Generator, n: float, run_lang: str, e_shift: float) -> Callable[[str, float, float], float]:
+    """A scratch run's loss in each language: the law in its own language (``e_shift`` above E), 2 nats worse
+    in the other."""
+    def loss(el: str, d: float, f: float) -> float:
+        return math.log(g.vocab) if d == 0 else _law(n, d, e_shift if el == run_lang else 2.0)
+
+    return loss
+
+
+def _cpt_loss(g: _Generator, n: float, rep: float, sfin: float) -> Callable[[str, float, float], float]:
+    """A CPT run's loss: the source language rises from its parent's final loss (less with more replay), the
+    target follows the law with the effective-data bonus on its target tokens."""
+    def loss(el: str, d: float, f: float) -> float:
+        if el == g.source_lang:
+            rise = 1.3 * (1 - math.exp(-8 * f)) * math.exp(-30 * rep * f)
+            return sfin + rise - 0.05 * rep * f
+        dt = d * (1 - rep)
+        return min(_law(n, dt + 0.5 * max(dt, 1e6) ** 0.8 * n**0.25), math.log(g.vocab) - 1.0)
+
+    return loss
 
 
 def generate_study(study_dir: str | os.PathLike[str], sizes: Sequence[str] | int = ("d64l2", "d128l4"),
@@ -35,128 +168,32 @@ def generate_study(study_dir: str | os.PathLike[str], sizes: Sequence[str] | int
     import numpy as np
 
     from cptscale.ladder import PAPER_SHAPES, get_shape
-    from cptscale.runs import run_id as make_run_id
-    from cptscale.util import write_json
 
-    rng = np.random.default_rng(seed)
     sdir = Path(study_dir)
     study = study or sdir.name
     names = list(PAPER_SHAPES)[: int(sizes)] if isinstance(sizes, int) else list(sizes)
-    vocab, seq = 32000, 2048
     chash = stable_hash({"study": study, "seed": seed})
     prov = {"git_commit": "0" * 40, "git_dirty": False, "packages": {"cptscale": "0.1.0"}, "config_hash": chash,
             "input_hashes": {f"data/{lang}": "a" * 16, f"data/{source_lang}": "b" * 16}}
-    expected, ids = [], []
-
-    def spec_for(size: str, init: str, run_lang: str, rep: float, parent: dict[str, Any] | None) -> RunSpec:
-        """A run.json the trainer accepts (a RunSpec), with the numbers the synthetic losses use."""
-        sh = get_shape(size)
-        n = sh.params(vocab)
-        gbs = max(1, round(token_multiplier * n / steps_per_run / seq))
-        rid = make_run_id(size, init, run_lang, rep if init == "cpt" else None)
-        ev_steps = sorted({round(steps_per_run * i / (evals_per_run - 1)) for i in range(evals_per_run)})
-        shares = {run_lang: 1.0 - rep, source_lang: rep} if init == "cpt" else {run_lang: 1.0}
-        sources = [{"name": k, "prefix": f"data/{k}/train", "weight": v, "planned_samples": round(v * gbs * steps_per_run)}
-                   for k, v in shares.items() if v > 0]
-        return RunSpec.model_validate({
-            "spec_version": SPEC_VERSION,
-            "run_id": rid, "study": study, "size": size, "init": init, "lang": run_lang,
-            "source_lang": source_lang if init == "cpt" else None, "replay": rep if init == "cpt" else 0.0,
-            "shape": sh.as_dict(),
-            "vocab_size": vocab, "seq_length": seq, "micro_batch_size": 1, "global_batch_size": gbs,
-            "steps": steps_per_run, "seed": seed,
-            "schedule": {"kind": "cosine", "max_lr": LR, "min_lr": LR / 10, "warmup_steps": round(0.05 * steps_per_run),
-                         "total_steps": steps_per_run},
-            "optimizer": {"weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "grad_clip": 1.0},
-            "layout": {"tp": 1, "pp": 1, "dp": 1},
-            "data": {"kind": "blend", "target": run_lang, "source": source_lang if init == "cpt" else run_lang,
-                     "replay": rep if init == "cpt" else 0.0, "switch_steps": [],
-                     "phases": [{"index": 0, "start_step": 0, "end_step": steps_per_run,
-                                 "samples": gbs * steps_per_run, "sources": sources}]},
-            "eval": {"steps": ev_steps, "languages": {lang: {"prefix": f"data/{lang}/valid"},
-                                                     source_lang: {"prefix": f"data/{source_lang}/valid"}}},
-            "checkpoint": {"dir": f"/nonexistent/checkpoints/{rid}"}, "parent": parent,
-            "out_dir": str(sdir / "runs" / rid), "config_hash": chash, "provenance": prov,
-            "params": n, "params_nonemb": sh.params(vocab, embeddings=False), "tokens": gbs * seq * steps_per_run,
-        })
-
-    def write_run(typed: RunSpec, loss_fn: Any) -> dict[str, float]:
-        spec = typed.to_dict()
-        d = sdir / "runs" / spec["run_id"]
-        d.mkdir(parents=True, exist_ok=True)
-        typed.write(d / "run.json")
-        tps = spec["global_batch_size"] * seq
-        steps = spec["steps"]
-        lines = []
-        noise = rng.normal(0, 0.02, steps)
-        gn = rng.lognormal(0, 0.2, steps)
-        for k in range(1, steps + 1):
-            f = k / steps
-            lr = LR * min(1.0, f / 0.05) * 0.5 * (1 + math.cos(math.pi * f))
-            loss = loss_fn(spec["lang"], k * tps, f) + noise[k - 1]
-            lines.append(f'{{"step": {k}, "tokens": {k * tps}, "loss": {loss:.5f}, "lr": {lr:.4e}, '
-                         f'"grad_norm": {gn[k - 1]:.4f}, "tokens_per_s": 50000.0, "mem_bytes": 1000000000, '
-                         f'"mfu": 0.4}}\n')
-        with open(d / "metrics.jsonl", "w") as fh:
-            fh.writelines(lines)
-        ev, final = [], {}
-        for s in spec["eval"]["steps"]:
-            for el in spec["eval"]["languages"]:
-                lo = loss_fn(el, s * tps, s / steps) + float(rng.normal(0, 0.003))
-                ev.append({"step": s, "tokens": s * tps, "lang": el, "loss": round(lo, 5),
-                           "ppl": math.exp(lo), "bpb": lo / math.log(2) * 0.3, "n_tokens": 65536})
-                final[el] = round(lo, 5)
-        with open(d / "evals.jsonl", "w") as fh:
-            fh.writelines(json.dumps(e) + "\n" for e in ev)
-        src = {x["name"]: x["weight"] for x in spec["data"]["phases"][0]["sources"]}
-        total = steps * spec["global_batch_size"]
-        write_json(d / "blend.json", {"phases": [{"index": 0, "start_step": 0, "end_step": steps, "sources": [
-            {"name": k, "planned_share": v, "realized_share": round(v + float(rng.normal(0, 0.002)), 5),
-             "samples": int(total * v), "tokens": int(total * v * seq), "available_tokens": 10**11, "epochs": 0.1}
-            for k, v in src.items() if v > 0]}], "warnings": []})
-        write_json(d / "done.json", {"run_id": spec["run_id"], "steps": steps, "tokens": steps * tps,
-                                     "final_loss": final, "final_checkpoint": f"{spec['checkpoint']['dir']}/final",
-                                     "wall_s": 1.0, "params": spec["params"],
-                                     "params_nonemb": spec["params_nonemb"], "resumed_from": None})
-        ids.append(spec["run_id"])
-        return final
-
+    g = _Generator(sdir, study, seed, lang, source_lang, steps_per_run, evals_per_run, token_multiplier, prov,
+                   np.random.default_rng(seed))
+    expected: list[RunSpec] = []
     for size in names:
-        n = get_shape(size).params(vocab)
+        n = get_shape(size).params(g.vocab)
         if "scratch" in inits:
-            sp = spec_for(size, "scratch", lang, 0.0, None)
-
-            def scratch_loss(el: str, d: float, f: float, n: float = n) -> float:
-                return math.log(vocab) if d == 0 else _law(n, d, 0.0 if el == lang else 2.0)
-
-            write_run(sp, scratch_loss)
-            expected.append(sp)
+            expected.append(g.spec(size, "scratch", lang, 0.0, None))
+            g.write_run(expected[-1], _scratch_loss(g, n, lang, 0.0))
         if "cpt" in inits:
-            src = spec_for(size, "scratch", source_lang, 0.0, None)
-
-            def source_loss(el: str, d: float, f: float, n: float = n) -> float:
-                return math.log(vocab) if d == 0 else _law(n, d, -0.15 if el == source_lang else 2.0)
-
-            src_final = write_run(src, source_loss)
+            src = g.spec(size, "scratch", source_lang, 0.0, None)
+            src_final = g.write_run(src, _scratch_loss(g, n, source_lang, -0.15))
             expected.append(src)
             for rep in replays:
                 parent = {"run_id": src.run_id, "checkpoint": f"/nonexistent/checkpoints/{src.run_id}/final",
                           "lang": source_lang, "final_loss": src_final[source_lang], "tolerance": 0.05}
-                sp = spec_for(size, "cpt", lang, float(rep), parent)
-                sfin = src_final[source_lang]
-
-                def cpt_loss(el: str, d: float, f: float, n: float = n, rep: float = float(rep),
-                             sfin: float = sfin) -> float:
-                    if el == source_lang:
-                        rise = 1.3 * (1 - math.exp(-8 * f)) * math.exp(-30 * rep * f)
-                        return sfin + rise - 0.05 * rep * f
-                    dt = d * (1 - rep)
-                    return min(_law(n, dt + 0.5 * max(dt, 1e6) ** 0.8 * n**0.25), math.log(vocab) - 1.0)
-
-                write_run(sp, cpt_loss)
-                expected.append(sp)
-    _write_study_files(sdir, study, seed, lang, source_lang, vocab, prov, expected)
-    return ids
+                expected.append(g.spec(size, "cpt", lang, float(rep), parent))
+                g.write_run(expected[-1], _cpt_loss(g, n, float(rep), src_final[source_lang]))
+    _write_study_files(sdir, study, seed, lang, source_lang, g.vocab, prov, expected)
+    return [s.run_id for s in expected]
 
 
 def _write_study_files(sdir: Path, study: str, seed: int, lang: str, source_lang: str, vocab: int,
