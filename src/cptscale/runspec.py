@@ -344,16 +344,9 @@ class RunSpec(_Part):
 
     @classmethod
     def load(cls, path: str | Path) -> RunSpec:
-        from cptscale.util import read_json
+        from cptscale.util import load_json_file
 
-        p = Path(path)
-        if not p.exists():
-            raise SpecError(f"spec file {p} does not exist")
-        try:
-            data = read_json(p)
-        except ValueError as exc:
-            raise SpecError(f"spec file {p} is not valid JSON: {exc}") from exc
-        return cls.parse(data, str(p))
+        return cls.parse(load_json_file(path, SpecError, "spec file"), str(Path(path)))
 
     def to_dict(self) -> dict[str, Any]:
         """run.json's content: the fields that were given (defaults are not written out, so a spec reads

@@ -119,6 +119,17 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.load(fh)
 
 
+def load_json_file(path: str | os.PathLike[str], error: type[Exception], what: str) -> Any:
+    """A JSON file's content, or ``error`` naming ``what`` and the file when it is missing or not JSON."""
+    p = Path(path)
+    if not p.exists():
+        raise error(f"{what} {p} does not exist")
+    try:
+        return read_json(p)
+    except ValueError as exc:
+        raise error(f"{what} {p} is not valid JSON: {exc}") from None
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from cptscale.data.ingest import check_enough_text
-from cptscale.data.keys import hash_prefix, iter_doc_batches, iter_key_range, key_hex
+from cptscale.data.keys import KeyPrefix, hash_prefix, iter_doc_batches, iter_key_range, key_hex
 from cptscale.data.sources import SourceError
 from cptscale.data.tokenizer import RESERVE_BYTES_PER_TOKEN, Tokenizer
 from cptscale.integrity import sample_fingerprint
@@ -312,7 +312,7 @@ def write_indexed(texts: Iterable[str], tok: Tokenizer, prefix: str | Path, *, w
 
 
 @dataclass(frozen=True)
-class Validation:
+class Validation(KeyPrefix):
     """The validation set: its texts and keys (ascending hash), and totals of the whole docs store.
     It is a prefix of the hash order, so training data is exactly the documents with key > ``boundary``."""
 
@@ -320,10 +320,6 @@ class Validation:
     keys: np.ndarray
     total_bytes: int
     total_docs: int
-
-    @property
-    def boundary(self) -> int | None:
-        return int(self.keys[-1]) if len(self.keys) else None
 
     @property
     def hashes(self) -> list[str]:

@@ -106,8 +106,19 @@ def iter_key_range(docs: str | Path, columns: Sequence[str] = (), *, lo: int | N
             yield keys[m], batch.filter(pa.array(m))
 
 
+class KeyPrefix:
+    """A run of documents that is a prefix of the key (hash) order: ``keys`` ascending."""
+
+    keys: np.ndarray
+
+    @property
+    def boundary(self) -> int | None:
+        """The last key of the prefix (inclusive bound of the selection), None when empty."""
+        return int(self.keys[-1]) if len(self.keys) else None
+
+
 @dataclass(frozen=True)
-class Prefix:
+class Prefix(KeyPrefix):
     """The shortest key-ordered run of documents whose weight reaches ``target`` (all documents when the
     corpus is smaller). ``keys``/``weights`` are in the requested order; totals cover the whole store."""
 
@@ -115,11 +126,6 @@ class Prefix:
     weights: np.ndarray
     total_weight: int
     total_docs: int
-
-    @property
-    def boundary(self) -> int | None:
-        """The last key of the prefix (inclusive bound of the selection), None when empty."""
-        return int(self.keys[-1]) if len(self.keys) else None
 
     @property
     def weight(self) -> int:

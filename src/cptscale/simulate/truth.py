@@ -17,7 +17,6 @@ headline example, Section 4.4). English has no printed law: the same exponents w
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -137,18 +136,10 @@ class Truth:
     name: str = "paper-default"
 
     def scratch_law(self, lang: str) -> ScratchLaw:
-        try:
-            return self.scratch[lang]
-        except KeyError:
-            raise TruthError(f"the law file has no scratch law for language {lang!r} (has "
-                             f"{', '.join(sorted(self.scratch))}); add scratch.{lang}") from None
+        return _law_of(self.scratch, lang, "scratch law for language", "scratch")
 
     def cpt_law(self, lang: str) -> CPTLaw:
-        try:
-            return self.cpt[lang]
-        except KeyError:
-            raise TruthError(f"the law file has no CPT law for target language {lang!r} (has "
-                             f"{', '.join(sorted(self.cpt))}); add cpt.{lang}") from None
+        return _law_of(self.cpt, lang, "CPT law for target language", "cpt")
 
     def with_noise(self, scale: float) -> Truth:
         """The same laws with every noise level multiplied by ``scale`` (0: noiseless)."""
@@ -198,14 +189,18 @@ class Truth:
 
     @classmethod
     def load(cls, path: str | Path) -> Truth:
-        p = Path(path)
-        try:
-            d = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise TruthError(f"law file {p} does not exist") from None
-        except ValueError as exc:
-            raise TruthError(f"law file {p} is not valid JSON: {exc}") from None
-        return cls.from_dict(d, str(p))
+        from cptscale.util import load_json_file
+
+        return cls.from_dict(load_json_file(path, TruthError, "law file"), str(Path(path)))
+
+
+def _law_of(laws: dict[str, Any], lang: str, what: str, section: str) -> Any:
+    """The law of ``lang`` in one section of the law file, or an error naming the languages it has."""
+    try:
+        return laws[lang]
+    except KeyError:
+        raise TruthError(f"the law file has no {what} {lang!r} (has {', '.join(sorted(laws))}); "
+                         f"add {section}.{lang}") from None
 
 
 def _build(cls: type, d: Any, where: str, default: Any = None) -> Any:

@@ -403,6 +403,18 @@ def _publish(tmp: Path, final: Path, state: dict[str, Any]) -> None:
     _remember_intact(final, manifest)
 
 
+def _staging(d: Path, name: str) -> tuple[Path, Path]:
+    """The checkpoint ``d/name`` and its empty staging dir ``d/.name.tmp`` (rank 0 clears a leftover one;
+    every rank waits for it)."""
+    final, tmp = d / name, d / f".{name}.tmp"
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    return final, tmp
+
+
 def save_full(ckpt_dir: str | Path, step: int, model, opt, spec: dict[str, Any], keep: int = 2,
               extra: dict[str, Any] | None = None, name: str | None = None) -> Path:
     """Everything needed for an exact resume at the same layout. ``extra`` goes into state.json
@@ -413,13 +425,7 @@ def save_full(ckpt_dir: str | Path, step: int, model, opt, spec: dict[str, Any],
 
     d = Path(ckpt_dir)
     name = name or f"step_{step}"
-    final = d / name
-    tmp = d / f".{name}.tmp"
-    if _rank() == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    _barrier()
+    final, tmp = _staging(d, name)
     with _writing(tmp, final):
         _save_model(model, tmp / "model")
         _save_optimizer(model, opt, tmp / "optimizer")
@@ -456,14 +462,7 @@ def save_final(ckpt_dir: str | Path, step: int, model, spec: dict[str, Any],
                extra: dict[str, Any] | None = None) -> Path:
     """Weights only (what a CPT run needs); loadable at any TP/PP layout. ``extra`` goes into
     state.json (a pruned run passes its final ``shape``, which replaces the spec's)."""
-    d = Path(ckpt_dir)
-    final = d / "final"
-    tmp = d / ".final.tmp"
-    if _rank() == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    _barrier()
+    final, tmp = _staging(Path(ckpt_dir), "final")
     with _writing(tmp, final):
         _save_model(model, tmp / "model")
         _barrier()
