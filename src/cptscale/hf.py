@@ -526,14 +526,15 @@ def hf_validation_loss(hf_dir: str | Path, prefix: str, seq_length: int, *, max_
 
     toks, _ = validation_tokens(prefix, max_tokens)
     tokens, labels, mask = validation_windows(toks, seq_length)
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # where the Megatron model it is compared with runs
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).to(dev)
     model.eval()
     total, count = 0.0, 0.0
     with torch.no_grad():
         for a in range(0, len(tokens), micro_batch_size):
-            t = torch.as_tensor(np.asarray(tokens[a:a + micro_batch_size]), dtype=torch.long)
-            lab = torch.as_tensor(np.asarray(labels[a:a + micro_batch_size]), dtype=torch.long)
-            m = torch.as_tensor(np.asarray(mask[a:a + micro_batch_size]), dtype=torch.float64)
+            t = torch.as_tensor(np.asarray(tokens[a:a + micro_batch_size]), dtype=torch.long, device=dev)
+            lab = torch.as_tensor(np.asarray(labels[a:a + micro_batch_size]), dtype=torch.long, device=dev)
+            m = torch.as_tensor(np.asarray(mask[a:a + micro_batch_size]), dtype=torch.float64, device=dev)
             logits = model(t).logits.float()
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), reduction="none")
             total += float((ce.double() * m.reshape(-1)).sum())

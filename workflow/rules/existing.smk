@@ -3,6 +3,18 @@
 # kind's fit: the data law in D at fixed N per replay ratio, the forgetting-vs-replay frontier, the answer.
 # The runs themselves (cptscale.recipes.existing) go through run_spec/blend/train like any other.
 
+import math
+
+
+def _model_mem_mb(wc=None):
+    """Memory of a job holding the model in fp32 twice (import: the transformers weights and the Megatron
+    model; evaluate: the Megatron model and the transformers reference), plus 4 GB."""
+    return 4096 + math.ceil(CFG.params(SM.SIZE, "total") * 4 * 2 / 2**20)
+
+
+#: the model as given is evaluated where the runs train: on one GPU when the study uses GPUs
+EVAL_GPU = {"gpu": 1} if CFG.slurm.gpus else {}
+
 
 rule import_model:
     output:
@@ -10,6 +22,9 @@ rule import_model:
     params:
         # rerun trigger: which model (a different path or tokenizer re-imports it)
         source=CFG.source_model.model_dump(mode="json", include={"path", "tokenizer"}),
+    resources:
+        mem_mb=_model_mem_mb,
+        runtime=60,
     log:
         f"{LOGS}/import_model.log",
     shell:
@@ -26,6 +41,10 @@ rule evaluate_model:
     params:
         evaluation=CFG.evaluation.model_dump(mode="json"),
         seq_length=CFG.train.seq_length,
+    resources:
+        mem_mb=_model_mem_mb,
+        runtime=120,
+        **EVAL_GPU,
     log:
         f"{LOGS}/evaluate_model.log",
     shell:
