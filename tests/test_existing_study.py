@@ -204,3 +204,49 @@ def test_a_cptscale_checkpoint_source_is_verified_and_copied(tmp_path):
     with pytest.raises(CheckpointError, match="damaged"):
         import_model(cfg, tmp_path, tmp_path / "imported-again")
     assert not (tmp_path / "imported-again").exists()
+
+
+def test_fit_step_reads_the_store_and_writes_records_the_store_keeps(tmp_path):
+    """`existing-model fit` on a real DuckDB store (synthetic run files of the real formats, ingested): one
+    data-law record per replay ratio (largest budget held out), the answer as a fit record, and the file
+    ingests back into the fits table; the points are each run's last evaluation."""
+    import duckdb
+
+    from cptscale.cli import main
+    from cptscale.existing_study import final_points
+    from cptscale.store.ingest import ingest
+    from cptscale.store.synthetic import generate_study
+    from cptscale.util import read_json, write_json
+
+    _model_dir(tmp_path / "model")
+    raw = _raw(tmp_path)
+    sdir = tmp_path / "results" / "existing-test"
+    # four CPT budgets per ratio: four sizes' runs stand in for one model's budgets (the fit only sees D and L)
+    generate_study(sdir, sizes=("d32l2", "d48l2", "d64l2", "d96l2"), inits=("cpt",), replays=(0.0, 0.5),
+                   steps_per_run=20, evals_per_run=4, study="existing-test")
+    db = tmp_path / "store.duckdb"
+    assert ingest(sdir, db).ok
+    pts = final_points(db, "existing-test", "en", "zh")
+    con = duckdb.connect(str(db), read_only=True)
+    n_cpt = con.execute("select count(*) from runs where init = 'cpt' and lang = 'zh'").fetchone()[0]
+    con.close()
+    assert len(pts) == n_cpt == 8 and {p.replay for p in pts} == {0.0, 0.5}
+    write_json(sdir / "model" / "eval.json", {"languages": {"en": {"loss": 3.0}, "zh": {"loss": 6.0}},
+                                              "reference": {"lang": "en", "loss": 3.0, "by": "transformers"}})
+    cfg_path = tmp_path / "existing.yaml"
+    cfg_path.write_text(json.dumps(raw))
+    out = sdir / "fits" / "existing.json"
+    assert main(["existing-model", "fit", str(cfg_path), "--db", str(db), "--model-eval", str(sdir / "model" / "eval.json"),
+                 "--out", str(out)]) == 0
+    fit = read_json(out)
+    laws = [f for f in fit["fits"] if f["law"] == "data_law"]
+    assert [f["replay"] for f in laws] == [0.0, 0.5] and all(f["status"] == "ok" and f["heldout"] for f in laws)
+    rec = fit["recommendation"]["zh"]
+    assert rec["status"] == "ok" and rec["replay"] in (0.0, 0.5) and "zh tokens" in rec["answer"]
+    assert ingest(sdir, db).ok
+    con = duckdb.connect(str(db), read_only=True)
+    kinds = con.execute("select law, count(*) from fits where kind = 'existing' group by law order by law").fetchall()
+    con.close()
+    assert kinds == [("data_law", 2), ("existing_recommendation", 1)]
+    assert main(["existing-model", "fit", str(cfg_path), "--db", str(tmp_path / "none.duckdb"), "--model-eval",
+                 str(sdir / "model" / "eval.json"), "--out", str(out)]) == 2  # no store: an error naming it
