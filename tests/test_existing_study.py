@@ -250,3 +250,21 @@ def test_fit_step_reads_the_store_and_writes_records_the_store_keeps(tmp_path):
     assert kinds == [("data_law", 2), ("existing_recommendation", 1)]
     assert main(["existing-model", "fit", str(cfg_path), "--db", str(tmp_path / "none.duckdb"), "--model-eval",
                  str(sdir / "model" / "eval.json"), "--out", str(out)]) == 2  # no store: an error naming it
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_runs_count_the_models_own_parameters(tmp_path, family):
+    """N of every run is the model's exact parameter count (what transformers counts: its embedding rows,
+    tied embeddings and QKV biases (qwen2), head_dim != hidden / heads (mistral)), and FLOPs follow it."""
+    pytest.importorskip("transformers")
+    from hf_helpers import make_hf_model
+    from transformers import AutoModelForCausalLM
+
+    from cptscale.compute import flops_6nd
+    from cptscale.plan import plan_study
+
+    model = make_hf_model(tmp_path / "model", family)
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(model)).parameters())
+    cfg = parse_config(_raw(tmp_path), base_dir=tmp_path)
+    for run in plan_study(cfg):
+        assert run.params == n and run.flops_6nd == flops_6nd(n, run.tokens)

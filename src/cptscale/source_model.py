@@ -99,6 +99,21 @@ def describe(path: str | Path, tokenizer: str | Path | None = None, base: str | 
     return SourceModel(p, kind, shape, arch, vocab, tok, n_tok, family)
 
 
+def param_count(shape: dict[str, Any], arch: dict[str, Any], rows: int) -> tuple[int, int]:
+    """(total, non-embedding) parameters of the model as Megatron-Core builds it from an imported
+    checkpoint: attention with GQA and any head_dim, QKV biases, SwiGLU, RMSNorms, ``rows`` embedding rows
+    and an output layer unless the embeddings are tied."""
+    h, heads, ffn = int(shape["hidden"]), int(shape["heads"]), int(shape["ffn"])
+    kv = int(shape.get("kv_heads") or heads)
+    hd = int(shape.get("head_dim") or h // heads)
+    qkv_out = (heads + 2 * kv) * hd
+    layer = (h * qkv_out + (qkv_out if arch.get("qkv_bias") else 0) + heads * hd * h  # attention
+             + 2 * h * ffn + ffn * h + 2 * h)  # SwiGLU (gate and up fused) and the two norms
+    body = int(shape["layers"]) * layer + h  # + final norm
+    emb = rows * h * (1 if arch.get("tie_embeddings") else 2)
+    return body + emb, body
+
+
 def derived_sections(model: SourceModel, tokenizer_path: str) -> dict[str, Any]:
     """The ``ladder`` (one size: the model's shape) and ``tokenizer`` (the model's file) sections. The
     tokenizer's own vocabulary sizes the data stage; the model's (maybe larger, padded) embedding is

@@ -227,7 +227,7 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".", where: str = 
     if not isinstance(data, dict):
         raise ConfigError(where, ["the config must be a YAML mapping"])
     failed: set[str] = set()
-    data, problems = _with_source_model(data, Path(base_dir), failed)
+    data, problems, source_model = _with_source_model(data, Path(base_dir), failed)
     try:
         cfg = StudyConfig.model_validate(data)
     except ValidationError as exc:
@@ -236,6 +236,7 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".", where: str = 
         cfg = _partial_config(data, failed)
     if cfg.ladder is None:  # no ladder and no usable source_model: the checks that read it cannot run
         failed.add("ladder")
+    cfg._source_model = source_model  # the planner counts the model's parameters from it
     found = _cross_check(cfg, Path(base_dir), failed, skip)
     if "source_model" in data:  # its tokenizer section is derived: name the field the user wrote
         found = [Problem(f"source_model.{p.path}" if p.path.startswith("tokenizer") else p.path, p.message, p.value)
@@ -246,13 +247,14 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".", where: str = 
     return cfg
 
 
-def _with_source_model(data: dict[str, Any], base: Path, failed: set[str]) -> tuple[dict[str, Any], list[Problem]]:
+def _with_source_model(data: dict[str, Any], base: Path, failed: set[str]
+                       ) -> tuple[dict[str, Any], list[Problem], Any]:
     """CPT of an existing model: the config gets the model's own ``ladder`` (its shape, one size) and
     ``tokenizer`` (its file) before the schema runs; a model the study cannot use, or a ladder or tokenizer
     section written beside ``source_model``, is a problem naming the field (and nothing is derived)."""
     sm = data.get("source_model")
     if not isinstance(sm, dict) or not isinstance(sm.get("path"), str):
-        return data, []  # absent, or a type error the schema reports
+        return data, [], None  # absent, or a type error the schema reports
     from cptscale.source_model import SourceModelError, derived_sections, describe, tokenizer_path
 
     problems = [Problem(key, f"not used with source_model (the {what} is the model's own); remove this section")
@@ -269,8 +271,8 @@ def _with_source_model(data: dict[str, Any], base: Path, failed: set[str]) -> tu
         problems.append(Problem(exc.field, str(exc)))
     if problems:
         failed.update({"ladder", "tokenizer", "source_model"})
-        return {k: v for k, v in data.items() if k not in ("ladder", "tokenizer")}, problems
-    return {**data, **derived_sections(model, tokenizer_path(sm))}, []
+        return {k: v for k, v in data.items() if k not in ("ladder", "tokenizer")}, problems, None
+    return {**data, **derived_sections(model, tokenizer_path(sm))}, [], model
 
 
 def load_config(path: str | Path, skip: Iterable[str] = ()) -> StudyConfig:

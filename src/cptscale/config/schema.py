@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     field_validator,
     model_validator,
 )
@@ -380,6 +381,10 @@ class SlurmConfig(_Model):
 
 
 class StudyConfig(_Model):
+    #: the source_model as read by validation (cptscale.source_model.SourceModel: embedding rows, tied
+    #: embeddings, biases); not part of the config or its hash, None when the config was built otherwise
+    _source_model: Any = PrivateAttr(default=None)
+
     study: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="name; outputs go to <results_dir>/<study>/")
     description: str = ""
     results_dir: str = Field("results", description="root of all outputs (git-ignored)")

@@ -51,8 +51,24 @@ class ExistingModel(Recipe):
                 for r in cfg.replay.ratios:
                     run = plan_run(cfg, SIZE, "cpt", tgt, src, r, tokens=math.ceil(d / (1.0 - r)),
                                    rid=existing_run_id(tgt, r, d))
-                    out.append(replace(run, parent=None))  # the imported model, not a run of the study
+                    out.append(self._counted(cfg, replace(run, parent=None)))  # parent: the imported model
         return out
+
+    def _counted(self, cfg: StudyConfig, run: PlannedRun) -> PlannedRun:
+        """The run with the model's own parameter count (its embedding rows, tied embeddings, biases,
+        head_dim), its FLOPs and the job resources they size, when validation read the model; the ladder's
+        count of its shape otherwise."""
+        from cptscale.compute import flops_6nd
+        from cptscale.runs import job_resources
+        from cptscale.source_model import param_count
+
+        model = cfg._source_model
+        if model is None:
+            return run
+        total, body = param_count(model.shape, model.arch, model.vocab_size)
+        flops = flops_6nd(total, run.tokens)
+        res = job_resources(cfg, run.tp * run.pp * run.dp, total, flops, tp=run.tp)
+        return replace(run, params=total, params_nonemb=body, flops_6nd=flops, **res)
 
     def owns(self, run: PlannedRun) -> bool:
         return run.init == "cpt" and run.parent is None and run.arm is None and run.size == SIZE
