@@ -73,7 +73,6 @@ def build_model(shape: dict[str, Any], vocab_size: int, seq_length: int, *, init
     """GPTModel for this rank's pipeline stage (parallel state must be initialised)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     a = resolve_arch(arch)
     if a.get("sliding_window") and seq_length > int(a["sliding_window"]):
@@ -88,7 +87,7 @@ def build_model(shape: dict[str, Any], vocab_size: int, seq_length: int, *, init
 
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = local_spec()
     scaling = a["rope_scaling"] or {}
     model = GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=model_vocab(vocab_size, tp, a),
@@ -100,6 +99,19 @@ def build_model(shape: dict[str, Any], vocab_size: int, seq_length: int, *, init
     if use_gpu():
         model.cuda()
     return model
+
+
+def local_spec():
+    """Megatron-Core's local layer spec (no Transformer Engine) with its core attention computed by
+    ``scaled_dot_product_attention`` (:class:`cptscale.train.layers.SDPACoreAttention`: the same model,
+    1.x faster on CPU)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from cptscale.train.layers import SDPACoreAttention
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
 
 
 def _has_te() -> bool:

@@ -1,0 +1,111 @@
+"""cptscale.train.layers against the Megatron-Core modules they stand in for: the same outputs and
+gradients (fp32, up to float rounding: the fused kernel sums in another order), and Megatron's own code for
+every case the fused path does not cover."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("megatron.core")
+
+
+@pytest.fixture(scope="module")
+def parallel():
+    from cptscale.train.parallel import setup_parallel, teardown_parallel
+
+    setup_parallel(1, 1, 0)
+    yield
+    teardown_parallel()
+
+
+def _pair(heads: int, groups: int, **cfg):
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from cptscale.train.layers import SDPACoreAttention
+    from cptscale.train.model import build_config
+
+    config = build_config({"layers": 1, "hidden": 16 * heads, "heads": heads, "kv_heads": groups, "ffn": 32})
+    for k, v in cfg.items():
+        setattr(config, k, v)
+    kw = {"config": config, "layer_number": 1, "attn_mask_type": AttnMaskType.causal, "attention_type": "self"}
+    return DotProductAttention(**kw), SDPACoreAttention(**kw)
+
+
+def _qkv(s: int, b: int, heads: int, groups: int, d: int = 16):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(s, b, n, d, generator=g, requires_grad=True) for n in (heads, groups, groups)]
+
+
+def _mask(s: int):
+    import torch
+
+    return torch.ones(1, 1, s, s, dtype=torch.bool).triu(1)  # what step._causal_mask passes
+
+
+@pytest.mark.parametrize(("heads", "groups"), [(4, 4), (4, 2), (6, 1)])
+def test_sdpa_core_attention_matches_megatron(parallel, heads, groups):
+    """Causal attention, multi-head and grouped-query: outputs and input gradients agree to fp32 rounding."""
+    import torch
+
+    ref, fused = _pair(heads, groups)
+    s, b = 24, 3
+    outs, grads = [], []
+    for mod in (ref, fused):
+        q, k, v = _qkv(s, b, heads, groups)
+        out = mod(q, k, v, _mask(s), attn_mask_type=None)
+        assert out.shape == (s, b, heads * 16)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out.detach())
+        grads.append([t.grad for t in (q, k, v)])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for a, b_ in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)
+    # a sanity check that the comparison can fail: non-causal attention differs
+    q, k, v = _qkv(s, b, heads, groups)
+    full = torch.nn.functional.scaled_dot_product_attention(
+        *(t.permute(1, 2, 0, 3) for t in (q, k, v)), enable_gqa=groups < heads).permute(2, 0, 1, 3).reshape(s, b, -1)
+    assert (full - outs[0]).abs().max() > 1e-2
+
+
+def test_sdpa_core_attention_leaves_other_masks_to_megatron(parallel):
+    """A mask other than the causal one (here: also masking the first key) takes Megatron's path: the
+    same result as DotProductAttention, which the fused causal kernel would not give."""
+    import torch
+
+    ref, fused = _pair(4, 4)
+    s = 12
+    mask = _mask(s).clone()
+    mask[..., 1:, 0] = True
+    q, k, v = _qkv(s, 2, 4, 4)
+    want = ref(q, k, v, mask)
+    torch.testing.assert_close(fused(q, k, v, mask), want, rtol=0, atol=0)
+    assert (fused(q, k, v, _mask(s)) - want).abs().max() > 1e-3
+    # an in-place change to a mask checked before is seen
+    m = _mask(s)
+    fused(q, k, v, m)
+    m[..., 1:, 0] = True
+    torch.testing.assert_close(fused(q, k, v, m), want, rtol=0, atol=0)
+
+
+def test_sdpa_core_attention_leaves_dropout_to_megatron(parallel):
+    """Attention dropout in training is Megatron's code (its RNG tracker), not the fused kernel."""
+    _, fused = _pair(4, 4, attention_dropout=0.1)
+    fused.attention_dropout.p = 0.1
+    fused.train()
+    s = 8
+    q, k, _ = _qkv(s, 1, 4, 4)
+    assert not fused._fused_ok(q, k, _mask(s), None, None, None)
+    fused.eval()
+    assert fused._fused_ok(q, k, _mask(s), None, None, None)
+
+
+def test_built_model_uses_sdpa_core_attention(parallel):
+    from cptscale.train.layers import SDPACoreAttention
+    from cptscale.train.model import build_model
+
+    model = build_model({"layers": 2, "hidden": 32, "heads": 4, "ffn": 64}, 300, 16, te=False)
+    cores = [layer.self_attention.core_attention for layer in model.decoder.layers]
+    assert len(cores) == 2 and all(isinstance(c, SDPACoreAttention) for c in cores)
