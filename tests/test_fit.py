@@ -310,12 +310,14 @@ def test_bootstrap_propagates_frozen_parameters() -> None:
 
 
 def test_bound_and_grid_edge_flags(monkeypatch) -> None:
-    # loss rising with N: the best alpha is negative, so the fit sits on the alpha >= 0 bound
+    # loss rising with N: the best alpha is negative, so the fit sits on the alpha >= 0 bound. E is frozen:
+    # with E free a constant N term (alpha = 0) and a vanishing one (alpha or A at any large/small value)
+    # fit equally well (E absorbs the constant), and which of these equal optima a run reports is chance
     N = np.repeat([1e8, 2e8, 4e8, 8e8], 5)
     D = N * np.tile([5, 10, 20, 40, 80], 4)
     L = 2.0 + 1e-4 * N**0.3 + 400 / D**0.3
-    r = fit_law((N, D, L), grid="coarse")
-    assert "alpha" in r.meta["on_bound"]
+    r = fit_law((N, D, L), grid="coarse", fixed={"E": 2.0})
+    assert r.meta["on_bound"] == ["alpha"] and r.params["alpha"] == 0.0
     # an irreducible loss of e^3 = 20 lies outside the grid's log E span [-1, 1]
     big = fit_law((N, D, 20.0 + 400 / N**0.35 + 400 / D**0.3), grid="coarse")
     assert "E" in big.meta["grid_edge"]["optimum_outside_grid_span"]
