@@ -1,9 +1,9 @@
 """Training FLOPs, counted one way for the whole package: the ``6·N·D`` rule, the exact count from a
 model shape (what the trainer, the store, transfer and the IPLT budgets use) and the MFU convention.
 
-A shape is anything with ``hidden``, ``layers``, ``heads``, ``head_dim``, ``query_groups``, ``ffn`` and
-``params(vocab, embeddings=, tp=)``: :class:`cptscale.ladder.ModelShape` or a pruned
-:class:`cptscale.prune.PrunedShape`.
+A shape is a :class:`cptscale.ladder.ModelShape` (a pruned one, :class:`cptscale.prune.PrunedShape`, is
+the same type with its own ``head_dim``): ``hidden``, ``layers``, ``heads``, ``head_dim``, ``query_groups``,
+``ffn`` and ``params(vocab, embeddings=, tp=)``.
 """
 
 from __future__ import annotations

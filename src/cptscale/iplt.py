@@ -40,6 +40,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from cptscale.compute import flops_6nd
 from cptscale.prune import PrunedShape, PruneError, flops_per_token, prune_events, resolve_target
 
 if TYPE_CHECKING:
@@ -274,7 +275,7 @@ def _arm_run(cfg: StudyConfig, rid: str, size: str, init: str, lang: str, source
     _, accum = batch_layout(cfg, ic.size)
     seq, vocab = cfg.train.seq_length, cfg.vocab_size
     tokens = steps * gbs * seq
-    flops_6nd = sum(6.0 * sh.params(vocab) * n * gbs * seq for n, sh in segments(start, events, steps))
+    flops = sum(flops_6nd(sh.params(vocab), n * gbs * seq) for n, sh in segments(start, events, steps))
     params = start.params(vocab, tp=layout.tp)
     if init == "cpt" and parent is None:
         from cptscale.runs import run_id
@@ -284,8 +285,8 @@ def _arm_run(cfg: StudyConfig, rid: str, size: str, init: str, lang: str, source
         run_id=rid, size=size, init=init, lang=lang, source_lang=source, replay=replay, variant=variant,
         parent=parent, params=params, params_nonemb=start.params(vocab, embeddings=False), tokens=tokens,
         seq_length=seq, global_batch_size=gbs, micro_batch_size=cfg.train.micro_batch_size, grad_accum=accum,
-        steps=steps, tp=layout.tp, pp=layout.pp, dp=layout.dp, flops_6nd=flops_6nd,
-        **job_resources(cfg, layout.world, params, flops_6nd), arm=arm,
+        steps=steps, tp=layout.tp, pp=layout.pp, dp=layout.dp, flops_6nd=flops,
+        **job_resources(cfg, layout.world, params, flops), arm=arm,
     )
 
 

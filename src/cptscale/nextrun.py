@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cptscale.errors import CLIError
-from cptscale.runspec import RunSpec, SpecError
+from cptscale.runspec import RunSpec, load_spec
 from cptscale.util import read_json
 
 #: Muennighoff et al. 2023 (datablations README, "Parametric Fit"): fitted half-life of repeated data.
@@ -214,10 +214,7 @@ def _fit_prediction(sug: dict[str, Any], d: float) -> float | None:
 def check(spec_path: str, done_path: str) -> dict[str, Any]:
     """Predicted vs observed target-language loss of the trained next run, at the planned N (the fit's
     convention) and the tokens trained."""
-    try:
-        spec = RunSpec.load(spec_path)
-    except SpecError as exc:
-        raise CLIError(str(exc)) from None
+    spec = load_spec(spec_path)
     done = read_json(done_path)
     lang, sug = spec.lang, spec.suggestion
     if lang is None or sug is None:

@@ -76,6 +76,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from cptscale.ladder import ModelShape
+
 IMPORTANCE_KINDS = ("activation", "weight")
 
 
@@ -87,19 +89,20 @@ class PruneError(ValueError):
 
 
 # shapes
-@dataclass(frozen=True)
-class PrunedShape:
-    """A model shape that may have ``head_dim != hidden / heads`` (after head pruning).
+@dataclass(frozen=True, init=False)
+class PrunedShape(ModelShape):
+    """A ladder shape after pruning: ``head_dim`` may differ from ``hidden / heads`` (head pruning keeps the
+    head size while heads shrink). The same type as every shape, so parameter and FLOPs counts are
+    :class:`cptscale.ladder.ModelShape`'s; only construction, checks and the dict form differ."""
 
-    Duck-types :class:`cptscale.ladder.ModelShape` for :mod:`cptscale.compute`.
-    """
+    head_dim: int | None = None  # type: ignore[assignment]  #: None = hidden // heads (the unpruned convention)
 
-    hidden: int
-    layers: int
-    heads: int
-    ffn: int
-    kv_heads: int | None = None
-    head_dim: int | None = None  #: None = hidden // heads (the unpruned convention)
+    def __init__(self, hidden: int, layers: int, heads: int, ffn: int, kv_heads: int | None = None,
+                 head_dim: int | None = None, name: str = "pruned") -> None:
+        for k, v in (("name", name), ("hidden", hidden), ("layers", layers), ("heads", heads), ("ffn", ffn),
+                     ("kv_heads", kv_heads), ("head_dim", head_dim)):
+            object.__setattr__(self, k, v)
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         for k in ("hidden", "layers", "heads", "ffn"):
@@ -119,27 +122,12 @@ class PrunedShape:
                    None if d.get("kv_heads") in (None, 0) else int(d["kv_heads"]),
                    None if d.get("head_dim") is None else int(d["head_dim"]))
 
-    def as_dict(self) -> dict[str, int | None]:
+    def as_dict(self) -> dict[str, int | None]:  # type: ignore[override]
         return {k: getattr(self, k) for k in SHAPE_KEYS}
-
-    @property
-    def query_groups(self) -> int:
-        return self.kv_heads or self.heads
 
     @property
     def heads_per_group(self) -> int:
         return self.heads // self.query_groups
-
-    def layer_params(self) -> int:
-        d, hd = self.hidden, int(self.head_dim or 0)
-        return d * (self.heads + 2 * self.query_groups) * hd + self.heads * hd * d + 3 * d * self.ffn + 2 * d
-
-    def params(self, vocab: int, *, embeddings: bool = True, tp: int = 1) -> int:
-        """Trainable parameters, same layout as :meth:`cptscale.ladder.ModelShape.params`."""
-        from cptscale.ladder import padded_vocab
-
-        body = self.layers * self.layer_params() + self.hidden
-        return body + 2 * padded_vocab(vocab, tp) * self.hidden if embeddings else body
 
 
 def model_shape(model) -> PrunedShape:

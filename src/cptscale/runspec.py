@@ -415,3 +415,14 @@ def _problem(err: Any) -> str:
 __all__ = ["SPEC_VERSION", "BlendData", "CheckpointSpec", "EvalLang", "EvalSpec", "LayoutSpec", "OptimizerSpec",
            "ParentSpec", "PruneEvent", "PruneSpec", "ResourcesSpec", "RunSpec", "ScheduleSpec", "ShapeSpec",
            "SingleData", "SpecError"]
+
+
+def load_spec(path: str | Path) -> RunSpec:
+    """:meth:`RunSpec.load` for a command: a bad run.json is a :class:`~cptscale.errors.CLIError` (printed
+    without a traceback, exit status 2) naming the file, each bad field and the fix."""
+    from cptscale.errors import CLIError
+
+    try:
+        return RunSpec.load(path)
+    except SpecError as exc:
+        raise CLIError(str(exc)) from None

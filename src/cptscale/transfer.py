@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from cptscale.compute import flops_6nd, flops_exact, flops_per_token
 from cptscale.errors import CLIError
 from cptscale.ladder import ModelShape
+from cptscale.runspec import load_spec
 
 if TYPE_CHECKING:
     from cptscale.prune import PrunedShape
@@ -267,47 +268,54 @@ def source_final_loss(source_dir: Path, source_lang: str) -> float:
     return float(max(ev, key=lambda e: int(e["step"]))["loss"])
 
 
+def _source_compute(source_dir: Path) -> tuple[float, str]:
+    """The source run's training FLOPs (0 without its run.json) and its run id."""
+    from cptscale.util import read_json
+
+    if not (source_dir / "run.json").exists():
+        return 0.0, source_dir.name
+    src = load_spec(source_dir / "run.json")
+    done = read_json(source_dir / "done.json") if (source_dir / "done.json").exists() else {}
+    return run_compute(src.to_dict(), done.get("tokens"))["flops_exact"], src.run_id
+
+
 def compute_transfer(cpt_dir: Path, scratch_dir: Path, source_dir: Path | None = None) -> dict[str, Any]:
     """Everything ``transfer.json`` holds for one CPT run (see the module docstring)."""
-    from cptscale.util import file_hash, provenance, read_json
+    from cptscale.util import file_hash, provenance
 
     for d in (cpt_dir, scratch_dir):
         for f in ("run.json", "evals.jsonl"):
             if not (d / f).exists():
                 raise CLIError(f"{d / f} is missing; run the training job for {d.name} first")
-    cpt, scratch = read_json(cpt_dir / "run.json"), read_json(scratch_dir / "run.json")
-    if cpt.get("init") != "cpt":
-        raise CLIError(f"{cpt_dir}/run.json: init is {cpt.get('init')!r}, expected 'cpt' (pass the CPT run as --cpt)")
-    if (cpt["shape"]["hidden"], cpt["shape"]["layers"]) != (scratch["shape"]["hidden"], scratch["shape"]["layers"]):
+    cpt, scratch = load_spec(cpt_dir / "run.json"), load_spec(scratch_dir / "run.json")
+    if cpt.init != "cpt":
+        raise CLIError(f"{cpt_dir}/run.json: init is {cpt.init!r}, expected 'cpt' (pass the CPT run as --cpt)")
+    if (cpt.shape.hidden, cpt.shape.layers) != (scratch.shape.hidden, scratch.shape.layers):
         raise CLIError(f"{scratch_dir}: scratch shape differs from {cpt_dir}; pair runs of the same size")
-    lang, slang = cpt["lang"], cpt.get("source_lang")
+    lang, slang = cpt.lang, cpt.source_lang
     # transfer_curve and forgetting keep the main trajectories (a WSD decay branch is no point of a curve)
     cpt_ev, scr_ev = read_jsonl(cpt_dir / "evals.jsonl"), read_jsonl(scratch_dir / "evals.jsonl")
-    comp = run_compute(cpt)
+    comp = run_compute(cpt.to_dict())
     src_flops, src_final, src_id = 0.0, None, None
     if source_dir is not None:
-        src_spec = read_json(source_dir / "run.json") if (source_dir / "run.json").exists() else None
-        src_id = src_spec["run_id"] if src_spec else source_dir.name
-        if src_spec:
-            done = read_json(source_dir / "done.json") if (source_dir / "done.json").exists() else {}
-            src_flops = run_compute(src_spec, done.get("tokens"))["flops_exact"]
+        src_flops, src_id = _source_compute(source_dir)
         if slang:
             src_final = source_final_loss(source_dir, slang)
-    elif (cpt.get("parent") or {}).get("final_loss") is not None:
-        src_final = float(cpt["parent"]["final_loss"])
-    replay = float(cpt.get("replay") or 0.0)
+    elif cpt.parent is not None and cpt.parent.final_loss is not None:
+        src_final = float(cpt.parent.final_loss)
+    replay = float(cpt.replay or 0.0)
     rows = transfer_curve(cpt_ev, scr_ev, lang, flops_per_token=comp["flops_per_token"],
                           source_flops=src_flops, target_fraction=1.0 - replay)
     forg = forgetting(cpt_ev, src_final, slang) if (slang and src_final is not None) else []
     inputs = {str(p): file_hash(p) for p in (cpt_dir / "evals.jsonl", scratch_dir / "evals.jsonl")}
     return {
-        "run_id": cpt["run_id"], "study": cpt.get("study"), "size": cpt.get("size"), "lang": lang,
-        "source_lang": slang, "replay": replay, "scratch_run_id": scratch["run_id"], "source_run_id": src_id,
+        "run_id": cpt.run_id, "study": cpt.study, "size": cpt.size, "lang": lang,
+        "source_lang": slang, "replay": replay, "scratch_run_id": scratch.run_id, "source_run_id": src_id,
         "params": comp["params"], "params_nonemb": comp["params_nonemb"],
         "flops_per_token": comp["flops_per_token"], "source_flops": src_flops,
-        "source_final_loss": src_final, "config_hash": cpt.get("config_hash"),
+        "source_final_loss": src_final, "config_hash": cpt.config_hash,
         "conventions": "flops = exact count (flops_exact, embeddings included) x tokens; CPT flops exclude "
                        "source pre-training, flops_total includes it; D_T = scratch_tokens_equiv - tokens*(1-replay)",
         "rows": rows, "forgetting": forg,
-        "provenance": provenance(cpt.get("config_hash"), inputs),
+        "provenance": provenance(cpt.config_hash, inputs),
     }

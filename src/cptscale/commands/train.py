@@ -27,12 +27,9 @@ def under_torchrun() -> bool:
 
 def _cmd(args: argparse.Namespace) -> int:
     from cptscale.errors import CLIError
-    from cptscale.runspec import RunSpec, SpecError
+    from cptscale.runspec import load_spec
 
-    try:
-        typed = RunSpec.load(args.spec)
-    except SpecError as exc:
-        raise CLIError(str(exc)) from exc
+    typed = load_spec(args.spec)
     spec = typed.to_dict()
     if spec.get("simulate"):  # train.backend: simulate: the run's outputs from the law file, nothing is trained
         from cptscale.simulate.backend import run_simulated

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cptscale.errors import CLIError
+from cptscale.runspec import load_spec
 from cptscale.store.schema import TABLES, default_db
 from cptscale.util import read_json
 
@@ -66,62 +67,70 @@ def write_points_table(db: str | os.PathLike[str] | Any, study: str, out_csv: st
     return len(df)
 
 
+def _expected_runs(sdir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """study.json and the runs it expects, plus the runs on disk that the plan no longer lists (unplanned)."""
+    if (sdir / "study.json").exists():
+        sj = read_json(sdir / "study.json")
+        expected = sj.get("expected_runs") or []
+    else:
+        sj, expected = {}, []
+    known = {e["run_id"] for e in expected}
+    for p in sorted((sdir / "runs").glob("*/run.json")):
+        if p.parent.name not in known:
+            s = load_spec(p)
+            expected.append({"run_id": s.run_id, "size": s.size, "init": s.init, "replay": s.replay,
+                             "variant": s.variant, "params": s.params, "unplanned": True})
+    if not expected:
+        raise CLIError(f"{sdir}: no study.json and no runs; run `cptscale plan CONFIG --study-json "
+                       f"{sdir}/study.json` first")
+    return sj, expected
+
+
+def _runs_in_db(dbp: Path, study: str) -> set[str]:
+    """The run ids the store holds for the study (none when it is missing or unreadable)."""
+    in_db: set[str] = set()
+    if dbp.exists():
+        with contextlib.suppress(Exception):
+            con = connect(dbp)
+            in_db = {r[0] for r in con.execute("SELECT run_id FROM runs WHERE study = ?", [study]).fetchall()}
+            con.close()
+    return in_db
+
+
+def _run_status(e: dict[str, Any], d: Path, in_db: set[str]) -> dict[str, Any]:
+    """One expected run's status row: done or partial, evals logged against those planned, transfer, store."""
+    spec = load_spec(d / "run.json") if (d / "run.json").exists() else None
+    n_exp = len(spec.eval.steps) * len(spec.eval.languages) if spec else 0
+    n_ev = n_br = 0
+    if (d / "evals.jsonl").exists():
+        with open(d / "evals.jsonl", "rb") as fh:
+            for line in fh:
+                if b'"branch"' in line and _branch_of(line) is not None:
+                    n_br += 1  # a WSD decay branch's eval: not one of the planned main-trajectory evals
+                elif line.strip():
+                    n_ev += 1
+    return {
+        "size": e.get("size"), "params": e.get("params") or (spec.params if spec else None) or 0,
+        "init": e.get("init"), "replay": float(e.get("replay") or 0.0), "variant": e.get("variant") or "",
+        "expected": 0 if e.get("unplanned") else 1,
+        "done": int((d / "done.json").exists()),
+        "partial": int((d / "run.json").exists() and not (d / "done.json").exists()
+                       and (d / "metrics.jsonl").exists()),
+        "evals": n_ev, "evals_expected": n_exp, "branch_evals": n_br,
+        "transfer": int((d / "transfer.json").exists()) if e.get("init") == "cpt" and not e.get("arm") else None,
+        "in_db": int(e["run_id"] in in_db),
+    }
+
+
 def status_table(study_dir: str | os.PathLike[str], db: str | os.PathLike[str] | None = None) -> Any:
     """Expected vs present runs and eval rows per size x init x replay x variant (CPT recipe variants and
     IPLT arms are their own rows), from the files, plus the DB."""
     import pandas as pd
 
     sdir = Path(study_dir)
-    if (sdir / "study.json").exists():
-        sj = read_json(sdir / "study.json")
-        expected = sj.get("expected_runs") or []
-    else:
-        sj, expected = {}, []
-    runs_dir = sdir / "runs"
-    known = {e["run_id"] for e in expected}
-    for p in sorted(runs_dir.glob("*/run.json")):  # runs on disk that the plan no longer lists
-        if p.parent.name not in known:
-            s = read_json(p)
-            expected.append({"run_id": s["run_id"], "size": s.get("size"), "init": s.get("init"),
-                             "replay": s.get("replay"), "variant": s.get("variant"), "params": s.get("params"),
-                             "unplanned": True})
-    if not expected:
-        raise CLIError(f"{sdir}: no study.json and no runs; run `cptscale plan CONFIG --study-json "
-                       f"{sdir}/study.json` first")
-    in_db: set[str] = set()
-    dbp = Path(db) if db else default_db(sdir)
-    if dbp.exists():
-        with contextlib.suppress(Exception):
-            con = connect(dbp)
-            in_db = {r[0] for r in con.execute("SELECT run_id FROM runs WHERE study = ?",
-                                               [sj.get("study", sdir.name)]).fetchall()}
-            con.close()
-    recs = []
-    for e in expected:
-        d = runs_dir / e["run_id"]
-        spec = read_json(d / "run.json") if (d / "run.json").exists() else {}
-        ev_cfg = spec.get("eval") or {}
-        n_exp = len(ev_cfg.get("steps") or []) * len(ev_cfg.get("languages") or {}) if ev_cfg else 0
-        n_ev = n_br = 0
-        if (d / "evals.jsonl").exists():
-            with open(d / "evals.jsonl", "rb") as fh:
-                for line in fh:
-                    if b'"branch"' in line and _branch_of(line) is not None:
-                        n_br += 1  # a WSD decay branch's eval: not one of the planned main-trajectory evals
-                    elif line.strip():
-                        n_ev += 1
-        recs.append({
-            "size": e.get("size"), "params": e.get("params") or spec.get("params") or 0, "init": e.get("init"),
-            "replay": float(e.get("replay") or 0.0), "variant": e.get("variant") or "",
-            "expected": 0 if e.get("unplanned") else 1,
-            "done": int((d / "done.json").exists()),
-            "partial": int((d / "run.json").exists() and not (d / "done.json").exists()
-                           and (d / "metrics.jsonl").exists()),
-            "evals": n_ev, "evals_expected": n_exp, "branch_evals": n_br,
-            "transfer": int((d / "transfer.json").exists()) if e.get("init") == "cpt" and not e.get("arm") else None,
-            "in_db": int(e["run_id"] in in_db),
-        })
-    df = pd.DataFrame.from_records(recs)
+    sj, expected = _expected_runs(sdir)
+    in_db = _runs_in_db(Path(db) if db else default_db(sdir), sj.get("study", sdir.name))
+    df = pd.DataFrame.from_records([_run_status(e, sdir / "runs" / e["run_id"], in_db) for e in expected])
     g = (df.groupby(["params", "size", "init", "replay", "variant"], dropna=False)
          .agg(expected=("expected", "sum"), done=("done", "sum"), partial=("partial", "sum"),
               evals=("evals", "sum"), evals_expected=("evals_expected", "sum"),
