@@ -191,6 +191,77 @@ def _phase_ends(mix: MixConfig, schedule: Schedule, steps: int, where: str = "mi
     return ends
 
 
+def _blend_phases(mix: MixConfig, *, replay: float, target: str, source: str, train_prefixes: dict[str, str],
+                  schedule: Schedule, steps: int, where: str) -> tuple[list[dict[str, float]], list[int]]:
+    """Each phase's resolved source weights and its end step; every key and switch problem of the blend is
+    collected before the first is raised."""
+    errors: list[BlendError] = []
+    weights: list[dict[str, float]] = []
+    for i, ph in enumerate(mix.phases or [MixPhase()]):
+        try:
+            weights.append(_resolve_weights(ph.weights, replay=replay, target=target, source=source,
+                                            train_prefixes=train_prefixes, where=f"{where}.phases.{i}"))
+        except BlendError as exc:
+            errors.append(exc)
+    try:
+        ends = _phase_ends(mix, schedule, steps, where) if mix.phases else [steps]
+    except BlendError as exc:
+        errors.append(exc)
+    if errors:
+        raise BlendError(errors[0].detail, errors[0].path, [q for exc in errors for q in exc.problems][1:])
+    return weights, ends
+
+
+def _phase_sources(i: int, w: dict[str, float], n: int, *, target: str, train_prefixes: dict[str, str],
+                   train_tokens: dict[str, int], seq_length: int,
+                   train_hashes: dict[str, dict[str, str]] | None) -> list[dict[str, Any]]:
+    """Phase ``i``'s sources (target first) with their planned samples and tokens of its ``n`` samples; a
+    source without training tokens is an error naming the fix."""
+    srcs = []
+    for name, weight in sorted(w.items(), key=lambda kv: (kv[0] != target, kv[0])):
+        avail = int(train_tokens.get(name, 0) or 0)
+        if avail <= 0:
+            role = "target language" if name == target else "source"
+            hint = "run the data stage or drop it from the blend"
+            if "/" in name:
+                lang, corpus = name.split("/", 1)
+                hint = (f"the data manifest of {lang!r} has no train_corpora entry {corpus!r}: the data stage "
+                        f"writes per-corpus splits with `cptscale data index --split-corpora {corpus}`")
+            raise BlendError(f"{role} {name!r} has no training tokens (train_tokens = {avail}) but phase {i} "
+                             f"gives it weight {weight:g}; {hint}")
+        tokens = round(weight * n * seq_length)
+        src = {"name": name, "prefix": str(train_prefixes[name]), "weight": weight,
+               "available_tokens": avail, "planned_samples": round(weight * n), "planned_tokens": tokens}
+        src.update({k: v for k, v in ((train_hashes or {}).get(name) or {}).items()
+                    if k in ("bin_hash", "idx_hash") and v})
+        srcs.append(src)
+    return srcs
+
+
+def _blend_totals(phases: list[dict[str, Any]], train_tokens: dict[str, int],
+                  mix: MixConfig) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Each source's planned tokens over all phases against what exists (epochs): repetition beyond one
+    epoch without mix.allow_repetition is an error; beyond mix.max_epochs, a warning (returned)."""
+    demand: dict[str, int] = {}
+    for ph in phases:
+        for s in ph["sources"]:
+            demand[s["name"]] = demand.get(s["name"], 0) + s["planned_tokens"]
+    totals: dict[str, dict[str, Any]] = {}
+    found: list[str] = []
+    for name, tokens in demand.items():
+        avail = int(train_tokens[name])
+        epochs = tokens / avail
+        totals[name] = {"planned_tokens": tokens, "available_tokens": avail, "epochs": epochs}
+        if epochs > 1.0 and not mix.allow_repetition:
+            raise BlendError(
+                f"the blend needs {tokens:,} tokens of {name!r} but only {avail:,} exist ({epochs:.2f} epochs) and "
+                "mix.allow_repetition is false; lower its share, shorten the run or allow repetition"
+            )
+        if epochs > mix.max_epochs:
+            found.append(f"{name!r} is repeated {epochs:.2f} epochs (> mix.max_epochs = {mix.max_epochs:g})")
+    return totals, found
+
+
 def plan_blend(mix: MixConfig, *, replay: float, target: str, source: str, train_prefixes: dict[str, str],
                train_tokens: dict[str, int], schedule: Schedule, steps: int, global_batch_size: int,
                seq_length: int, seed: int, cache_dir: str, train_hashes: dict[str, dict[str, str]] | None = None,
@@ -210,60 +281,17 @@ def plan_blend(mix: MixConfig, *, replay: float, target: str, source: str, train
         raise BlendError("steps, global_batch_size and seq_length must be >= 1")
     if target not in train_prefixes:
         raise BlendError(f"target language {target!r} has no training data (no train split planned for it)")
-    phases_cfg = mix.phases or [MixPhase()]
-    errors: list[BlendError] = []  # every key and switch problem of the blend, before the first is raised
-    weights: list[dict[str, float]] = []
-    for i, ph in enumerate(phases_cfg):
-        try:
-            weights.append(_resolve_weights(ph.weights, replay=replay, target=target, source=source,
-                                            train_prefixes=train_prefixes, where=f"{where}.phases.{i}"))
-        except BlendError as exc:
-            errors.append(exc)
-    try:
-        ends = _phase_ends(mix, schedule, steps, where) if mix.phases else [steps]
-    except BlendError as exc:
-        errors.append(exc)
-    if errors:
-        raise BlendError(errors[0].detail, errors[0].path, [q for exc in errors for q in exc.problems][1:])
+    weights, ends = _blend_phases(mix, replay=replay, target=target, source=source, train_prefixes=train_prefixes,
+                                  schedule=schedule, steps=steps, where=where)
     phases: list[dict[str, Any]] = []
-    demand: dict[str, int] = {}
     start = 0
     for i, (w, end) in enumerate(zip(weights, ends, strict=True)):
         n = (end - start) * global_batch_size
-        srcs = []
-        for name, weight in sorted(w.items(), key=lambda kv: (kv[0] != target, kv[0])):
-            avail = int(train_tokens.get(name, 0) or 0)
-            if avail <= 0:
-                role = "target language" if name == target else "source"
-                hint = "run the data stage or drop it from the blend"
-                if "/" in name:
-                    lang, corpus = name.split("/", 1)
-                    hint = (f"the data manifest of {lang!r} has no train_corpora entry {corpus!r}: the data stage "
-                            f"writes per-corpus splits with `cptscale data index --split-corpora {corpus}`")
-                raise BlendError(f"{role} {name!r} has no training tokens (train_tokens = {avail}) but phase {i} "
-                                 f"gives it weight {weight:g}; {hint}")
-            tokens = round(weight * n * seq_length)
-            demand[name] = demand.get(name, 0) + tokens
-            src = {"name": name, "prefix": str(train_prefixes[name]), "weight": weight,
-                   "available_tokens": avail, "planned_samples": round(weight * n), "planned_tokens": tokens}
-            src.update({k: v for k, v in ((train_hashes or {}).get(name) or {}).items()
-                        if k in ("bin_hash", "idx_hash") and v})
-            srcs.append(src)
+        srcs = _phase_sources(i, w, n, target=target, train_prefixes=train_prefixes, train_tokens=train_tokens,
+                              seq_length=seq_length, train_hashes=train_hashes)
         phases.append({"index": i, "start_step": start, "end_step": end, "samples": n, "sources": srcs})
         start = end
-    totals: dict[str, dict[str, Any]] = {}
-    found: list[str] = []
-    for name, tokens in demand.items():
-        avail = int(train_tokens[name])
-        epochs = tokens / avail
-        totals[name] = {"planned_tokens": tokens, "available_tokens": avail, "epochs": epochs}
-        if epochs > 1.0 and not mix.allow_repetition:
-            raise BlendError(
-                f"the blend needs {tokens:,} tokens of {name!r} but only {avail:,} exist ({epochs:.2f} epochs) and "
-                "mix.allow_repetition is false; lower its share, shorten the run or allow repetition"
-            )
-        if epochs > mix.max_epochs:
-            found.append(f"{name!r} is repeated {epochs:.2f} epochs (> mix.max_epochs = {mix.max_epochs:g})")
+    totals, found = _blend_totals(phases, train_tokens, mix)
     for msg in found:
         warnings.warn(msg, stacklevel=2)
     return {

@@ -383,17 +383,9 @@ def store_corpora(docs: str | Path) -> list[str]:
     return list(seen)
 
 
-def prepare(lang: str, docs: str | Path, tokenizer: str | Path, valid_tokens: int, out_dir: str | Path,
-            *, workers: int = 1, split_corpora: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
-    """Split + index one language: writes valid.bin/.idx, train.bin/.idx, ``train.<corpus>.bin/.idx`` for
-    each of ``split_corpora`` (its training documents, same order) and data.json in ``out_dir``."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    docs, out_dir = Path(docs), Path(out_dir)
-    if not docs.exists():
-        raise SourceError(f"language {lang!r}: docs store {docs} is missing; run `cptscale data ingest` first")
-    tok = Tokenizer(tokenizer)
+def _check_split_corpora(lang: str, docs: Path, split_corpora: Sequence[str]) -> list[str]:
+    """The corpora to write their own training splits for (duplicates dropped): each must be a corpus of the
+    docs store and usable as a file name."""
     split_corpora = list(dict.fromkeys(split_corpora))
     if split_corpora:
         known = store_corpora(docs)
@@ -407,32 +399,54 @@ def prepare(lang: str, docs: str | Path, tokenizer: str | Path, valid_tokens: in
         bad = [n for n in split_corpora if "/" in n or n.startswith(".")]
         if bad:
             raise SourceError(f"language {lang!r}: corpus names {bad} cannot name files; rename them in corpora.{lang}")
+    return split_corpora
+
+
+def _sample_overlap(val: Validation, tokenizer: str | Path, lang: str) -> int:
+    """Validation documents that were in the tokenizer's training sample (keys at or above the sample's lowest
+    key; the tokenizer report beside it says), 0 without a report."""
+    tok_report_path = Path(tokenizer).parent / "report.json"
+    tok_report = read_json(tok_report_path) if tok_report_path.exists() else {}
+    lowest = (tok_report.get("sample") or {}).get(lang, {}).get("lowest_hash")
+    return int((val.keys >= np.uint64(int(lowest, 16))).sum()) if lowest is not None else 0
+
+
+def _train_items(docs: Path, boundary: int | None, split_corpora: list[str]) -> Iterator[tuple[str, int]]:
+    """(text, subset tag) of every training document (key above the validation set) in key order; the tag is
+    the index of its corpus in ``split_corpora``, -1 for the others (0 when there are none)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    value_set = pa.array(split_corpora, type=pa.string())
+    lo = boundary + 1 if boundary is not None else None  # training: every key above the validation set
+    for keys, batch in iter_key_range(docs, ["text", "source"] if split_corpora else ["text"], lo=lo):
+        if split_corpora:
+            tags = pc.fill_null(pc.index_in(batch.column(2), value_set=value_set), -1).to_numpy()
+        else:
+            tags = np.zeros(len(keys), dtype=np.int32)
+        yield from zip(batch.column(1).to_pylist(), tags.tolist(), strict=True)
+
+
+def prepare(lang: str, docs: str | Path, tokenizer: str | Path, valid_tokens: int, out_dir: str | Path,
+            *, workers: int = 1, split_corpora: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
+    """Split + index one language: writes valid.bin/.idx, train.bin/.idx, ``train.<corpus>.bin/.idx`` for
+    each of ``split_corpora`` (its training documents, same order) and data.json in ``out_dir``."""
+    docs, out_dir = Path(docs), Path(out_dir)
+    if not docs.exists():
+        raise SourceError(f"language {lang!r}: docs store {docs} is missing; run `cptscale data ingest` first")
+    tok = Tokenizer(tokenizer)
+    split_corpora = _check_split_corpora(lang, docs, split_corpora)
     t0 = time.time()
     val = select_validation(docs, tok, valid_tokens, lang)
     valid_hashes = val.hashes
     (out_dir / "data.json").unlink(missing_ok=True)  # never leave a manifest describing older outputs
-    tok_report_path = Path(tokenizer).parent / "report.json"
-    tok_report = read_json(tok_report_path) if tok_report_path.exists() else {}
-    lowest = (tok_report.get("sample") or {}).get(lang, {}).get("lowest_hash")
-    overlap = int((val.keys >= np.uint64(int(lowest, 16))).sum()) if lowest is not None else 0
-
+    overlap = _sample_overlap(val, tokenizer, lang)
     valid = write_indexed(val.texts, tok, out_dir / "valid", workers=1, progress=progress, desc=f"valid {lang}")
     boundary, total_bytes = val.boundary, val.total_bytes
     del val
-
-    value_set = pa.array(split_corpora, type=pa.string())
-
-    def train_items() -> Iterator[tuple[str, int]]:
-        lo = boundary + 1 if boundary is not None else None  # training: every key above the validation set
-        for keys, batch in iter_key_range(docs, ["text", "source"] if split_corpora else ["text"], lo=lo):
-            if split_corpora:
-                tags = pc.fill_null(pc.index_in(batch.column(2), value_set=value_set), -1).to_numpy()
-            else:
-                tags = np.zeros(len(keys), dtype=np.int32)
-            yield from zip(batch.column(1).to_pylist(), tags.tolist(), strict=True)
-
     subsets = [(name, out_dir / f"train.{name}") for name in split_corpora]
-    train, train_corpora = write_datasets(_batches(train_items()), tok, out_dir / "train", subsets, workers=workers,
+    train, train_corpora = write_datasets(_batches(_train_items(docs, boundary, split_corpora)), tok,
+                                          out_dir / "train", subsets, workers=workers,
                                           progress=progress, total_bytes=total_bytes - valid["bytes"],
                                           desc=f"train {lang}")
     ingest_path = docs.parent / "ingest.json"

@@ -86,6 +86,104 @@ def _schema():
                       ("chars", pa.int64()), ("bytes", pa.int64())])
 
 
+class _DocWriter:
+    """The docs parquet, written in row groups of about ``ROW_GROUP_BYTES`` or ``ROW_GROUP_DOCS``."""
+
+    def __init__(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        self.schema = _schema()
+        self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self._reset()
+
+    def _reset(self) -> None:
+        self.buf: dict[str, list[Any]] = {k: [] for k in SCHEMA_FIELDS}
+        self.buf_bytes = 0
+
+    def add(self, text: str, h: str, source: str, nb: int) -> None:
+        for k, v in zip(SCHEMA_FIELDS, (text, h, source, len(text), nb), strict=True):
+            self.buf[k].append(v)
+        self.buf_bytes += nb
+        if self.buf_bytes >= ROW_GROUP_BYTES or len(self.buf["text"]) >= ROW_GROUP_DOCS:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+
+        if self.buf["text"]:
+            self.writer.write_table(pa.table(self.buf, schema=self.schema))
+        self._reset()
+
+
+def _clean(raw: Any, c: SourceCounts, min_chars: int) -> str | None:
+    """A read document as stored text (decoded, NFC, stripped), or None when it is empty or shorter than
+    ``min_chars`` (counted in ``c``)."""
+    c.invalid_utf8_replaced += raw.replaced
+    if isinstance(raw.text, bytes):
+        text, n = decode(raw.text)
+        c.invalid_utf8_replaced += n
+    else:
+        text = raw.text
+    if not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
+    text = text.strip()
+    if not text:
+        c.dropped_empty += 1
+        return None
+    if len(text) < min_chars:
+        c.dropped_short += 1
+        return None
+    return text
+
+
+def _store_docs(opened: list[Any], counts: list[SourceCounts], out: _DocWriter, seen: SeenKeys, bar: Any,
+                min_chars: int, max_chars: int | None) -> None:
+    """Clean, deduplicate and write every source's documents in order, up to each source's and the
+    language's ``max_chars``."""
+    total_chars = 0
+    for o, c in zip(opened, counts, strict=True):
+        spec_chars = 0
+        for raw in o.docs():
+            c.docs_read += 1
+            bar.update(1)
+            text = _clean(raw, c, min_chars)
+            if text is None:
+                continue
+            h = doc_hash(text)
+            if not seen.add(int(h, 16)):
+                c.dropped_duplicate += 1
+                continue
+            nb = len(text.encode("utf-8"))
+            out.add(text, h, c.name, nb)
+            c.docs_kept += 1
+            c.chars += len(text)
+            c.bytes += nb
+            spec_chars += len(text)
+            total_chars += len(text)
+            if o.spec.max_chars is not None and spec_chars >= o.spec.max_chars:
+                c.truncated_at_max_chars = True
+                break
+            if max_chars is not None and total_chars >= max_chars:
+                c.truncated_at_max_chars = True
+                return
+
+
+def _check_kept(lang: str, counts: list[SourceCounts], min_chars: int, valid_tokens: int) -> int:
+    """The number of documents kept; an empty corpus or too little text for validation is an error."""
+    kept = sum(c.docs_kept for c in counts)
+    if kept == 0:
+        detail = "; ".join(
+            f"{c.name}: read {c.docs_read}, empty {c.dropped_empty}, short {c.dropped_short}" for c in counts
+        )
+        raise SourceError(
+            f"language {lang!r}: empty corpus, no document left after cleaning ({detail}); "
+            f"check the corpus files or lower the minimum length (data.min_doc_chars in the study config, "
+            f"--min-chars here; now {min_chars})"
+        )
+    check_enough_text(lang, sum(c.bytes for c in counts), kept, valid_tokens)
+    return kept
+
+
 def ingest(
     lang: str,
     sources: Sequence[PackageSource | LocalSource | HFSource],
@@ -103,8 +201,6 @@ def ingest(
     written; an empty result, or too little text for ``valid_tokens`` validation tokens (see
     :func:`check_enough_text`), is an error and leaves nothing behind.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from tqdm import tqdm
 
     if not sources:
@@ -115,88 +211,18 @@ def ingest(
     if out.parent.is_dir():  # temp files of a killed (SIGKILL) run; atomic_path cleans up other failures
         for stale in out.parent.glob(f".{out.name}.*.tmp"):
             stale.unlink(missing_ok=True)
-    schema = _schema()
-    seen = SeenKeys()
     counts = [SourceCounts(o.spec.name, input_hashes=o.input_hashes) for o in opened]
-    total_chars = 0
     t0 = time.time()
     bar = tqdm(desc=f"ingest {lang}", unit="doc", disable=not progress, file=sys.stderr, mininterval=1.0)
     with atomic_path(out) as tmp:
-        writer = pq.ParquetWriter(tmp, schema, compression="zstd")
-        buf: dict[str, list] = {k: [] for k in SCHEMA_FIELDS}
-        buf_bytes = 0
-
-        def flush() -> None:
-            nonlocal buf, buf_bytes
-            if buf["text"]:
-                writer.write_table(pa.table(buf, schema=schema))
-            buf = {k: [] for k in SCHEMA_FIELDS}
-            buf_bytes = 0
-
+        writer = _DocWriter(tmp)
         try:
-            stop_all = False
-            for o, c in zip(opened, counts, strict=True):
-                if stop_all:
-                    break
-                spec_chars = 0
-                for raw in o.docs():
-                    c.docs_read += 1
-                    bar.update(1)
-                    c.invalid_utf8_replaced += raw.replaced
-                    if isinstance(raw.text, bytes):
-                        text, n = decode(raw.text)
-                        c.invalid_utf8_replaced += n
-                    else:
-                        text = raw.text
-                    if not unicodedata.is_normalized("NFC", text):
-                        text = unicodedata.normalize("NFC", text)
-                    text = text.strip()
-                    if not text:
-                        c.dropped_empty += 1
-                        continue
-                    if len(text) < min_chars:
-                        c.dropped_short += 1
-                        continue
-                    h = doc_hash(text)
-                    if not seen.add(int(h, 16)):
-                        c.dropped_duplicate += 1
-                        continue
-                    nb = len(text.encode("utf-8"))
-                    buf["text"].append(text)
-                    buf["hash"].append(h)
-                    buf["source"].append(c.name)
-                    buf["chars"].append(len(text))
-                    buf["bytes"].append(nb)
-                    buf_bytes += nb
-                    c.docs_kept += 1
-                    c.chars += len(text)
-                    c.bytes += nb
-                    spec_chars += len(text)
-                    total_chars += len(text)
-                    if buf_bytes >= ROW_GROUP_BYTES or len(buf["text"]) >= ROW_GROUP_DOCS:
-                        flush()
-                    if o.spec.max_chars is not None and spec_chars >= o.spec.max_chars:
-                        c.truncated_at_max_chars = True
-                        break
-                    if max_chars is not None and total_chars >= max_chars:
-                        c.truncated_at_max_chars = True
-                        stop_all = True
-                        break
-            flush()
+            _store_docs(opened, counts, writer, SeenKeys(), bar, min_chars, max_chars)
+            writer.flush()
         finally:
-            writer.close()
+            writer.writer.close()
             bar.close()
-        kept = sum(c.docs_kept for c in counts)
-        if kept == 0:
-            detail = "; ".join(
-                f"{c.name}: read {c.docs_read}, empty {c.dropped_empty}, short {c.dropped_short}" for c in counts
-            )
-            raise SourceError(
-                f"language {lang!r}: empty corpus, no document left after cleaning ({detail}); "
-                f"check the corpus files or lower the minimum length (data.min_doc_chars in the study config, "
-                f"--min-chars here; now {min_chars})"
-            )
-        check_enough_text(lang, sum(c.bytes for c in counts), kept, valid_tokens)
+        kept = _check_kept(lang, counts, min_chars, valid_tokens)
     report: dict[str, Any] = {
         "lang": lang,
         "docs": kept,

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from cptscale.compute import flops_6nd
 from cptscale.schedule import Schedule
 from cptscale.simulate.curve import Areas, areas, data_term_curve, lr_series, smooth_min
 from cptscale.simulate.truth import Truth
@@ -172,6 +173,88 @@ def _rng(seed: int, spec: Mapping[str, Any], stream: int) -> np.random.Generator
                                   stream])
 
 
+class _Rows:
+    """Draws a simulated run's evaluation and training-step rows: the model's noiseless losses times the
+    run's, each evaluation's and each step's noise (two streams, so evaluations do not depend on whether
+    training rows are drawn)."""
+
+    def __init__(self, m: _Model, spec: dict[str, Any], truth: Truth, seed: int) -> None:
+        from cptscale.transfer import run_compute
+
+        self.m, self.nz = m, truth.noise
+        self.rng, self.rng_train = _rng(seed, spec, 0), _rng(seed, spec, 1)
+        self.langs = m._langs()
+        self.run_noise = {lang: float(self.rng.normal(0.0, self.nz.run)) if self.nz.run > 0 else 0.0
+                          for lang in self.langs}
+        self.fpt, self.n_params = run_compute(spec)["flops_per_token"], int(spec["params"])
+        self.ev_langs = (spec.get("eval") or {}).get("languages") or {}
+
+    def _flops(self, tokens: int) -> dict[str, Any]:
+        return {"params": self.n_params, "flops": self.fpt * tokens, "flops_6nd": flops_6nd(self.n_params, tokens)}
+
+    def evals(self, ar: Areas, steps: list[int], branch: int | None) -> list[dict[str, Any]]:
+        m, nz = self.m, self.nz
+        k = np.asarray(steps, dtype=int)
+        rows = []
+        per_lang = {lang: m.losses(lang, ar, k) for lang in self.langs}
+        for i, s in enumerate(steps):
+            for lang in self.langs:
+                loss = float(per_lang[lang][i])
+                if s > 0:  # step 0 is the initial model: the same for every seed (the CPT gate checks it)
+                    eps = self.run_noise[lang] + (float(self.rng.normal(0.0, nz.eval)) if nz.eval > 0 else 0.0)
+                    loss *= math.exp(eps)
+                tokens = int(s * m.tps)
+                row: dict[str, Any] = {"step": int(s), "tokens": tokens, "lang": lang, "loss": loss,
+                                       "ppl": math.exp(min(loss, 700.0))}
+                v = self.ev_langs.get(lang) or {}
+                nbytes = v.get("bytes")
+                n_tok = v.get("tokens") or (round(nbytes / BYTES_PER_TOKEN) if nbytes else None)
+                row["n_tokens"] = n_tok
+                row["bpb"] = loss * n_tok / (nbytes * math.log(2)) if n_tok and nbytes else None
+                row["bytes"] = nbytes
+                row.update(self._flops(tokens))
+                if branch is not None:
+                    row["branch"] = branch
+                rows.append(row)
+        return rows
+
+    def metrics(self, ar: Areas, start: int, stop: int, branch: int | None) -> list[dict[str, Any]]:
+        m, nz = self.m, self.nz
+        k = np.arange(start, stop)
+        mix = np.zeros(len(k))
+        for lang, share in m.shares.items():
+            if lang in self.langs or lang == m.lang:
+                mix += share[start:stop] * (m.losses(lang, ar, k) if lang in self.langs else 0.0)
+        noise = self.rng_train.normal(0.0, nz.train, len(k)) if nz.train > 0 else np.zeros(len(k))
+        out = []
+        for j, s in enumerate(k):
+            tokens = int((s + 1) * m.tps)
+            row: dict[str, Any] = {"step": int(s), "tokens": tokens, "loss": float(mix[j] * math.exp(noise[j])),
+                                   "lr": float(ar.lr[s]), "grad_norm": None, "tokens_per_s": None, "mem_bytes": None,
+                                   "mfu": None, **self._flops(tokens)}
+            if branch is not None:
+                row["branch"] = branch
+            out.append(row)
+        return out
+
+
+def _done(spec: dict[str, Any], truth: Truth, seed: int, rows: _Rows, final: dict[str, float],
+          branches: list[dict[str, Any]]) -> dict[str, Any]:
+    """done.json of the simulated run, as the trainer writes it (plus what was simulated from what)."""
+    steps, n_params = rows.m.steps, rows.n_params
+    tokens = int(steps * rows.m.tps)
+    done: dict[str, Any] = {
+        "run_id": spec["run_id"], "steps": steps, "tokens": tokens, "final_loss": final,
+        "final_checkpoint": None, "wall_s": 0.0, "params": n_params, "params_nonemb": int(spec["params_nonemb"]),
+        "resumed_from": None, "flops_spent": rows.fpt * tokens, "flops_spent_6nd": flops_6nd(n_params, tokens),
+        "final_shape": spec.get("shape"), "final_params": n_params, "world_size": 0,
+        "simulated": True, "simulation": {"truth": truth.name, "seed": int(seed), "noise": dict(vars(truth.noise))},
+    }
+    if branches:
+        done["branches"] = branches
+    return done
+
+
 def simulate_run(spec: Any, truth: Truth, seed: int = 0, parent: Mapping[str, Any] | None = None,
                  metrics: bool = True) -> SimulatedRun:
     """The rows and totals a trained run of ``spec`` would write, drawn from ``truth`` (``metrics=False``:
@@ -180,88 +263,25 @@ def simulate_run(spec: Any, truth: Truth, seed: int = 0, parent: Mapping[str, An
     ``parent`` (CPT): the source run's done.json (``final_loss`` per language, ``tokens``); without it
     the source loss is the spec's ``parent.final_loss`` and other languages start at the truth's
     noiseless off-language loss."""
-    from cptscale.transfer import run_compute
-
     spec = _as_dict(spec)
     m = _Model(spec, truth, parent)
-    rng, rng_train = _rng(seed, spec, 0), _rng(seed, spec, 1)
-    nz = truth.noise
-    langs = m._langs()
-    run_noise = {lang: float(rng.normal(0.0, nz.run)) if nz.run > 0 else 0.0 for lang in langs}
-    comp = run_compute(spec)
-    fpt, n_params = comp["flops_per_token"], int(spec["params"])
-    ev_langs = (spec.get("eval") or {}).get("languages") or {}
-
-    def eval_rows(ar: Areas, steps: list[int], branch: int | None) -> list[dict[str, Any]]:
-        k = np.asarray(steps, dtype=int)
-        rows = []
-        per_lang = {lang: m.losses(lang, ar, k) for lang in langs}
-        for i, s in enumerate(steps):
-            for lang in langs:
-                loss = float(per_lang[lang][i])
-                if s > 0:  # step 0 is the initial model: the same for every seed (the CPT gate checks it)
-                    eps = run_noise[lang] + (float(rng.normal(0.0, nz.eval)) if nz.eval > 0 else 0.0)
-                    loss *= math.exp(eps)
-                tokens = int(s * m.tps)
-                row: dict[str, Any] = {"step": int(s), "tokens": tokens, "lang": lang, "loss": loss,
-                                       "ppl": math.exp(min(loss, 700.0))}
-                v = ev_langs.get(lang) or {}
-                nbytes = v.get("bytes")
-                n_tok = v.get("tokens") or (round(nbytes / BYTES_PER_TOKEN) if nbytes else None)
-                row["n_tokens"] = n_tok
-                row["bpb"] = loss * n_tok / (nbytes * math.log(2)) if n_tok and nbytes else None
-                row["bytes"] = nbytes
-                row.update(params=n_params, flops=fpt * tokens, flops_6nd=6.0 * n_params * tokens)
-                if branch is not None:
-                    row["branch"] = branch
-                rows.append(row)
-        return rows
-
-    def metric_rows(ar: Areas, start: int, stop: int, branch: int | None) -> list[dict[str, Any]]:
-        k = np.arange(start, stop)
-        mix = np.zeros(len(k))
-        for lang, share in m.shares.items():
-            if lang in langs or lang == m.lang:
-                mix += share[start:stop] * (m.losses(lang, ar, k) if lang in langs else 0.0)
-        noise = rng_train.normal(0.0, nz.train, len(k)) if nz.train > 0 else np.zeros(len(k))
-        out = []
-        for j, s in enumerate(k):
-            tokens = int((s + 1) * m.tps)
-            row: dict[str, Any] = {"step": int(s), "tokens": tokens, "loss": float(mix[j] * math.exp(noise[j])),
-                                   "lr": float(ar.lr[s]), "grad_norm": None, "tokens_per_s": None, "mem_bytes": None,
-                                   "mfu": None, "params": n_params, "flops": fpt * tokens,
-                                   "flops_6nd": 6.0 * n_params * tokens}
-            if branch is not None:
-                row["branch"] = branch
-            out.append(row)
-        return out
-
+    rows = _Rows(m, spec, truth, seed)
     steps = m.steps
     want = sorted({int(s) for s in (spec.get("eval") or {}).get("steps", []) if 0 <= int(s) <= steps} | {steps})
-    evals = eval_rows(m.main, want, None)
-    metrics = metric_rows(m.main, 0, steps, None) if metrics else []
+    evals = rows.evals(m.main, want, None)
+    step_rows = rows.metrics(m.main, 0, steps, None) if metrics else []
     branch_metrics: list[dict[str, Any]] = []
     branches = []
     for sb in m.schedule.branch_schedules():
         share_own = m.shares.get(m.lang, np.zeros(steps))[: sb.total_steps]
         ar = areas(sb, truth.curve.lag_fraction * sb.total_steps, lr_series(sb), share_own)
-        rows = eval_rows(ar, [sb.total_steps], sb.total_steps)
-        evals += rows
+        ends = rows.evals(ar, [sb.total_steps], sb.total_steps)
+        evals += ends
         if metrics:
-            branch_metrics += metric_rows(ar, sb.decay_start, sb.total_steps, sb.total_steps)
+            branch_metrics += rows.metrics(ar, sb.decay_start, sb.total_steps, sb.total_steps)
         branches.append({"steps": sb.total_steps, "tokens": int(sb.total_steps * m.tps),
-                         "final_loss": {r["lang"]: r["loss"] for r in rows},
-                         "flops_spent": rows[0]["flops"], "flops_spent_6nd": rows[0]["flops_6nd"]})
+                         "final_loss": {r["lang"]: r["loss"] for r in ends},
+                         "flops_spent": ends[0]["flops"], "flops_spent_6nd": ends[0]["flops_6nd"]})
     final = {r["lang"]: r["loss"] for r in evals if r["step"] == steps and "branch" not in r}
-    tokens = int(steps * m.tps)
-    done: dict[str, Any] = {
-        "run_id": spec["run_id"], "steps": steps, "tokens": tokens, "final_loss": final,
-        "final_checkpoint": None, "wall_s": 0.0, "params": n_params, "params_nonemb": int(spec["params_nonemb"]),
-        "resumed_from": None, "flops_spent": fpt * tokens, "flops_spent_6nd": 6.0 * n_params * tokens,
-        "final_shape": spec.get("shape"), "final_params": n_params, "world_size": 0,
-        "simulated": True, "simulation": {"truth": truth.name, "seed": int(seed), "noise": dict(vars(truth.noise))},
-    }
-    if branches:
-        done["branches"] = branches
-    truth_final = {lang: float(m.losses(lang, m.main, np.array([steps]))[0]) for lang in langs}
-    return SimulatedRun(evals, metrics, branch_metrics, done, truth_final)
+    truth_final = {lang: float(m.losses(lang, m.main, np.array([steps]))[0]) for lang in rows.langs}
+    return SimulatedRun(evals, step_rows, branch_metrics, _done(spec, truth, seed, rows, final, branches), truth_final)

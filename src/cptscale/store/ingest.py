@@ -175,31 +175,33 @@ def ingest(study_dir: str | os.PathLike[str], db_path: str | os.PathLike[str] | 
     return rep
 
 
-def _ingest_into(con: Any, sdir: Path, study: str, sj: dict[str, Any], run_dirs: list[Path],
-                 rep: IngestReport, *, allow_partial: bool) -> None:
+def _ingest_study_row(con: Any, sdir: Path, study: str, sj: dict[str, Any], log: dict[str, str],
+                      new_log: dict[str, str], rep: IngestReport) -> None:
+    """The studies row (with the tokenizer report) when study.json or the report changed."""
     import pandas as pd
 
-    log = dict(con.execute("SELECT key, fingerprint FROM ingest_log WHERE study = ?", [study]).fetchall())
-    new_log: dict[str, str] = {}
-    rep.rows = dict.fromkeys(TABLES, 0)
-
-    # study row (+ tokenizer report)
     files = [sdir / "study.json", sdir / "tokenizer" / "report.json"]
     fp = stable_hash(_fingerprint(files))
-    if log.get("study") != fp and any(f.exists() for f in files):
-        prov = sj.get("provenance") or {}
-        tok = read_json(files[1]) if files[1].exists() else None
-        con.execute("DELETE FROM studies WHERE study = ?", [study])
-        rep.rows["studies"] += _insert(con, "studies", pd.DataFrame.from_records([{
-            "study": study, "config_hash": sj.get("config_hash"), "config": _j(sj.get("config")),
-            "expected_runs": _j(sj.get("expected_runs")), "n_expected_runs": len(sj.get("expected_runs") or []),
-            "study_dir": str(sdir.resolve()), "git_commit": prov.get("git_commit"),
-            "git_dirty": prov.get("git_dirty"), "packages": _j(prov.get("packages")),
-            "input_hashes": _j(prov.get("input_hashes")), "provenance": _j(prov), "tokenizer_report": _j(tok),
-            "ingested_at": _now()}]))
-        new_log["study"] = fp
+    if log.get("study") == fp or not any(f.exists() for f in files):
+        return
+    prov = sj.get("provenance") or {}
+    tok = read_json(files[1]) if files[1].exists() else None
+    con.execute("DELETE FROM studies WHERE study = ?", [study])
+    rep.rows["studies"] += _insert(con, "studies", pd.DataFrame.from_records([{
+        "study": study, "config_hash": sj.get("config_hash"), "config": _j(sj.get("config")),
+        "expected_runs": _j(sj.get("expected_runs")), "n_expected_runs": len(sj.get("expected_runs") or []),
+        "study_dir": str(sdir.resolve()), "git_commit": prov.get("git_commit"),
+        "git_dirty": prov.get("git_dirty"), "packages": _j(prov.get("packages")),
+        "input_hashes": _j(prov.get("input_hashes")), "provenance": _j(prov), "tokenizer_report": _j(tok),
+        "ingested_at": _now()}]))
+    new_log["study"] = fp
 
-    # data manifests
+
+def _ingest_manifests(con: Any, sdir: Path, study: str, log: dict[str, str], new_log: dict[str, str],
+                      rep: IngestReport) -> None:
+    """Each language's changed data manifest (a malformed one is an error of the report, not raised)."""
+    import pandas as pd
+
     for mpath in sorted((sdir / "data").glob("*/data.json")):
         lang, fh = mpath.parent.name, file_hash(mpath)
         if log.get(f"data/{lang}") == fh:
@@ -213,7 +215,12 @@ def _ingest_into(con: Any, sdir: Path, study: str, sj: dict[str, Any], run_dirs:
         rep.rows["data_manifests"] += _insert(con, "data_manifests", pd.DataFrame.from_records([row]))
         new_log[f"data/{lang}"] = fh
 
-    # fits
+
+def _ingest_fits(con: Any, sdir: Path, study: str, log: dict[str, str], new_log: dict[str, str],
+                 rep: IngestReport) -> None:
+    """Each changed fit file's fits and predictions, replacing what the file (or its fit ids) held before."""
+    import pandas as pd
+
     for fpath in sorted((sdir / "fits").glob("*.json")):
         fh = file_hash(fpath)
         if log.get(f"fit/{fpath.name}") == fh:
@@ -233,7 +240,11 @@ def _ingest_into(con: Any, sdir: Path, study: str, sj: dict[str, Any], run_dirs:
         rep.rows["predictions"] += _insert(con, "predictions", pd.DataFrame.from_records(preds) if preds else None)
         new_log[f"fit/{fpath.name}"] = fh
 
-    # runs: parse every changed run, then one delete + one insert per table
+
+def _read_changed_runs(run_dirs: list[Path], study: str, log: dict[str, str], new_log: dict[str, str],
+                       rep: IngestReport, *, allow_partial: bool) -> tuple[list[str], dict[str, list[Any]]]:
+    """Parse every run whose files changed since the last ingest: their ids and their rows per table (a bad
+    run is skipped with its error in the report)."""
     batches: dict[str, list[Any]] = {t: [] for t in RUN_TABLES}
     changed: list[str] = []
     for rdir in run_dirs:
@@ -268,23 +279,43 @@ def _ingest_into(con: Any, sdir: Path, study: str, sj: dict[str, Any], run_dirs:
         # a partial (allow_partial) ingest must be retried once the files are fixed
         new_log[f"run/{rdir.name}"] = fp if not problems else f"partial:{fp}"
         rep.runs_ingested += 1
+    return changed, batches
+
+
+def _replace_runs(con: Any, study: str, changed: list[str], batches: dict[str, list[Any]],
+                  rep: IngestReport) -> None:
+    """One delete of the changed runs' rows and one insert per table."""
+    import pandas as pd
+
+    con.register("_changed", pd.DataFrame({"run_id": changed}))
+    for t in RUN_TABLES:
+        con.execute(f"DELETE FROM {t} WHERE study = ? AND run_id IN (SELECT run_id FROM _changed)", [study])
+    con.unregister("_changed")
+    for t in RUN_TABLES:
+        b = batches[t]
+        if not b:
+            continue
+        if isinstance(b[0], dict):
+            df = pd.DataFrame.from_records(b)
+            if "branch" in df.columns:  # NULL for the main trajectory: a nullable integer, not float NaN
+                df["branch"] = df["branch"].astype("Int64")
+        else:
+            df = b[0] if len(b) == 1 else pd.concat(b, ignore_index=True)
+        rep.rows[t] += _insert(con, t, df)
+
+
+def _ingest_into(con: Any, sdir: Path, study: str, sj: dict[str, Any], run_dirs: list[Path],
+                 rep: IngestReport, *, allow_partial: bool) -> None:
+    """Every changed file of the study into ``con`` (the staging copy), and the ingest log of what was read."""
+    log = dict(con.execute("SELECT key, fingerprint FROM ingest_log WHERE study = ?", [study]).fetchall())
+    new_log: dict[str, str] = {}
+    rep.rows = dict.fromkeys(TABLES, 0)
+    _ingest_study_row(con, sdir, study, sj, log, new_log, rep)
+    _ingest_manifests(con, sdir, study, log, new_log, rep)
+    _ingest_fits(con, sdir, study, log, new_log, rep)
+    changed, batches = _read_changed_runs(run_dirs, study, log, new_log, rep, allow_partial=allow_partial)
     if changed:
-        ids = pd.DataFrame({"run_id": changed})
-        con.register("_changed", ids)
-        for t in RUN_TABLES:
-            con.execute(f"DELETE FROM {t} WHERE study = ? AND run_id IN (SELECT run_id FROM _changed)", [study])
-        con.unregister("_changed")
-        for t in RUN_TABLES:
-            b = batches[t]
-            if not b:
-                continue
-            if isinstance(b[0], dict):
-                df = pd.DataFrame.from_records(b)
-                if "branch" in df.columns:  # NULL for the main trajectory: a nullable integer, not float NaN
-                    df["branch"] = df["branch"].astype("Int64")
-            else:
-                df = b[0] if len(b) == 1 else pd.concat(b, ignore_index=True)
-            rep.rows[t] += _insert(con, t, df)
+        _replace_runs(con, study, changed, batches, rep)
     if new_log:
         now = _now()
         con.executemany("INSERT OR REPLACE INTO ingest_log VALUES (?, ?, ?, ?)",
