@@ -195,70 +195,96 @@ def pretrain_langs(cfg: StudyConfig) -> list[str]:
     return [cfg.languages.source] if ic.langs is None else list(ic.langs)
 
 
-def plan_arms(cfg: StudyConfig) -> list[Arm]:
-    """Every arm of the IPLT study, in a stable order (per panel: dense, small, start fractions, classic;
-    then the CPT panels). Raises ``ValueError`` (naming the arm and the field to change) for an arm
-    that cannot fit its budget, and :class:`PruneError` for a target that is not a pruning of ``size``."""
-    from cptscale.runs import batch_layout, run_id
+class _ArmPlanner:
+    """Plans IPLT arms one panel at a time: what every arm shares (the dense and target shapes, batch,
+    sequence and vocabulary) and the arms planned so far."""
 
-    ic = _cfg(cfg)
-    big, small = dense_shape(cfg), target_shape(cfg)
-    vocab, seq = cfg.vocab_size, cfg.train.seq_length
-    gbs, _ = batch_layout(cfg, ic.size)
-    tps = gbs * seq
-    parents = {r.lang: r for r in parent_runs(cfg)}
-    src = cfg.languages.source
-    k = ic.increments
-    small_d = _shape_dict(small, target_name(cfg))
-    big_dict_plain = cfg.shape(ic.size).as_dict()  # the ladder's own dict: the run spec of any dense run
-    arms: list[Arm] = []
+    def __init__(self, cfg: StudyConfig) -> None:
+        from cptscale.runs import batch_layout
 
-    def add(arm: str, panel: str, rid: str, size: str, init: str, lang: str, source: str | None, replay: float,
-            variant: str, start: PrunedShape, start_dict: dict[str, Any], events: list[dict[str, Any]],
+        self.cfg, self.ic = cfg, _cfg(cfg)
+        self.big, self.small = dense_shape(cfg), target_shape(cfg)
+        self.vocab, self.seq = cfg.vocab_size, cfg.train.seq_length
+        self.gbs, _ = batch_layout(cfg, self.ic.size)
+        self.tps = self.gbs * self.seq
+        self.small_d = _shape_dict(self.small, target_name(cfg))
+        self.big_d = cfg.shape(self.ic.size).as_dict()  # the ladder's own dict: the run spec of any dense run
+        self.arms: list[Arm] = []
+
+    def add(self, arm: str, panel: str, rid: str, size: str, init: str, lang: str, source: str | None,
+            replay: float, variant: str, start: PrunedShape, start_dict: dict[str, Any], events: list[dict[str, Any]],
             budget: float, frac: float | None, parent: str | None = None, inherited: float = 0.0) -> None:
+        vocab, seq, tps = self.vocab, self.seq, self.tps
         steps = solve_steps(start, events, budget - inherited, vocab, seq, tps, f"{arm} ({panel})")
-        run = _arm_run(cfg, rid, size, init, lang, source, replay, variant, arm, parent, start, events, steps, gbs)
+        run = _arm_run(self.cfg, rid, size, init, lang, source, replay, variant, arm, parent, start, events, steps,
+                       self.gbs)
         final = segments(start, events, steps)[-1][1]
-        arms.append(Arm(arm, panel, run, start_dict, events, frac, budget, inherited, parent,
-                        run_flops(start, events, steps, vocab, seq, tps), _shape_dict(final, size)))
+        self.arms.append(Arm(arm, panel, run, start_dict, events, frac, budget, inherited, parent,
+                             run_flops(start, events, steps, vocab, seq, tps), _shape_dict(final, size)))
 
-    for lang in pretrain_langs(cfg):
-        par = parents[lang]
-        f_dense = run_flops(big, [], par.steps, vocab, seq, tps)
-        budget = ic.budget_factor * f_dense
+    def budget(self, par: PlannedRun) -> tuple[float, float]:
+        """The dense parent run's FLOPs and the budget B every arm of its panels spends."""
+        f_dense = run_flops(self.big, [], par.steps, self.vocab, self.seq, self.tps)
+        return f_dense, self.ic.budget_factor * f_dense
+
+    def pretrain_panel(self, lang: str, par: PlannedRun) -> None:
+        """dense, small, one arm per start fraction (classic for 1.0, pruning the trained parent)."""
+        from cptscale.runs import run_id
+
+        ic, big, small, k = self.ic, self.big, self.small, self.ic.increments
+        f_dense, budget = self.budget(par)
         panel = f"{PRETRAIN}-{lang}"
-        add("dense", panel, run_id(ic.size, "scratch", lang, variant="ipltdense"), ic.size, "scratch", lang, None,
-            0.0, "ipltdense", big, big_dict_plain, [], budget, None)
-        add("small", panel, run_id(target_name(cfg), "scratch", lang, variant="ipltsmall"), target_name(cfg),
-            "scratch", lang, None, 0.0, "ipltsmall", small, small_d, [], budget, None)
+        self.add("dense", panel, run_id(ic.size, "scratch", lang, variant="ipltdense"), ic.size, "scratch", lang,
+                 None, 0.0, "ipltdense", big, self.big_d, [], budget, None)
+        self.add("small", panel, run_id(target_name(self.cfg), "scratch", lang, variant="ipltsmall"),
+                 target_name(self.cfg), "scratch", lang, None, 0.0, "ipltsmall", small, self.small_d, [], budget, None)
         for f in sorted(ic.start_fractions):
             span_steps = round(ic.span * par.steps)
             if f < 1.0:
                 name = fraction_tag(f)
                 first = max(1, round(f * par.steps))
                 ev = _events(big, small, k, first, first + span_steps if k > 1 else first, f"{name} ({panel})")
-                add(name, panel, run_id(ic.size, "scratch", lang, variant=f"iplt{name}"), ic.size, "scratch", lang,
-                    None, 0.0, f"iplt{name}", big, big_dict_plain, ev, budget, f)
+                self.add(name, panel, run_id(ic.size, "scratch", lang, variant=f"iplt{name}"), ic.size, "scratch",
+                         lang, None, 0.0, f"iplt{name}", big, self.big_d, ev, budget, f)
             else:
                 ev = _events(big, small, k, 0, span_steps if k > 1 else 0, f"classic ({panel})")
-                add("classic", panel, run_id(ic.size, "cpt", lang, 0.0, "ipltclassic"), ic.size, "cpt", lang, lang,
-                    0.0, "ipltclassic", big, big_dict_plain, ev, budget, 1.0, parent=par.run_id, inherited=f_dense)
-    if ic.cpt is not None:
-        par = parents[src]
-        f_dense = run_flops(big, [], par.steps, vocab, seq, tps)
-        budget = ic.budget_factor * f_dense
+                self.add("classic", panel, run_id(ic.size, "cpt", lang, 0.0, "ipltclassic"), ic.size, "cpt", lang,
+                         lang, 0.0, "ipltclassic", big, self.big_d, ev, budget, 1.0, parent=par.run_id,
+                         inherited=f_dense)
+
+    def cpt_panels(self, src: str, par: PlannedRun) -> None:
+        """Per CPT target: dense, prune at the start, prune incrementally over the span."""
+        from cptscale.runs import run_id
+
+        ic, big, small, k = self.ic, self.big, self.small, self.ic.increments
+        assert ic.cpt is not None
+        _, budget = self.budget(par)
         span_steps = round(ic.span * par.steps)
         for tgt in ic.cpt.targets:
             panel = f"{CPT}-{src}-{tgt}"
             r = ic.cpt.replay
-            add("cpt-dense", panel, run_id(ic.size, "cpt", tgt, r, "ipltdense"), ic.size, "cpt", tgt, src, r,
-                "ipltdense", big, big_dict_plain, [], budget, None)
+            self.add("cpt-dense", panel, run_id(ic.size, "cpt", tgt, r, "ipltdense"), ic.size, "cpt", tgt, src, r,
+                     "ipltdense", big, self.big_d, [], budget, None)
             ev = _events(big, small, 1, 0, 0, f"cpt-start ({panel})")
-            add("cpt-start", panel, run_id(ic.size, "cpt", tgt, r, "ipltstart"), ic.size, "cpt", tgt, src, r,
-                "ipltstart", big, big_dict_plain, ev, budget, 0.0)
+            self.add("cpt-start", panel, run_id(ic.size, "cpt", tgt, r, "ipltstart"), ic.size, "cpt", tgt, src, r,
+                     "ipltstart", big, self.big_d, ev, budget, 0.0)
             ev = _events(big, small, k, 0, span_steps if k > 1 else 0, f"cpt-incremental ({panel})")
-            add("cpt-incremental", panel, run_id(ic.size, "cpt", tgt, r, "ipltincr"), ic.size, "cpt", tgt, src, r,
-                "ipltincr", big, big_dict_plain, ev, budget, 0.0)
+            self.add("cpt-incremental", panel, run_id(ic.size, "cpt", tgt, r, "ipltincr"), ic.size, "cpt", tgt, src,
+                     r, "ipltincr", big, self.big_d, ev, budget, 0.0)
+
+
+def plan_arms(cfg: StudyConfig) -> list[Arm]:
+    """Every arm of the IPLT study, in a stable order (per panel: dense, small, start fractions, classic;
+    then the CPT panels). Raises ``ValueError`` (naming the arm and the field to change) for an arm
+    that cannot fit its budget, and :class:`PruneError` for a target that is not a pruning of ``size``."""
+    planner = _ArmPlanner(cfg)
+    parents = {r.lang: r for r in parent_runs(cfg)}
+    for lang in pretrain_langs(cfg):
+        planner.pretrain_panel(lang, parents[lang])
+    if planner.ic.cpt is not None:
+        src = cfg.languages.source
+        planner.cpt_panels(src, parents[src])
+    arms = planner.arms
     ids = [a.run.run_id for a in arms]
     if len(set(ids)) != len(ids):  # e.g. a target named like the dense size
         raise ValueError(f"iplt: arms share run ids: {sorted({i for i in ids if ids.count(i) > 1})}")

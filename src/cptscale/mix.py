@@ -467,21 +467,10 @@ def _gpt_config(tok: Any, seq_length: int, seed: int, prefix: str | None, path_t
     )
 
 
-def build_training_dataset(data_spec: dict[str, Any], tokenizer: Any, seq_length: int, global_batch_size: int,
-                           steps: int, seed: int, cache_dir: str) -> PhasedBlendDataset:
-    """Build the deterministic training set described by a data spec from :func:`plan_blend`.
-
-    Per source, one ``GPTDataset`` (via ``BlendedMegatronDatasetBuilder``) with enough samples for all
-    phases; per phase, one ``BlendedDataset`` over views of them starting where earlier phases stopped.
-    Index caches go to ``data_spec["cache_dir"]`` (shared by the report and the trainer, so the report
-    builds them once) and fall back to ``cache_dir``.
-    """
-    import numpy as np
-    import torch
-    from megatron.core.datasets.blended_dataset import BlendedDataset
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset
-
+def _checked_spec(data_spec: dict[str, Any], seq_length: int, global_batch_size: int, steps: int,
+                  seed: int) -> dict[str, Any]:
+    """The data spec completed with the build's numbers; a spec planned with other numbers, or whose phases do
+    not cover the run, is an error."""
     if data_spec.get("kind") != "blend":
         raise BlendError(f"data spec kind must be 'blend', got {data_spec.get('kind')!r}")
     for key, val in (("seq_length", seq_length), ("global_batch_size", global_batch_size), ("steps", steps),
@@ -492,52 +481,84 @@ def build_training_dataset(data_spec: dict[str, Any], tokenizer: Any, seq_length
             "seed": seed}
     if not spec["phases"] or spec["phases"][0]["start_step"] != 0 or spec["phases"][-1]["end_step"] != steps:
         raise BlendError("data spec phases must cover steps [0, steps)")
-    cache = str(data_spec.get("cache_dir") or cache_dir)
-    tok = _megatron_tokenizer(tokenizer)
+    return spec
 
-    # samples each source must hold: the blending index draws within +-1 of weight * n per phase
+
+def _source_datasets(spec: dict[str, Any], tok: Any, cache: str) -> dict[str, Any]:
+    """One GPTDataset per source with the samples every phase draws from it (the blending index draws within
+    +-1 of weight * n per phase), its index cache keyed by the source's content hashes."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
     need: dict[str, int] = {}
     prefixes: dict[str, str] = {}
     for ph in spec["phases"]:
-        n = (ph["end_step"] - ph["start_step"]) * global_batch_size
+        n = (ph["end_step"] - ph["start_step"]) * spec["global_batch_size"]
         for s in ph["sources"]:
             need[s["name"]] = need.get(s["name"], 0) + math.ceil(s["weight"] * n) + 2
             prefixes[s["name"]] = s["prefix"]
-
     sources: dict[str, Any] = {}
-    with _quiet_megatron():
-        for name, prefix in prefixes.items():
-            if not (Path(prefix + ".idx").is_file() and Path(prefix + ".bin").is_file()):
-                raise BlendError(f"source {name!r}: indexed dataset {prefix}.bin/.idx not found (run the data stage)")
-            hashes = next((s for ph in spec["phases"] for s in ph["sources"] if s["name"] == name), {})
-            src_cache = _source_cache_dir(cache, prefix, hashes)
-            cfg = _gpt_config(tok, seq_length, seed, prefix, src_cache)
-            with _cache_writer(src_cache):
-                ds = BlendedMegatronDatasetBuilder(GPTDataset, [need[name], None, None], lambda: True, cfg).build()[0]
-            if ds is None:  # not built on this rank: every rank reads data in this project
-                raise BlendError(f"source {name!r}: Megatron built no dataset on this rank")
-            sources[name] = ds
+    for name, prefix in prefixes.items():
+        if not (Path(prefix + ".idx").is_file() and Path(prefix + ".bin").is_file()):
+            raise BlendError(f"source {name!r}: indexed dataset {prefix}.bin/.idx not found (run the data stage)")
+        hashes = next((s for ph in spec["phases"] for s in ph["sources"] if s["name"] == name), {})
+        src_cache = _source_cache_dir(cache, prefix, hashes)
+        cfg = _gpt_config(tok, spec["seq_length"], spec["seed"], prefix, src_cache)
+        with _cache_writer(src_cache):
+            ds = BlendedMegatronDatasetBuilder(GPTDataset, [need[name], None, None], lambda: True, cfg).build()[0]
+        if ds is None:  # not built on this rank: every rank reads data in this project
+            raise BlendError(f"source {name!r}: Megatron built no dataset on this rank")
+        sources[name] = ds
+    return sources
 
-        # Megatron's BlendedDataset caches through torch.distributed.get_rank(), which fails without a
-        # process group; a single process skips its (millisecond) blending-index cache instead.
-        blend_cache = str(Path(cache) / "blends") if torch.distributed.is_initialized() else None
-        bcfg = _gpt_config(tok, seq_length, seed, None, blend_cache)
-        names = list(sources)
-        offsets = dict.fromkeys(names, 0)
-        blends, ids = [], []
-        with _cache_writer(blend_cache) if blend_cache else contextlib.nullcontext():
-            for ph in spec["phases"]:
-                n = (ph["end_step"] - ph["start_step"]) * global_batch_size
-                srcs = ph["sources"]
-                views = [_SourceView(sources[s["name"]], offsets[s["name"]]) for s in srcs]
-                weights = [float(s["weight"]) for s in srcs]
-                bd = BlendedMegatronDatasetBuilder.build_generic_dataset(
-                    BlendedDataset, lambda: True, True, views, weights, n, bcfg)
-                counts = np.bincount(np.asarray(bd.dataset_index), minlength=len(srcs))
-                for s, c in zip(srcs, counts, strict=True):
-                    offsets[s["name"]] += int(c)
-                blends.append(bd)
-                ids.append([names.index(s["name"]) for s in srcs])
+
+def _phase_blends(spec: dict[str, Any], sources: dict[str, Any], tok: Any,
+                  cache: str) -> tuple[list[Any], list[list[int]]]:
+    """One BlendedDataset per phase over views of the sources that start where earlier phases stopped, and
+    each phase's source indices (into ``sources``)."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
+    # Megatron's BlendedDataset caches through torch.distributed.get_rank(), which fails without a
+    # process group; a single process skips its (millisecond) blending-index cache instead.
+    blend_cache = str(Path(cache) / "blends") if torch.distributed.is_initialized() else None
+    bcfg = _gpt_config(tok, spec["seq_length"], spec["seed"], None, blend_cache)
+    names = list(sources)
+    offsets = dict.fromkeys(names, 0)
+    blends, ids = [], []
+    with _cache_writer(blend_cache) if blend_cache else contextlib.nullcontext():
+        for ph in spec["phases"]:
+            n = (ph["end_step"] - ph["start_step"]) * spec["global_batch_size"]
+            srcs = ph["sources"]
+            views = [_SourceView(sources[s["name"]], offsets[s["name"]]) for s in srcs]
+            weights = [float(s["weight"]) for s in srcs]
+            bd = BlendedMegatronDatasetBuilder.build_generic_dataset(
+                BlendedDataset, lambda: True, True, views, weights, n, bcfg)
+            counts = np.bincount(np.asarray(bd.dataset_index), minlength=len(srcs))
+            for s, c in zip(srcs, counts, strict=True):
+                offsets[s["name"]] += int(c)
+            blends.append(bd)
+            ids.append([names.index(s["name"]) for s in srcs])
+    return blends, ids
+
+
+def build_training_dataset(data_spec: dict[str, Any], tokenizer: Any, seq_length: int, global_batch_size: int,
+                           steps: int, seed: int, cache_dir: str) -> PhasedBlendDataset:
+    """Build the deterministic training set described by a data spec from :func:`plan_blend`.
+
+    Per source, one ``GPTDataset`` (via ``BlendedMegatronDatasetBuilder``) with enough samples for all
+    phases; per phase, one ``BlendedDataset`` over views of them starting where earlier phases stopped.
+    Index caches go to ``data_spec["cache_dir"]`` (shared by the report and the trainer, so the report
+    builds them once) and fall back to ``cache_dir``.
+    """
+    spec = _checked_spec(data_spec, seq_length, global_batch_size, steps, seed)
+    cache = str(data_spec.get("cache_dir") or cache_dir)
+    tok = _megatron_tokenizer(tokenizer)
+    with _quiet_megatron():
+        sources = _source_datasets(spec, tok, cache)
+        blends, ids = _phase_blends(spec, sources, tok, cache)
     return PhasedBlendDataset(spec, sources, blends, ids)
 
 

@@ -166,24 +166,11 @@ def _iter_texts(docs: Path, lo: int | None = None, hi: int | None = None) -> Ite
         yield from batch.column(1).to_pylist()
 
 
-def train_tokenizer(
-    docs: Sequence[str | Path],
-    out: str | Path,
-    *,
-    vocab_size: int,
-    sample_chars_per_language: int,
-    valid_tokens: int = 0,
-    min_frequency: int = 2,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train a byte-level BPE on an equal-character sample per language; write tokenizer.json and
-    report.json (per-language fertility measured on held-out low-hash documents)."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    if vocab_size < 300:
-        raise SourceError(f"--vocab-size {vocab_size} is too small for byte-level BPE; use at least 300")
-    samples: dict[str, tuple[Path, int, int, int]] = {}  # lang -> (docs, lowest key, docs, chars)
+def _tokenizer_samples(docs: Sequence[str | Path], sample_chars_per_language: int,
+                       valid_tokens: int) -> dict[str, tuple[Path, int, int, int]]:
+    """Per language: (docs store, lowest key, documents, characters) of its sample, the documents above the
+    reserve for validation up to ``sample_chars_per_language``; a missing store or nothing left is an error."""
+    samples: dict[str, tuple[Path, int, int, int]] = {}
     for d in docs:
         lang, path = lang_of(d), _strip_lang(d)
         if not path.exists():
@@ -195,6 +182,14 @@ def train_tokenizer(
                 f"{valid_tokens} validation tokens; add text or lower the validation size"
             )
         samples[lang] = (path, lowest, n, got)
+    return samples
+
+
+def _train_bpe(samples: dict[str, tuple[Path, int, int, int]], out: Path, *, vocab_size: int, min_frequency: int,
+               progress: bool) -> None:
+    """A byte-level BPE with the EOD and PAD tokens, trained on the samples in language order, saved to ``out``."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     def corpus() -> Iterator[str]:
         for path, lowest, _n, _got in samples.values():
@@ -211,9 +206,27 @@ def train_tokenizer(
         show_progress=progress,
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
-    out = Path(out)
     with atomic_path(out) as tmp:
         tok.save(str(tmp))
+
+
+def train_tokenizer(
+    docs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    vocab_size: int,
+    sample_chars_per_language: int,
+    valid_tokens: int = 0,
+    min_frequency: int = 2,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a byte-level BPE on an equal-character sample per language; write tokenizer.json and
+    report.json (per-language fertility measured on held-out low-hash documents)."""
+    if vocab_size < 300:
+        raise SourceError(f"--vocab-size {vocab_size} is too small for byte-level BPE; use at least 300")
+    samples = _tokenizer_samples(docs, sample_chars_per_language, valid_tokens)
+    out = Path(out)
+    _train_bpe(samples, out, vocab_size=vocab_size, min_frequency=min_frequency, progress=progress)
     loaded = Tokenizer(out)
     report = fertility_report(loaded, {lang: s[0] for lang, s in samples.items()})
     report.update({
