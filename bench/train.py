@@ -237,7 +237,7 @@ def _header(a: argparse.Namespace, shape: dict, n_params: int, world: int) -> st
             f"ffn {shape['ffn']}), params {n_params:,}{' per rank' if a.tp > 1 else ''}, seq {a.seq}, batch "
             f"{a.batch}, vocab {a.vocab}, {'bf16' if a.bf16 else 'fp32'}, "
             f"{'GPU ' + torch.cuda.get_device_name() if a.gpu else 'CPU'}, threads {torch.get_num_threads()}, "
-            f"world {world} (tp {a.tp})")
+            f"world {world} (tp {a.tp}), load average {os.getloadavg()[0]:.1f}")
 
 
 def _compare(a: argparse.Namespace, shape: dict) -> None:

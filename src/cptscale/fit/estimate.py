@@ -34,7 +34,7 @@ from cptscale.fit.laws import (
     _to_params,
     effective_data,
 )
-from cptscale.fit.optimizer import BOUNDS, _distinct, _obj, _Prep, _run_batch
+from cptscale.fit.optimizer import BOUNDS, _distinct, _obj, _Prep, _run_batch, one_blas_thread
 from cptscale.fit.points import Points, _points
 
 
@@ -196,7 +196,9 @@ def fit_law(data: Any, law: str = "chinchilla", fixed: dict[str, float] | None =
     top = _distinct(res["x"], res["f"], polish)
     lo = np.array([BOUNDS[names[i]][0] for i in free])
     hi = np.array([BOUNDS[names[i]][1] for i in free])
-    fobj, x, i0, success, message = _polish(starts, res, top, free, (lo, hi), (lN, lD, lL), delta, reduction, asym)
+    with one_blas_thread():
+        fobj, x, i0, success, message = _polish(starts, res, top, free, (lo, hi), (lN, lD, lL), delta, reduction,
+                                                asym)
     th = starts[i0].copy()
     th[free] = x
     params = _to_params(th, names)

@@ -8,7 +8,8 @@ many array passes as one scipy run costs function calls.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,24 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "E": (-10.0, 5.0), "A": (-10.0, 60.0), "B": (-10.0, 60.0), "alpha": (0.0, 5.0), "beta": (0.0, 5.0),
     "gamma": (-2.0, 2.0),
 }
+
+
+_BLAS: list[Any] = []  # the threadpoolctl controller, made on first use (it scans the loaded libraries)
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """BLAS (numpy's and scipy's OpenBLAS) on one thread inside the block. A fit's matrices are tiny (a few
+    parameters, hundreds of points), so a second BLAS thread has nothing to do but wait, and on a loaded
+    machine the wait costs scheduler slices: measured at load ~10 on 2 cores, scipy's L-BFGS-B took 106 ms
+    per start with OpenBLAS's default 2 threads and 3 ms with one (bench/fit.py's naive loop)."""
+    if not _BLAS:
+        import scipy.optimize  # noqa: F401  (loads scipy's own OpenBLAS: the controller sees the libraries loaded now)
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS.append(ThreadpoolController())
+    with _BLAS[0].limit(limits=1, user_api="blas"):
+        yield
 
 
 _MAX_ELEMS = 1_500_000  # rows x points per objective evaluation (memory: ~12 arrays of this size)
@@ -241,5 +260,6 @@ def _run_batch(theta0: np.ndarray, free: list[int], lN, lD, lL, delta: float, re
             f, g = _obj(th, lN, lD, lL, delta, reduction, None if Wc is None else Wc[rows], prep, asym)
             return f, g[:, free]
 
-        outs.append(lbfgs_batch(fg, base[:, free], lo, hi, **opt))
+        with one_blas_thread():
+            outs.append(lbfgs_batch(fg, base[:, free], lo, hi, **opt))
     return {k: np.concatenate([np.atleast_1d(o[k]) for o in outs]) for k in outs[0]}
