@@ -10,6 +10,7 @@ shared 2-core machine the ratio of a few summed steps swung from 0.86 to 1.02 be
 
     .venv/bin/python bench/train.py [--hidden 128 --layers 4 --heads 4 --seq 128 --batch 8 --steps 20]
     .venv/bin/python bench/train.py --hidden 256 --layers 4 --heads 4 --seq 256 --vocab 8192   # reference
+    .venv/bin/python bench/train.py --threads 1 --clock cpu   # on a loaded machine: 1-thread CPU time
 
 GPU (when one is present): a ladder shape (default the paper's ``992M``) in bf16, both models on the
 device, tokens/s and MFU with the engine's formula (``cptscale.train.meter.mfu``; peak from
@@ -100,8 +101,16 @@ def _args() -> argparse.Namespace:
                     "torchrun (needs 2 GPUs)")
     ap.add_argument("--compile", action="store_true", help="also time the engine with its model under torch.compile "
                     "(speed-up over eager, loss difference)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="time steps by wall clock (default) or by "
+                    "this process's CPU time: on a shared, loaded machine the wall time of a 2-thread step swings "
+                    "by 10x with the scheduler, while 1-thread CPU time stays within a few %% (use --threads 1)")
     ap.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)  # set by the --tp2 re-launch
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.clock == "cpu" and a.gpu:
+        ap.error("--clock cpu: CPU only (GPU steps are timed by the wall clock)")
     a.gpu = a.gpu or torch.cuda.is_available()
     if a.gpu and not torch.cuda.is_available():
         ap.error("--gpu: CUDA is not available")
@@ -203,7 +212,8 @@ def _outside_mode(gpu: bool):
     return cpu_compat.device_mode_suspended()
 
 
-def _alternate(fns: dict[str, tuple], steps: int, gpu: bool, warmup: int = 2) -> dict[str, list[float]]:
+def _alternate(fns: dict[str, tuple], steps: int, gpu: bool, warmup: int = 2,
+               clock=time.perf_counter) -> dict[str, list[float]]:
     """Seconds per step for each name over ``steps`` rounds (``warmup`` untimed rounds first). Each
     round runs every fn once, in an order rotated from round to round, so a drift in machine load or a
     cache left warm by the fn before hits all alike. ``fns``: name -> (fn, context factory)."""
@@ -214,12 +224,12 @@ def _alternate(fns: dict[str, tuple], steps: int, gpu: bool, warmup: int = 2) ->
         for name in names[k:] + names[:k]:
             fn, ctx = fns[name]
             _sync(gpu)
-            t0 = time.perf_counter()
+            t0 = clock()
             with ctx():
                 fn()
             _sync(gpu)
             if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     return times
 
 
@@ -237,7 +247,8 @@ def _header(a: argparse.Namespace, shape: dict, n_params: int, world: int) -> st
             f"ffn {shape['ffn']}), params {n_params:,}{' per rank' if a.tp > 1 else ''}, seq {a.seq}, batch "
             f"{a.batch}, vocab {a.vocab}, {'bf16' if a.bf16 else 'fp32'}, "
             f"{'GPU ' + torch.cuda.get_device_name() if a.gpu else 'CPU'}, threads {torch.get_num_threads()}, "
-            f"world {world} (tp {a.tp}), load average {os.getloadavg()[0]:.1f}")
+            f"world {world} (tp {a.tp}), load average {os.getloadavg()[0]:.1f}, "
+            f"{'CPU time' if a.clock == 'cpu' else 'wall clock'}")
 
 
 def _compare(a: argparse.Namespace, shape: dict) -> None:
@@ -257,7 +268,7 @@ def _compare(a: argparse.Namespace, shape: dict) -> None:
         comp.step()  # compilation happens in the first call
         print(f"torch.compile: first (compiling) step {time.perf_counter() - t0:.1f} s")
         fns["compiled"] = (comp.step, none)
-    t = _alternate(fns, a.steps, a.gpu)
+    t = _alternate(fns, a.steps, a.gpu, clock=time.process_time if a.clock == "cpu" else time.perf_counter)
     per_step = a.batch * a.seq
     tps = {k: per_step / float(np.median(v)) for k, v in t.items()}  # tokens/s at the median step time
     print(_header(a, shape, eng.n_params, 1))
