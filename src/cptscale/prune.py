@@ -286,53 +286,75 @@ def _causal_mask(seq: int, dev):
     return torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool, device=dev), diagonal=1)
 
 
+class _ActivationStats:
+    """Forward hooks on every layer that sum, over the tokens seen: each head's output norm (into the
+    attention projection), each FFN channel's |activation| (into fc2) and the layer's 1 - cos(input, output)
+    (its block importance)."""
+
+    def __init__(self, layers: list[Any], sh: PrunedShape) -> None:
+        import torch
+
+        n = len(layers)
+        self.heads, self.hd, self.f = sh.heads, sh.head_dim, sh.ffn
+        self.head_sum = torch.zeros(n, sh.heads, dtype=torch.float64)
+        self.chan_sum = torch.zeros(n, sh.ffn, dtype=torch.float64)
+        self.bi_sum = torch.zeros(n, dtype=torch.float64)
+        self.tok = torch.zeros(n, dtype=torch.float64)
+        self.layer_in: dict[int, Any] = {}
+        self.handles = []
+        for i, layer in enumerate(layers):
+            self.handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(self._attn(i)))
+            self.handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(self._mlp(i)))
+            self.handles.append(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
+            self.handles.append(layer.register_forward_hook(self._post(i), with_kwargs=True))
+
+    def _attn(self, i: int) -> Any:
+        def hook(mod, args):
+            x = args[0].detach().float()  # [s, b, h*hd]
+            self.head_sum[i] += x.reshape(-1, self.heads, self.hd).norm(dim=-1).sum(0).double().cpu()
+        return hook
+
+    def _mlp(self, i: int) -> Any:
+        def hook(mod, args):
+            x = args[0].detach().float()  # [s, b, f]
+            self.chan_sum[i] += x.reshape(-1, self.f).abs().sum(0).double().cpu()
+        return hook
+
+    def _pre(self, i: int) -> Any:
+        def hook(mod, args, kwargs):
+            self.layer_in[i] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach()
+        return hook
+
+    def _post(self, i: int) -> Any:
+        import torch.nn.functional as F
+
+        def hook(mod, args, kwargs, out):
+            y = (out[0] if isinstance(out, tuple) else out).detach().float()
+            x = self.layer_in.pop(i).float()
+            cos = F.cosine_similarity(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), dim=-1)
+            self.bi_sum[i] += (1.0 - cos).sum().double().cpu()
+            self.tok[i] += cos.numel()
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def importance(self, g: int) -> Importance:
+        """Per-token means: head scores summed per query group, channel and block scores."""
+        n, heads = len(self.tok), self.heads
+        count = self.tok.clamp(min=1)
+        head_mean = self.head_sum / count[:, None]
+        return Importance("activation", head_mean.view(n, g, heads // g).sum(-1).float(),
+                          (self.chan_sum / count[:, None]).float(), (self.bi_sum / count).float())
+
+
 def _activation_importance(model, batches: list[dict[str, Any]]) -> Importance:
     import torch
-    import torch.nn.functional as F
 
     gpt = _unwrap(model)
     sh = model_shape(gpt)
-    layers = _layers(gpt)
-    n = len(layers)
-    heads, hd, g, f = sh.heads, sh.head_dim, sh.query_groups, sh.ffn
-    head_sum = torch.zeros(n, heads, dtype=torch.float64)
-    chan_sum = torch.zeros(n, f, dtype=torch.float64)
-    bi_sum = torch.zeros(n, dtype=torch.float64)
-    tok = torch.zeros(n, dtype=torch.float64)
-    layer_in: dict[int, Any] = {}
-    handles = []
-
-    def attn_hook(i):
-        def hook(mod, args):
-            x = args[0].detach().float()  # [s, b, h*hd]
-            head_sum[i] += x.reshape(-1, heads, hd).norm(dim=-1).sum(0).double().cpu()
-        return hook
-
-    def mlp_hook(i):
-        def hook(mod, args):
-            x = args[0].detach().float()  # [s, b, f]
-            chan_sum[i] += x.reshape(-1, f).abs().sum(0).double().cpu()
-        return hook
-
-    def pre_hook(i):
-        def hook(mod, args, kwargs):
-            layer_in[i] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach()
-        return hook
-
-    def post_hook(i):
-        def hook(mod, args, kwargs, out):
-            y = (out[0] if isinstance(out, tuple) else out).detach().float()
-            x = layer_in.pop(i).float()
-            cos = F.cosine_similarity(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), dim=-1)
-            bi_sum[i] += (1.0 - cos).sum().double().cpu()
-            tok[i] += cos.numel()
-        return hook
-
-    for i, layer in enumerate(layers):
-        handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(attn_hook(i)))
-        handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(mlp_hook(i)))
-        handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
-        handles.append(layer.register_forward_hook(post_hook(i), with_kwargs=True))
+    stats = _ActivationStats(_layers(gpt), sh)
     was_training = gpt.training
     gpt.eval()
     try:
@@ -341,13 +363,9 @@ def _activation_importance(model, batches: list[dict[str, Any]]) -> Importance:
                 tokens = b["tokens"]
                 gpt(tokens, b["position_ids"], _causal_mask(tokens.shape[1], tokens.device))
     finally:
-        for h in handles:
-            h.remove()
+        stats.remove()
         gpt.train(was_training)
-    count = tok.clamp(min=1)
-    head_mean = head_sum / count[:, None]
-    return Importance("activation", head_mean.view(n, g, heads // g).sum(-1).float(),
-                      (chan_sum / count[:, None]).float(), (bi_sum / count).float())
+    return stats.importance(sh.query_groups)
 
 
 # plan, zeroing, physical pruning

@@ -243,9 +243,14 @@ class IPLTConfig(_Model):
     @field_validator("start_fractions")
     @classmethod
     def _distinct_fractions(cls, v: list[float]) -> list[float]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"start_fractions repeat: {v}")
-        return v
+        return _distinct(v, "start_fractions")
+
+
+def _distinct(v: list[float], field: str, fix: str = "") -> list[float]:
+    """``v`` when its values differ, else an error naming the field (and ``fix``)."""
+    if len(set(v)) != len(v):
+        raise ValueError(f"{field} repeat: {v}{fix}")
+    return v
 
 
 class Layout(_Model):
@@ -353,9 +358,7 @@ class SourceModelConfig(_Model):
     @field_validator("target_tokens")
     @classmethod
     def _distinct_budgets(cls, v: list[float]) -> list[float]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"target_tokens repeat: {v}; give >= 3 distinct budgets")
-        return v
+        return _distinct(v, "target_tokens", "; give >= 3 distinct budgets")
 
 
 class SlurmConfig(_Model):
