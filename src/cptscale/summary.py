@@ -297,18 +297,23 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(SIMULATED_PREFIX + line for line in [head, *lines])
 
 
-def _format_lines(s: dict[str, Any]) -> list[str]:
-    lines = [f"study {s['study']}", f"  report: {s['report']}"]
-    ex = s.get("existing")
-    if ex:  # CPT of an existing model: its answer; the ladder's laws (all skipped: one size) are left out
-        for lang, answer in ex["answers"].items():
-            lines.append(f"  how many {lang} tokens and how much replay for this model: {answer}")
-        for lang, f in ex["fertility"].items():
-            per_word = f" {f['tokens_per_word']:.3f} per word," if f.get("tokens_per_word") else ""
-            lines.append(f"  fertility of the model's tokenizer, {lang}:{per_word} {_num(f.get('tokens_per_char'), '.3f')}"
-                         " per character")
+def _existing_lines(ex: dict[str, Any]) -> list[str]:
+    """An existing model's study: its answer per language and its tokenizer's fertility."""
+    lines = []
+    for lang, answer in ex["answers"].items():
+        lines.append(f"  how many {lang} tokens and how much replay for this model: {answer}")
+    for lang, f in ex["fertility"].items():
+        per_word = f" {f['tokens_per_word']:.3f} per word," if f.get("tokens_per_word") else ""
+        lines.append(f"  fertility of the model's tokenizer, {lang}:{per_word} {_num(f.get('tokens_per_char'), '.3f')}"
+                     " per character")
+    return lines
+
+
+def _fit_lines(s: dict[str, Any], skip_skipped: bool) -> list[str]:
+    """Each fit's equation and trust lines, and the Chinchilla vs extended law comparison."""
+    lines = []
     for name, f in s["fits"].items():
-        if ex and f.get("status") == "skipped":
+        if skip_skipped and f.get("status") == "skipped":
             continue
         lines.append(f"  fit {name}: {f['equation']}")
         for key in ("points", "identifiability", "intervals", "heldout", "rollout"):
@@ -317,39 +322,54 @@ def _format_lines(s: dict[str, Any]) -> list[str]:
     for c in s.get("law_comparison") or []:
         lines.append(f"  {c['data']} data, Huber (sum): Chinchilla {c['huber_sum_chinchilla']:.4g} vs extended "
                      f"{c['huber_sum_extended']:.4g} (gamma = {c['gamma_extended']:.3f})")
-    nr = s.get("next_run")
+    return lines
+
+
+def _next_run_lines(nr: dict[str, Any] | None) -> list[str]:
+    """The suggested next run: planned, the law's optimum only, or why there is none."""
     if nr and nr.get("planned"):
         from cptscale.nextrun import describe
 
-        lines.append(f"  {describe(nr)}")
-        lines.extend(f"      warning: {w}" for w in nr.get("warnings") or [])
-    elif nr and nr.get("valid"):
-        lines.append(f"  law optimum for C = {nr['C']:.3g} FLOPs ({nr['fit_id']}; not planned as a run): "
-                     f"N = {nr['N']:.4g} params, D = {nr['D']:.4g} tokens, predicted loss {nr['predicted_loss']:.4f}")
-    elif nr:
-        lines.append(f"  next run for C = {nr['C']:.3g}: {nr.get('reason')}")
-    cs = s["compute_saving"]
-    if cs.get("median_frac_saved") is not None:
-        iv = (f" [{cs['median_frac_saved_lo']:.1%}, {cs['median_frac_saved_hi']:.1%}]"
-              if cs.get("median_frac_saved_lo") is not None else " [no interval: one CPT run]")
-        lines.append(f"  CPT compute saving (median over {cs.get('n_runs', '?')} CPT runs, last evaluation): "
-                     f"{cs['median_frac_saved']:.1%}{iv}")
-        if cs.get("median_frac_saved_lo") is not None:
-            lines.append(f"      {cs['interval']}; the saving is "
-                         + ("positive with 95% confidence" if cs["median_frac_saved_lo"] > 0 else
-                            "negative with 95% confidence" if cs["median_frac_saved_hi"] < 0 else
-                            "not distinguishable from zero at 95%"))
-        if cs.get("median_effective_data") is not None:
-            div = (f" [{cs['median_effective_data_lo']:.4g}, {cs['median_effective_data_hi']:.4g}]"
-                   if cs.get("median_effective_data_lo") is not None else "")
-            lines.append(f"      effective data transferred (median): {cs['median_effective_data']:.4g} tokens{div}")
-        for row in cs["per_run"]:
-            m = RUN_ID.match(row.get("run_id") or "")
-            variant = m.group("variant") if m else None
-            label = f"{row['size']:>8} replay {row['replay']:<5g}" + (f" {variant:<10}" if variant else "")
-            lines.append(f"      {label} saved {row['frac_saved']:.1%} of FLOPs")
-    elif not ex:  # an existing model's study has no scratch runs to save compute against
-        lines.append(f"  CPT compute saving: {cs.get('error', 'not available (no CPT run reached a scratch loss)')}")
+        return [f"  {describe(nr)}", *(f"      warning: {w}" for w in nr.get("warnings") or [])]
+    if nr and nr.get("valid"):
+        return [f"  law optimum for C = {nr['C']:.3g} FLOPs ({nr['fit_id']}; not planned as a run): "
+                f"N = {nr['N']:.4g} params, D = {nr['D']:.4g} tokens, predicted loss {nr['predicted_loss']:.4f}"]
+    if nr:
+        return [f"  next run for C = {nr['C']:.3g}: {nr.get('reason')}"]
+    return []
+
+
+def _saving_lines(cs: dict[str, Any], existing: bool) -> list[str]:
+    """The median CPT compute saving with its interval, the effective data and each run's saving."""
+    lines = []
+    if cs.get("median_frac_saved") is None:
+        if not existing:  # an existing model's study has no scratch runs to save compute against
+            lines.append(f"  CPT compute saving: {cs.get('error', 'not available (no CPT run reached a scratch loss)')}")
+        return lines
+    iv = (f" [{cs['median_frac_saved_lo']:.1%}, {cs['median_frac_saved_hi']:.1%}]"
+          if cs.get("median_frac_saved_lo") is not None else " [no interval: one CPT run]")
+    lines.append(f"  CPT compute saving (median over {cs.get('n_runs', '?')} CPT runs, last evaluation): "
+                 f"{cs['median_frac_saved']:.1%}{iv}")
+    if cs.get("median_frac_saved_lo") is not None:
+        lines.append(f"      {cs['interval']}; the saving is "
+                     + ("positive with 95% confidence" if cs["median_frac_saved_lo"] > 0 else
+                        "negative with 95% confidence" if cs["median_frac_saved_hi"] < 0 else
+                        "not distinguishable from zero at 95%"))
+    if cs.get("median_effective_data") is not None:
+        div = (f" [{cs['median_effective_data_lo']:.4g}, {cs['median_effective_data_hi']:.4g}]"
+               if cs.get("median_effective_data_lo") is not None else "")
+        lines.append(f"      effective data transferred (median): {cs['median_effective_data']:.4g} tokens{div}")
+    for row in cs["per_run"]:
+        m = RUN_ID.match(row.get("run_id") or "")
+        variant = m.group("variant") if m else None
+        label = f"{row['size']:>8} replay {row['replay']:<5g}" + (f" {variant:<10}" if variant else "")
+        lines.append(f"      {label} saved {row['frac_saved']:.1%} of FLOPs")
+    return lines
+
+
+def _arm_and_variant_lines(s: dict[str, Any]) -> list[str]:
+    """IPLT arms' final loss and FLOPs against the budget; recipe variants' final target / source loss."""
+    lines = []
     if s.get("iplt"):
         lines.append("  IPLT arms (final loss on the training language at equal FLOPs; FLOPs / budget):")
         for a in s["iplt"]:
@@ -364,3 +384,11 @@ def _format_lines(s: dict[str, Any]) -> list[str]:
         for name, d in by.items():
             lines.append(f"      {name}: {_num(d.get('target'), '.4f')} / {_num(d.get('source'), '.4f')}")
     return lines
+
+
+def _format_lines(s: dict[str, Any]) -> list[str]:
+    ex = s.get("existing")
+    # CPT of an existing model: its answer first; the ladder's laws (all skipped: one size) are left out
+    return [f"study {s['study']}", f"  report: {s['report']}", *(_existing_lines(ex) if ex else []),
+            *_fit_lines(s, bool(ex)), *_next_run_lines(s.get("next_run")),
+            *_saving_lines(s["compute_saving"], bool(ex)), *_arm_and_variant_lines(s)]
