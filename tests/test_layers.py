@@ -109,3 +109,42 @@ def test_built_model_uses_sdpa_core_attention(parallel):
     model = build_model({"layers": 2, "hidden": 32, "heads": 4, "ffn": 64}, 300, 16, te=False)
     cores = [layer.self_attention.core_attention for layer in model.decoder.layers]
     assert len(cores) == 2 and all(isinstance(c, SDPACoreAttention) for c in cores)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rope_without_copies_is_megatrons_rope_bit_for_bit(parallel, dtype):
+    """Same values and the same input gradients as Megatron-Core's unfused RoPE (no tolerance: the same
+    operations in the same order); the cases it does not cover (YaRN scale, interleaving) are Megatron's."""
+    import torch
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from cptscale.train.layers import rope_without_copies
+    from cptscale.train.model import build_config
+
+    config = build_config({"layers": 1, "hidden": 64, "heads": 4, "ffn": 32})
+    freqs = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, rotary_base=10000)(12)  # [s, 1, 1, d]
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 2, 4, 16, generator=g).to(dt)
+    outs, grads = [], []
+    for fn in (apply_rotary_pos_emb, rope_without_copies):
+        t = x.clone().requires_grad_(True)
+        y = fn(t, freqs, config)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append(t.grad)
+    assert outs[1].dtype == dt and torch.equal(outs[1], outs[0]) and torch.equal(grads[1], grads[0])
+    assert not torch.equal(outs[0], x)  # the rotation did something
+    # a YaRN scale goes to Megatron's function (same result as calling it)
+    assert torch.equal(rope_without_copies(x, freqs, config, mscale=1.3), apply_rotary_pos_emb(x, freqs, config, mscale=1.3))
+
+
+def test_built_model_routes_rope_to_rope_without_copies(parallel):
+    from megatron.core.transformer import attention
+
+    from cptscale.train.layers import rope_without_copies
+    from cptscale.train.model import build_model
+
+    build_model({"layers": 1, "hidden": 32, "heads": 4, "ffn": 64}, 300, 16, te=False)
+    assert attention.apply_rotary_pos_emb is rope_without_copies

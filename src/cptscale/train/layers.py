@@ -7,6 +7,11 @@ the full probability matrix. :class:`SDPACoreAttention` computes the same causal
 ``torch.nn.functional.scaled_dot_product_attention`` (the fused flash kernel on CPU), which never
 materialises the score matrix. Whatever it does not cover (a mask other than the causal one, attention
 dropout, a sliding window, a softmax offset, packed sequences) goes to Megatron's own code.
+
+Megatron-Core's unfused RoPE (``apply_rotary_pos_emb``) takes cos and sin of the frequencies again for
+every query and key of every layer and ends with ``cat((t, t_pass))``, a copy of the whole tensor even
+when ``t_pass`` is empty. :func:`rope_without_copies` computes the same expression, bit for bit, with
+cos and sin taken once per frequency tensor and without that copy (2.5 % of a d128l4 step on CPU).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
@@ -70,3 +76,35 @@ class SDPACoreAttention(DotProductAttention):
                 and softmax.scale is None
                 and not (self.training and self.attention_dropout.p > 0)
                 and _is_causal_mask(attention_mask, query.shape[0], key.shape[0]))
+
+
+_COS_SIN: list[Any] = []  # (freqs, dtype, cos, sin) of the last frequency tensor seen (one per forward)
+
+
+def rope_without_copies(t: torch.Tensor, freqs: torch.Tensor, config: Any, cu_seqlens: torch.Tensor | None = None,
+                        mscale: float = 1.0, cp_group: Any = None, **kwargs: Any) -> torch.Tensor:
+    """Megatron-Core's ``apply_rotary_pos_emb`` (same signature, 0.16 and 0.19) for its common case (unfused,
+    not packed, not interleaved, no MLA, no YaRN scale, RoPE over the whole head): ``t·cos + rotate_half(t)·sin``,
+    the same operations in the same order, so the same bits. Anything else goes to Megatron's function."""
+    if (cu_seqlens is not None or kwargs or mscale != 1.0 or freqs.shape[-1] != t.shape[-1]
+            or config.apply_rope_fusion or config.rotary_interleaved or config.multi_latent_attention):
+        return rope_utils.apply_rotary_pos_emb(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale,
+                                               cp_group=cp_group, **kwargs)
+    if not (_COS_SIN and _COS_SIN[0] is freqs and _COS_SIN[1] == t.dtype):
+        _COS_SIN[:] = [freqs, t.dtype, torch.cos(freqs).to(t.dtype), torch.sin(freqs).to(t.dtype)]
+    cos, sin = _COS_SIN[2], _COS_SIN[3]
+    x1, x2 = torch.chunk(t, 2, dim=-1)
+    return t * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def use_rope_without_copies() -> None:
+    """Route Megatron-Core's attention layers to :func:`rope_without_copies` (idempotent; process-wide, and
+    every case it does not cover still runs Megatron's own function)."""
+    from megatron.core.transformer import attention
+
+    if attention.apply_rotary_pos_emb is not rope_utils.apply_rotary_pos_emb:  # what this replaces
+        if attention.apply_rotary_pos_emb is not rope_without_copies:
+            raise RuntimeError("megatron.core.transformer.attention.apply_rotary_pos_emb is neither Megatron's nor "
+                               "cptscale's: re-check cptscale.train.layers against this megatron-core")
+        return
+    attention.apply_rotary_pos_emb = rope_without_copies
