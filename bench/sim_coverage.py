@@ -122,6 +122,8 @@ def main() -> int:
     ap.add_argument("--config", default="workflow/studies/paper.yaml")
     ap.add_argument("--truth", help="law file (default: cptscale.simulate.default_truth())")
     ap.add_argument("--studies", type=int, default=50)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + studies - 1 "
+                    "(to add studies to an earlier run: --summarize both studies.jsonl files together)")
     ap.add_argument("--design", choices=["planned", "wsd"], default="planned")
     ap.add_argument("--points", choices=["all", "annealed"], default=None, help="default: the config's fit.points")
     ap.add_argument("--bootstrap", type=int, default=None, help="default: the config's fit.bootstrap")
@@ -129,7 +131,8 @@ def main() -> int:
     ap.add_argument("--grid", choices=["chinchilla", "coarse"], default=None,
                     help="start grid of the fits (default: the config's fit.grid; coarse: 243 starts, for speed)")
     ap.add_argument("--out", default="bench/results/sim_coverage")
-    ap.add_argument("--summarize", help="only summarize a studies.jsonl written by an earlier (interrupted) run")
+    ap.add_argument("--summarize", nargs="+", help="only summarize the studies.jsonl files of earlier (interrupted "
+                    "or complementary) runs")
     args = ap.parse_args()
 
     from cptscale.simulate import Truth, default_truth
@@ -137,12 +140,15 @@ def main() -> int:
     from cptscale.validation import load_config
 
     if args.summarize:
-        studies = [json.loads(line) for line in Path(args.summarize).read_text().splitlines() if line.strip()]
+        studies = [json.loads(line) for f in args.summarize for line in Path(f).read_text().splitlines() if line.strip()]
+        seeds = [s["seed"] for s in studies]
+        if len(set(seeds)) != len(seeds):
+            raise SystemExit("a seed appears twice in the --summarize files: give runs with disjoint seeds")
         rows = summarize(studies)
         for r in rows:
             print(json.dumps(r))
-        svg = Path(args.summarize).with_name("coverage.svg")
-        figure(rows, svg, f"{Path(args.summarize).parent.name}: {len(studies)} studies")
+        svg = Path(args.summarize[0]).with_name("coverage.svg")
+        figure(rows, svg, f"{Path(args.summarize[0]).parent.name}: {len(studies)} studies")
         print(f"wrote {svg}", file=sys.stderr)
         return 0
     cfg = load_config(args.config)
@@ -152,15 +158,15 @@ def main() -> int:
     nboot = args.bootstrap or cfg.fit.bootstrap
     args.points = args.points or cfg.fit.points
     grid = args.grid or cfg.fit.grid
-    out = Path(args.out) / f"{cfg.study}-{args.design}-{args.points}"
+    out = Path(args.out) / f"{cfg.study}-{args.design}-{args.points}" / (f"seed{args.first_seed}" if args.first_seed else "")
     out.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.perf_counter(), time.process_time()
     studies = []
-    for seed in range(args.studies):
+    for i, seed in enumerate(range(args.first_seed, args.first_seed + args.studies)):
         studies.append(one_study(cfg, truth, seed, args.points, nboot, args.budget, grid))
-        print(f"study {seed + 1}/{args.studies} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        print(f"study {i + 1}/{args.studies} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         # after every study, so an interrupted bench still reports the studies it finished
-        (out / "studies.jsonl").open("a" if seed else "w").write(json.dumps(studies[-1]) + "\n")
+        (out / "studies.jsonl").open("a" if i else "w").write(json.dumps(studies[-1]) + "\n")
     rows = summarize(studies)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     print(f"{args.studies} simulated studies of {cfg.study} (design {args.design}, points {args.points}, "

@@ -8,8 +8,9 @@ their relative LR) in place of D, and the annealing term is normalised to ``S2 (
 eta_max`` (about 1 after a full anneal from the peak to zero). The two are calibrated so that the
 loss at the *end* of each run's own schedule is exactly the law's value for its tokens: the truth a
 fit should recover is "final loss of a fully annealed run of D tokens". Before the end the curve is
-higher than the law (a cosine run's middle has not annealed), WSD's stable phase sits above its
-decay, and a WSD decay branch ends close to the law at its shorter budget.
+higher than the law (a cosine run's middle has not annealed) and WSD's stable phase sits above its
+decay; a WSD decay branch ends on the law at its shorter budget (the run model adds what the shared
+warmup would leave above it, in step with the branch's annealing: ``_Model._branch_gap``).
 """
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ def examine(d: LawData, truth: Truth, budgets: list[float], delta: float, reduct
     }
     rel = [sd[k] / abs(d.truth[k]) if d.truth[k] else math.inf for k in exps]
     biased = [abs(res["bias"][k]) > 2 * sd[k] for k in exps]
-    # N_opt moved by point selection beyond twice its spread (e.g. WSD branches sharing their run's warmup)
+    # N_opt moved by point selection beyond twice its spread (e.g. a cosine run's unannealed checkpoints)
     n_biased = [(n["C"], n["bias_factor"]) for i, n in enumerate(res["N_opt"])
                 if np.isfinite(asd[i + 1]) and abs(fit_alloc[i + 1] - truth_alloc[i + 1]) > 2 * asd[i + 1]]
     res["identifiable"] = bool(all(np.isfinite(rel)) and max(rel) < REL_SD_MAX and not any(biased) and not n_biased)
