@@ -69,3 +69,21 @@ def test_plan_order_is_the_ladder_grid() -> None:
     for r in cfg.replay.ratios:
         expect += [f"{size}-cpt-{tgt}-r{r:g}"] + [f"{size}-cpt-{tgt}-r{r:g}-{v}" for v in cfg.variants]
     assert runs[: len(expect)] == expect
+
+
+def test_id_pattern_matches_exactly_the_study_runs() -> None:
+    """The workflow's wildcard constraint (a trie regex of the run ids) matches every run id of a study and
+    nothing else: no prefix, extension or near miss of one (a '.' in an id is no wildcard)."""
+    import re
+
+    from cptscale.plan import id_pattern
+
+    cfg = load_config(ROOT / "workflow" / "studies" / "paper.yaml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = [r.run_id for r in plan_study(cfg)]
+    pat = re.compile(id_pattern([*ids, "next-zh"]))
+    assert all(pat.fullmatch(i) for i in [*ids, "next-zh"])
+    near = [i[:-1] for i in ids] + [i + "0" for i in ids] + [i.replace(".", "x") for i in ids if "." in i]
+    assert not [n for n in near if n not in ids and pat.fullmatch(n)]
+    assert not pat.fullmatch("") and not re.compile(id_pattern([])).fullmatch("x")

@@ -10,6 +10,8 @@ study's ``config_hash`` and ``results_hash`` and each run's ``training_hash``.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,27 @@ def find_run(cfg: StudyConfig, rid: str) -> PlannedRun:
         if run is not None:
             return run
     raise KeyError(f"run {rid!r} is not part of study {cfg.study!r}; `cptscale plan CONFIG` lists its runs")
+
+
+def id_pattern(names: Iterable[str]) -> str:
+    """A regex matching exactly ``names`` (e.g. a study's run ids, the workflow's wildcard constraint), as a
+    trie of non-capturing groups: a flat alternation ``a|b|...`` costs each match a try of every name, so
+    Snakemake's matching of every job's files against it grew with the square of the study's runs."""
+    trie: dict[str, dict] = {}
+    for name in names:
+        node = trie
+        for ch in name:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def build(node: dict[str, dict]) -> str:
+        alts = [re.escape(ch) + build(child) for ch, child in sorted(node.items()) if ch]
+        if not alts:
+            return ""
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        return f"(?:{body})?" if "" in node else body
+
+    return build(trie)
 
 
 def next_run_id(lang: str) -> str:
