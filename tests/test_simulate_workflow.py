@@ -1,5 +1,6 @@
-"""Simulated studies through the real workflow (Snakemake, DuckDB, fits, Chromium-free report checks):
-simulated outputs pass the trained outputs' validation, and the store, report and summary mark them."""
+"""Simulated studies through the real workflow (Snakemake, DuckDB, fits, the report rendered in headless
+Chromium): simulated outputs pass the trained outputs' validation, and the store, report and summary mark
+them."""
 
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ def _check_study(config: Path) -> None:
     figures = sorted((sdir / "report" / "figures").glob("*.svg"))
     assert figures and all("SIMULATED" in f.read_text() for f in figures)
     assert json.loads((sdir / "report" / "report.json").read_text())["simulated"]["simulated"] == len(runs)
+    _renders(sdir / "report" / "index.html")
     out = subprocess.run([str(Path(sys.executable).with_name("cptscale")), "summary", "--config", str(config)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -105,6 +107,21 @@ def _check_study(config: Path) -> None:
         assert con.execute("SELECT simulated FROM runs WHERE run_id = ?", [trained.name]).fetchone() == (False,)
     finally:
         con.close()
+
+
+def _renders(page: Path) -> None:
+    """The page renders offline in headless Chromium (when installed): every figure it embeds is drawn with
+    data marks, with no error, warning or network request."""
+    from test_report import CHROMIUM, page_specs, render
+
+    if not Path(CHROMIUM).exists():
+        return
+    res = render(page, timeout=600)
+    st = res["status"]
+    assert st is not None, res["stderr"][-2000:]
+    assert st["errors"] == [] and st["warnings"] == [] and st["requests"] == [], st
+    assert set(st["rendered"]) == set(page_specs(page)), set(page_specs(page)) - set(st["rendered"])
+    assert all(n > 0 for n in st["rendered"].values()), st["rendered"]
 
 
 def test_reduced_simulated_paper_study_end_to_end(tmp_path: Path) -> None:
