@@ -59,7 +59,6 @@ class _Prep:
     lL: np.ndarray
 
     def __post_init__(self) -> None:
-        self.ones = np.ones_like(self.lN)
         self.m2 = np.stack([np.ones_like(self.lN), self.lN], 1)
         self.m3 = np.stack([np.ones_like(self.lD), self.lD, self.lN], 1)
         # the exponents as (rows, 2|3) @ (2|3, n) products: a - alpha log N = [a, alpha] @ [1, -log N]
@@ -118,7 +117,7 @@ def _obj_block(theta: np.ndarray, d: _Prep, delta: float, reduction: str,
     w2 *= c
     w3 *= c
     g = np.empty((K, p))
-    g[:, 0] = w1[:, 0] * (c @ d.ones)
+    g[:, 0] = w1[:, 0] * c.sum(1)
     g2 = w2 @ d.m2
     g3 = w3 @ d.m3
     g[:, 1], g[:, 3] = g2[:, 0], -g2[:, 1]
