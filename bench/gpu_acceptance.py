@@ -427,7 +427,8 @@ def w_throughput(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from cptscale.ladder import get_shape
-    from cptscale.train.engine import build_optimizer, mfu, mfu_flops_per_token, setup_parallel, wrap_ddp
+    from cptscale.train.engine import build_optimizer, setup_parallel, wrap_ddp
+    from cptscale.train.meter import mfu, mfu_flops_per_token
     from cptscale.train.model import _has_te, build_model, count_params
 
     gpu = torch.cuda.is_available() and not a.cpu

@@ -110,3 +110,41 @@ def test_cycle_finder_finds_a_hidden_cycle() -> None:
     """The check itself: a cycle through a function-level import is found."""
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [frozenset({"a", "b", "c"})]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def unresolved_imports(paths: list[Path]) -> list[str]:
+    """Every ``from cptscale.x import y`` in ``paths`` whose module or name does not exist. Function-level
+    imports are only resolved when the function runs, so a rename elsewhere breaks them silently until a
+    rare path (the next run, the GPU acceptance script) runs."""
+    import importlib
+
+    bad = []
+    for p in paths:
+        for node in ast.walk(ast.parse(p.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "cptscale"):
+                continue
+            try:
+                mod = importlib.import_module(node.module)
+            except ImportError as exc:
+                bad.append(f"{p}:{node.lineno}: {node.module} ({exc})")
+                continue
+            for alias in node.names:
+                if alias.name == "*" or hasattr(mod, alias.name):
+                    continue
+                try:
+                    importlib.import_module(f"{node.module}.{alias.name}")
+                except ImportError:
+                    bad.append(f"{p}:{node.lineno}: {alias.name} is not in {node.module}")
+    return bad
+
+
+def test_every_cptscale_import_resolves() -> None:
+    root = PKG.parents[1]
+    paths = sorted([*PKG.rglob("*.py"), *(root / "tests").rglob("*.py"), *(root / "bench").rglob("*.py")])
+    assert not unresolved_imports(paths)
+
+
+def test_unresolved_import_finder_sees_a_stale_name(tmp_path: Path) -> None:
+    stale = tmp_path / "stale.py"
+    stale.write_text("def f():\n    from cptscale.plan import _planned\n    from cptscale.util import atomic_write\n")
+    assert unresolved_imports([stale]) == [f"{stale}:2: _planned is not in cptscale.plan"]

@@ -322,7 +322,8 @@ def test_next_run_in_family_within_budget_and_the_same_in_run_json_summary_and_r
     from cptscale.fit.simstudy import _spec, simulated_points, tiny_truth
     from cptscale.fit.study import fit_study
     from cptscale.nextrun import check, describe, family_shapes, suggest
-    from cptscale.plan import _planned, next_run_id
+    from cptscale.plan import next_run_id
+    from cptscale.runs import plan_run
     from cptscale.report.page import build_report
     from cptscale.runspec import RunSpec
     from cptscale.simulate import simulate_run
@@ -353,7 +354,7 @@ def test_next_run_in_family_within_budget_and_the_same_in_run_json_summary_and_r
     assert sug["N"] == cfg.shape(sug["shape"]).params(cfg.vocab_size, embeddings=False)
     assert sug["flops_planned"] <= 3e12 and sug["flops_vs_budget"] == pytest.approx(sug["flops_planned"] / 3e12 - 1)
     assert sug["flops_all_params"] > sug["flops_planned"]  # embeddings are counted there, not in the fit
-    planned = _planned(cfg, sug["shape"], "scratch", "zh", None, 0.0, tokens=sug["D"], rid=next_run_id("zh"))
+    planned = plan_run(cfg, sug["shape"], "scratch", "zh", None, 0.0, tokens=sug["D"], rid=next_run_id("zh"))
     assert planned.tokens == sug["D"]
     spec = RunSpec.model_validate({**_spec(cfg, planned), "suggestion": sug})
     run_dir = study / "runs" / "next-zh"

@@ -94,7 +94,7 @@ def plan_candidates(cfg: Any, rec: dict[str, Any], budget: float, lang: str, uni
     """Every family shape at this budget: tokens = budget / (6 N_fit) in whole steps, predicted loss with
     repetition charged as effective data, epochs of the unique target tokens. Sorted best first."""
     from cptscale.fit.laws import FitResult
-    from cptscale.plan import batch_layout
+    from cptscale.runs import batch_layout
 
     fr = FitResult(rec["law"], rec["params"], rec.get("fixed") or {})
     conv = fit_convention(rec)
@@ -175,7 +175,8 @@ def scratch_fit(fits_dir: str | Path, lang: str) -> tuple[dict[str, Any], str] |
 
 def build_spec(config: str, fits_dir: str, lang: str) -> RunSpec:
     from cptscale.mix import MixConfig
-    from cptscale.plan import _manifest, _planned, next_run_id, run_spec
+    from cptscale.plan import _manifest, next_run_id, run_spec
+    from cptscale.runs import plan_run
     from cptscale.validation import load_study
 
     cfg = load_study(config)
@@ -192,7 +193,7 @@ def build_spec(config: str, fits_dir: str, lang: str) -> RunSpec:
     except (FileNotFoundError, KeyError):
         unique = None
     sug = suggest(cfg, rec, path, lang, unique, MixConfig.model_validate(cfg.mix).max_epochs)
-    planned = _planned(cfg, sug["shape"], "scratch", lang, None, 0.0, tokens=sug["D"], rid=next_run_id(lang))
+    planned = plan_run(cfg, sug["shape"], "scratch", lang, None, 0.0, tokens=sug["D"], rid=next_run_id(lang))
     try:
         spec = run_spec(cfg, planned.run_id, planned)
     except (KeyError, FileNotFoundError, ValueError) as exc:
