@@ -126,22 +126,24 @@ def add_commands(subparsers: Any) -> None:
     r.add_argument("--source-lang", default="source", help="source language (for the sentence)")
     r.add_argument("--out", default=None, help="write the recommendation JSON here")
     r.set_defaults(func=_cmd_recommend)
-    i = sub.add_parser("import", help="the study's source_model into the study dir as a cptscale checkpoint "
-                       "(Hugging Face: import-hf's mapping; a cptscale checkpoint: verified and copied)")
-    i.add_argument("config", help="study config with source_model")
+    i = _study_command(sub, "import", _cmd_import, "the study's source_model into the study dir as a cptscale "
+                       "checkpoint (Hugging Face: import-hf's mapping; a cptscale checkpoint: verified and copied)")
     i.add_argument("--out", required=True, help="checkpoint dir to write (must not exist)")
-    i.set_defaults(func=_cmd_import)
-    e = sub.add_parser("evaluate", help="the imported model as given on every language's validation set (the "
-                       "init gate's and forgetting's reference)")
-    e.add_argument("config", help="study config with source_model")
+    e = _study_command(sub, "evaluate", _cmd_evaluate, "the imported model as given on every language's "
+                       "validation set (the init gate's and forgetting's reference)")
     e.add_argument("--checkpoint", required=True, help="the imported checkpoint")
     e.add_argument("--out", required=True, help="eval JSON to write")
-    e.set_defaults(func=_cmd_evaluate)
-    f = sub.add_parser("fit", help="data law at fixed N per replay ratio, forgetting-vs-replay frontier and the "
-                       "answer, from the study's store")
-    f.add_argument("config", help="study config with source_model")
+    f = _study_command(sub, "fit", _cmd_fit, "data law at fixed N per replay ratio, forgetting-vs-replay "
+                       "frontier and the answer, from the study's store")
     f.add_argument("--db", required=True, help="the study's DuckDB store (runs and evals)")
     f.add_argument("--model-eval", required=True, help="the model as given (`existing-model evaluate` output)")
     f.add_argument("--tokenizer-report", default=None, help="the data stage's tokenizer report (fertility)")
     f.add_argument("--out", required=True, help="fit JSON to write (fits/existing.json)")
-    f.set_defaults(func=_cmd_fit)
+
+
+def _study_command(sub: Any, name: str, func: Any, help: str) -> Any:
+    """A subcommand of one study config with source_model (the workflow's rules call these)."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("config", help="study config with source_model")
+    p.set_defaults(func=func)
+    return p
