@@ -107,7 +107,7 @@ setup() {
     "$VENV/bin/pip" install -q --no-deps -e .
     echo "$want" > "$STAMP"
   fi
-  export PATH="$PWD/$VENV/bin:$PATH"
+  case $VENV in /*) export PATH="$VENV/bin:$PATH" ;; *) export PATH="$PWD/$VENV/bin:$PATH" ;; esac
 }
 
 test_system_packages() {
