@@ -323,8 +323,8 @@ def test_next_run_in_family_within_budget_and_the_same_in_run_json_summary_and_r
     from cptscale.fit.study import fit_study
     from cptscale.nextrun import check, describe, family_shapes, suggest
     from cptscale.plan import next_run_id
-    from cptscale.runs import plan_run
     from cptscale.report.page import build_report
+    from cptscale.runs import plan_run
     from cptscale.runspec import RunSpec
     from cptscale.simulate import simulate_run
     from cptscale.store.ingest import ingest
