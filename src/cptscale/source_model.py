@@ -101,17 +101,14 @@ def describe(path: str | Path, tokenizer: str | Path | None = None, base: str | 
 
 def param_count(shape: dict[str, Any], arch: dict[str, Any], rows: int) -> tuple[int, int]:
     """(total, non-embedding) parameters of the model as Megatron-Core builds it from an imported
-    checkpoint: attention with GQA and any head_dim, QKV biases, SwiGLU, RMSNorms, ``rows`` embedding rows
-    and an output layer unless the embeddings are tied."""
-    h, heads, ffn = int(shape["hidden"]), int(shape["heads"]), int(shape["ffn"])
-    kv = int(shape.get("kv_heads") or heads)
-    hd = int(shape.get("head_dim") or h // heads)
-    qkv_out = (heads + 2 * kv) * hd
-    layer = (h * qkv_out + (qkv_out if arch.get("qkv_bias") else 0) + heads * hd * h  # attention
-             + 2 * h * ffn + ffn * h + 2 * h)  # SwiGLU (gate and up fused) and the two norms
-    body = int(shape["layers"]) * layer + h  # + final norm
-    emb = rows * h * (1 if arch.get("tie_embeddings") else 2)
-    return body + emb, body
+    checkpoint: the ladder's count of its shape (GQA, any head_dim, SwiGLU, norms), plus QKV biases,
+    ``rows`` embedding rows and an output layer unless the embeddings are tied."""
+    from cptscale.prune import PrunedShape  # the one shape type (head_dim may differ from hidden / heads)
+
+    s = PrunedShape.from_dict(shape)
+    bias = s.layers * (s.heads + 2 * s.query_groups) * s.head_dim if arch.get("qkv_bias") else 0
+    body = s.params(rows, embeddings=False) + bias
+    return body + rows * s.hidden * (1 if arch.get("tie_embeddings") else 2), body
 
 
 def derived_sections(model: SourceModel, tokenizer_path: str) -> dict[str, Any]:
