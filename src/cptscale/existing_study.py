@@ -96,11 +96,10 @@ def evaluate_given(cfg: StudyConfig, base: str | Path, checkpoint: str | Path) -
 def final_points(db: str | Path, study: str, source: str, target: str) -> list[Any]:
     """One :class:`~cptscale.existing.RunPoint` per finished CPT run into ``target``: its replay ratio,
     the target tokens it saw ((1 - replay) x its tokens) and its last evaluation in both languages."""
-    import duckdb
-
     from cptscale.existing import RunPoint
+    from cptscale.store.queries import connect  # a missing store is refused naming the command that builds it
 
-    con = duckdb.connect(str(db), read_only=True)
+    con = connect(db)
     try:
         rows = con.execute(
             """with last as (select run_id, max(step) as step from evals where study = ? and branch is null
