@@ -70,27 +70,10 @@ export PYTHONPATH="$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$SITE/bin:$PATH"
 
 # -- 3. the project's dependencies this Python lacks ----------------------------------------------------
-# (not torch, whose CUDA build is the machine's; nor what the acceptance run never imports: linters and
-# tests, the report, PyPI corpus fetching, the ILP scheduler's solver; same list as bench/gpu_wheelhouse.sh)
-MISSING=$("$PY" - <<'PYEOF'
-import importlib.metadata as md
-import re
-
-skip = set("torch ruff pytest pytest-timeout vl-convert-python altair narwhals datasets dill multiprocess httpx2 "
-           "httpcore2 truststore pulp".split())
-for line in open("requirements.lock"):
-    line = line.strip()
-    if "==" not in line or line.startswith("#"):
-        continue
-    name = line.split("==")[0]
-    if re.sub(r"[-_.]+", "-", name.lower()) in skip:
-        continue
-    try:
-        md.version(name)
-    except md.PackageNotFoundError:
-        print(line)
-PYEOF
-)
+# (bench/gpu_requirements.py: the lock's pins for this Python, markers evaluated, without torch, whose CUDA
+# build is the machine's, and what the acceptance run never imports; the same list bench/gpu_wheelhouse.sh
+# downloads)
+MISSING=$("$PY" bench/gpu_requirements.py --missing) || { log "cannot read requirements.lock"; copy_out; exit 1; }
 if [ -n "$MISSING" ]; then
   n=$(echo "$MISSING" | wc -l)
   if ls "$WHEELHOUSE"/*.whl >/dev/null 2>&1; then

@@ -8,9 +8,9 @@
 # pinned packages of requirements.lock the acceptance run needs, except those the GPU machine already
 # has: torch and its CUDA stack always; by default the scientific stack a CUDA PyTorch image ships
 # (DEFAULT_HAVE below); with --have FILE, exactly the distributions named in FILE (`pip list
-# --format=freeze` or one name per line, taken on the GPU machine). Not needed by the acceptance run and
-# never downloaded: linters, tests, the report (altair, PNG export), PyPI corpus fetching (datasets) and
-# the ILP scheduler's solver (PuLP; the acceptance workflow runs Snakemake with --scheduler greedy).
+# --format=freeze` or one name per line, taken on the GPU machine). The list, with environment markers
+# evaluated for that Python, and what is never downloaded (linters, tests, the report, corpus fetching,
+# the ILP solver, W&B) come from bench/gpu_requirements.py, which bench/gpu_acceptance.sh also uses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYVER=3.12
@@ -25,25 +25,17 @@ while [ $# -gt 0 ]; do
 done
 [ -z "$HAVE_FILE" ] || [ -f "$HAVE_FILE" ] || { echo "gpu_wheelhouse: --have $HAVE_FILE: no such file" >&2; exit 2; }
 
-NOT_NEEDED="torch ruff pytest pytest-timeout vl-convert-python altair narwhals datasets dill multiprocess httpx2 httpcore2 truststore pulp"
 DEFAULT_HAVE="numpy pandas pyarrow scipy tokenizers pyyaml psutil jinja2 markupsafe requests urllib3 certifi idna
 charset-normalizer packaging filelock fsspec sympy mpmath networkx typing-extensions tqdm attrs pygments
-huggingface-hub hf-xet python-dateutil six pluggy iniconfig xxhash anyio h11 click"
-
-norm() { tr 'A-Z_.' 'a-z--'; }
-if [ -n "$HAVE_FILE" ]; then
-  have=$(sed -e 's/[=<>@ ].*//' "$HAVE_FILE" | norm)
-else
-  have=$(echo "$DEFAULT_HAVE" | tr ' ' '\n' | norm)
+huggingface-hub hf-xet python-dateutil six xxhash anyio h11 click"
+if [ -z "$HAVE_FILE" ]; then
+  HAVE_FILE=$(mktemp)
+  trap 'rm -f "$HAVE_FILE"' EXIT
+  echo "$DEFAULT_HAVE" | tr ' ' '\n' > "$HAVE_FILE"
 fi
-skip=$(printf '%s\n%s\n' "$(echo "$NOT_NEEDED" | tr ' ' '\n' | norm)" "$have" | sort -u)
-
-want=()
-while IFS= read -r line; do
-  case "$line" in ''|'#'*) continue ;; esac
-  name=$(echo "${line%%==*}" | norm)
-  grep -qx "$name" <<<"$skip" || want+=("$line")
-done < requirements.lock
+# the lock's pins for that Python (markers evaluated), less torch, what the run never imports, and HAVE
+reqs=$(python3 bench/gpu_requirements.py --python-version "$PYVER" --have "$HAVE_FILE")
+mapfile -t want <<<"$reqs"
 
 mkdir -p "$DEST"
 echo "gpu_wheelhouse: ${#want[@]} wheels for Python $PYVER into $DEST" >&2
