@@ -239,6 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not only:
         ap.error("--only: no check named")
     a.only = only
+    a.out = a.out.resolve()  # the study config's corpus paths are resolved against its own folder
     if a.budget_s <= 0:
         ap.error("--budget-s must be positive")
     if a.worker and not a.result:
@@ -506,7 +507,9 @@ def _main_grad_norm(opt) -> float:
     """Norm of the optimizer's main (fp32) gradients, after its step clipped them."""
     sq = 0.0
     for o in getattr(opt, "chained_optimizers", None) or [opt]:
-        for g in o.get_main_grads_for_grad_norm():
+        # Megatron-Core 0.16 names it get_main_grads_for_grad_norm, 0.19 get_grads_for_grad_norm
+        grads = getattr(o, "get_grads_for_grad_norm", None) or o.get_main_grads_for_grad_norm
+        for g in grads():
             sq += float(g.double().pow(2).sum())
     return sq ** 0.5
 

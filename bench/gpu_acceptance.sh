@@ -39,7 +39,8 @@ copy_out() {
   for f in "$OUTDIR"/gpu_acceptance.json "$OUTDIR"/table.txt "$OUTDIR"/gpu_acceptance.log "$OUTDIR"/te-install.log; do
     [ -f "$f" ] && cp "$f" "$OUT"/
   done
-  [ -d "$OUTDIR/work" ] && tar -czf "$OUT/check-logs.tar.gz" -C "$OUTDIR/work" $(cd "$OUTDIR/work" && ls ./*.log 2>/dev/null) 2>/dev/null
+  # every check's logs, also those of the launches and workflows inside a check (work/<check>/...)
+  [ -d "$OUTDIR/work" ] && (cd "$OUTDIR/work" && find . -name '*.log' -size -20M -print0 | tar -czf "$OUT/check-logs.tar.gz" --null -T -) 2>/dev/null
   return 0
 }
 
