@@ -247,6 +247,69 @@ def test_resume_after_sigterm_is_exact(root, data):
     assert diff <= 1e-6
 
 
+def _optimizer_sharded_tensors(distributed: bool):
+    """A tiny model's optimizer after one step, and the ShardedTensors its checkpoint would write."""
+    import torch
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from cptscale.ladder import get_shape
+    from cptscale.train import checkpoint as ck
+    from cptscale.train.engine import build_optimizer, collate, run_microbatches, setup_parallel, wrap_ddp
+    from cptscale.train.model import build_model
+
+    setup_parallel(1, 1, 0)
+    model = wrap_ddp(build_model(get_shape("d32l2").as_dict(), VOCAB, 32), distributed_optimizer=distributed)
+    opt = build_optimizer(model, {"grad_clip": 1.0, "weight_decay": 0.1}, 1e-3, distributed_optimizer=distributed)
+    toks = torch.randint(0, VOCAB, (2, 33), generator=torch.Generator().manual_seed(0))
+    batch = collate([{"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(32),
+                      "position_ids": torch.arange(32)} for t in toks])
+    model.zero_grad_buffer()
+    opt.zero_grad()
+    run_microbatches(model, [batch], 32, 2, forward_only=False)
+    model.finish_grad_sync()
+    opt.step()
+    sd = opt.sharded_state_dict(model.module.sharded_state_dict(), metadata=ck.optimizer_metadata(opt))
+    return model, opt, [v for v in nested_values(sd) if isinstance(v, ShardedTensor)]
+
+
+def test_plain_optimizer_checkpoint_format_is_unchanged():
+    """The CPU path's plain optimizer gets no sharding metadata: its checkpoints stay as before."""
+    from cptscale.train import checkpoint as ck
+    from cptscale.train.engine import teardown_parallel
+
+    try:
+        _, opt, tensors = _optimizer_sharded_tensors(distributed=False)
+        assert ck.optimizer_metadata(opt) is None
+        assert tensors and all(t.flattened_range is None for t in tensors)
+    finally:
+        teardown_parallel()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(),
+                    reason="Megatron-Core's distributed optimizer takes only CUDA tensors")
+def test_distributed_optimizer_checkpoint_round_trip(tmp_path):
+    """GPU only: the distributed optimizer's state is written without ShardedTensor.flattened_range
+    (Megatron-Core 0.19 refuses it at save) and loads back to the same step."""
+    from megatron.core import dist_checkpointing
+
+    from cptscale.train import checkpoint as ck
+    from cptscale.train.engine import teardown_parallel
+
+    try:
+        model, opt, tensors = _optimizer_sharded_tensors(distributed=True)
+        assert ck.optimizer_metadata(opt) == {"distrib_optim_sharding_type": "dp_reshardable"}
+        assert all(t.flattened_range is None for t in tensors)
+        meta = ck.optimizer_metadata(opt)
+        (tmp_path / "optimizer").mkdir()
+        dist_checkpointing.save(opt.sharded_state_dict(model.module.sharded_state_dict(), metadata=meta),
+                                str(tmp_path / "optimizer"))
+        loading = opt.sharded_state_dict(model.module.sharded_state_dict(), is_loading=True, metadata=meta)
+        opt.load_state_dict(dist_checkpointing.load(loading, str(tmp_path / "optimizer")))
+    finally:
+        teardown_parallel()
+
+
 def test_sigterm_to_every_process_of_the_job_still_checkpoints(root, data):
     """Like a cluster time limit: SIGTERM to the whole process group, including the helper processes
     dist_checkpointing starts to write files. The run must still save and exit 143 (it exited 1 with

@@ -342,12 +342,27 @@ def _save_model(model, path: Path) -> None:
         dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(path))
 
 
+def optimizer_metadata(opt) -> dict[str, str] | None:
+    """How the distributed optimizer's state is sharded in a checkpoint: ``dp_reshardable`` (one tensor
+    per buffer shard, written by every rank in parallel; an exact resume needs the same layout anyway).
+    Megatron-Core's default, ``fully_sharded_model_space``, relies on ``ShardedTensor.flattened_range``,
+    which 0.19 refuses at save (seen on the first H200 run: every GPU checkpoint failed). None for the
+    plain optimizer (CPU), whose format stays as it was."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = getattr(opt, "chained_optimizers", None) or [opt]
+    if any(isinstance(o, DistributedOptimizer) for o in parts):
+        return {"distrib_optim_sharding_type": "dp_reshardable"}
+    return None
+
+
 def _save_optimizer(model, opt, path: Path) -> None:
     from megatron.core import dist_checkpointing
 
     path.mkdir(parents=True, exist_ok=True)
     with _stop_signals_deferred():
-        dist_checkpointing.save(opt.sharded_state_dict(unwrap(model).sharded_state_dict()), str(path))
+        sharded = opt.sharded_state_dict(unwrap(model).sharded_state_dict(), metadata=optimizer_metadata(opt))
+        dist_checkpointing.save(sharded, str(path))
 
 
 def _dir_bytes(p: Path) -> int:
@@ -534,7 +549,8 @@ def load_full(path: str | Path, model, opt) -> int:
         raise CheckpointError(f"{f} missing: checkpoint {p} is incomplete")
     if not (p / "optimizer").is_dir():
         raise CheckpointError(f"{p / 'optimizer'} missing: checkpoint {p} has no optimizer state")
-    sharded = opt.sharded_state_dict(unwrap(model).sharded_state_dict(), is_loading=True)
+    sharded = opt.sharded_state_dict(unwrap(model).sharded_state_dict(), is_loading=True,
+                                     metadata=optimizer_metadata(opt))
     opt.load_state_dict(dist_checkpointing.load(sharded, str(p / "optimizer")))
     blob = torch.load(f, weights_only=False)
     _set_rng_state(blob["rng"])
