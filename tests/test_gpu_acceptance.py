@@ -165,3 +165,34 @@ def test_cpu_dry_run_of_the_checks(tmp_path: Path) -> None:
     by = {c["name"]: c for c in d["checks"]}
     assert by["nccl_resume"]["detail"]["max_loss_diff"] <= 1e-6
     assert by["reshard_tp2"]["detail"]["loss_diff"] <= 1e-5
+
+
+def _requirements(*args: str) -> list[str]:
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_requirements.py"), *args], capture_output=True,
+                         text=True, timeout=60, check=True)
+    return res.stdout.split()
+
+
+def test_gpu_requirements_evaluate_markers_per_python(tmp_path: Path) -> None:
+    """The list pip gets on the GPU machine: one megatron-core pin per Python (the lock's environment
+    markers evaluated, none passed on: pip's command line takes no markers), without torch or the
+    packages the acceptance run never imports, and without what --have names."""
+    py311, py312 = _requirements("--python-version", "3.11"), _requirements("--python-version", "3.12")
+    assert [r for r in py311 if r.startswith("megatron-core")] == ["megatron-core==0.16.1"]
+    assert [r for r in py312 if r.startswith("megatron-core")] == ["megatron-core==0.19.2"]
+    for reqs in (py311, py312):
+        assert reqs and all(";" not in r and r.count("==") == 1 for r in reqs)
+        names = {r.split("==")[0].lower() for r in reqs}
+        assert not names & {"torch", "wandb", "ruff", "pytest", "altair", "pulp"}
+        assert {"snakemake", "duckdb", "pydantic"} <= names
+    have = tmp_path / "have.txt"
+    have.write_text("duckdb==9.9\nSnakeMake\n")
+    names = {r.split("==")[0].lower() for r in _requirements("--python-version", "3.12", "--have", str(have))}
+    assert "duckdb" not in names and "snakemake" not in names and "pydantic" in names
+
+
+def test_gpu_requirements_refuses_bad_arguments(tmp_path: Path) -> None:
+    for args, field in ((["--python-version", "3"], "--python-version"), (["--have", str(tmp_path / "no")], "--have")):
+        res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_requirements.py"), *args],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and field in res.stderr
