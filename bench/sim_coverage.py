@@ -1,13 +1,15 @@
 """Interval coverage over simulated studies with a known truth (cptscale.simulate).
 
     python bench/sim_coverage.py [--config workflow/studies/paper.yaml] [--studies 50] [--design planned|wsd]
-                                 [--points all|annealed] [--bootstrap 200] [--out bench/results/sim_coverage]
+                                 [--points all|annealed] [--bootstrap 200] [--scheme wild|pairs]
+                                 [--out bench/results/sim_coverage]
 
 Each study is the config's runs simulated with another seed; its points are selected as `cptscale db
 points` selects them (``--points all``: every evaluation after fit.min_step_fraction, the pipeline's
 default; ``annealed``: only each run's final evaluation and its WSD branches' ends) and fitted as
 `cptscale fit-study` fits them (cptscale.fit.fit_law with the config's grid, Huber delta and reduction;
-bootstrap over runs; the CPT law with E, A, alpha frozen from the scratch fit and resampled with its
+bootstrap over runs, ``--scheme`` pairs (the default: runs resampled with replacement) or wild (one random
+sign per run on its residuals, design fixed); the CPT law with E, A, alpha frozen from the scratch fit and resampled with its
 bootstrap). Printed: the share of studies whose 95 % interval contains the truth, for alpha, beta, a and
 N_opt at --budget (scratch law) and beta', gamma, a (CPT law), against the nominal 95 % (target 90-98 %),
 with the median interval width and the mean bias. ``--design wsd`` adds WSD decay branches at 0.25 and
@@ -32,7 +34,8 @@ def _contains(iv: dict, x: float) -> bool | None:
     return bool(iv["lo"] <= x <= iv["hi"])
 
 
-def one_study(cfg, truth, seed: int, points: str, bootstrap: int, budget: float, grid: str) -> dict:
+def one_study(cfg, truth, seed: int, points: str, bootstrap: int, budget: float, grid: str,
+              scheme: str = "pairs") -> dict:
     from cptscale.fit.estimate import fit_law
     from cptscale.fit.uncertainty import bootstrap_law
     from cptscale.simulate.study import points_frame, simulate_study
@@ -48,7 +51,7 @@ def one_study(cfg, truth, seed: int, points: str, bootstrap: int, budget: float,
         sc = df[(df["init"] == "scratch") & (df["lang"] == lang)]
         law = truth.scratch_law(lang)
         fr = fit_law(sc, "chinchilla", **kw)
-        bs = bootstrap_law(sc, fr, bootstrap, seed, [budget])
+        bs = bootstrap_law(sc, fr, bootstrap, seed, [budget], scheme=scheme)
         true = {"alpha": law.alpha, "beta": law.beta, "a": law.allocation()["a"], "N_opt": law.n_opt(budget)}
         iv = {**{k: bs["intervals"][k] for k in ("alpha", "beta", "a")},
               "N_opt": _iv(bs["alloc"][budget]["N_opt"])}
@@ -59,7 +62,7 @@ def one_study(cfg, truth, seed: int, points: str, bootstrap: int, budget: float,
         c = truth.cpt_law(lang)
         fixed = {k: fr.params[k] for k in ("E", "A", "alpha")}
         fc = fit_law(cp, "cpt", fixed, **kw)
-        bc = bootstrap_law(cp, fc, bootstrap, seed, [budget],
+        bc = bootstrap_law(cp, fc, bootstrap, seed, [budget], scheme=scheme,
                            fixed_samples={k: bs["samples"][k] for k in fixed})
         ctrue = {"beta'": c.beta, "gamma": c.gamma, "a": c.allocation(law)["a"]}
         civ = {"beta'": bc["intervals"]["beta"], "gamma": bc["intervals"]["gamma"], "a": bc["intervals"]["a"]}
@@ -127,6 +130,8 @@ def main() -> int:
     ap.add_argument("--design", choices=["planned", "wsd"], default="planned")
     ap.add_argument("--points", choices=["all", "annealed"], default=None, help="default: the config's fit.points")
     ap.add_argument("--bootstrap", type=int, default=None, help="default: the config's fit.bootstrap")
+    ap.add_argument("--scheme", choices=["pairs", "wild"], default="pairs",
+                    help="bootstrap: pairs (runs resampled) or wild (per-run signs on the residuals, design fixed)")
     ap.add_argument("--budget", type=float, default=1e21)
     ap.add_argument("--grid", choices=["chinchilla", "coarse"], default=None,
                     help="start grid of the fits (default: the config's fit.grid; coarse: 243 starts, for speed)")
@@ -158,19 +163,19 @@ def main() -> int:
     nboot = args.bootstrap or cfg.fit.bootstrap
     args.points = args.points or cfg.fit.points
     grid = args.grid or cfg.fit.grid
-    out = Path(args.out) / f"{cfg.study}-{args.design}-{args.points}" / (f"seed{args.first_seed}" if args.first_seed else "")
+    out = Path(args.out) / (f"{cfg.study}-{args.design}-{args.points}" + ("" if args.scheme == "pairs" else f"-{args.scheme}")) / (f"seed{args.first_seed}" if args.first_seed else "")
     out.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.perf_counter(), time.process_time()
     studies = []
     for i, seed in enumerate(range(args.first_seed, args.first_seed + args.studies)):
-        studies.append(one_study(cfg, truth, seed, args.points, nboot, args.budget, grid))
+        studies.append(one_study(cfg, truth, seed, args.points, nboot, args.budget, grid, args.scheme))
         print(f"study {i + 1}/{args.studies} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         # after every study, so an interrupted bench still reports the studies it finished
         (out / "studies.jsonl").open("a" if i else "w").write(json.dumps(studies[-1]) + "\n")
     rows = summarize(studies)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     print(f"{args.studies} simulated studies of {cfg.study} (design {args.design}, points {args.points}, "
-          f"{nboot} bootstrap resamples over runs, grid {grid}): {wall:.0f} s wall, {cpu:.0f} s CPU")
+          f"{nboot} {args.scheme} bootstrap resamples over runs, grid {grid}): {wall:.0f} s wall, {cpu:.0f} s CPU")
     print(f"{'law':<12} {'quantity':<8} {'coverage':>8} {'vs 0.95':>8} {'median width':>13} {'mean bias':>10} {'on bound':>8}")
     for r in rows:
         cov = r["coverage"]
@@ -179,9 +184,10 @@ def main() -> int:
               f"{'' if r['median_width'] is None else format(r['median_width'], '.3g'):>13} "
               f"{'' if r['mean_bias'] is None else format(r['mean_bias'], '+.3g'):>10} {r['on_bound_share']:>8.2f}")
     (out / "coverage.json").write_text(json.dumps({"config": args.config, "design": args.design, "points": args.points,
-                                                   "bootstrap": nboot, "grid": grid, "budget": args.budget, "wall_s": wall,
+                                                   "bootstrap": nboot, "scheme": args.scheme, "grid": grid, "budget": args.budget, "wall_s": wall,
                                                    "cpu_s": cpu, "rows": rows, "studies": studies}, indent=1))
-    figure(rows, out / "coverage.svg", f"{cfg.study}: {args.design} design, {args.points} points, {args.studies} studies")
+    figure(rows, out / "coverage.svg", f"{cfg.study}: {args.design} design, {args.points} points, {args.scheme} bootstrap, "
+           f"{args.studies} studies")
     print(f"wrote {out}/coverage.json and coverage.svg")
     return 0
 

@@ -23,7 +23,7 @@ from cptscale.fit.estimate import (
 )
 from cptscale.fit.laws import GRIDS, FitResult
 from cptscale.fit.optimizer import lbfgs_batch
-from cptscale.fit.uncertainty import bootstrap_counts, bootstrap_law, heldout_validation
+from cptscale.fit.uncertainty import bootstrap_counts, bootstrap_law, heldout_validation, wild_multipliers
 
 FIX = Path(__file__).parent / "fixtures" / "chinchilla-fig4-extracted.csv"
 CHIN = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}  # Hoffmann et al. Eq. 10
@@ -271,6 +271,30 @@ def test_bootstrap_resamples_runs_not_checkpoints() -> None:
     for r in np.unique(run):  # every checkpoint of a run carries the run's count
         assert np.all(W[:, run == r] == W[:, run == r][:, :1])
     assert np.any(W == 0) and np.any(W >= 2)
+
+
+def test_wild_bootstrap_flips_whole_runs_and_keeps_every_size() -> None:
+    run = np.repeat(["a", "b", "c", "d", "e"], [3, 1, 4, 2, 5])
+    v = wild_multipliers(run, 50, np.random.default_rng(0))
+    assert v.shape == (50, 15) and set(np.unique(v)) == {-1.0, 1.0}
+    for r in np.unique(run):  # one sign per run and resample: a run's shared noise stays shared
+        assert np.all(v[:, run == r] == v[:, run == r][:, :1])
+    # one run per size (the paper's ladder): resampling runs loses sizes, the wild bootstrap never does
+    rng = np.random.default_rng(4)
+    N = np.repeat([1e8, 2e8, 4e8, 8e8, 1.6e9], 3)
+    D = N * np.tile([5, 10, 20], 5)
+    law = FitResult("chinchilla", CHIN)
+    loss = law.predict(N, D) * np.exp(np.repeat(0.005 * rng.standard_normal(5), 3) + 0.003 * rng.standard_normal(15))
+    df = pd.DataFrame({"N": N, "D": D, "loss": loss, "run": np.repeat(list("abcde"), 3)})
+    r = fit_law(df, grid="coarse")
+    pairs = bootstrap_law(df, r, 40, seed=0)
+    wild = bootstrap_law(df, r, 40, seed=0, scheme="wild")
+    assert pairs["info"]["n_degenerate"] > 0 and pairs["info"]["scheme"].startswith("pairs")
+    assert wild["info"]["n_ok"] == 40 and wild["info"]["scheme"].startswith("wild")
+    iv = wild["intervals"]["beta"]
+    assert iv["lo"] < r.params["beta"] < iv["hi"] and iv["se"] > 0
+    with pytest.raises(ValueError, match="scheme"):
+        bootstrap_law(df, r, 4, scheme="residual")
 
 
 def test_bootstrap_intervals_contain_truth() -> None:

@@ -69,10 +69,12 @@ class _Prep:
 
 
 def _obj(theta: np.ndarray, lN: np.ndarray, lD: np.ndarray, lL: np.ndarray, delta: float, reduction: str,
-         W: np.ndarray | None = None, prep: _Prep | None = None, asym: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+         W: np.ndarray | None = None, prep: _Prep | None = None, asym: float = 1.0,
+         lLr: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Huber objective and its gradient for a batch theta (K, 5|6) in internal coordinates.
 
-    ``W`` (K, n) are per-row point weights (bootstrap counts). ``asym`` multiplies the Huber loss of
+    ``W`` (K, n) are per-row point weights (bootstrap counts); ``lLr`` (K, n) per-row log losses instead of
+    ``lL`` (the wild bootstrap's perturbed observations). ``asym`` multiplies the Huber loss of
     overestimates (prediction above the observation; OLMo-core's ``overestimate_penalty``): > 1 pulls the
     law towards the lower frontier. Rows are processed in cache-sized blocks.
     """
@@ -80,16 +82,18 @@ def _obj(theta: np.ndarray, lN: np.ndarray, lD: np.ndarray, lL: np.ndarray, delt
     rows = theta.shape[0]
     bs = max(1, _BLOCK // max(1, lN.shape[-1]))
     if rows <= bs:
-        return _obj_block(theta, prep, delta, reduction, W, asym)
+        return _obj_block(theta, prep, delta, reduction, W, asym, lLr)
     f, g = np.empty(rows), np.empty(theta.shape)
     for i in range(0, rows, bs):
         f[i : i + bs], g[i : i + bs] = _obj_block(theta[i : i + bs], prep, delta, reduction,
-                                                  None if W is None else W[i : i + bs], asym)
+                                                  None if W is None else W[i : i + bs], asym,
+                                                  None if lLr is None else lLr[i : i + bs])
     return f, g
 
 
 def _obj_block(theta: np.ndarray, d: _Prep, delta: float, reduction: str,
-               W: np.ndarray | None = None, asym: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+               W: np.ndarray | None = None, asym: float = 1.0,
+               lLr: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_obj` on one block. The exponentials are taken without a max-shift: the box bounds keep
     every exponent within ±200, far from float64 overflow."""
     K, p = theta.shape
@@ -101,7 +105,7 @@ def _obj_block(theta: np.ndarray, d: _Prep, delta: float, reduction: str,
     s = w2 + w3
     s += w1
     r = np.log(s)
-    r -= d.lL
+    r -= d.lL if lLr is None else lLr
     c = np.clip(r, -delta, delta)  # dHuber/dr
     n_w = W.sum(1) if W is not None else np.full(K, len(d.lN), float)
     if asym != 1.0:  # the weight is constant on each side of r = 0, where Huber' = 0: the gradient stays exact
@@ -240,8 +244,9 @@ def _distinct(X: np.ndarray, f: np.ndarray, k: int, tol: float = 1e-3) -> list[i
 
 def _run_batch(theta0: np.ndarray, free: list[int], lN, lD, lL, delta: float, reduction: str,
                W: np.ndarray | None = None, wrow: np.ndarray | None = None, asym: float = 1.0,
-               **opt: Any) -> dict[str, np.ndarray]:
-    """lbfgs_batch over the free columns of theta0 (K, p), chunked to bound memory."""
+               LL: np.ndarray | None = None, **opt: Any) -> dict[str, np.ndarray]:
+    """lbfgs_batch over the free columns of theta0 (K, p), chunked to bound memory. ``W`` / ``LL``: per-resample
+    point weights / log losses, row i of theta0 using resample ``wrow[i]`` (or row i without ``wrow``)."""
     names_lo = np.array([b[0] for b in BOUNDS.values()])
     names_hi = np.array([b[1] for b in BOUNDS.values()])
     p = theta0.shape[1]
@@ -252,11 +257,14 @@ def _run_batch(theta0: np.ndarray, free: list[int], lN, lD, lL, delta: float, re
     for s0 in range(0, len(theta0), chunk):
         base = theta0[s0 : s0 + chunk]
         Wc = None if W is None else W[wrow[s0 : s0 + chunk]] if wrow is not None else W[s0 : s0 + chunk]
+        Lc = None if LL is None else LL[wrow[s0 : s0 + chunk]] if wrow is not None else LL[s0 : s0 + chunk]
 
-        def fg(X: np.ndarray, rows: np.ndarray, base: np.ndarray = base, Wc: np.ndarray | None = Wc):
+        def fg(X: np.ndarray, rows: np.ndarray, base: np.ndarray = base, Wc: np.ndarray | None = Wc,
+               Lc: np.ndarray | None = Lc):
             th = base[rows].copy()
             th[:, free] = X
-            f, g = _obj(th, lN, lD, lL, delta, reduction, None if Wc is None else Wc[rows], prep, asym)
+            f, g = _obj(th, lN, lD, lL, delta, reduction, None if Wc is None else Wc[rows], prep, asym,
+                        None if Lc is None else Lc[rows])
             return f, g[:, free]
 
         with one_blas_thread():
