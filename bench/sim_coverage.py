@@ -100,6 +100,10 @@ def summarize(studies: list[dict]) -> list[dict]:
                          "median_width": float(np.median(widths)) if widths else None,
                          "width_unit": "hi/lo" if q == "N_opt" else "hi-lo",
                          "mean_bias": float(np.mean(est) - recs[0][q]["truth"]) if est else None,
+                         # median interval width over the normal width of the estimates' spread across studies:
+                         # ~1 when the intervals are as wide as the sampling spread calls for (pairs: beta 1.3)
+                         "width_over_spread": float(np.median(widths) / (2 * 1.96 * np.std(est, ddof=1)))
+                         if len(est) > 2 and widths and q != "N_opt" else None,
                          "on_bound_share": float(np.mean([bool(r["on_bound"]) for r in recs]))})
     return rows
 
@@ -176,13 +180,16 @@ def main() -> int:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     print(f"{args.studies} simulated studies of {cfg.study} (design {args.design}, points {args.points}, "
           f"{nboot} {args.scheme} bootstrap resamples over runs, grid {grid}): {wall:.0f} s wall, {cpu:.0f} s CPU")
-    print(f"{'law':<12} {'quantity':<8} {'coverage':>8} {'vs 0.95':>8} {'median width':>13} {'mean bias':>10} {'on bound':>8}")
+    print(f"{'law':<12} {'quantity':<8} {'coverage':>8} {'vs 0.95':>8} {'median width':>13} {'mean bias':>10} "
+          f"{'width/spread':>12} {'on bound':>8}")
     for r in rows:
         cov = r["coverage"]
         print(f"{r['law']:<12} {r['quantity']:<8} {cov if cov is None else format(cov, '.2f'):>8} "
               f"{'' if cov is None else format(cov / 0.95, '.2f'):>8} "
               f"{'' if r['median_width'] is None else format(r['median_width'], '.3g'):>13} "
-              f"{'' if r['mean_bias'] is None else format(r['mean_bias'], '+.3g'):>10} {r['on_bound_share']:>8.2f}")
+              f"{'' if r['mean_bias'] is None else format(r['mean_bias'], '+.3g'):>10} "
+              f"{'' if r['width_over_spread'] is None else format(r['width_over_spread'], '.2f'):>12} "
+              f"{r['on_bound_share']:>8.2f}")
     (out / "coverage.json").write_text(json.dumps({"config": args.config, "design": args.design, "points": args.points,
                                                    "bootstrap": nboot, "scheme": args.scheme, "grid": grid, "budget": args.budget, "wall_s": wall,
                                                    "cpu_s": cpu, "rows": rows, "studies": studies}, indent=1))
