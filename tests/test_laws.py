@@ -144,6 +144,11 @@ def test_rollout_predicts_each_next_size() -> None:
     ro = rollout(pts, "chinchilla", lambda k: {}, 3, grid="coarse")
     assert [x["k"] for x in ro["steps"]] == [3, 4] and all(x["status"] == "ok" for x in ro["steps"])
     assert ro["steps"][0]["predicted_N"] == 1.6e5 and ro["mean_rel_err"] < 1e-3
+    # step 4 starts from the grid and from step 3's optima, so it is never worse than the grid alone
+    grid_only = fit_law(pts.subset(pts.N <= 1.6e5), "chinchilla", grid="coarse")
+    step4 = ro["steps"][1]
+    assert step4["starts"] > ro["steps"][0]["starts"] == grid_only.meta["n_starts"]
+    assert step4["objective"] <= grid_only.meta["objective"] * (1 + 1e-9)
 
 
 def test_overestimate_penalty_pulls_the_fit_below_the_points() -> None:

@@ -22,7 +22,7 @@ import numpy as np
 
 from cptscale.errors import CLIError
 from cptscale.fit.estimate import fit_law
-from cptscale.fit.laws import _LOG, LAWS, FitResult, _to_internal
+from cptscale.fit.laws import _LOG, LAWS, FitResult, _grid, _to_internal
 from cptscale.fit.optimizer import BOUNDS
 from cptscale.fit.points import Points, _points
 from cptscale.fit.uncertainty import _err_stats, bootstrap_law
@@ -120,20 +120,32 @@ def rollout(pts: Points, law: str, fixed_at: Callable[[int], dict[str, float] | 
     error of each step (``fixed_at(k)`` gives the frozen parameters of the step-k fit, or None to skip)."""
     sizes = pts.sizes
     steps = []
+    prev = None  # the last step's fit: its optima warm-start the next step (one size more)
     for k in range(need, len(sizes)):
         train, test = pts.subset(sizes[k - 1] >= pts.N), pts.subset(sizes[k] == pts.N)
         fixed = fixed_at(k)
         if fixed is None:
             steps.append({"k": k, "status": "skipped", "reason": "no frozen parameters for this step"})
             continue
+        # every step searches the whole grid and, after the first, also starts from the previous step's
+        # optima (one size more moves the optimum a little): never worse than the grid alone (paper-scale
+        # simulated study: one of 37 scratch steps found an optimum 0.14 % lower). The grid at every step
+        # is what costs (115 of fit-study's 172 s at 42 sizes), but the previous optima plus the coarse
+        # grid alone missed the optimum (objective up to 2.6 % higher) in 5 of 37 scratch steps.
+        warm = None
+        if prev is not None and prev.starts is not None and set(prev.fixed) == set(fixed):
+            free = [i for i, name in enumerate(LAWS[law]) if name not in fixed]
+            warm = np.vstack([prev.starts, _grid(law, kw.get("grid", "chinchilla"), fixed)[:, free]])
         try:
-            fr = fit_law(train, law, fixed, **kw)
+            fr = fit_law(train, law, fixed, **kw, init=warm)
         except Exception as exc:
             steps.append({"k": k, "status": "skipped", "reason": str(exc)})
             continue
+        prev = fr
         pred = fr.predict(test.N, test.D)
         steps.append({"k": k, "status": "ok", "train_sizes": sizes[:k], "predicted_N": sizes[k],
                       "n_train": len(train.N), "n_test": len(test.N), **_err_stats(pred, test.L),
+                      "objective": fr.meta.get("objective"), "starts": fr.meta.get("n_starts"),
                       "params": fr.params, "on_bound": fr.meta.get("on_bound", [])})
     ok = [x for x in steps if x["status"] == "ok"]
     return {"status": "ok" if ok else "skipped", "steps": steps,
