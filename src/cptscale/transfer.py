@@ -129,6 +129,15 @@ def main_trajectory(rows: Iterable[Row]) -> list[Row]:
     return [r for r in rows if r.get("branch") is None]
 
 
+def latest_evals(rows: Iterable[Row]) -> list[Row]:
+    """One row per (step, lang, branch): the last one logged. A run resumed from a checkpoint may log an
+    evaluation again; the store keeps the last one, so transfer and forgetting must read the same rows."""
+    out: dict[tuple[int, str, Any], Row] = {}
+    for r in rows:
+        out[(int(r["step"]), str(r["lang"]), r.get("branch"))] = r
+    return list(out.values())
+
+
 def forgetting(cpt_evals: Iterable[Row], source_final_loss: float, source_lang: str) -> list[dict[str, Any]]:
     """Source-language loss at every CPT eval step minus the source model's final loss.
 
@@ -260,7 +269,8 @@ def source_final_loss(source_dir: Path, source_lang: str) -> float:
         fl = (read_json(done).get("final_loss") or {}).get(source_lang)
         if fl is not None:
             return float(fl)
-    ev = [e for e in main_trajectory(read_jsonl(source_dir / "evals.jsonl")) if e.get("lang") == source_lang] \
+    ev = [e for e in main_trajectory(latest_evals(read_jsonl(source_dir / "evals.jsonl")))
+          if e.get("lang") == source_lang] \
         if (source_dir / "evals.jsonl").exists() else []
     if not ev:
         raise CLIError(f"{source_dir}: no final {source_lang!r} loss in done.json or evals.jsonl; "
@@ -294,7 +304,8 @@ def compute_transfer(cpt_dir: Path, scratch_dir: Path, source_dir: Path | None =
         raise CLIError(f"{scratch_dir}: scratch shape differs from {cpt_dir}; pair runs of the same size")
     lang, slang = cpt.lang, cpt.source_lang
     # transfer_curve and forgetting keep the main trajectories (a WSD decay branch is no point of a curve)
-    cpt_ev, scr_ev = read_jsonl(cpt_dir / "evals.jsonl"), read_jsonl(scratch_dir / "evals.jsonl")
+    # a re-logged evaluation counts once, the last one logged (as in the store's evals table)
+    cpt_ev, scr_ev = (latest_evals(read_jsonl(d / "evals.jsonl")) for d in (cpt_dir, scratch_dir))
     comp = run_compute(cpt.to_dict())
     src_flops, src_final, src_id = 0.0, None, None
     if source_dir is not None:

@@ -210,7 +210,8 @@ def _transfer_table(db: str | None, transfer: str | None, study: str | None) -> 
         if study:
             q += " and t.study = ?"
             args.append(study)
-        return con.execute(q, args).df()
+        # a fixed point order: the fit's sums, its points list and its input hash must not follow the scan
+        return con.execute(q + " order by t.run_id, t.step", args).df()
     finally:
         con.close()
 

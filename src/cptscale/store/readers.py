@@ -12,7 +12,7 @@ from typing import Any
 from cptscale.compute import flops_6nd
 from cptscale.runspec import RunSpec, SpecError
 from cptscale.store.schema import FIT_CHOICES, PROVENANCE_FIELDS
-from cptscale.transfer import flops_at_step, forgetting, main_trajectory, run_compute
+from cptscale.transfer import flops_at_step, forgetting, latest_evals, main_trajectory, run_compute
 from cptscale.util import read_json
 
 
@@ -160,11 +160,7 @@ def _eval_rows(run_dir: Path, key: dict[str, Any], spec: dict[str, Any], comp: d
         return None, []
     ev_rows = read_jsonl_rows(epath, ("step", "lang", "loss"), allow_partial=allow_partial, problems=problems,
                               check=_check_branch)
-    # a resumed run may re-log an eval: the last one of each (step, lang, branch) wins
-    dedup: dict[tuple[int, str, int | None], dict[str, Any]] = {}
-    for e in ev_rows:
-        dedup[(int(e["step"]), str(e["lang"]), e.get("branch"))] = e
-    ev_rows = list(dedup.values())
+    ev_rows = latest_evals(ev_rows)  # a resumed run may re-log an eval: the last one of each (step, lang, branch) wins
     rows = [
         {**key, "step": int(e["step"]), "tokens": e.get("tokens"), "lang": e["lang"], "loss": e["loss"],
          "ppl": e.get("ppl", math.exp(min(e["loss"], 700))), "bpb": e.get("bpb"),

@@ -263,8 +263,9 @@ class Trainer:
 
         spec, start, tps = self.spec, self.start_step, self.tokens_per_step
         self.branches = BranchRunner(self, start)
-        if self.resumed_from is not None:
-            self.runlog.truncate(start, self.branches.starts())
+        if self.resumed_from is not None:  # from the final checkpoint, the final evaluation is redone (_loop):
+            # its rows go first, else evals.jsonl holds them twice (and transfer.json its rows twice)
+            self.runlog.truncate(start, self.branches.starts(), redo_eval=start >= self.steps)
         self.train_ds = build_train_dataset(self.raw)
         self.evaluator = Evaluator(spec, self.runlog, tps)
         self.counter = FlopCounter.at(self.shape, spec.vocab_size, self.seq, self.tp)

@@ -79,10 +79,11 @@ class RunLog:
     def recent_losses(self, n: int = 20) -> list[float]:
         return [r["loss"] for r in self.rows("metrics.jsonl")][-n:]
 
-    def truncate(self, step: int, branch_starts: dict[int, int]) -> None:
+    def truncate(self, step: int, branch_starts: dict[int, int], *, redo_eval: bool = False) -> None:
         """Drop rows written after the checkpoint we resume from (they will be recomputed). Rows of a
         WSD branch (key ``branch``) stay if the branch started before ``step`` (it completed before the
-        main run went on), else they go (the branch is redone)."""
+        main run went on), else they go (the branch is redone). ``redo_eval``: the main evaluations at
+        ``step`` go too (a resume from the final checkpoint evaluates it again)."""
         if not self.is_rank0:
             return
         from cptscale.util import atomic_write
@@ -96,7 +97,7 @@ class RunLog:
             return keep
 
         for name, keep in (("metrics.jsonl", lambda r: r["step"] < step),
-                           ("evals.jsonl", main_or_branch(lambda r: r["step"] <= step)),
+                           ("evals.jsonl", main_or_branch(lambda r: r["step"] < step if redo_eval else r["step"] <= step)),
                            ("prune.jsonl", lambda r: r["step"] < step),
                            ("branch_metrics.jsonl", main_or_branch(lambda r: False))):
             p = self.out_dir / name
