@@ -99,7 +99,18 @@ write_conf() {
   fi
 }
 
-alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A pid file's daemon is alive only while that pid still runs the daemon the file is named after
+# (slurmd-<node>.pid: slurmd, slurmctld.pid, munged.pid): on a machine that kept /run across a crash or
+# a killed session the file can hold a pid another process has since been given (once the test runner
+# itself, which stop_slurm then killed).
+alive() {
+  [[ -s $1 ]] || return 1
+  local pid want
+  pid=$(cat "$1")
+  want=$(basename "$1" .pid)
+  want=${want%%-*}
+  kill -0 "$pid" 2>/dev/null && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$want" ]]
+}
 
 all_slurmd_alive() {
   local n
