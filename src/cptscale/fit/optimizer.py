@@ -256,8 +256,8 @@ def _run_batch(theta0: np.ndarray, free: list[int], lN, lD, lL, delta: float, re
     outs = []
     for s0 in range(0, len(theta0), chunk):
         base = theta0[s0 : s0 + chunk]
-        Wc = None if W is None else W[wrow[s0 : s0 + chunk]] if wrow is not None else W[s0 : s0 + chunk]
-        Lc = None if LL is None else LL[wrow[s0 : s0 + chunk]] if wrow is not None else LL[s0 : s0 + chunk]
+        sel = wrow[s0 : s0 + chunk] if wrow is not None else slice(s0, s0 + chunk)  # this chunk's resamples
+        Wc, Lc = (None if A is None else A[sel] for A in (W, LL))
 
         def fg(X: np.ndarray, rows: np.ndarray, base: np.ndarray = base, Wc: np.ndarray | None = Wc,
                Lc: np.ndarray | None = Lc):

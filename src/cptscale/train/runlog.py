@@ -97,7 +97,7 @@ class RunLog:
             return keep
 
         for name, keep in (("metrics.jsonl", lambda r: r["step"] < step),
-                           ("evals.jsonl", main_or_branch(lambda r: r["step"] < step if redo_eval else r["step"] <= step)),
+                           ("evals.jsonl", main_or_branch(lambda r: r["step"] < step + (0 if redo_eval else 1))),
                            ("prune.jsonl", lambda r: r["step"] < step),
                            ("branch_metrics.jsonl", main_or_branch(lambda r: False))):
             p = self.out_dir / name
