@@ -148,3 +148,35 @@ def test_built_model_routes_rope_to_rope_without_copies(parallel):
 
     build_model({"layers": 1, "hidden": 32, "heads": 4, "ffn": 64}, 300, 16, te=False)
     assert attention.apply_rotary_pos_emb is rope_without_copies
+
+
+def test_fused_elementwise_model_matches_unfused(parallel):
+    """``fused=True`` (the GPU default: Megatron's compiled SwiGLU, cptscale's compiled RoPE) computes the
+    same model: same loss and parameter gradients as the unfused one from the same weights (fp32 on CPU
+    through torch.compile's C++ backend, up to float rounding). Megatron's fused cross-entropy casts its
+    gradient to bf16, so an fp32 model keeps the plain one."""
+    import torch
+
+    from cptscale.train.model import build_model
+
+    shape = {"layers": 2, "hidden": 32, "heads": 4, "ffn": 64}
+    torch.manual_seed(0)
+    plain = build_model(shape, 300, 16, te=False, fused=False)
+    fused = build_model(shape, 300, 16, te=False, fused=True)
+    fused.load_state_dict(plain.state_dict())
+    assert fused.config.bias_activation_fusion and not fused.config.cross_entropy_loss_fusion
+    assert not plain.config.bias_activation_fusion
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 300, (2, 17), generator=g)
+    pos = torch.arange(16).expand(2, 16)
+    mask = torch.ones(16, 16, dtype=torch.bool).triu(1)
+    losses = []
+    for m in (plain, fused):
+        m.zero_grad()
+        loss = m(tokens[:, :-1], pos, mask, labels=tokens[:, 1:]).mean()
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+    assert float(losses[0]) > 5.0  # a random 300-token model: about ln 300

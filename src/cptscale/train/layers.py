@@ -12,6 +12,8 @@ Megatron-Core's unfused RoPE (``apply_rotary_pos_emb``) takes cos and sin of the
 every query and key of every layer and ends with ``cat((t, t_pass))``, a copy of the whole tensor even
 when ``t_pass`` is empty. :func:`rope_without_copies` computes the same expression, bit for bit, with
 cos and sin taken once per frequency tensor and without that copy (2.5 % of a d128l4 step on CPU).
+When the model's element-wise fusions are on (``bias_activation_fusion``, set on CUDA devices by
+:func:`cptscale.train.model.build_config`), that expression goes through ``torch.compile`` as one kernel.
 """
 
 from __future__ import annotations
@@ -93,8 +95,25 @@ def rope_without_copies(t: torch.Tensor, freqs: torch.Tensor, config: Any, cu_se
     if not (_COS_SIN and _COS_SIN[0] is freqs and _COS_SIN[1] == t.dtype):
         _COS_SIN[:] = [freqs, t.dtype, torch.cos(freqs).to(t.dtype), torch.sin(freqs).to(t.dtype)]
     cos, sin = _COS_SIN[2], _COS_SIN[3]
+    if config.bias_activation_fusion:  # the model's element-wise fusions are on (GPU default)
+        return _rope_compiled()(t, cos, sin)
+    return _rope(t, cos, sin)
+
+
+def _rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = torch.chunk(t, 2, dim=-1)
     return t * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+_ROPE_COMPILED: list[Any] = []
+
+
+def _rope_compiled():
+    """:func:`_rope` through ``torch.compile``: one kernel that reads ``t`` once instead of six passes
+    (neg, cat, two mul, add), forward and backward; created on first use."""
+    if not _ROPE_COMPILED:
+        _ROPE_COMPILED.append(torch.compile(_rope))
+    return _ROPE_COMPILED[0]
 
 
 def use_rope_without_copies() -> None:
