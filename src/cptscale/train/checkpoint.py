@@ -356,6 +356,25 @@ def optimizer_metadata(opt) -> dict[str, str] | None:
     return None
 
 
+def _allocate_adam_state(opt) -> None:
+    """Give a fresh distributed optimizer's inner torch Adam its state (zeros, step 0) before a load.
+    Megatron-Core 0.19 builds a loading state dict from ``state_dict()``, which without Apex or
+    Transformer Engine reads every parameter's ``step`` and asserts one value: a resume before the
+    first step failed there (seen on an H200). The load overwrites these tensors in place; nothing
+    else reads them, and the weights are not touched (unlike Megatron's dummy optimizer step)."""
+    import torch
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for o in getattr(opt, "chained_optimizers", None) or [opt]:
+        inner = getattr(o, "optimizer", None)
+        if not isinstance(o, DistributedOptimizer) or inner is None or len(inner.state) > 0:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                  "exp_avg_sq": torch.zeros_like(p)}
+
+
 def _save_optimizer(model, opt, path: Path) -> None:
     from megatron.core import dist_checkpointing
 
@@ -549,6 +568,7 @@ def load_full(path: str | Path, model, opt) -> int:
         raise CheckpointError(f"{f} missing: checkpoint {p} is incomplete")
     if not (p / "optimizer").is_dir():
         raise CheckpointError(f"{p / 'optimizer'} missing: checkpoint {p} has no optimizer state")
+    _allocate_adam_state(opt)
     sharded = opt.sharded_state_dict(unwrap(model).sharded_state_dict(), is_loading=True,
                                      metadata=optimizer_metadata(opt))
     opt.load_state_dict(dist_checkpointing.load(sharded, str(p / "optimizer")))
