@@ -306,8 +306,32 @@ def test_distributed_optimizer_checkpoint_round_trip(tmp_path):
                                 str(tmp_path / "optimizer"))
         loading = opt.sharded_state_dict(model.module.sharded_state_dict(), is_loading=True, metadata=meta)
         opt.load_state_dict(dist_checkpointing.load(loading, str(tmp_path / "optimizer")))
+        inner = opt.chained_optimizers[0].optimizer if hasattr(opt, "chained_optimizers") else opt.optimizer
+        ck.unshare_adam_steps(inner)
+        assert len({id(st["step"]) for st in inner.state.values()}) == len(inner.state)
+        assert {float(st["step"]) for st in inner.state.values()} == {1.0}
     finally:
         teardown_parallel()
+
+
+def test_unshare_adam_steps_keeps_adam_counting_one_per_step():
+    """Megatron-Core 0.19's distributed optimizer (no Apex/TE) loads one ``step`` tensor into every
+    parameter's state; torch's AdamW increments each in place, so a shared one counts once per
+    parameter. After :func:`unshare_adam_steps` each parameter's step grows by exactly one."""
+    import torch
+
+    from cptscale.train import checkpoint as ck
+
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(4)]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    shared = torch.tensor(7.0)
+    opt.load_state_dict({"state": {i: {"step": shared, "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}
+                                   for i in range(4)}, "param_groups": opt.state_dict()["param_groups"]})
+    assert ck.unshare_adam_steps(opt) == 3 and ck.unshare_adam_steps(opt) == 0
+    for p in params:
+        p.grad = torch.ones(3)
+    opt.step()
+    assert [float(st["step"]) for st in opt.state.values()] == [8.0] * 4  # 11.0 each while shared
 
 
 def test_sigterm_to_every_process_of_the_job_still_checkpoints(root, data):

@@ -375,6 +375,25 @@ def _allocate_adam_state(opt) -> None:
                                   "exp_avg_sq": torch.zeros_like(p)}
 
 
+def unshare_adam_steps(inner) -> int:
+    """Give every parameter of a torch Adam/AdamW its own ``step`` tensor; returns how many were shared.
+    Megatron-Core 0.19's distributed optimizer, without Apex or Transformer Engine, loads one step
+    tensor into every parameter's state, and torch's Adam increments each parameter's step in place,
+    so after a resume the shared counter grew by the number of parameters per step and the bias
+    correction was wrong (seen on an H200: the first step after resume off by 1.4e-3 in loss)."""
+    seen: set[int] = set()
+    shared = 0
+    for st in inner.state.values():
+        step = st.get("step") if isinstance(st, dict) else None
+        if step is None or not hasattr(step, "clone"):
+            continue
+        if id(step) in seen:
+            st["step"] = step.clone()
+            shared += 1
+        seen.add(id(st["step"]))
+    return shared
+
+
 def _save_optimizer(model, opt, path: Path) -> None:
     from megatron.core import dist_checkpointing
 
@@ -572,6 +591,9 @@ def load_full(path: str | Path, model, opt) -> int:
     sharded = opt.sharded_state_dict(unwrap(model).sharded_state_dict(), is_loading=True,
                                      metadata=optimizer_metadata(opt))
     opt.load_state_dict(dist_checkpointing.load(sharded, str(p / "optimizer")))
+    for o in getattr(opt, "chained_optimizers", None) or [opt]:
+        if getattr(o, "optimizer", None) is not None:
+            unshare_adam_steps(o.optimizer)
     blob = torch.load(f, weights_only=False)
     _set_rng_state(blob["rng"])
     return int(state["step"])
