@@ -9,8 +9,9 @@ Checks (each in its own process, with its own time limit, inside one overall bud
 
 * ``throughput``: a ~1B paper shape (``992M``: d=1536, 25 layers) in bf16 with the TE layer spec (the
   local spec when Transformer Engine is missing, said so), the engine's DDP + distributed optimizer +
-  clipping step: tokens/s, MFU (formula and peak printed; pass at >= 45 %), peak memory, and a
-  profile of two steps (the kernels that take the time) for when the MFU is low;
+  clipping step: tokens/s, MFU (formula and peak printed; pass at >= 45 %), peak memory, for the
+  trainer's default, the same unfused (the ratio) and micro-batch 8 (:data:`THROUGHPUT_VARIANTS`), and
+  a kernel profile of two default steps (time by kernel kind);
 * ``optimizer``: the distributed optimizer against Megatron's plain mixed-precision optimizer from the
   same weights (same losses), and Megatron's gradient clipping (the grad norm it reports equals the
   norm of the reduced gradients; after clipping the main gradients have norm ``clip``);
