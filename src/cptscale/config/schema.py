@@ -119,7 +119,12 @@ class TrainConfig(_Model):
     seq_length: int = Field(2048, ge=8, description="context length (paper: 2048)")
     micro_batch_size: int = Field(4, ge=1, description="sequences per micro-batch per data-parallel rank")
     batch_tokens: int | None = Field(None, ge=8, description="tokens per step; null = paper tiers (1M/2M/4M by size)")
-    lr: float = Field(2e-4, gt=0, description="peak LR (paper: 2e-4)")
+    lr: float = Field(2e-4, gt=0, description="peak LR (paper: 2e-4); with lr_scaling, the smallest size's")
+    lr_scaling: Literal["constant", "inverse_cbrt_params"] = Field(
+        "constant", exclude_if=lambda v: v == "constant",
+        description="peak LR per size: constant (train.lr for every size), or inverse_cbrt_params: train.lr x "
+        "(N_smallest / N)^(1/3), N the non-embedding parameters, as a model ladder scales LR down with size "
+        "(a CPT run uses its size's LR)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR / peak LR (paper: not stated)")
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="warmup share of the run (paper: 5 %)")
     schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="paper: cosine")

@@ -69,20 +69,32 @@ class Recipe:
         return {"cpt": None, "mix": None}
 
 
+def peak_lr(cfg: StudyConfig, run: PlannedRun) -> float:
+    """The run's peak LR: ``train.lr``, scaled by ``train.lr_scaling`` from the ladder's smallest size
+    (non-embedding parameters; a run outside the ladder, e.g. a next run or an imported model, is
+    scaled by its own count the same way)."""
+    t = cfg.train
+    if t.lr_scaling == "constant":
+        return t.lr
+    ref = min(cfg.shape(s).params(cfg.vocab_size, embeddings=False) for s in cfg.ladder.sizes)
+    return t.lr * (ref / max(1, run.params_nonemb)) ** (1.0 / 3.0)
+
+
 def lr_schedule(cfg: StudyConfig, run: PlannedRun, cpt: CPTConfig | None) -> Schedule:
     """Runs from scratch follow ``train``; continued runs follow ``cpt`` (Reuse, Don't Retrain options)."""
     t = cfg.train
     warmup = round(t.warmup_fraction * run.steps)
     kind = t.schedule
-    max_lr, min_lr, start_lr = t.lr, t.lr * t.min_lr_ratio, 0.0
+    lr = peak_lr(cfg, run)
+    max_lr, min_lr, start_lr = lr, lr * t.min_lr_ratio, 0.0
     if cpt is not None:
         kind = cpt.schedule or t.schedule
         if cpt.start_lr == "source_final":
-            max_lr = t.lr * t.min_lr_ratio if t.schedule != "constant" else t.lr
+            max_lr = lr * t.min_lr_ratio if t.schedule != "constant" else lr
         if not cpt.warmup:
             warmup = 0
         min_lr = {
-            "pretrain": min(max_lr, t.lr * t.min_lr_ratio),
+            "pretrain": min(max_lr, lr * t.min_lr_ratio),
             "start/10": max_lr / 10,
             "start/100": max_lr / 100,
             "zero": 0.0,
