@@ -297,6 +297,34 @@ def test_wild_bootstrap_flips_whole_runs_and_keeps_every_size() -> None:
         bootstrap_law(df, r, 4, scheme="residual")
 
 
+def test_wild3_inflates_high_leverage_runs_and_widens_alpha() -> None:
+    """CV3 (jackknife) residuals: each run's residuals times (I - H_gg)^-1, so no run's residual shrinks
+    and runs with leverage grow; the wild bootstrap on them (``scheme="wild3"``) draws a wider alpha than
+    on the raw residuals."""
+    from cptscale.fit.laws import LAWS, _to_internal
+    from cptscale.fit.points import _points
+    from cptscale.fit.uncertainty import cluster_jackknife_residuals
+
+    rng = np.random.default_rng(4)
+    N = np.repeat([1e8, 2e8, 4e8, 8e8, 1.6e9], 3)
+    D = N * np.tile([5, 10, 20], 5)
+    loss = FitResult("chinchilla", CHIN).predict(N, D) * np.exp(
+        np.repeat(0.005 * rng.standard_normal(5), 3) + 0.003 * rng.standard_normal(15))
+    run = np.repeat(list("abcde"), 3)
+    df = pd.DataFrame({"N": N, "D": D, "loss": loss, "run": run})
+    r = fit_law(df, grid="coarse")
+    th = np.array([_to_internal(k, r.params[k]) for k in LAWS["chinchilla"]])
+    raw = np.log(loss) - np.log(r.predict(N, D))
+    adj = cluster_jackknife_residuals(_points(df), r, list(range(5)), th)
+    grow = {g: np.linalg.norm(adj[run == g]) / np.linalg.norm(raw[run == g]) for g in "abcde"}
+    assert all(v >= 1 - 1e-9 for v in grow.values()), grow
+    assert max(grow.values()) > 1.5, grow  # 5 free parameters on 5 runs: much leverage to undo
+    wild = bootstrap_law(df, r, 60, seed=0, scheme="wild")
+    wild3 = bootstrap_law(df, r, 60, seed=0, scheme="wild3")
+    assert wild3["info"]["scheme"].startswith("wild3") and wild3["info"]["n_ok"] == 60
+    assert wild3["intervals"]["alpha"]["se"] > wild["intervals"]["alpha"]["se"]
+
+
 def test_bootstrap_intervals_contain_truth() -> None:
     # 16 runs (2 per size) with a per-run offset of 0.5 % and 0.3 % per-checkpoint noise
     df = _ladder(FitResult("chinchilla", CHIN), 0.003, seed=0, runs_per_size=2, run_noise=0.005)

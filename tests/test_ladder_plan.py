@@ -309,3 +309,29 @@ def test_plan_table_columns_and_totals(capsys: pytest.CaptureFixture[str], tmp_p
     assert main(["plan", str(ROOT / "workflow/studies/paper.yaml")]) == 0
     paper_total = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("study "))
     assert "GPU-hours at 30% MFU" in paper_total and "core-hours" not in paper_total
+
+
+def test_lr_scaling_inverse_cbrt_params() -> None:
+    """``train.lr_scaling: inverse_cbrt_params``: the smallest size keeps ``train.lr``, a size with 8x the
+    non-embedding parameters gets half of it, a CPT run its own size's LR; ``constant`` (the default)
+    gives every run ``train.lr`` and leaves the dumped config (and so the run hashes) unchanged."""
+    raw = _demo_raw()
+    raw["ladder"]["sizes"] = ["d32l2", "d64l2"]
+    cfg = parse_config(raw)
+    assert "lr_scaling" not in cfg.model_dump(mode="json")["train"]
+    assert {schedule_for(cfg, r).max_lr for r in plan_study(cfg)} == {cfg.train.lr}
+    raw["train"]["lr_scaling"] = "inverse_cbrt_params"
+    cfg = parse_config(raw)
+    runs = plan_study(cfg)
+    small = min(r.params_nonemb for r in runs)
+    for r in runs:
+        s = schedule_for(cfg, r)
+        assert s.max_lr == pytest.approx(cfg.train.lr * (small / r.params_nonemb) ** (1 / 3), rel=1e-12)
+        assert s.min_lr == pytest.approx(s.max_lr * cfg.train.min_lr_ratio, rel=1e-12)
+    lrs = {r.size: schedule_for(cfg, r).max_lr for r in runs}
+    assert lrs["d32l2"] == cfg.train.lr and lrs["d64l2"] < cfg.train.lr
+    cpt = next(r for r in runs if r.init == "cpt" and r.size == "d64l2")
+    assert schedule_for(cfg, cpt).max_lr == lrs["d64l2"]
+    raw["train"]["lr_scaling"] = "sqrt"
+    with pytest.raises(ConfigError, match="train.lr_scaling"):
+        parse_config(raw)
