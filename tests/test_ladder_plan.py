@@ -333,5 +333,5 @@ def test_lr_scaling_inverse_cbrt_params() -> None:
     cpt = next(r for r in runs if r.init == "cpt" and r.size == "d64l2")
     assert schedule_for(cfg, cpt).max_lr == lrs["d64l2"]
     raw["train"]["lr_scaling"] = "sqrt"
-    with pytest.raises(ConfigError, match="train.lr_scaling"):
+    with pytest.raises(ConfigError, match=r"train\.lr_scaling"):
         parse_config(raw)
