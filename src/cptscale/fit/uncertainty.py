@@ -57,8 +57,9 @@ def cluster_jackknife_residuals(pts: Points, fit: FitResult, free: Sequence[int]
     runs = np.asarray(pts.run).astype(str)
     for g in np.unique(runs):
         idx = np.flatnonzero(runs == g)
-        m = np.eye(len(idx)) - J[idx] @ bread @ J[idx].T
-        out[idx] = np.linalg.pinv(m, rcond=1e-6) @ r[idx]
+        lam, vec = np.linalg.eigh(np.eye(len(idx)) - J[idx] @ bread @ J[idx].T)
+        # eigenvalues in [0, 1]; a direction only this run determines (~0) has ~0 residual: floored, not inverted
+        out[idx] = vec @ ((vec.T @ r[idx]) / np.maximum(lam, 1e-2))
     return out
 
 
