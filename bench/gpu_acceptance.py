@@ -479,7 +479,7 @@ def w_throughput(a: argparse.Namespace) -> dict[str, Any]:
     fig = (f"{size} {prec} {spec}, {best['name']} ({best['micro_batches']}x{best['micro_batch']}, fusions "
            f"{'on' if best['fused'] else 'off'}): {best['tokens_per_s']:,.0f} tokens/s, MFU {best['mfu']:.1%} of "
            f"{peak / 1e12:.0f} TFLOP/s" + (f", {best['peak_mem_gib']:.1f} GiB peak" if gpu else ""))
-    if base is not None and "error" not in first and first is not base:
+    if gpu and base is not None and "error" not in first and first is not base:  # on CPU both are unfused
         fig += f"; default/unfused {first['tokens_per_s'] / base['tokens_per_s']:.3f}"
     if "error" in first:
         fig += f"; the default configuration failed: {first['error'][:120]}"
