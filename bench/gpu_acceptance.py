@@ -451,7 +451,7 @@ def w_throughput(a: argparse.Namespace) -> dict[str, Any]:
     variants: list[dict[str, Any]] = []
     for i, (name, fused, mbs, n_micro) in enumerate(THROUGHPUT_VARIANTS):
         if not gpu:
-            mbs, n_micro = max(1, mbs // 2), n_micro
+            mbs = max(1, mbs // 2)
         try:
             v = _measure_throughput(shape, vocab, seq, mbs, n_micro, fused, te, gpu, peak, profile=gpu and i == 0)
         except Exception as e:  # one configuration failing (out of memory, a compiler error) is a finding
@@ -592,8 +592,10 @@ def _grad_buffer_norm(model) -> float:
 
 def _main_grad_norm(opt) -> float:
     """Norm of the optimizer's main (fp32) gradients, after its step clipped them."""
+    from cptscale.train.checkpoint import optimizer_parts
+
     sq = 0.0
-    for o in getattr(opt, "chained_optimizers", None) or [opt]:
+    for o in optimizer_parts(opt):
         # Megatron-Core 0.16 names it get_main_grads_for_grad_norm, 0.19 get_grads_for_grad_norm
         grads = getattr(o, "get_grads_for_grad_norm", None) or o.get_main_grads_for_grad_norm
         for g in grads():

@@ -185,16 +185,16 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
     if scheme not in ("wild", "wild3", "pairs"):
         raise ValueError(f"bootstrap scheme must be 'wild', 'wild3' or 'pairs', not {scheme!r}")
     scheme = "pairs" if nll else scheme
-    counts, W = bootstrap_counts(pts.run, n, np.random.default_rng(seed))
-    LL = None
     base_th = np.array([_to_internal(k, fit.params[k]) for k in names])
-    if scheme in ("wild", "wild3"):
+    LL = None
+    if scheme == "pairs":
+        W = bootstrap_counts(pts.run, n, np.random.default_rng(seed))[1]
+    else:  # the design stays: every point once, the observations redrawn around the fit
         lpred = np.log(fit.predict(pts.N, pts.D))
-        resid = np.log(pts.L) - lpred
-        if scheme == "wild3":
-            resid = cluster_jackknife_residuals(pts, fit, free, base_th)
+        resid = (cluster_jackknife_residuals(pts, fit, free, base_th) if scheme == "wild3"
+                 else np.log(pts.L) - lpred)
         LL = lpred + wild_multipliers(pts.run, n, np.random.default_rng(seed)) * resid
-        W = np.ones_like(W)
+        W = np.ones((n, len(pts.N)))
     ok, fixed_b = _usable_resamples(pts, fit, W, base_th, fixed_samples)
     bidx = np.flatnonzero(ok)
     starts = fit.starts if fit.starts is not None else base_th[free][None]
@@ -213,7 +213,7 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
         "samples": samples, "pred": pred, "alloc": alloc, "ok": ok,
         "intervals": {k: _interval(v, level) for k, v in samples.items()},
         "info": {"n_requested": n, "n_ok": int(ok.sum()), "n_degenerate": int((~ok).sum()),
-                 "n_not_converged": n_unconv, "unit": "run", "n_runs": int(counts.shape[1]), "seed": seed,
+                 "n_not_converged": n_unconv, "unit": "run", "n_runs": len(np.unique(pts.run.astype(str))), "seed": seed,
                  "level": level, "method": "percentile",
                  "scheme": {"wild": "wild: one Rademacher sign per run on its log-loss residuals, design fixed",
                             "wild3": "wild3: one Rademacher sign per run on its jackknife (CV3) log-loss "

@@ -342,6 +342,11 @@ def _save_model(model, path: Path) -> None:
         dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(path))
 
 
+def optimizer_parts(opt) -> list[Any]:
+    """The Megatron optimizers inside ``opt``: a ChainedOptimizer's parts, else ``opt`` itself."""
+    return list(getattr(opt, "chained_optimizers", None) or [opt])
+
+
 def optimizer_metadata(opt) -> dict[str, str] | None:
     """How the distributed optimizer's state is sharded in a checkpoint: ``dp_reshardable`` (one tensor
     per buffer shard, written by every rank in parallel; an exact resume needs the same layout anyway).
@@ -350,8 +355,7 @@ def optimizer_metadata(opt) -> dict[str, str] | None:
     plain optimizer (CPU), whose format stays as it was."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    parts = getattr(opt, "chained_optimizers", None) or [opt]
-    if any(isinstance(o, DistributedOptimizer) for o in parts):
+    if any(isinstance(o, DistributedOptimizer) for o in optimizer_parts(opt)):
         return {"distrib_optim_sharding_type": "dp_reshardable"}
     return None
 
@@ -365,7 +369,7 @@ def _allocate_adam_state(opt) -> None:
     import torch
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    for o in getattr(opt, "chained_optimizers", None) or [opt]:
+    for o in optimizer_parts(opt):
         inner = getattr(o, "optimizer", None)
         if not isinstance(o, DistributedOptimizer) or inner is None or len(inner.state) > 0:
             continue
@@ -591,7 +595,7 @@ def load_full(path: str | Path, model, opt) -> int:
     sharded = opt.sharded_state_dict(unwrap(model).sharded_state_dict(), is_loading=True,
                                      metadata=optimizer_metadata(opt))
     opt.load_state_dict(dist_checkpointing.load(sharded, str(p / "optimizer")))
-    for o in getattr(opt, "chained_optimizers", None) or [opt]:
+    for o in optimizer_parts(opt):
         if getattr(o, "optimizer", None) is not None:
             unshare_adam_steps(o.optimizer)
     blob = torch.load(f, weights_only=False)

@@ -18,6 +18,7 @@ When the model's element-wise fusions are on (``bias_activation_fusion``, set on
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -105,15 +106,11 @@ def _rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return t * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-_ROPE_COMPILED: list[Any] = []
-
-
+@functools.cache
 def _rope_compiled():
     """:func:`_rope` through ``torch.compile``: one kernel that reads ``t`` once instead of six passes
     (neg, cat, two mul, add), forward and backward; created on first use."""
-    if not _ROPE_COMPILED:
-        _ROPE_COMPILED.append(torch.compile(_rope))
-    return _ROPE_COMPILED[0]
+    return torch.compile(_rope)
 
 
 def use_rope_without_copies() -> None:

@@ -8,6 +8,7 @@ architecture (see :data:`DEFAULT_ARCH`), so scratch runs and their checkpoints a
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 #: The architecture of the ladder's models (what an absent ``arch`` key means).
@@ -75,20 +76,11 @@ def build_config(shape: dict[str, Any], *, init_std: float = 0.02, tp: int = 1, 
     )
 
 
+@functools.cache
 def fused_elementwise_available() -> bool:
     """Whether ``torch.compile`` fuses element-wise work here: a CUDA device, Triton, and a trial compile
     that runs (checked once per process). Without Transformer Engine these fusions are the ones left
     (measured on an H200 without them: RoPE, SwiGLU and the loss ~20 % of a 992M step in ``mul``/``cat``)."""
-    global _FUSED_OK
-    if _FUSED_OK is None:
-        _FUSED_OK = _trial_compile()
-    return _FUSED_OK
-
-
-_FUSED_OK: bool | None = None
-
-
-def _trial_compile() -> bool:
     import logging
 
     import torch
