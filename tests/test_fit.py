@@ -23,7 +23,13 @@ from cptscale.fit.estimate import (
 )
 from cptscale.fit.laws import GRIDS, FitResult
 from cptscale.fit.optimizer import lbfgs_batch
-from cptscale.fit.uncertainty import bootstrap_counts, bootstrap_law, heldout_validation, wild_multipliers
+from cptscale.fit.uncertainty import (
+    bayes_weights,
+    bootstrap_counts,
+    bootstrap_law,
+    heldout_validation,
+    wild_multipliers,
+)
 
 FIX = Path(__file__).parent / "fixtures" / "chinchilla-fig4-extracted.csv"
 CHIN = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}  # Hoffmann et al. Eq. 10
@@ -295,6 +301,27 @@ def test_wild_bootstrap_flips_whole_runs_and_keeps_every_size() -> None:
     assert iv["lo"] < r.params["beta"] < iv["hi"] and iv["se"] > 0
     with pytest.raises(ValueError, match="scheme"):
         bootstrap_law(df, r, 4, scheme="residual")
+
+
+def test_bayes_bootstrap_weights_whole_runs_and_keeps_every_size() -> None:
+    run = np.repeat(["a", "b", "c", "d", "e"], [3, 1, 4, 2, 5])
+    W = bayes_weights(run, 400, np.random.default_rng(0))
+    assert W.shape == (400, 15) and np.all(W > 0)
+    for r in np.unique(run):  # one weight per run and resample, shared by its points
+        assert np.all(W[:, run == r] == W[:, run == r][:, :1])
+    per_run = W[:, np.unique(run, return_index=True)[1]]
+    assert abs(per_run.mean() - 1) < 0.1 and abs(per_run.var() - 1) < 0.25  # Exp(1): the pairs counts' moments
+    rng = np.random.default_rng(4)
+    N = np.repeat([1e8, 2e8, 4e8, 8e8, 1.6e9], 3)
+    D = N * np.tile([5, 10, 20], 5)
+    loss = FitResult("chinchilla", CHIN).predict(N, D) * np.exp(np.repeat(0.005 * rng.standard_normal(5), 3)
+                                                                  + 0.003 * rng.standard_normal(15))
+    df = pd.DataFrame({"N": N, "D": D, "loss": loss, "run": np.repeat(list("abcde"), 3)})
+    r = fit_law(df, grid="coarse")
+    bayes = bootstrap_law(df, r, 40, seed=0, scheme="bayes")
+    assert bayes["info"]["n_ok"] == 40 and bayes["info"]["scheme"].startswith("bayes")  # no resample loses a size
+    iv = bayes["intervals"]["beta"]
+    assert iv["lo"] < r.params["beta"] < iv["hi"] and iv["se"] > 0
 
 
 def test_wild3_inflates_high_leverage_runs_and_widens_alpha() -> None:
