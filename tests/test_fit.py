@@ -576,6 +576,18 @@ def test_fit_study_end_to_end(tmp_path: Path) -> None:
     assert kinds["points"] == len(sc["points"]) and kinds["allocation"] == 2 and kinds["heldout.points"] > 0
     text = format_summary(summarize(sdir, "gs"))
     assert "B'" in text and "held-out largest size" in text and "skipped" in text
+    # the fits become a law file at the study's own scale, to plan the next study (cptscale design --truth)
+    from cptscale.simulate.truth import Truth, truth_from_fits
+
+    truth, notes = truth_from_fits(fits, source="en")
+    assert truth.scratch["zh"].alpha == pytest.approx(sc["params"]["alpha"]) and truth.param_count == "total"
+    assert truth.cpt["zh"].beta == pytest.approx(cp["params"]["beta"])
+    assert truth.cpt["zh"].gamma == pytest.approx(max(cp["params"]["gamma"], 0.0))
+    assert truth.scratch["en"] == truth.scratch["zh"] and any("source language en" in n for n in notes)
+    assert truth.forgetting.N_ref == max(sc["meta"]["sizes"]) and truth.name == "fits of gs"
+    assert main(["simulate", "truth", "--from-fits", str(fits), "--source", "en", "--out", str(tmp_path / "t.json")]) == 0
+    assert Truth.load(tmp_path / "t.json") == truth
+    assert main(["simulate", "truth", "--from-fits", str(tmp_path)]) == 2  # no fits there: a clear error
 
 
 def test_fit_study_too_few_sizes_records_skips(tmp_path: Path) -> None:

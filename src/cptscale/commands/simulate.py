@@ -42,11 +42,20 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _cmd_truth(args: argparse.Namespace) -> int:
-    from cptscale.errors import CLIError
-    from cptscale.simulate.truth import Truth, TruthError, default_truth
+    import sys
 
+    from cptscale.errors import CLIError
+    from cptscale.simulate.truth import Truth, TruthError, default_truth, truth_from_fits
+
+    if args.check and args.from_fits:
+        raise CLIError("--check and --from-fits: give one (a law file to check, or a study's fits to build one from)")
     try:
-        truth = Truth.load(args.check) if args.check else default_truth()
+        if args.from_fits:
+            truth, notes = truth_from_fits(args.from_fits, args.source)
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
+        else:
+            truth = Truth.load(args.check) if args.check else default_truth()
     except TruthError as exc:
         raise CLIError(str(exc)) from None
     if args.out:
@@ -142,7 +151,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True)
     t.add_argument("--report", help="also write tokenizer/report.json here")
     t.set_defaults(func=_cmd_tokenizer)
-    w = verbs.add_parser("truth", help="print (or write) the default law file, or check one")
+    w = verbs.add_parser("truth", help="print (or write) the default law file, build one from a study's fits, or "
+                         "check one")
     w.add_argument("--out", help="write the law file here")
+    w.add_argument("--from-fits", metavar="DIR", help="a finished study's fits (results/<study>/fits): its scratch "
+                   "and extended CPT laws, at its scale, to plan the next study with `cptscale design --truth`")
+    w.add_argument("--source", help="with --from-fits: the source language (its law copies a target's; "
+                   "only the forgetting curves use it)")
     w.add_argument("--check", help="load and check this law file (then print or write it)")
     w.set_defaults(func=_cmd_truth)

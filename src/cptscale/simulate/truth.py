@@ -260,3 +260,75 @@ def truth_for(langs: list[str], source: str, targets: list[str], base: Truth | N
         if lang not in cpt and first_cpt is not None:
             cpt[lang] = first_cpt
     return replace(t, scratch=scratch, cpt=cpt)
+
+
+def truth_from_fits(fits_dir: str | Path, source: str | None = None,
+                    base: Truth | None = None) -> tuple[Truth, list[str]]:
+    """A law file from a finished study's own fits (``results/<study>/fits``), to plan the next study at the
+    scale and noise that this one measured (``cptscale design NEXT.yaml --truth``). Per target language the
+    scratch law is its ``scratch-chinchilla-<lang>`` fit (as used: after any identifiability remedy) and the
+    CPT law its ``cpt-extended-<lang>`` fit. Returns the truth and notes on what was assumed:
+
+    * a fitted gamma < 0 becomes 0 (the law file's CPT law needs gamma >= 0);
+    * the source language has no fit (only targets are fitted): its law is a copy of the first target's,
+      which only the source-loss (forgetting) curves use;
+    * forgetting, curve shape and noise keep ``base``'s values (the defaults were measured on real tiny runs),
+      with the forgetting reference size moved to the study's largest size;
+    * a fit that was not identified is used as it is, and said so: its truth is as uncertain as it was.
+    """
+    import json
+
+    d = Path(fits_dir)
+    base = base or default_truth()
+    notes: list[str] = []
+    scratch: dict[str, ScratchLaw] = {}
+    cpt: dict[str, CPTLaw] = {}
+    conventions: set[str] = set()
+    sizes: list[float] = []
+    files = sorted(d.glob("scratch-chinchilla-*.json"))
+    if not files:
+        raise TruthError(f"{d}: no scratch-chinchilla-<lang>.json fit here; give a study's fits directory "
+                         "(results/<study>/fits, written by `cptscale fit-study`)")
+
+    def read(path: Path) -> dict[str, Any]:
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise TruthError(f"{path}: cannot read the fit ({exc})") from None
+        if not isinstance(rec, dict) or rec.get("format") != "cptscale-fit/1" or rec.get("status") != "ok":
+            raise TruthError(f"{path}: not a finished cptscale fit (format cptscale-fit/1, status ok); "
+                             "rerun `cptscale fit-study`")
+        conventions.add(str((rec.get("settings") or {}).get("params", "total")))
+        ident = rec.get("identifiability") or {}
+        if ident and not ident.get("identified", True):
+            notes.append(f"{rec.get('fit_id', path.stem)} is not identified ({ident.get('summary')}): "
+                         "the truth inherits its uncertainty")
+        return rec
+
+    for path in files:
+        rec = read(path)
+        lang = path.stem.removeprefix("scratch-chinchilla-")
+        p = rec["params"]
+        scratch[lang] = _build(ScratchLaw, {k: p[k] for k in ("E", "A", "alpha", "B", "beta")},
+                               f"{path}: params")
+        sizes += [float(n) for n in (rec.get("meta") or {}).get("sizes", [])]
+        cpath = d / f"cpt-extended-{lang}.json"
+        if cpath.exists():
+            c = read(cpath)["params"]
+            gamma = float(c["gamma"])
+            if gamma < 0:
+                notes.append(f"cpt-extended-{lang}: fitted gamma {gamma:.3g} < 0 set to 0")
+                gamma = 0.0
+            cpt[lang] = _build(CPTLaw, {"B": c["B"], "beta": c["beta"], "gamma": gamma}, f"{cpath}: params")
+    if len(conventions) > 1:
+        raise TruthError(f"{d}: the fits count parameters differently ({', '.join(sorted(conventions))}); "
+                         "refit them with one fit.params convention")
+    if source and source not in scratch:
+        first = sorted(scratch)[0]
+        scratch[source] = scratch[first]
+        notes.append(f"source language {source}: no fit (only targets are fitted); its law is a copy of {first}'s, "
+                     "used only by the source-loss (forgetting) curves")
+    forgetting = replace(base.forgetting, N_ref=max(sizes)) if sizes else base.forgetting
+    truth = Truth(scratch=scratch, cpt=cpt, forgetting=forgetting, curve=base.curve, noise=base.noise,
+                  param_count=conventions.pop(), name=f"fits of {d.resolve().parent.name}")
+    return Truth.from_dict(truth.as_dict(), f"{d} (as a law file)"), notes
