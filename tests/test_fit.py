@@ -588,6 +588,11 @@ def test_fit_study_end_to_end(tmp_path: Path) -> None:
     assert main(["simulate", "truth", "--from-fits", str(fits), "--source", "en", "--out", str(tmp_path / "t.json")]) == 0
     assert Truth.load(tmp_path / "t.json") == truth
     assert main(["simulate", "truth", "--from-fits", str(tmp_path)]) == 2  # no fits there: a clear error
+    # fit.bootstrap_scheme bayes: every resample keeps every size (pairs drops some on a 4-size ladder)
+    assert main([*args[:4], str(tmp_path / "bayes"), *args[5:], "--bootstrap-scheme", "bayes"]) == 0
+    bay = json.loads((tmp_path / "bayes" / "scratch-chinchilla-zh.json").read_text())
+    assert bay["settings"]["bootstrap_scheme"] == "bayes" and bay["meta"]["bootstrap"]["scheme"].startswith("bayes")
+    assert bay["meta"]["bootstrap"]["n_degenerate"] == 0 and sc["meta"]["bootstrap"]["scheme"].startswith("pairs")
 
 
 def test_fit_study_too_few_sizes_records_skips(tmp_path: Path) -> None:

@@ -238,6 +238,12 @@ def test_design_ranks_the_better_identified_design_first(tmp_path):
     ranking = json.loads((tmp_path / "results" / "design-ranking.json").read_text())
     assert [r["study"] for r in ranking["ranking"]] == ["design-good", "design-bad"]
     assert ranking["ranking"][0]["precision"] > 10 * ranking["ranking"][1]["precision"]
+    # the scratch law also shows the fixed-E remedy at its best (E known): never less precise than all free
+    for name in ("good", "bad"):
+        rep = json.loads((tmp_path / "results" / f"design-{name}" / "design" / "design.json").read_text())
+        sc = next(law for law in rep["designs"][0]["laws"] if law["kind"] == "scratch")
+        assert sc["fixed_E"]["E"] == sc["truth"]["E"] and sc["fixed_E"]["heldout"]["status"] == "ok"
+        assert sc["fixed_E"]["a"]["width95"] <= sc["a"]["width95"] * (1 + 1e-9)
 
 
 def test_annealing_momentum_matches_the_recurrence():

@@ -34,7 +34,7 @@ checkpoint fit:
         param_count="nonembedding" if CFG.budget.param_count == "nonembedding" else "total",
         # point selection, asymmetric Huber and the remedy for an unidentified law (recorded in every fit)
         choices=f" --select {CFG.fit.points} --overestimate-penalty {CFG.fit.overestimate_penalty:g}"
-        f" --remedy {CFG.fit.remedy}" + (f" --fixed-E {CFG.fit.fixed_E:g}" if CFG.fit.fixed_E is not None else ""),
+        f" --remedy {CFG.fit.remedy} --bootstrap-scheme {CFG.fit.bootstrap_scheme}" + (f" --fixed-E {CFG.fit.fixed_E:g}" if CFG.fit.fixed_E is not None else ""),
     log:
         f"{LOGS}/fit.log",
     shell:

@@ -11,7 +11,7 @@ from cptscale.fit.identify import POINT_SELECTIONS, REMEDY_POLICIES
 from cptscale.fit.laws import EQUATIONS, GRIDS, LAWS, LOSSES, _min_sizes, load_fit
 from cptscale.fit.points import _load_df, _points
 from cptscale.fit.study import _heldout_loss, _loss_fit_record, fit_study
-from cptscale.fit.uncertainty import _LEVEL, bootstrap_law
+from cptscale.fit.uncertainty import _LEVEL, BOOTSTRAP_SCHEMES, bootstrap_law
 
 
 def _parse_fixed(s: str | None) -> dict[str, float]:
@@ -103,7 +103,7 @@ def _cmd_fit_study(args: Any) -> int:
                   min_step_fraction=args.min_step_fraction, cpt_replay=args.cpt_replay, seed=args.seed,
                   study=args.study, params=args.params, loss=args.loss, config_hash=args.config_hash,
                   points_mode=args.select, overestimate_penalty=args.overestimate_penalty, remedy=args.remedy,
-                  fixed_E=args.fixed_E)
+                  fixed_E=args.fixed_E, bootstrap_scheme=args.bootstrap_scheme)
     for f in s["fits"]:
         extra = f" — {f['reason']}" if f["status"] != "ok" else (
             f" — held-out MAE {f['heldout_mae']:.4g}" if f.get("heldout_mae") is not None else "")
@@ -144,6 +144,8 @@ def add_commands(subparsers: Any) -> None:
     s.add_argument("--out-dir", required=True)
     s.add_argument("--budgets", type=float, nargs="*", default=[])
     s.add_argument("--bootstrap", type=int, default=100)
+    s.add_argument("--bootstrap-scheme", choices=BOOTSTRAP_SCHEMES, default="pairs",
+                   help="loss-law bootstrap: pairs (runs with replacement), bayes (Exp(1) weight per run), wild, wild3")
     s.add_argument("--delta", type=float, default=1e-3)
     s.add_argument("--reduction", choices=("sum", "mean"), default="sum")
     s.add_argument("--grid", choices=list(GRIDS), default="chinchilla")

@@ -165,15 +165,16 @@ _MORE_POINTS = ("more points: more sizes (a wider N range) and WSD decay branche
 
 def fit_remedied(pts: Points, law: str, fixed: dict[str, float], nboot: int, seed: int, budgets: Sequence[float],
                   fs: dict[str, np.ndarray] | None, kw: dict[str, Any], policy: str, fixed_E: float | None,
-                  other: Any) -> tuple[FitResult, dict[str, Any] | None, dict[str, Any], dict[str, Any]]:
-    """A loss-law fit, its bootstrap and identifiability; when it is not identified and ``policy`` is
-    ``auto``, the standard remedies in order (fixed E given, fixed E from a separate fit on ``other``'s
-    points, the reduced law without E), the first identified one kept. Returns the fit used, its
-    bootstrap, its identifiability and the remedy record (offered, tried, used)."""
+                  other: Any, scheme: str = "pairs") -> tuple[FitResult, dict[str, Any] | None, dict[str, Any],
+                                                           dict[str, Any]]:
+    """A loss-law fit, its bootstrap (``scheme``: :data:`BOOTSTRAP_SCHEMES`) and identifiability; when it is
+    not identified and ``policy`` is ``auto``, the standard remedies in order (fixed E given, fixed E from a
+    separate fit on ``other``'s points, the reduced law without E), the first identified one kept. Returns
+    the fit used, its bootstrap, its identifiability and the remedy record (offered, tried, used)."""
 
     def one(fx: dict[str, float]) -> tuple[FitResult, dict[str, Any] | None, dict[str, Any]]:
         fr = fit_law(pts, law, fx, **kw)
-        bs = bootstrap_law(pts, fr, nboot, seed, budgets, fixed_samples=fs) if nboot else None
+        bs = bootstrap_law(pts, fr, nboot, seed, budgets, fixed_samples=fs, scheme=scheme) if nboot else None
         return fr, bs, identifiability(fr, bs["intervals"] if bs else None, design_counts(pts),
                                        fr.meta.get("on_bound"))
 

@@ -35,6 +35,7 @@ from cptscale.fit.laws import EQUATIONS, LAWS, LOSSES, FitResult, _min_sizes
 from cptscale.fit.points import Points, _load_df, _points
 from cptscale.fit.uncertainty import (
     _LEVEL,
+    BOOTSTRAP_SCHEMES,
     _bootstrap_generic,
     _err_stats,
     _interval,
@@ -262,6 +263,7 @@ class _StudyFit:
     points_mode: str
     params: str
     min_step_fraction: float
+    bootstrap_scheme: str = "pairs"
 
     @property
     def alloc_budgets(self) -> list[float]:
@@ -379,7 +381,7 @@ def _loss_law_record(kind: str, law: str, frozen: str | None, lang: str,
         fr, bs, ident, rem = fit_remedied(
             pts, law, fixed, opt.bootstrap, opt.seed, opt.alloc_budgets, fs, opt.kw,
             opt.remedy if (kind, law) == ("scratch", "chinchilla") else "flag", opt.fixed_E,
-            sets["cpt"][0] if kind == "scratch" else None)
+            sets["cpt"][0] if kind == "scratch" else None, opt.bootstrap_scheme)
     except Exception as exc:
         return _skipped(fit_id, law, kind, lang, f"fit failed: {exc}", selection=sel), None
     if frozen:
@@ -447,7 +449,8 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
               min_step_fraction: float = 0.0, cpt_replay: str = "min", seed: int = 0,
               study: str | None = None, params: str = "total", loss: str = "huber",
               config_hash: str | None = None, points_mode: str = "annealed", overestimate_penalty: float = 1.0,
-              remedy: str = "auto", fixed_E: float | None = None) -> dict[str, Any]:
+              remedy: str = "auto", fixed_E: float | None = None,
+              bootstrap_scheme: str = "pairs") -> dict[str, Any]:
     """Every fit of a study from the points table of ``cptscale db points``; one JSON per fit + summary.json.
 
     Per target language: Chinchilla on scratch runs; the extended CPT law on CPT runs with E, A, alpha
@@ -476,13 +479,16 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
                 "budgets": [float(b) for b in budgets], "next_run_budget": next_run_budget,
                 "min_step_fraction": min_step_fraction, "cpt_replay": cpt_replay, "seed": seed,
                 "level": _LEVEL, "params": params, "points": points_mode,
-                "overestimate_penalty": overestimate_penalty, "remedy": remedy, "fixed_E": fixed_E}
+                "overestimate_penalty": overestimate_penalty, "remedy": remedy, "fixed_E": fixed_E,
+                "bootstrap_scheme": bootstrap_scheme}
+    if bootstrap_scheme not in BOOTSTRAP_SCHEMES:
+        raise CLIError(f"fit.bootstrap_scheme must be one of {list(BOOTSTRAP_SCHEMES)}, not {bootstrap_scheme!r}")
     if remedy not in REMEDY_POLICIES:
         raise CLIError(f"fit.remedy must be one of {list(REMEDY_POLICIES)}, not {remedy!r}")
     opt = _StudyFit(budgets, bootstrap, seed, next_run_budget, remedy, fixed_E,
                     {"delta": delta, "reduction": reduction, "grid": grid, "loss": loss,
                      "overestimate_penalty": overestimate_penalty},
-                    cpt_replay, points_mode, params, min_step_fraction)
+                    cpt_replay, points_mode, params, min_step_fraction, bootstrap_scheme)
     unique = _unique_tokens(db, study)
     records: list[dict[str, Any]] = []
     langs = sorted(df.loc[df["init"] == "cpt", "lang"].unique()) or sorted(df["lang"].unique())

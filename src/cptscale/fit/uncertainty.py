@@ -15,6 +15,10 @@ from cptscale.fit.points import Points, _points
 _LEVEL = 0.95
 
 
+#: How :func:`bootstrap_law` may resample (fit.bootstrap_scheme).
+BOOTSTRAP_SCHEMES = ("pairs", "bayes", "wild", "wild3")
+
+
 def bootstrap_counts(run: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Resample runs (not checkpoints) with replacement: (n, n_runs) run counts and (n, n_points) weights."""
     labels, codes = np.unique(np.asarray(run).astype(str), return_inverse=True)
@@ -190,7 +194,7 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
     reduction = fit.meta.get("reduction", "sum") if reduction is None else reduction
     free = [i for i, k in enumerate(names) if k not in fit.fixed]
     nll = fit.meta.get("loss") == "huber-nll"
-    if scheme not in ("wild", "wild3", "pairs", "bayes"):
+    if scheme not in BOOTSTRAP_SCHEMES:
         raise ValueError(f"bootstrap scheme must be 'pairs', 'bayes', 'wild' or 'wild3', not {scheme!r}")
     scheme = "pairs" if nll and scheme.startswith("wild") else scheme
     base_th = np.array([_to_internal(k, fit.params[k]) for k in names])

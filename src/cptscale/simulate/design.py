@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -215,6 +215,12 @@ def examine(d: LawData, truth: Truth, budgets: list[float], delta: float, reduct
                                   [f"bias of {k} {res['bias'][k]:+.3g} > 2 sd" for k, b in zip(exps, biased, strict=True) if b] +
                                   [f"N_opt biased x{f:.3g} at C = {C:.0e} (> 2 sd)" for C, f in n_biased[:1]]))
     res["heldout"] = _heldout(d, th, truth, delta, reduction)
+    if d.law == "chinchilla" and "E" not in d.fixed:  # the pipeline's first remedy when the free law is not identified
+        fx = examine(replace(d, fixed={"E": d.truth["E"]}), truth, budgets, delta, reduction)
+        res["fixed_E"] = {"E": d.truth["E"], "identifiable": fx["identifiable"],
+                          "identifiability": fx["identifiability"], "a": fx["a"], "heldout": fx["heldout"],
+                          "note": "the fixed-E remedy at its best: E held at its true value (fit.fixed_E, or E from "
+                                  "a separate fit, adds that estimate's own error)"}
     if studies:
         res["monte_carlo"] = _monte_carlo(d, th0, truth, budgets, delta, reduction, studies, seed)
     return res
@@ -384,6 +390,12 @@ def format_design(rep: dict[str, Any]) -> str:
             if ho.get("status") == "ok":
                 lines.append(f"        held-out largest size ({ho['heldout_N']:.3g} params): expected rmse "
                              f"{ho['expected_rmse']:.4f} nats (bias {ho['bias_rmse']:.4f})")
+            fx = law.get("fixed_E")
+            if fx:
+                ho2 = fx["heldout"]
+                lines.append(f"        with E fixed at {fx['E']:.4g} (the fixed-E remedy at its best): a +- "
+                             f"{fx['a']['width95'] / 2:.3g}, " + (f"held-out expected rmse {ho2['expected_rmse']:.4f} "
+                             "nats, " if ho2.get("status") == "ok" else "") + fx["identifiability"])
             mc = law.get("monte_carlo")
             if mc and "a_width95" in mc:
                 lines.append(f"        {mc['valid']} simulated studies: a 95 % width {mc['a_width95']:.3g}, N_opt "
