@@ -1,15 +1,16 @@
 """Interval coverage over simulated studies with a known truth (cptscale.simulate).
 
     python bench/sim_coverage.py [--config workflow/studies/paper.yaml] [--studies 50] [--design planned|wsd]
-                                 [--points all|annealed] [--bootstrap 200] [--scheme wild|pairs]
+                                 [--points all|annealed] [--bootstrap 200] [--scheme pairs|bayes|wild|wild3]
                                  [--out bench/results/sim_coverage]
 
 Each study is the config's runs simulated with another seed; its points are selected as `cptscale db
 points` selects them (``--points all``: every evaluation after fit.min_step_fraction, the pipeline's
 default; ``annealed``: only each run's final evaluation and its WSD branches' ends) and fitted as
 `cptscale fit-study` fits them (cptscale.fit.fit_law with the config's grid, Huber delta and reduction;
-bootstrap over runs, ``--scheme`` pairs (the default: runs resampled with replacement) or wild (one random
-sign per run on its residuals, design fixed); the CPT law with E, A, alpha frozen from the scratch fit and resampled with its
+bootstrap over runs, ``--scheme`` pairs (the default: runs resampled with replacement), bayes (one Exp(1)
+weight per run), wild (one random sign per run on its residuals, design fixed) or wild3 (the same on
+jackknife residuals); the CPT law with E, A, alpha frozen from the scratch fit and resampled with its
 bootstrap). Printed: the share of studies whose 95 % interval contains the truth, for alpha, beta, a and
 N_opt at --budget (scratch law) and beta', gamma, a (CPT law), against the nominal 95 % (target 90-98 %),
 with the median interval width and the mean bias. ``--design wsd`` adds WSD decay branches at 0.25 and
