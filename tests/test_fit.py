@@ -595,6 +595,21 @@ def test_fit_study_end_to_end(tmp_path: Path) -> None:
     assert bay["meta"]["bootstrap"]["n_degenerate"] == 0 and sc["meta"]["bootstrap"]["scheme"].startswith("pairs")
 
 
+def test_hernandez_record_skips_the_heldout_check_with_too_few_points_below_the_largest_size() -> None:
+    """Found by the demo at 12 tokens per parameter: 5 transfer points with D_T > 0 over 3 sizes, only 3 of
+    them below the largest size. The law (3 free parameters) is fitted on all 5; the held-out check, which
+    would fit 3 points, is skipped with the reason instead of failing the whole fit-study."""
+    from cptscale.fit.study import _hernandez_record
+
+    N = np.array([1e5, 1e5, 2e5, 4e5, 4e5])
+    DF = np.array([1e5, 3e5, 2e5, 3e5, 6e5])
+    tr = pd.DataFrame({"N": N, "D_F": DF, "D_T": 0.5 * DF**0.8 * N**0.25, "lang": "zh",
+                       "run_id": ["a", "a", "b", "c", "c"]})
+    rec = _hernandez_record("cpt-hernandez-zh", "zh", tr, "", None, "all", 0.0, 8, 0)
+    assert rec["status"] == "ok" and abs(rec["params"]["alpha"] - 0.8) < 1e-6
+    assert rec["heldout"]["status"] == "skipped" and "3 transfer points below the largest size" in rec["heldout"]["reason"]
+
+
 def test_fit_study_too_few_sizes_records_skips(tmp_path: Path) -> None:
     sdir = _study(tmp_path, ["d32l2", "d64l2"])
     fits = sdir / "fits"

@@ -631,8 +631,12 @@ def _hernandez_record(fit_id: str, lang: str, tr: Any, note: str, rep_used: floa
 
     bs = _bootstrap_generic(pts, nboot, seed, refit, ["k", "alpha", "beta"]) if nboot else None
     nmax = float(N.max())
+    n_train = int((nmax > N).sum())
     if n_sizes < 3:
         ho = {"status": "skipped", "reason": f"{n_sizes} sizes; need >= 3 to hold one out"}
+    elif n_train < 4:  # the law has 3 free parameters: the fit without the largest size needs 4 points
+        ho = {"status": "skipped", "reason": f"{n_train} transfer points below the largest size; need >= 4 to fit "
+                                             "the law without it"}
     else:
         hf = fit_hernandez(N[nmax > N], DF[nmax > N], DT[nmax > N])
         te = nmax == N
