@@ -242,7 +242,8 @@ def test_design_ranks_the_better_identified_design_first(tmp_path):
     for name in ("good", "bad"):
         rep = json.loads((tmp_path / "results" / f"design-{name}" / "design" / "design.json").read_text())
         sc = next(law for law in rep["designs"][0]["laws"] if law["kind"] == "scratch")
-        assert sc["fixed_E"]["E"] == sc["truth"]["E"] and sc["fixed_E"]["heldout"]["status"] == "ok"
+        assert sc["fixed_E"]["E"] == sc["truth"]["E"]
+        assert sc["fixed_E"]["heldout"]["status"] == sc["heldout"]["status"]  # skipped for 3 sizes, as the free fit's
         assert sc["fixed_E"]["a"]["width95"] <= sc["a"]["width95"] * (1 + 1e-9)
 
 
