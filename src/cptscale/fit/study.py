@@ -631,18 +631,19 @@ def _hernandez_record(fit_id: str, lang: str, tr: Any, note: str, rep_used: floa
 
     bs = _bootstrap_generic(pts, nboot, seed, refit, ["k", "alpha", "beta"]) if nboot else None
     nmax = float(N.max())
-    n_train = int((nmax > N).sum())
+    train = nmax > N
+    n_train = int(train.sum())
     if n_sizes < 3:
         ho = {"status": "skipped", "reason": f"{n_sizes} sizes; need >= 3 to hold one out"}
     elif n_train < 4:  # the law has 3 free parameters: the fit without the largest size needs 4 points
         ho = {"status": "skipped", "reason": f"{n_train} transfer points below the largest size; need >= 4 to fit "
                                              "the law without it"}
     else:
-        hf = fit_hernandez(N[nmax > N], DF[nmax > N], DT[nmax > N])
-        te = nmax == N
+        hf = fit_hernandez(N[train], DF[train], DT[train])
+        te = ~train
         hp = hf.predict(N[te], DF[te])
         lerr = np.log(hp) - np.log(DT[te])
-        ho = {"status": "ok", "heldout_N": nmax, "n_train": int((~te).sum()), "n_test": int(te.sum()),
+        ho = {"status": "ok", "heldout_N": nmax, "n_train": n_train, "n_test": int(te.sum()),
               "mae_log": float(np.abs(lerr).mean()), "mean_rel_err": float(np.abs(hp / DT[te] - 1).mean()),
               "params": hf.params}
     pred = fr.predict(N, DF)

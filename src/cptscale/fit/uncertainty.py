@@ -19,10 +19,15 @@ _LEVEL = 0.95
 BOOTSTRAP_SCHEMES = ("pairs", "bayes", "wild", "wild3")
 
 
+def _run_codes(run: np.ndarray) -> tuple[int, np.ndarray]:
+    """The number of runs and each point's run index: every resampling scheme draws one value per run."""
+    labels, codes = np.unique(np.asarray(run).astype(str), return_inverse=True)
+    return len(labels), codes
+
+
 def bootstrap_counts(run: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Resample runs (not checkpoints) with replacement: (n, n_runs) run counts and (n, n_points) weights."""
-    labels, codes = np.unique(np.asarray(run).astype(str), return_inverse=True)
-    R = len(labels)
+    R, codes = _run_codes(run)
     counts = rng.multinomial(R, np.full(R, 1.0 / R), size=n)
     return counts, counts[:, codes].astype(float)
 
@@ -31,14 +36,14 @@ def bayes_weights(run: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarr
     """Bayesian bootstrap (Rubin 1981): one Exp(1) weight per run and resample (Dirichlet(1, ..., 1) x runs),
     spread to the run's points: (n, n_points). Same variance per run as the pairs counts, but no run ever
     drops out, so no resample loses the smallest or largest size and extrapolates from a narrower ladder."""
-    _, codes = np.unique(np.asarray(run).astype(str), return_inverse=True)
-    return rng.exponential(1.0, size=(n, codes.max() + 1))[:, codes]
+    R, codes = _run_codes(run)
+    return rng.exponential(1.0, size=(n, R))[:, codes]
 
 
 def wild_multipliers(run: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Rademacher signs, one per run and resample, spread to the run's points: (n, n_points)."""
-    _, codes = np.unique(np.asarray(run).astype(str), return_inverse=True)
-    return rng.choice(np.array([-1.0, 1.0]), size=(n, codes.max() + 1))[:, codes]
+    R, codes = _run_codes(run)
+    return rng.choice(np.array([-1.0, 1.0]), size=(n, R))[:, codes]
 
 
 def cluster_jackknife_residuals(pts: Points, fit: FitResult, free: Sequence[int], base_th: np.ndarray) -> np.ndarray:
@@ -229,7 +234,7 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
         "samples": samples, "pred": pred, "alloc": alloc, "ok": ok,
         "intervals": {k: _interval(v, level) for k, v in samples.items()},
         "info": {"n_requested": n, "n_ok": int(ok.sum()), "n_degenerate": int((~ok).sum()),
-                 "n_not_converged": n_unconv, "unit": "run", "n_runs": len(np.unique(pts.run.astype(str))), "seed": seed,
+                 "n_not_converged": n_unconv, "unit": "run", "n_runs": _run_codes(pts.run)[0], "seed": seed,
                  "level": level, "method": "percentile",
                  "scheme": {"wild": "wild: one Rademacher sign per run on its log-loss residuals, design fixed",
                             "wild3": "wild3: one Rademacher sign per run on its jackknife (CV3) log-loss "

@@ -276,7 +276,7 @@ def truth_from_fits(fits_dir: str | Path, source: str | None = None,
       with the forgetting reference size moved to the study's largest size;
     * a fit that was not identified is used as it is, and said so: its truth is as uncertain as it was.
     """
-    import json
+    from cptscale.util import load_json_file
 
     d = Path(fits_dir)
     base = base or default_truth()
@@ -291,10 +291,7 @@ def truth_from_fits(fits_dir: str | Path, source: str | None = None,
                          "(results/<study>/fits, written by `cptscale fit-study`)")
 
     def read(path: Path) -> dict[str, Any]:
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise TruthError(f"{path}: cannot read the fit ({exc})") from None
+        rec = load_json_file(path, TruthError, "fit")
         if not isinstance(rec, dict) or rec.get("format") != "cptscale-fit/1" or rec.get("status") != "ok":
             raise TruthError(f"{path}: not a finished cptscale fit (format cptscale-fit/1, status ok); "
                              "rerun `cptscale fit-study`")
