@@ -135,7 +135,7 @@ def main() -> int:
     ap.add_argument("--design", choices=["planned", "wsd"], default="planned")
     ap.add_argument("--points", choices=["all", "annealed"], default=None, help="default: the config's fit.points")
     ap.add_argument("--bootstrap", type=int, default=None, help="default: the config's fit.bootstrap")
-    ap.add_argument("--scheme", choices=["pairs", "bayes", "wild", "wild3"], default="pairs",
+    ap.add_argument("--scheme", choices=["pairs", "bayes", "wild", "wild3", "wildjk"], default="pairs",
                     help="bootstrap: pairs (runs resampled) or wild (per-run signs on the residuals, design fixed)")
     ap.add_argument("--budget", type=float, default=1e21)
     ap.add_argument("--grid", choices=["chinchilla", "coarse"], default=None,

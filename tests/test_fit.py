@@ -352,6 +352,37 @@ def test_wild3_inflates_high_leverage_runs_and_widens_alpha() -> None:
     assert wild3["intervals"]["alpha"]["se"] > wild["intervals"]["alpha"]["se"]
 
 
+def test_wildjk_residuals_are_each_runs_error_from_the_fit_without_it() -> None:
+    """``scheme="wildjk"``: each run's residuals are measured from the law refitted without that run (the
+    exact cluster jackknife of the Huber fit, in one batched refit): equal to an independent grid fit on the
+    other runs, larger than the in-sample residual at the extreme sizes, and the bootstrap on them keeps
+    the design (every resample usable) and covers the estimate."""
+    from cptscale.fit.laws import LAWS, _to_internal
+    from cptscale.fit.points import _points
+    from cptscale.fit.uncertainty import leave_one_run_out_residuals
+
+    rng = np.random.default_rng(4)
+    N = np.repeat([1e8, 2e8, 4e8, 8e8, 1.6e9, 3.2e9], 3)
+    D = N * np.tile([5, 10, 20], 6)
+    loss = FitResult("chinchilla", CHIN).predict(N, D) * np.exp(
+        np.repeat(0.005 * rng.standard_normal(6), 3) + 0.003 * rng.standard_normal(18))
+    run = np.repeat(list("abcdef"), 3)
+    df = pd.DataFrame({"N": N, "D": D, "loss": loss, "run": run})
+    r = fit_law(df, grid="coarse")
+    th = np.array([_to_internal(k, r.params[k]) for k in LAWS["chinchilla"]])
+    jk = leave_one_run_out_residuals(_points(df), r, range(5), th, r.starts, 1e-3, "sum", 1.0)
+    for g in ("a", "f"):  # the smallest and the largest size: the law extrapolates to them without them
+        other = fit_law(df[run != g], grid="coarse")
+        want = np.log(loss[run == g]) - np.log(other.predict(N[run == g], D[run == g]))
+        assert np.allclose(jk[run == g], want, atol=2e-4), (g, jk[run == g], want)
+        raw = np.log(loss[run == g]) - np.log(r.predict(N[run == g], D[run == g]))
+        assert np.linalg.norm(jk[run == g]) > np.linalg.norm(raw)
+    b = bootstrap_law(df, r, 40, seed=0, scheme="wildjk", budgets=[1e21])
+    assert b["info"]["scheme"].startswith("wildjk") and b["info"]["n_ok"] == 40
+    for k in ("alpha", "beta"):
+        assert b["intervals"][k]["lo"] < r.params[k] < b["intervals"][k]["hi"]
+
+
 def test_bootstrap_intervals_contain_truth() -> None:
     # 16 runs (2 per size) with a per-run offset of 0.5 % and 0.3 % per-checkpoint noise
     df = _ladder(FitResult("chinchilla", CHIN), 0.003, seed=0, runs_per_size=2, run_noise=0.005)
@@ -588,11 +619,12 @@ def test_fit_study_end_to_end(tmp_path: Path) -> None:
     assert main(["simulate", "truth", "--from-fits", str(fits), "--source", "en", "--out", str(tmp_path / "t.json")]) == 0
     assert Truth.load(tmp_path / "t.json") == truth
     assert main(["simulate", "truth", "--from-fits", str(tmp_path)]) == 2  # no fits there: a clear error
-    # fit.bootstrap_scheme bayes: every resample keeps every size (pairs drops some on a 4-size ladder)
+    # fit.bootstrap_scheme bayes: every resample keeps every size (pairs drops some on a 4-size ladder); the
+    # default wildjk keeps the design
     assert main([*args[:4], str(tmp_path / "bayes"), *args[5:], "--bootstrap-scheme", "bayes"]) == 0
     bay = json.loads((tmp_path / "bayes" / "scratch-chinchilla-zh.json").read_text())
     assert bay["settings"]["bootstrap_scheme"] == "bayes" and bay["meta"]["bootstrap"]["scheme"].startswith("bayes")
-    assert bay["meta"]["bootstrap"]["n_degenerate"] == 0 and sc["meta"]["bootstrap"]["scheme"].startswith("pairs")
+    assert bay["meta"]["bootstrap"]["n_degenerate"] == 0 and sc["meta"]["bootstrap"]["scheme"].startswith("wildjk")
 
 
 def test_hernandez_record_skips_the_heldout_check_with_too_few_points_below_the_largest_size() -> None:

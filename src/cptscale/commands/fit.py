@@ -144,8 +144,10 @@ def add_commands(subparsers: Any) -> None:
     s.add_argument("--out-dir", required=True)
     s.add_argument("--budgets", type=float, nargs="*", default=[])
     s.add_argument("--bootstrap", type=int, default=100)
-    s.add_argument("--bootstrap-scheme", choices=BOOTSTRAP_SCHEMES, default="pairs",
-                   help="loss-law bootstrap: pairs (runs with replacement), bayes (Exp(1) weight per run), wild, wild3")
+    s.add_argument("--bootstrap-scheme", choices=BOOTSTRAP_SCHEMES, default="wildjk",
+                   help="loss-law bootstrap: wildjk (one sign per run on its leave-one-run-out residuals, design "
+                        "fixed; the config's default), pairs (runs with replacement), bayes (Exp(1) weight per run), "
+                        "wild, wild3")
     s.add_argument("--delta", type=float, default=1e-3)
     s.add_argument("--reduction", choices=("sum", "mean"), default="sum")
     s.add_argument("--grid", choices=list(GRIDS), default="chinchilla")

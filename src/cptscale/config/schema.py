@@ -284,9 +284,11 @@ class FitConfig(_Model):
     reduction: Literal["sum", "mean"] = Field("sum", description="sum (Besiroglu et al.) or mean (paper)")
     grid: Literal["chinchilla", "coarse"] = Field("chinchilla", description="initial-value grid (4,500 starts)")
     bootstrap: int = Field(100, ge=0, description="bootstrap resamples over runs")
-    bootstrap_scheme: Literal["pairs", "bayes", "wild", "wild3"] = Field(
-        "pairs", description="how the loss-law bootstrap resamples runs: pairs (with replacement), bayes (one Exp(1) "
-        "weight per run: no size ever drops out), wild / wild3 (design fixed, residual signs flipped per run)")
+    bootstrap_scheme: Literal["wildjk", "pairs", "bayes", "wild", "wild3"] = Field(
+        "wildjk", description="how the loss-law bootstrap resamples runs: wildjk (design fixed, one sign per run on "
+        "its leave-one-run-out residuals: 93-98 % coverage over 200 simulated paper studies), pairs (with "
+        "replacement), bayes (one Exp(1) weight per run: no size ever drops out), wild / wild3 (design fixed, "
+        "signs on raw / linearised-jackknife residuals)")
     min_step_fraction: float = Field(0.1, ge=0, lt=1, description="ignore eval points before this share of a run")
     budgets: list[Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: [1e18, 1e19, 1e20, 1e21], description="FLOP budgets for the allocation table"

@@ -263,7 +263,7 @@ class _StudyFit:
     points_mode: str
     params: str
     min_step_fraction: float
-    bootstrap_scheme: str = "pairs"
+    bootstrap_scheme: str = "wildjk"
 
     @property
     def alloc_budgets(self) -> list[float]:
@@ -450,7 +450,7 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
               study: str | None = None, params: str = "total", loss: str = "huber",
               config_hash: str | None = None, points_mode: str = "annealed", overestimate_penalty: float = 1.0,
               remedy: str = "auto", fixed_E: float | None = None,
-              bootstrap_scheme: str = "pairs") -> dict[str, Any]:
+              bootstrap_scheme: str = "wildjk") -> dict[str, Any]:
     """Every fit of a study from the points table of ``cptscale db points``; one JSON per fit + summary.json.
 
     Per target language: Chinchilla on scratch runs; the extended CPT law on CPT runs with E, A, alpha
