@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from cptscale.errors import CLIError
 from cptscale.fit.estimate import allocate, exponents, fit_law
 from cptscale.fit.identify import identifiability, rollout, select_points
 from cptscale.fit.laws import MUENNIGHOFF, FitResult, effective_data, muennighoff_loss
@@ -59,6 +60,69 @@ def test_data_constrained_fit_recovers_the_published_parameters() -> None:
     assert fr.meta["n_repeated_points"] > 0 and fr.law == "muennighoff"
 
 
+_PENALTY_TRUTH = {"E": 1.8, "A": 150.0, "B": 300.0, "alpha": 0.4, "beta": 0.45, "P": 0.02, "delta": 1.0,
+                  "kappa": 0.5}
+
+
+def _penalty_points(U: float, epochs: tuple[float, ...]) -> pd.DataFrame:
+    law = FitResult("lovelace", {**_PENALTY_TRUTH, "U": U})
+    rows = [(n, ep * U, float(law.predict(n, ep * U)), f"{n:g}") for n in (1e5, 2e5, 4e5, 8e5) for ep in epochs]
+    return pd.DataFrame(rows, columns=["N", "D", "loss", "run"])
+
+
+def test_overfit_penalty_law_recovers_a_known_penalty() -> None:
+    """Lovelace et al.'s additive penalty P R_D^delta (N/U)^kappa: zero without repetition, growing with the
+    repetitions and with N/U; fitted on noiseless points of a known law it recovers P, delta, kappa (5 %)
+    and the Chinchilla part (2 %), and a fit on the three smaller sizes predicts the largest within 0.1 %."""
+    from cptscale.fit.constrained import fit_overfit_penalty
+
+    U = 2e6
+    law = FitResult("lovelace", {**_PENALTY_TRUTH, "U": U})
+    unique = FitResult("chinchilla", {k: _PENALTY_TRUTH[k] for k in ("E", "A", "B", "alpha", "beta")})
+    assert float(law.predict(4e5, U)) == float(unique.predict(4e5, U))  # no repetition, no penalty
+    pen = [float(law.predict(n, 5 * U) - unique.predict(n, 5 * U)) for n in (1e5, 4e5)]
+    assert pen[1] == pytest.approx(pen[0] * 4**0.5) and pen[0] == pytest.approx(0.02 * 4 * (1e5 / U) ** 0.5)
+    df = _penalty_points(U, (0.5, 1, 2, 4, 8, 16))
+    fr = fit_overfit_penalty(df, U, grid="coarse")
+    assert fr.law == "lovelace" and fr.meta["n_repeated_points"] == 16 and not fr.meta["on_bound"]
+    for k, v in _PENALTY_TRUTH.items():
+        assert fr.params[k] == pytest.approx(v, rel=0.05 if k in ("P", "delta", "kappa") else 0.02), (k, fr.params)
+    held = fit_overfit_penalty(df[df["N"] < 8e5], U, grid="coarse")
+    big = df[df["N"] == 8e5]
+    assert np.max(np.abs(held.predict(big["N"], big["D"]) / big["loss"] - 1)) < 1e-3
+
+
+def test_overfit_penalty_refuses_a_design_that_cannot_identify_it() -> None:
+    """Three repeated points cannot fix the penalty's three parameters: refused, saying what is needed."""
+    from cptscale.fit.constrained import fit_overfit_penalty
+
+    df = _penalty_points(2e6, (0.25, 0.5, 1.0))
+    df.loc[df.index[:3], "D"] *= 8  # three points repeat data
+    with pytest.raises(CLIError, match=r"3 points repeat data .* need >= 4 repeated points"):
+        fit_overfit_penalty(df, 2e6, grid="coarse")
+
+
+def test_fit_study_records_both_data_constrained_laws_on_the_same_held_out_size() -> None:
+    """When runs repeat data, fit-study writes Muennighoff et al.'s and Lovelace et al.'s laws side by side,
+    each with its error on the held-out largest size (how the README's choice between them was measured),
+    its identifiability and an allocation that charges for repetition beyond the unique tokens."""
+    from cptscale.fit.study import _CONSTRAINED_LAWS, _constrained_record
+
+    U = 2e6
+    df = _penalty_points(U, (0.5, 1, 2, 4, 8, 16)).rename(columns={"run": "run_id"})
+    recs = {law: _constrained_record(law, "es", (df, {"mode": "annealed"}), U, None, [1e15], {"grid": "coarse"})
+            for law in _CONSTRAINED_LAWS}
+    assert {r["fit_id"] for r in recs.values()} == {"scratch-constrained-es", "scratch-overfit-es"}
+    for law, r in recs.items():
+        assert r["status"] == "ok" and r["law"] == law and r["heldout"]["status"] == "ok", (law, r.get("reason"))
+        assert r["heldout"]["heldout_N"] == 8e5 and r["meta"]["selection"]["unique_tokens"] == U
+        assert r["allocation"][0]["N_opt"] == r["allocation"][0]["N_opt_numeric"]
+    # the points come from the penalty law: it predicts the held-out size, the effective-data law less well
+    assert recs["lovelace"]["heldout"]["mean_rel_err"] < 1e-3 < recs["muennighoff"]["heldout"]["mean_rel_err"]
+    few = _constrained_record("lovelace", "es", (df[df["D"] <= U], {}), U, None, [1e15], {"grid": "coarse"})
+    assert few["status"] == "skipped" and "no run repeats data" in few["reason"]
+
+
 def test_allocation_never_exceeds_the_unique_tokens_without_the_warning() -> None:
     """Under a unique-token cap every allocation row either stays within it or carries the warning, the
     epochs and the repetition cost (positive), plus the capped alternative within the cap."""
@@ -75,9 +139,12 @@ def test_allocation_never_exceeds_the_unique_tokens_without_the_warning() -> Non
             assert "warning" not in r and r["within_unique_tokens"]
     # the data-constrained law's own optimum charges for repetition: it never plans more than the law allows
     dc = FitResult("muennighoff", {**fit.params, "R_D": 15.39, "U": U})
-    for r in allocate(dc, [1e13, 1e15], unique_tokens=U):
-        if r["D_opt"] > U:
-            assert "warning" in r
+    ov = FitResult("lovelace", {**fit.params, "P": 0.02, "delta": 1.0, "kappa": 0.5, "U": U})
+    for law in (dc, ov):
+        for r in allocate(law, [1e13, 1e15], unique_tokens=U):
+            assert r["N_opt"] == r["N_opt_numeric"]  # no closed form: the numeric optimum
+            if r["D_opt"] > U:
+                assert "warning" in r and r["repetition_cost"] > 0
 
 
 # ---------------------------------------------------------------- point selection and identifiability

@@ -38,6 +38,9 @@ def _law_text(fit: dict[str, Any]) -> str:
     if law == "muennighoff":
         return (f"L = {v('E', '.3f')} + {v('A', '.4g')}/N^{v('alpha', '.3f')} + {v('B', '.4g')}/D'^{v('beta', '.3f')}, "
                 f"D' = effective data of U = {v('U', '.4g')} unique tokens, R*_D = {v('R_D', '.3g')}")
+    if law == "lovelace":
+        return (f"L = {v('E', '.3f')} + {v('A', '.4g')}/N^{v('alpha', '.3f')} + {v('B', '.4g')}/D^{v('beta', '.3f')} + "
+                f"{v('P', '.4g')} R_D^{v('delta', '.3f')} (N/U)^{v('kappa', '.3f')}, U = {v('U', '.4g')} unique tokens")
     if law == "envelope":
         return f"L = {v('k', '.5g')} * C^{v('m', '.4f')}"
     if law == "hernandez":

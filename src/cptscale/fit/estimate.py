@@ -317,7 +317,7 @@ def _fit_huber_nll(pts: Points, law: str, fixed: dict[str, float], delta: float,
 def exponents(fit: FitResult) -> dict[str, Any]:
     """Closed-form allocation under C = 6ND: N_opt = G (C/6)^a, D_opt = (C/6)^b / G (study-design §3.1, §3.2)."""
     p = fit.params
-    if fit.law == "muennighoff":
+    if fit.law in ("muennighoff", "lovelace"):
         return {"a": None, "b": None, "G": None, "valid": False,
                 "reason": "data-constrained law: no closed form; the allocation is the numeric optimum"}
     A, B, al, be, ga = p["A"], p["B"], p["alpha"], p["beta"], p.get("gamma", 0.0)
@@ -360,7 +360,7 @@ def allocate(fit: FitResult, budgets: Sequence[float], numeric: bool = True,
             n = ex["G"] * (C / 6) ** ex["a"]
             d = C / (6 * n)
             row.update(N_opt=n, D_opt=d, predicted_loss=float(fit.predict(n, d)), tokens_per_param=d / n)
-        elif fit.law == "muennighoff" and nm is not None:
+        elif fit.law in ("muennighoff", "lovelace") and nm is not None:
             row.update(N_opt=nm["N"], D_opt=nm["D"], predicted_loss=nm["loss"], tokens_per_param=nm["D"] / nm["N"])
         else:
             row.update(N_opt=None, D_opt=None, predicted_loss=None, tokens_per_param=None, reason=ex["reason"])
@@ -380,7 +380,7 @@ def _unique_cap(fit: FitResult, C: float, n: float, d: float, U: float) -> dict[
     if d <= U:
         return out
     r_star = fit.params.get("R_D", R_STAR_D)
-    if fit.law == "muennighoff":
+    if fit.law in ("muennighoff", "lovelace"):
         unique_fit = FitResult("chinchilla", {k: fit.params[k] for k in LAWS["chinchilla"]})
         cost = float(fit.predict(n, d)) - float(unique_fit.predict(n, d))
     else:
@@ -388,8 +388,9 @@ def _unique_cap(fit: FitResult, C: float, n: float, d: float, U: float) -> dict[
     n_cap = C / (6 * U)
     out.update(
         warning=f"D_opt = {d:.4g} tokens needs {d / U:.2f} epochs of the {U:.4g} unique tokens; repeating them "
-                f"costs {cost:.4f} nats at this allocation (effective data D' of Muennighoff et al. 2023, "
-                f"R*_D = {r_star:.4g})", repetition_cost=cost,
+                f"costs {cost:.4f} nats at this allocation (" + (
+                    "the fitted overfitting penalty of Lovelace et al. 2026)" if fit.law == "lovelace" else
+                    f"effective data D' of Muennighoff et al. 2023, R*_D = {r_star:.4g})"), repetition_cost=cost,
         N_capped=n_cap, D_capped=U, predicted_loss_capped=float(fit.predict(n_cap, U)))
     return out
 

@@ -24,6 +24,7 @@ EQUATIONS = {
     "chinchilla": "L = E + A/N^alpha + B/D^beta",
     "cpt": "L = E + A/N^alpha + B'/(D^beta' * N^gamma)   (B' = B, beta' = beta)",
     "muennighoff": "L = E + A/N^alpha + B/D'^beta, D' = U + U R_D (1 - exp(-(D/U - 1)/R_D))   (Muennighoff et al. 2023)",
+    "lovelace": "L = E + A/N^alpha + B/D^beta + P R_D^delta (N/U)^kappa, R_D = max(D/U - 1, 0)   (Lovelace et al. 2026)",
     "envelope": "L = k * C^m   (lower frontier of all runs)",
     "hernandez": "D_T = k * D_F^alpha * N^beta   (effective data transferred)",
     "isoflop": "N_opt = kN * C^a, D_opt = kD * C^b   (IsoFLOP profiles, Chinchilla approach 2)",
@@ -80,6 +81,18 @@ MUENNIGHOFF: dict[str, float] = {"a": 6.255414, "b": 7.3049974, "e": 0.6254804, 
 R_STAR_D = MUENNIGHOFF["R_D"]
 
 
+def repetitions(D: Any, U: Any) -> np.ndarray:
+    """R_D = max(D/U − 1, 0): how many times the U unique tokens were repeated beyond the first epoch."""
+    return np.maximum(np.asarray(D, float) / np.asarray(U, float) - 1.0, 0.0)
+
+
+def overfit_penalty(N: Any, D: Any, p: dict[str, float]) -> np.ndarray:
+    """Lovelace et al.'s additive overfitting penalty P · R_D^delta · (N/U)^kappa (0 without repetition)."""
+    R = repetitions(D, p["U"])
+    N = np.asarray(N, float)
+    return np.where(R > 0, p["P"] * np.where(R > 0, R, 1.0) ** p["delta"] * (N / p["U"]) ** p["kappa"], 0.0)
+
+
 def effective_data(D: Any, U: Any, r_star: float = R_STAR_D) -> np.ndarray:
     """Muennighoff et al.'s effective data D' = U + U·R*·(1 − exp(−R_D/R*)), R_D = D/U − 1 repetitions beyond
     the first epoch: repeated tokens are worth less with every repetition and never more than U·R* in all
@@ -125,6 +138,8 @@ class FitResult:
         N, D = (np.asarray(x, float) for x in cols)
         if self.law == "muennighoff":  # the unique tokens U are part of the law: D counts repeated tokens
             D = effective_data(D, p["U"], p["R_D"])
+        if self.law == "lovelace":
+            return p["E"] + p["A"] / N ** p["alpha"] + p["B"] / D ** p["beta"] + overfit_penalty(N, D, p)
         return p["E"] + p["A"] / N ** p["alpha"] + p["B"] / (D ** p["beta"] * N ** p.get("gamma", 0.0))
 
     def to_dict(self) -> dict[str, Any]:

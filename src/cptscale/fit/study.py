@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from cptscale.errors import CLIError
-from cptscale.fit.constrained import fit_data_constrained
+from cptscale.fit.constrained import fit_data_constrained, fit_overfit_penalty
 from cptscale.fit.estimate import (
     allocate,
     exponents,
@@ -74,24 +74,32 @@ def _unique_tokens(db: str | None, study: str | None) -> dict[str, float]:
         con.close()
 
 
-def _constrained_record(fit_id: str, lang: str, frame_sel: tuple[Any, dict[str, Any]], U: float,
+#: The data-constrained laws fitted when scratch runs repeat data: fit_id prefix and fitter per law.
+_CONSTRAINED_LAWS = {"muennighoff": ("scratch-constrained", fit_data_constrained),
+                     "lovelace": ("scratch-overfit", fit_overfit_penalty)}
+
+
+def _constrained_record(law: str, lang: str, frame_sel: tuple[Any, dict[str, Any]], U: float,
                         scratch: dict[str, Any] | None, budgets: Sequence[float], kw: dict[str, Any]) -> dict[str, Any]:
-    """Muennighoff et al.'s effective-data law on the scratch runs, when some of them repeat data (else
-    skipped: it reduces to Chinchilla); held-out largest size like the other laws."""
+    """A data-constrained law (:data:`_CONSTRAINED_LAWS`: Muennighoff et al.'s effective data, Lovelace et
+    al.'s overfitting penalty) on the scratch runs, when some of them repeat data (else skipped: it reduces
+    to Chinchilla); held-out largest size like the other laws, so the two forms compare on the same runs."""
+    prefix, fitter = _CONSTRAINED_LAWS[law]
+    fit_id = f"{prefix}-{lang}"
     frame, sel = frame_sel
     sel = {**sel, "unique_tokens": U}
     if not len(frame):
-        return _skipped(fit_id, "muennighoff", "scratch", lang, "no points", selection=sel)
+        return _skipped(fit_id, law, "scratch", lang, "no points", selection=sel)
     pts = _points(frame)
     epochs = float(pts.D.max() / U)
     if epochs <= 1:
-        return _skipped(fit_id, "muennighoff", "scratch", lang, f"no run repeats data (largest D = {epochs:.2f} "
-                        f"epochs of the {U:.4g} unique tokens): the effective-data law is Chinchilla's", selection=sel)
+        return _skipped(fit_id, law, "scratch", lang, f"no run repeats data (largest D = {epochs:.2f} "
+                        f"epochs of the {U:.4g} unique tokens): the data-constrained law is Chinchilla's", selection=sel)
     fixed = {k: v for k, v in (scratch["fr"].fixed if scratch else {}).items() if k == "E"}
     try:
-        fr = fit_data_constrained(pts, U, fixed=fixed, **kw)
+        fr = fitter(pts, U, fixed=fixed, **kw)
     except Exception as exc:
-        return _skipped(fit_id, "muennighoff", "scratch", lang, f"fit failed: {exc}", selection=sel)
+        return _skipped(fit_id, law, "scratch", lang, f"fit failed: {exc}", selection=sel)
     ho: dict[str, Any]
     nmax = max(pts.sizes)
     if len(pts.sizes) < 4:
@@ -99,15 +107,15 @@ def _constrained_record(fit_id: str, lang: str, frame_sel: tuple[Any, dict[str, 
     else:
         tr, te = pts.subset(nmax > pts.N), pts.subset(nmax == pts.N)
         try:
-            hf = fit_data_constrained(tr, U, fixed=fixed, **kw)
+            hf = fitter(tr, U, fixed=fixed, **kw)
             ho = {"status": "ok", "heldout_N": nmax, "n_train": len(tr.N), "n_test": len(te.N),
                   **_err_stats(hf.predict(te.N, te.D), te.L), "params": hf.params}
         except Exception as exc:
             ho = {"status": "skipped", "reason": str(exc)}
     ident = identifiability(fr, None, design_counts(pts), fr.meta.get("on_bound"))
     pred = fr.predict(pts.N, pts.D)
-    return {"format": "cptscale-fit/1", "fit_id": fit_id, "law": "muennighoff", "kind": "scratch", "lang": lang,
-            "status": "ok", "reason": None, "equation": EQUATIONS["muennighoff"], "params": fr.params,
+    return {"format": "cptscale-fit/1", "fit_id": fit_id, "law": law, "kind": "scratch", "lang": lang,
+            "status": "ok", "reason": None, "equation": EQUATIONS[law], "params": fr.params,
             "fixed": fr.fixed, "intervals": {}, "heldout": ho, "identifiability": ident,
             "allocation": allocate(fr, budgets, unique_tokens=U),
             "points": [{"run_id": str(r), "N": float(a), "D": float(b), "observed_loss": float(o),
@@ -435,8 +443,8 @@ def _language_records(df: Any, lang: str, base_sel: dict[str, Any], records: lis
         out.append(rec)
         scratch = state or scratch
     if unique.get(lang):
-        out.append(_constrained_record(f"scratch-constrained-{lang}", lang, sets["scratch"], float(unique[lang]),
-                                       scratch, opt.budgets, opt.kw))
+        out += [_constrained_record(law, lang, sets["scratch"], float(unique[lang]), scratch, opt.budgets, opt.kw)
+                for law in _CONSTRAINED_LAWS]
     out += _curve_records(lang, sets, curves, [*records, *out], opt)
     out.append(_hernandez_record(f"cpt-hernandez-{lang}", lang, *tr, rep_used, opt.cpt_replay,
                                  opt.min_step_fraction, opt.bootstrap, opt.seed, opt.params))
