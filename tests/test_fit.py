@@ -303,6 +303,17 @@ def test_wild_bootstrap_flips_whole_runs_and_keeps_every_size() -> None:
         bootstrap_law(df, r, 4, scheme="residual")
 
 
+def _three_point_runs(n_sizes: int) -> pd.DataFrame:
+    """One run per size (1e8 doubling), three D per run, a shared per-run offset (0.5 %) plus 0.3 % per point:
+    the shape of a WSD-branch ladder, small enough for the bootstrap-scheme tests."""
+    rng = np.random.default_rng(4)
+    N = np.repeat(1e8 * 2.0 ** np.arange(n_sizes), 3)
+    D = N * np.tile([5, 10, 20], n_sizes)
+    loss = FitResult("chinchilla", CHIN).predict(N, D) * np.exp(
+        np.repeat(0.005 * rng.standard_normal(n_sizes), 3) + 0.003 * rng.standard_normal(3 * n_sizes))
+    return pd.DataFrame({"N": N, "D": D, "loss": loss, "run": np.repeat(list("abcdefgh"[:n_sizes]), 3)})
+
+
 def test_bayes_bootstrap_weights_whole_runs_and_keeps_every_size() -> None:
     run = np.repeat(["a", "b", "c", "d", "e"], [3, 1, 4, 2, 5])
     W = bayes_weights(run, 400, np.random.default_rng(0))
@@ -311,12 +322,7 @@ def test_bayes_bootstrap_weights_whole_runs_and_keeps_every_size() -> None:
         assert np.all(W[:, run == r] == W[:, run == r][:, :1])
     per_run = W[:, np.unique(run, return_index=True)[1]]
     assert abs(per_run.mean() - 1) < 0.1 and abs(per_run.var() - 1) < 0.25  # Exp(1): the pairs counts' moments
-    rng = np.random.default_rng(4)
-    N = np.repeat([1e8, 2e8, 4e8, 8e8, 1.6e9], 3)
-    D = N * np.tile([5, 10, 20], 5)
-    loss = FitResult("chinchilla", CHIN).predict(N, D) * np.exp(np.repeat(0.005 * rng.standard_normal(5), 3)
-                                                                  + 0.003 * rng.standard_normal(15))
-    df = pd.DataFrame({"N": N, "D": D, "loss": loss, "run": np.repeat(list("abcde"), 3)})
+    df = _three_point_runs(5)
     r = fit_law(df, grid="coarse")
     bayes = bootstrap_law(df, r, 40, seed=0, scheme="bayes")
     assert bayes["info"]["n_ok"] == 40 and bayes["info"]["scheme"].startswith("bayes")  # no resample loses a size
@@ -332,13 +338,8 @@ def test_wild3_inflates_high_leverage_runs_and_widens_alpha() -> None:
     from cptscale.fit.points import _points
     from cptscale.fit.uncertainty import cluster_jackknife_residuals
 
-    rng = np.random.default_rng(4)
-    N = np.repeat([1e8, 2e8, 4e8, 8e8, 1.6e9], 3)
-    D = N * np.tile([5, 10, 20], 5)
-    loss = FitResult("chinchilla", CHIN).predict(N, D) * np.exp(
-        np.repeat(0.005 * rng.standard_normal(5), 3) + 0.003 * rng.standard_normal(15))
-    run = np.repeat(list("abcde"), 3)
-    df = pd.DataFrame({"N": N, "D": D, "loss": loss, "run": run})
+    df = _three_point_runs(5)
+    N, D, loss, run = (df[c].to_numpy() for c in ("N", "D", "loss", "run"))
     r = fit_law(df, grid="coarse")
     th = np.array([_to_internal(k, r.params[k]) for k in LAWS["chinchilla"]])
     raw = np.log(loss) - np.log(r.predict(N, D))
@@ -361,13 +362,8 @@ def test_wildjk_residuals_are_each_runs_error_from_the_fit_without_it() -> None:
     from cptscale.fit.points import _points
     from cptscale.fit.uncertainty import leave_one_run_out_residuals
 
-    rng = np.random.default_rng(4)
-    N = np.repeat([1e8, 2e8, 4e8, 8e8, 1.6e9, 3.2e9], 3)
-    D = N * np.tile([5, 10, 20], 6)
-    loss = FitResult("chinchilla", CHIN).predict(N, D) * np.exp(
-        np.repeat(0.005 * rng.standard_normal(6), 3) + 0.003 * rng.standard_normal(18))
-    run = np.repeat(list("abcdef"), 3)
-    df = pd.DataFrame({"N": N, "D": D, "loss": loss, "run": run})
+    df = _three_point_runs(6)
+    N, D, loss, run = (df[c].to_numpy() for c in ("N", "D", "loss", "run"))
     r = fit_law(df, grid="coarse")
     th = np.array([_to_internal(k, r.params[k]) for k in LAWS["chinchilla"]])
     jk = leave_one_run_out_residuals(_points(df), r, range(5), th, r.starts, 1e-3, "sum", 1.0)
