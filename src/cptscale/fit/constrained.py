@@ -87,8 +87,9 @@ def fit_overfit_penalty(data: Any, U: float, fixed: dict[str, float] | None = No
                         **kw: Any) -> FitResult:
     """Lovelace et al.'s law L = E + A/N^alpha + B/D^beta + P · R_D^delta · (N/U)^kappa, R_D = max(D/U − 1, 0):
     the Chinchilla fit of the same points gives the first five parameters' starts (its ``starts_from`` best
-    distinct optima), each crossed with a 3·3·3 grid of (log P, delta, kappa), every start polished by
-    scipy L-BFGS-B on the same Huber objective (log-loss residuals, ``delta``, ``reduction``). ``fixed`` may
+    distinct optima), each crossed with a 3·3·3 grid of (log P, delta, kappa); scipy L-BFGS-B with the exact
+    gradient runs every start loosely and polishes the best three, on the same Huber objective as the other
+    laws (log-loss residuals, ``delta``, ``reduction``). ``fixed`` may
     freeze E (the remedy of the scratch fit). Only repeated points inform P, delta and kappa: with fewer than
     four of them (more than its three parameters), or one repetition level, the penalty is not identified and
     the fit is refused."""
@@ -139,8 +140,9 @@ def fit_overfit_penalty(data: Any, U: float, fixed: dict[str, float] | None = No
                  "beta": -terms["B"] * lD, "P": terms["P"], "delta": terms["P"] * lR, "kappa": terms["P"] * lNU}
         return f * scale, np.array([float(w @ dpred[k]) for k in free]) * scale
 
+    chin_starts = (chin.starts if chin.starts is not None else np.empty((0, 0)))[:starts_from]
     starts = []
-    for row in (chin.starts if chin.starts is not None else np.empty((0, 0)))[:starts_from]:
+    for row in chin_starts:
         base = dict(zip([k for k in LAWS["chinchilla"] if k not in chin.fixed], row, strict=True))
         for lp in _PENALTY_STARTS["P"]:
             for dl in _PENALTY_STARTS["delta"]:
@@ -166,8 +168,8 @@ def fit_overfit_penalty(data: Any, U: float, fixed: dict[str, float] | None = No
             "repetition_levels": len(set(np.round(R[rep], 6))), "delta": delta_h,
             "reduction": "mean" if mean else "sum", "objective": float(best.fun) / scale,
             "converged": bool(best.success), "message": str(best.message), "on_bound": on_bound,
-            "n_starts": len(starts), "starts": f"the Chinchilla fit's {min(starts_from, len(chin.starts) if chin.starts is not None else 0)} "
-                                             "best optima x a 3x3x3 grid of (log P, delta, kappa)",
+            "n_starts": len(starts),
+            "starts": f"the Chinchilla fit's {len(chin_starts)} best optima x a 3x3x3 grid of (log P, delta, kappa)",
             "bounds": {k: list(b) for k, b in zip(free, bounds, strict=True)},
             "bound_coords": "internal: log E, log A, log B, alpha, beta, log P, delta, kappa",
             **_fit_meta("lovelace", params, pts, delta_h)}
