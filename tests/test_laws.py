@@ -123,6 +123,29 @@ def test_fit_study_records_both_data_constrained_laws_on_the_same_held_out_size(
     assert few["status"] == "skipped" and "no run repeats data" in few["reason"]
 
 
+def test_a_degenerate_law_gets_no_allocation_instead_of_an_overflow() -> None:
+    """Found by bench/sim_coverage.py on the demo's 4-size design: a bootstrap resample of the CPT law with
+    beta' - gamma ~ 1e-3 made (C/6)^a overflow a Python float and crashed the bootstrap. Now G and N_opt are
+    computed in logs: out of the float range, the row says so and the resample's allocation is NaN."""
+    from cptscale.fit.points import _points
+    from cptscale.fit.uncertainty import _resample_draws
+
+    wild_g = FitResult("cpt", {"E": 1.0, "A": 1e6, "B": 10.0, "alpha": 0.002, "beta": 0.3, "gamma": 0.299})
+    assert not exponents(wild_g)["valid"] and "float range" in exponents(wild_g)["reason"]
+    huge_a = FitResult("cpt", {"E": 1.0, "A": 5000.0, "B": 10000.0, "alpha": 0.002, "beta": 0.3, "gamma": 0.299})
+    ex = exponents(huge_a)
+    assert ex["valid"] and ex["G"] == pytest.approx(1.0) and ex["a"] == pytest.approx(100.0)
+    row = allocate(huge_a, [1e15], numeric=False)[0]
+    assert row["N_opt"] is None and "float range" in row["reason"]
+    sane = FitResult("chinchilla", {"E": 1.8, "A": 150.0, "B": 300.0, "alpha": 0.4, "beta": 0.45})
+    pts = _points(pd.DataFrame({"N": [1e5, 2e5], "D": [1e6, 2e6], "loss": [3.0, 2.9], "run": ["a", "b"]}))
+    names = ["E", "A", "B", "alpha", "beta", "gamma"]
+    th = [np.array([math.log(f.params[k]) if k in "EAB" else f.params.get(k, 0.0) for k in names])
+          for f in (huge_a, FitResult("cpt", {**sane.params, "gamma": 0.0}))]
+    _, _, alloc = _resample_draws("cpt", [(0, th[0]), (1, th[1])], pts, 2, [1e15])
+    assert np.isnan(alloc[1e15]["N_opt"][0]) and np.isfinite(alloc[1e15]["N_opt"][1])
+
+
 def test_allocation_never_exceeds_the_unique_tokens_without_the_warning() -> None:
     """Under a unique-token cap every allocation row either stays within it or carries the warning, the
     epochs and the repetition cost (positive), plus the capped alternative within the cap."""

@@ -20,6 +20,7 @@ import numpy as np
 
 from cptscale.errors import CLIError
 from cptscale.fit.laws import (
+    DATA_CONSTRAINED,
     GRIDS,
     HOFFMANN_START,
     LAWS,
@@ -317,7 +318,7 @@ def _fit_huber_nll(pts: Points, law: str, fixed: dict[str, float], delta: float,
 def exponents(fit: FitResult) -> dict[str, Any]:
     """Closed-form allocation under C = 6ND: N_opt = G (C/6)^a, D_opt = (C/6)^b / G (study-design §3.1, §3.2)."""
     p = fit.params
-    if fit.law in ("muennighoff", "lovelace"):
+    if fit.law in DATA_CONSTRAINED:
         return {"a": None, "b": None, "G": None, "valid": False,
                 "reason": "data-constrained law: no closed form; the allocation is the numeric optimum"}
     A, B, al, be, ga = p["A"], p["B"], p["alpha"], p["beta"], p.get("gamma", 0.0)
@@ -326,8 +327,22 @@ def exponents(fit: FitResult) -> dict[str, Any]:
         return {"a": None, "b": None, "G": None, "valid": False,
                 "reason": f"no interior optimum: needs alpha > 0, beta - gamma > 0, alpha + beta - gamma > 0 "
                           f"(alpha={al:.4g}, beta={be:.4g}, gamma={ga:.4g})"}
-    G = ((al * A) / ((be - ga) * B)) ** (1 / s)
-    return {"a": be / s, "b": (al - ga) / s, "G": G, "valid": True, "reason": None}
+    log_g = (math.log(al * A) - math.log((be - ga) * B)) / s  # in logs: a tiny s overflows the power
+    if not abs(log_g) < _LOG_FLOAT_MAX:
+        return {"a": None, "b": None, "G": None, "valid": False,
+                "reason": f"G = exp({log_g:.4g}) is outside the float range: a degenerate law "
+                          f"(alpha + beta - gamma = {s:.4g})"}
+    return {"a": be / s, "b": (al - ga) / s, "G": math.exp(log_g), "valid": True, "reason": None}
+
+
+_LOG_FLOAT_MAX = 700.0  # exp(709) is the largest float
+
+
+def optimal_n(ex: dict[str, Any], C: float) -> float | None:
+    """N_opt = G (C/6)^a of valid :func:`exponents`, or None when it leaves the float range (an exponent a
+    far from 1/2, as a bootstrap resample of a barely identified law can give)."""
+    log_n = math.log(ex["G"]) + ex["a"] * math.log(C / 6)
+    return math.exp(log_n) if abs(log_n) < _LOG_FLOAT_MAX else None
 
 
 def _numeric_opt(fit: FitResult, C: float) -> dict[str, Any]:
@@ -356,14 +371,15 @@ def allocate(fit: FitResult, budgets: Sequence[float], numeric: bool = True,
         C = float(C)
         row: dict[str, Any] = {"C": C, "a": ex["a"], "b": ex["b"], "G": ex["G"]}
         nm = _numeric_opt(fit, C) if numeric or not ex["valid"] else None
-        if ex["valid"]:
-            n = ex["G"] * (C / 6) ** ex["a"]
+        n = optimal_n(ex, C) if ex["valid"] else None
+        if n is not None:
             d = C / (6 * n)
             row.update(N_opt=n, D_opt=d, predicted_loss=float(fit.predict(n, d)), tokens_per_param=d / n)
-        elif fit.law in ("muennighoff", "lovelace") and nm is not None:
+        elif fit.law in DATA_CONSTRAINED and nm is not None:
             row.update(N_opt=nm["N"], D_opt=nm["D"], predicted_loss=nm["loss"], tokens_per_param=nm["D"] / nm["N"])
         else:
-            row.update(N_opt=None, D_opt=None, predicted_loss=None, tokens_per_param=None, reason=ex["reason"])
+            row.update(N_opt=None, D_opt=None, predicted_loss=None, tokens_per_param=None,
+                       reason=ex["reason"] or f"N_opt = G (C/6)^a is outside the float range (a = {ex['a']:.4g})")
         if nm is not None:
             row.update(N_opt_numeric=nm["N"], D_opt_numeric=nm["D"], predicted_loss_numeric=nm["loss"],
                        numeric_on_bound=nm["on_bound"],
@@ -380,7 +396,7 @@ def _unique_cap(fit: FitResult, C: float, n: float, d: float, U: float) -> dict[
     if d <= U:
         return out
     r_star = fit.params.get("R_D", R_STAR_D)
-    if fit.law in ("muennighoff", "lovelace"):
+    if fit.law in DATA_CONSTRAINED:
         unique_fit = FitResult("chinchilla", {k: fit.params[k] for k in LAWS["chinchilla"]})
         cost = float(fit.predict(n, d)) - float(unique_fit.predict(n, d))
     else:

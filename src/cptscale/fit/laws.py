@@ -20,6 +20,11 @@ LAWS: dict[str, list[str]] = {
 LINEAR_LAWS: dict[str, list[str]] = {"envelope": ["k", "m"], "hernandez": ["k", "alpha", "beta"]}
 
 
+#: Laws whose loss depends on the unique tokens U (parameter "U"): no closed-form allocation, and the
+#: cost of repetition is their own prediction minus their Chinchilla part.
+DATA_CONSTRAINED = ("muennighoff", "lovelace")
+
+
 EQUATIONS = {
     "chinchilla": "L = E + A/N^alpha + B/D^beta",
     "cpt": "L = E + A/N^alpha + B'/(D^beta' * N^gamma)   (B' = B, beta' = beta)",

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from cptscale.fit.estimate import _nll_minimize, exponents, fit_law
+from cptscale.fit.estimate import _nll_minimize, exponents, fit_law, optimal_n
 from cptscale.fit.laws import _LOG, LAWS, FitResult, _min_sizes, _to_internal, _to_params
 from cptscale.fit.optimizer import _Prep, _run_batch
 from cptscale.fit.points import Points, _points
@@ -183,7 +183,9 @@ def _resample_draws(law: str, fitted: list[tuple[int, np.ndarray]], pts: Points,
         if ex["valid"]:
             samples["a"][b], samples["b"][b], samples["G"][b] = ex["a"], ex["b"], ex["G"]
             for C, dct in alloc.items():
-                nn = ex["G"] * (C / 6) ** ex["a"]
+                nn = optimal_n(ex, C)
+                if nn is None:  # out of the float range: this resample has no allocation (NaN)
+                    continue
                 dct["N_opt"][b], dct["D_opt"][b] = nn, C / (6 * nn)
                 dct["predicted_loss"][b] = float(fr.predict(nn, C / (6 * nn)))
     return samples, pred, alloc

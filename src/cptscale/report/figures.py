@@ -242,8 +242,13 @@ def _frontier(law: dict[str, float], budgets: Any) -> list[tuple[float, float, f
     s = al + be - ga
     if not (be - ga > 0 and s > 0 and al > 0):
         return []
-    G = ((al * A) / ((be - ga) * B)) ** (1 / s)
-    return [(c, G * (c / 6) ** (be / s), c / (6 * G * (c / 6) ** (be / s))) for c in budgets]
+    log_g = (math.log(al * A) - math.log((be - ga) * B)) / s  # in logs: a degenerate law overflows the power
+    out = []
+    for c in budgets:
+        log_n = log_g + be / s * math.log(c / 6)
+        if abs(log_n) < 700 and abs(math.log(c / 6) - log_n) < 700:  # else no frontier point in float range
+            out.append((c, math.exp(log_n), c / (6 * math.exp(log_n))))
+    return out
 
 
 def _isoloss_box(laws: dict[str, dict[str, Any]]) -> tuple[list[float], list[float]]:
