@@ -104,8 +104,9 @@ def fit_overfit_penalty(data: Any, U: float, fixed: dict[str, float] | None = No
         raise CLIError(f"unique tokens U must be > 0, not {U}")
     R = repetitions(pts.D, U)
     rep = R > 0
-    if rep.sum() < 4 or len(set(np.round(R[rep], 6))) < 2:
-        raise CLIError(f"{int(rep.sum())} points repeat data ({len(set(np.round(R[rep], 6)))} repetition levels) "
+    levels = len(set(np.round(R[rep], 6)))
+    if rep.sum() < 4 or levels < 2:
+        raise CLIError(f"{int(rep.sum())} points repeat data ({levels} repetition levels) "
                        f"of the {U:.4g} unique tokens: the penalty's P, delta, kappa need >= 4 repeated points (more "
                        "than its 3 parameters) at >= 2 repetition levels")
     delta_h = float(kw.get("delta", 1e-3))
@@ -165,7 +166,7 @@ def fit_overfit_penalty(data: Any, U: float, fixed: dict[str, float] | None = No
     fr = FitResult("lovelace", params, {**fixed, "U": U})
     meta = {"law_fitted_on": "Huber on log-loss residuals, all 8 parameters jointly", "unique_tokens": U,
             "n_repeated_points": int(rep.sum()), "max_epochs": float(np.max(pts.D) / U),
-            "repetition_levels": len(set(np.round(R[rep], 6))), "delta": delta_h,
+            "repetition_levels": levels, "delta": delta_h,
             "reduction": "mean" if mean else "sum", "objective": float(best.fun) / scale,
             "converged": bool(best.success), "message": str(best.message), "on_bound": on_bound,
             "n_starts": len(starts),

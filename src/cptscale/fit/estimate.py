@@ -315,6 +315,9 @@ def _fit_huber_nll(pts: Points, law: str, fixed: dict[str, float], delta: float,
     return FitResult(law, params, fixed, meta, starts=np.r_[r.x][None])
 
 
+_LOG_FLOAT_MAX = 700.0  # exp(709) is the largest float
+
+
 def exponents(fit: FitResult) -> dict[str, Any]:
     """Closed-form allocation under C = 6ND: N_opt = G (C/6)^a, D_opt = (C/6)^b / G (study-design §3.1, §3.2)."""
     p = fit.params
@@ -333,9 +336,6 @@ def exponents(fit: FitResult) -> dict[str, Any]:
                 "reason": f"G = exp({log_g:.4g}) is outside the float range: a degenerate law "
                           f"(alpha + beta - gamma = {s:.4g})"}
     return {"a": be / s, "b": (al - ga) / s, "G": math.exp(log_g), "valid": True, "reason": None}
-
-
-_LOG_FLOAT_MAX = 700.0  # exp(709) is the largest float
 
 
 def optimal_n(ex: dict[str, Any], C: float) -> float | None:

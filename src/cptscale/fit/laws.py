@@ -103,7 +103,7 @@ def effective_data(D: Any, U: Any, r_star: float = R_STAR_D) -> np.ndarray:
     the first epoch: repeated tokens are worth less with every repetition and never more than U·R* in all
     (D' = D without repetition)."""
     D, U = np.asarray(D, float), np.asarray(U, float)
-    R = np.maximum(D / U - 1.0, 0.0)
+    R = repetitions(D, U)
     return np.where(D <= U, D, U + U * r_star * (1.0 - np.exp(-R / r_star)))
 
 
@@ -116,7 +116,7 @@ def muennighoff_loss(N: Any, D: Any, U: Any, p: dict[str, float] | None = None) 
     al, be = p["alpha"], p["beta"]
     G = ((al * A) / (be * B)) ** (1 / (al + be))
     N, D, U = (np.asarray(x, float) for x in (N, D, U))
-    RD = np.maximum(D / U - 1, 0)
+    RD = repetitions(D, U)
     UN = np.minimum(N, (U * G) ** (be / al) * G)
     RN = np.maximum(N / UN - 1, 0)
     n_eff = UN + UN * p["R_N"] * (1 - np.exp(-RN / p["R_N"]))

@@ -230,6 +230,8 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
         raise ValueError(f"bootstrap scheme must be one of {list(BOOTSTRAP_SCHEMES)}, not {scheme!r}")
     scheme = "pairs" if nll and scheme.startswith("wild") else scheme
     base_th = np.array([_to_internal(k, fit.params[k]) for k in names])
+    starts = fit.starts if fit.starts is not None else base_th[free][None]
+    asym = float(fit.meta.get("overestimate_penalty", 1.0))
     LL = None
     if scheme == "pairs":
         W = bootstrap_counts(pts.run, n, np.random.default_rng(seed))[1]
@@ -238,9 +240,7 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
     else:  # the design stays: every point once, the observations redrawn around the fit
         lpred = np.log(fit.predict(pts.N, pts.D))
         if scheme == "wildjk":
-            resid = leave_one_run_out_residuals(pts, fit, free, base_th, fit.starts if fit.starts is not None
-                                                else base_th[free][None], delta, reduction,
-                                                float(fit.meta.get("overestimate_penalty", 1.0)))
+            resid = leave_one_run_out_residuals(pts, fit, free, base_th, starts, delta, reduction, asym)
         elif scheme == "wild3":
             resid = cluster_jackknife_residuals(pts, fit, free, base_th)
         else:
@@ -249,7 +249,6 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
         W = np.ones((n, len(pts.N)))
     ok, fixed_b = _usable_resamples(pts, fit, W, base_th, fixed_samples)
     bidx = np.flatnonzero(ok)
-    starts = fit.starts if fit.starts is not None else base_th[free][None]
     if nll and (fit.starts is None or starts.shape[1] != len(free) + 1):
         starts = np.r_[base_th[free], float(fit.meta.get("sigma", 0.0))][None]
     fitted: list[tuple[int, np.ndarray]] = []  # (resample, internal parameters)
@@ -257,8 +256,7 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
     if len(bidx) and nll:
         fitted, n_unconv = _refit_nll(pts, fixed_b, bidx, free, starts[0], W, delta)
     elif len(bidx):
-        fitted, n_unconv = _refit_batch(pts, fixed_b, bidx, free, starts, W, delta, reduction,
-                                        float(fit.meta.get("overestimate_penalty", 1.0)), LL)
+        fitted, n_unconv = _refit_batch(pts, fixed_b, bidx, free, starts, W, delta, reduction, asym, LL)
     samples, pred, alloc = _resample_draws(fit.law, fitted, pts, n, budgets)
     need = _min_sizes(fit.law, fit.fixed)
     return {

@@ -237,17 +237,19 @@ def _isoloss_curve(law: dict[str, float], level: float, ns: Any) -> Any:
 
 
 def _frontier(law: dict[str, float], budgets: Any) -> list[tuple[float, float, float]]:
-    """Compute-optimal (C, N, D) under C = 6ND: the closed form (study-design §3.1-3.2) when it exists."""
-    al, be, ga, A, B = law["alpha"], law["beta"], law["gamma"], law["A"], law["B"]
-    s = al + be - ga
-    if not (be - ga > 0 and s > 0 and al > 0):
+    """Compute-optimal (C, N, D) under C = 6ND: the fit layer's closed form (study-design §3.1-3.2) when it
+    exists, budgets whose optimum leaves the float range left out."""
+    from cptscale.fit.estimate import exponents, optimal_n
+    from cptscale.fit.laws import FitResult
+
+    ex = exponents(FitResult("cpt", {k: law[k] for k in ("A", "B", "alpha", "beta", "gamma")}))
+    if not ex["valid"]:
         return []
-    log_g = (math.log(al * A) - math.log((be - ga) * B)) / s  # in logs: a degenerate law overflows the power
     out = []
     for c in budgets:
-        log_n = log_g + be / s * math.log(c / 6)
-        if abs(log_n) < 700 and abs(math.log(c / 6) - log_n) < 700:  # else no frontier point in float range
-            out.append((c, math.exp(log_n), c / (6 * math.exp(log_n))))
+        n = optimal_n(ex, c)
+        if n is not None and c / (6 * n) > 0:
+            out.append((c, n, c / (6 * n)))
     return out
 
 
