@@ -392,3 +392,15 @@ def test_large_study_renders(tmp_path: Path) -> None:
     st = check_rendered(res, html, info["drawn"])
     assert set(st["rendered"]) == CORE
     assert res["render_s"] < 60
+
+
+def test_isoloss_contours_of_a_law_without_a_data_term() -> None:
+    """beta = 0 (a fit whose beta sits on its lower bound): the loss does not depend on D, so no contour has
+    a D. It used to raise ZeroDivisionError and take the whole IsoLoss figure down."""
+    from cptscale.report.figures import _isoloss_contours, _isoloss_curve
+
+    law = {"E": 1.0, "A": 10.0, "alpha": 0.3, "B": 5.0, "beta": 0.0, "gamma": 0.0}
+    assert _isoloss_contours(law, [1e4, 1e6], [1e5, 1e7]) == []
+    law["beta"] = 0.3
+    dd = _isoloss_curve(law, 1.5, __import__("numpy").array([1e5]))
+    assert abs(law["E"] + law["A"] / 1e5**0.3 + law["B"] / dd[0] ** 0.3 - 1.5) < 1e-9

@@ -228,9 +228,12 @@ def fig_transfer(con: Any, study: str, mp: int) -> tuple[Any, int]:
 
 
 def _isoloss_curve(law: dict[str, float], level: float, ns: Any) -> Any:
-    """D(N) on the IsoLoss contour L(N, D) = level (NaN where the N term alone exceeds the level)."""
+    """D(N) on the IsoLoss contour L(N, D) = level (NaN where the N term alone exceeds the level, and
+    everywhere when beta = 0: then the loss does not depend on D, so no contour has a D)."""
     import numpy as np
 
+    if not law["beta"] > 0:
+        return np.full(np.shape(ns), np.nan)
     gap = level - law["E"] - law["A"] / ns ** law["alpha"]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         return np.where(gap > 0, (law["B"] / (np.maximum(gap, 1e-300) * ns ** law["gamma"])) ** (1 / law["beta"]), np.nan)
