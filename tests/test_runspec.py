@@ -54,6 +54,10 @@ def _planned_study(path: Path, tmp: Path):
         runs = P.plan_study(cfg)
     for r in runs:
         write_json(R.run_dir(cfg, r.run_id) / "done.json", {"final_loss": dict.fromkeys(cfg.languages.all, 4.0)})
+        if r.init == "scratch":  # a parent's run.json: the data it trained on (cpt.unseen_tokens: mean reads it)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                P.run_spec(cfg, r.run_id).write(R.run_dir(cfg, r.run_id) / "run.json")
     if cfg.source_model is not None:
         fake_import(cfg.study_dir)
     return cfg, runs
@@ -78,6 +82,9 @@ def test_every_planned_run_json_validates_and_reads_back(study: Path, tmp_path: 
             assert json.loads(text)["spec_version"] == SPEC_VERSION
             assert ("iplt" in keys) == (run.arm is not None)
             assert ("simulate" in keys) == (cfg.train.backend == "simulate")
+            if run.init == "cpt" and cfg.cpt_for(run.variant).unseen_tokens == "mean":  # the parent's own data
+                parent = RunSpec.load(R.run_dir(cfg, run.parent) / "run.json")
+                assert spec.parent.source_data == parent.train_prefixes() != [], run.run_id
 
 
 def test_generated_study_specs_are_what_the_trainer_accepts(tmp_path: Path) -> None:

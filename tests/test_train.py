@@ -705,3 +705,88 @@ def test_sigterm_inside_wsd_branch_resumes_and_redoes_it(root, data):
         assert abs(done["final_loss"][lang] - want["final_loss"][lang]) <= 1e-6
     assert [r["step"] for r in read_jsonl(out / "branch_metrics.jsonl")] == [6, 7]  # the aborted try is gone
     assert len([e for e in read_jsonl(out / "evals.jsonl") if "branch" in e]) == 2
+
+
+def _split_vocab_data(d: Path) -> dict:
+    """A source language in ids 1..100 (and EOD 0) and a target in ids 101..255: the target's tokens are ones
+    the source model never saw, as Chinese characters are for a model trained on English text."""
+    from train_helpers import structured_docs, write_indexed
+
+    def hi(docs):
+        return [np.where(x > 0, x + 100, 0).astype(np.int32) for x in docs]
+
+    out = {}
+    for lang, shift in (("en", lambda x: x), ("zh", hi)):
+        tr = write_indexed(d / lang / "train", shift(structured_docs(200, 3, vocab=101 if lang == "en" else 156)))
+        va_docs = shift(structured_docs(12, 4, vocab=101 if lang == "en" else 156))
+        out[lang] = {"train": tr, "valid": write_indexed(d / lang / "valid", va_docs),
+                     "bytes": int(sum(len(x) for x in va_docs) * 3)}
+    return out
+
+
+def test_cpt_unseen_tokens_start_at_the_mean_of_the_seen_rows(root, capsys):
+    """cpt.unseen_tokens: mean. The rows of the 155 ids the source never trained on start at the mean of the
+    101 seen rows, in the embedding and the output layer, after the gate checked the checkpoint as saved. The
+    target then starts lower than from the source model as saved, and the source language pays at most
+    log(1 + 155/101) nats (each unseen logit is the mean of the seen logits: Jensen)."""
+    from cptscale.cli import main
+    from cptscale.train.engine import Trainer
+    from cptscale.train.launch import run_spec
+    from cptscale.train.parallel import teardown_parallel
+
+    d = root / "unseen"
+    data = _split_vocab_data(d / "data")
+    parent = make_spec(d, data, run_id="src-lo", steps=12)
+    assert main(["train", "--spec", str(write_spec(d, parent))]) == 0
+    keep = _cpt_spec(d, data, parent, "cpt-keep")
+    mean = _cpt_spec(d, data, parent, "cpt-mean")
+    mean["parent"].update(unseen_tokens="mean", source_data=[data["en"]["train"]])
+    assert run_spec(keep) == 0
+    capsys.readouterr()
+    assert run_spec(mean) == 0
+    out = capsys.readouterr().out
+    assert out.index("init-sanity gate passed") < out.index("unseen tokens: 155 of 256 ids"), out
+
+    def step0(spec):
+        return {e["lang"]: e["loss"] for e in read_jsonl(Path(spec["out_dir"]) / "evals.jsonl") if e["step"] == 0}
+
+    k, m = step0(keep), step0(mean)
+    assert k["en"] == pytest.approx(parent_final := json.loads((Path(parent["out_dir"]) / "done.json").read_text())
+                                    ["final_loss"]["en"], abs=1e-9)
+    # the source pushed the unseen tokens below uniform; the reset gives the 155 of them one shared logit, so
+    # each target token gets at most 1/155 of the probability (measured: 6.17 -> 5.57 nats after 12 source steps)
+    assert k["zh"] > math.log(VOCAB) and math.log(155) <= m["zh"] < k["zh"] - 0.3, (k, m)
+    assert 0 < m["en"] - parent_final <= math.log(1 + 155 / 101), (k, m)
+    ev = [e for e in read_jsonl(Path(mean["out_dir"]) / "events.jsonl") if e["event"] == "unseen_tokens_reset"]
+    assert len(ev) == 1 and ev[0]["ids"] == 155 and ev[0]["vocab"] == VOCAB
+
+    # the weights themselves, right after the reset
+    spec = _cpt_spec(d, data, parent, "cpt-mean-weights")
+    spec["parent"].update(unseen_tokens="mean", source_data=[data["en"]["train"]])
+    tr = Trainer(spec)
+    try:
+        tr._validate()
+        tr._setup()
+        tr._build_model()
+        tr._build_parts()
+        tr._init_sanity_gate()
+        tr._init_unseen_tokens()
+        gpt = tr.model.module
+        for w in (gpt.embedding.word_embeddings.weight, gpt.output_layer.weight):
+            w = w.detach().double()
+            assert torch_allclose(w[101:VOCAB], w[:101].mean(0).expand(VOCAB - 101, -1))
+    finally:
+        tr.runlog.close()
+        teardown_parallel()
+    # a spec asking for it without the source data is refused before anything is built
+    bad = _cpt_spec(d, data, parent, "cpt-mean-bad")
+    bad["parent"]["unseen_tokens"] = "mean"
+    capsys.readouterr()
+    assert run_spec(bad) != 0
+    assert "parent.unseen_tokens 'mean' needs parent.source_data" in capsys.readouterr().err
+
+
+def torch_allclose(a, b) -> bool:
+    import torch
+
+    return bool(torch.allclose(a, b, rtol=0, atol=1e-6))

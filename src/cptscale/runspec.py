@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from cptscale.schedule import DecayShape, Schedule, ScheduleKind
 
 #: The run.json layout this code writes and reads; bump it (and add a step to ``_migrate``) when a key
-#: changes meaning or moves.
-SPEC_VERSION = 1
+#: changes meaning, moves or is added. 2: ``parent.unseen_tokens`` and ``parent.source_data`` (absent: keep).
+SPEC_VERSION = 2
 
 PosInt = Annotated[int, Field(ge=1, strict=True)]
 NonNegInt = Annotated[int, Field(ge=0, strict=True)]
@@ -163,6 +163,17 @@ class ParentSpec(_Part):
     lang: str | None = None
     final_loss: float | None = None
     tolerance: float | None = None
+    #: "mean": after the gate, rows of token ids absent from ``source_data`` (the indexed datasets the source
+    #: model trained on) start at the mean of the seen rows (cptscale.train.vocab_init); absent: "keep"
+    unseen_tokens: Literal["keep", "mean"] = "keep"
+    source_data: list[str] = []
+
+    @model_validator(mode="after")
+    def _source_data_for_mean(self) -> ParentSpec:
+        if self.unseen_tokens == "mean" and not self.source_data:
+            raise ValueError("parent.unseen_tokens 'mean' needs parent.source_data: the indexed-dataset prefixes the "
+                             "source model trained on (the planner writes them; or set unseen_tokens to 'keep')")
+        return self
 
 
 class ResourcesSpec(_Part):
@@ -358,6 +369,12 @@ class RunSpec(_Part):
 
         return write_json(path, self.to_dict())
 
+    def train_prefixes(self) -> list[str]:
+        """The indexed datasets this run trains on: the single prefix, or every blend phase's sources."""
+        if isinstance(self.data, SingleData):
+            return [self.data.prefix]
+        return sorted({str(src["prefix"]) for ph in self.data.phases for src in ph.get("sources", [])})
+
     def parent_done_path(self) -> Path:
         """Where the source run's done.json is in the planner's layout (run dirs side by side:
         ``<out_dir>/../<parent.run_id>/done.json``)."""
@@ -367,14 +384,15 @@ class RunSpec(_Part):
 
 def _migrate(data: dict[str, Any], where: str) -> dict[str, Any]:
     """run.json content of any known version as the current version's (version 0, no ``spec_version``,
-    has the same layout as version 1)."""
+    has the same layout as version 1; version 1 is version 2 without the optional ``parent.unseen_tokens`` /
+    ``parent.source_data``, whose absence means keep)."""
     version = data.get("spec_version", 0)
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
         raise SpecError(f"{where}: spec_version must be a non-negative integer, got {version!r}")
     if version > SPEC_VERSION:
         raise SpecError(f"{where}: spec_version {version} is newer than this cptscale reads (up to {SPEC_VERSION}); "
                         "upgrade cptscale or regenerate the spec with `cptscale plan CONFIG --run RUN_ID`")
-    if version == 0:
+    if version < SPEC_VERSION:
         data = {**data, "spec_version": SPEC_VERSION}
     return data
 

@@ -159,6 +159,12 @@ class CPTConfig(_Model):
     min_lr: Literal["pretrain", "start/10", "start/100", "zero"] = Field("pretrain", description="decay target")
     schedule: Literal["cosine", "wsd", "constant"] | None = Field(None, description="null: same as train.schedule")
     init_tolerance: float = Field(1e-3, gt=0, description="init-sanity gate: |loaded loss - source final loss| (nats)")
+    unseen_tokens: Literal["keep", "mean"] = Field(
+        "keep", exclude_if=lambda v: v == "keep",
+        description="rows of the tokens the source model never saw in training (ids absent from its training "
+        "data): keep (paper: not stated), or mean: set their input-embedding and output rows to the mean of the "
+        "seen tokens' rows after the init-sanity gate (Hewitt 2021), so a target language in another script "
+        "does not start at ~19 nats")
 
 
 class Variant(_Model):
@@ -439,6 +445,9 @@ class StudyConfig(_Model):
         if self.ladder is None and self.source_model is None:
             raise ValueError("ladder: missing; a scratch study needs ladder.sizes, or name source_model: {path: "
                              "<model dir>, target_tokens: [...]} to study CPT of an existing model")
+        if self.source_model is not None and self.cpt.unseen_tokens != "keep":
+            raise ValueError("cpt.unseen_tokens: 'mean' needs the source model's training data to know which tokens "
+                             "it saw; an imported source_model's is unknown: set cpt.unseen_tokens: keep")
         return self
 
     def blend_corpora(self, lang: str) -> list[str]:

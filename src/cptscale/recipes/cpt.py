@@ -56,15 +56,21 @@ class CPT(Recipe):
 
     def parent(self, cfg: StudyConfig, run: PlannedRun) -> ParentSpec:
         """The parent's final checkpoint and its final source-language loss (the init-sanity gate's
-        reference), from the parent's done.json."""
-        from cptscale.runspec import ParentSpec
+        reference), from the parent's done.json; with ``cpt.unseen_tokens: mean``, the datasets the parent
+        trained on (its run.json), whose token ids are the ones it has seen."""
+        from cptscale.runspec import ParentSpec, RunSpec
         from cptscale.util import read_json
 
         assert run.parent and run.source_lang
         done = read_json(run_dir(cfg, run.parent) / "done.json")
+        cc = self.cpt_config(cfg, run)
+        extra: dict[str, Any] = {}
+        if cc.unseen_tokens != "keep":
+            parent_spec = RunSpec.load(run_dir(cfg, run.parent) / "run.json")
+            extra = {"unseen_tokens": cc.unseen_tokens, "source_data": parent_spec.train_prefixes()}
         return ParentSpec(run_id=run.parent, checkpoint=str(checkpoint_dir(cfg, run.parent) / "final"),
                           lang=run.source_lang, final_loss=float(done["final_loss"][run.source_lang]),
-                          tolerance=self.cpt_config(cfg, run).init_tolerance)
+                          tolerance=cc.init_tolerance, **extra)
 
     def hash_parts(self, cfg: StudyConfig, run: PlannedRun) -> dict[str, Any]:
         return {"cpt": self.cpt_config(cfg, run).model_dump(mode="json"), "mix": self.mix(cfg, run)}

@@ -155,6 +155,7 @@ class Trainer:
             self._build_model()
             self._build_parts()
             self._init_sanity_gate()
+            self._init_unseen_tokens()
             if self.start_step == 0 and 0 in self.evaluator.steps:
                 self.evaluate(0)
             # SIGTERM (cluster time limit, scancel) and a first Ctrl-C: finish the step, checkpoint, exit 143;
@@ -301,6 +302,27 @@ class Trainer:
                 "does not belong to that run"
             )
         self.runlog.log(f"init-sanity gate passed: {plang} loss {got:.6f} vs recorded {exp} (tol {tol:g})")
+
+    def _init_unseen_tokens(self) -> None:
+        """CPT, fresh start, ``parent.unseen_tokens == "mean"``: rows of token ids the source never trained on
+        start at the mean of the seen rows (cptscale.train.vocab_init), after the gate checked the checkpoint
+        as saved; then a fresh optimizer (mixed-precision and distributed optimizers copy the weights when
+        they are built)."""
+        spec = self.spec
+        par = spec.parent
+        if spec.init != "cpt" or self.resumed_from is not None or par is None or par.unseen_tokens == "keep":
+            return
+        from cptscale.train.vocab_init import reset_unseen_rows, seen_tokens
+
+        try:
+            seen = seen_tokens(par.source_data, spec.vocab_size)
+        except (FileNotFoundError, ValueError) as exc:
+            raise TrainingError(f"parent.unseen_tokens: {exc}") from None
+        n = reset_unseen_rows(self.model, seen)
+        self.opt = self._make_optimizer(self.model, 0)
+        self.runlog.log(f"unseen tokens: {n} of {len(seen)} ids never occur in the source data; their embedding and "
+                        "output rows start at the mean of the seen rows")
+        self.runlog.event("unseen_tokens_reset", launch=False, step=0, ids=n, vocab=len(seen), source_data=list(par.source_data))
 
     def _loop(self) -> dict[str, float]:
         """Main steps from ``start_step``: prune events and WSD branches at their steps, then the step,
