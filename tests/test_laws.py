@@ -100,6 +100,12 @@ def test_overfit_penalty_refuses_a_design_that_cannot_identify_it() -> None:
     df.loc[df.index[:3], "D"] *= 8  # three points repeat data
     with pytest.raises(CLIError, match=r"3 points repeat data .* need >= 4 repeated points"):
         fit_overfit_penalty(df, 2e6, grid="coarse")
+    # fit-study records it as a refusal with that reason, not as a failed fit
+    from cptscale.fit.study import _constrained_record
+
+    rec = _constrained_record("lovelace", "es", (df.rename(columns={"run": "run_id"}), {"mode": "annealed"}), 2e6,
+                              None, [1e15], {"grid": "coarse"})
+    assert rec["status"] == "skipped" and rec["reason"].startswith("refused: 3 points repeat data"), rec["reason"]
 
 
 def test_fit_study_records_both_data_constrained_laws_on_the_same_held_out_size() -> None:

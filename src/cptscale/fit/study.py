@@ -98,6 +98,8 @@ def _constrained_record(law: str, lang: str, frame_sel: tuple[Any, dict[str, Any
     fixed = {k: v for k, v in (scratch["fr"].fixed if scratch else {}).items() if k == "E"}
     try:
         fr = fitter(pts, U, fixed=fixed, **kw)
+    except CLIError as exc:  # the points cannot identify the law (e.g. too few repeated points): a refusal
+        return _skipped(fit_id, law, "scratch", lang, f"refused: {exc}", selection=sel)
     except Exception as exc:
         return _skipped(fit_id, law, "scratch", lang, f"fit failed: {exc}", selection=sel)
     ho: dict[str, Any]
