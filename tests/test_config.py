@@ -304,3 +304,14 @@ def test_cli_validate_prints_warnings(raw: dict, tmp_path: Path) -> None:
 def test_json_schema_is_up_to_date() -> None:
     shipped = json.loads((ROOT / "workflow/schemas/config.schema.json").read_text())
     assert shipped == json_schema(), "regenerate with `cptscale schema`"
+
+
+def test_bootstrap_schemes_of_the_config_are_the_fit_layers() -> None:
+    """The config names the schemes in a Literal (the schema does not import the fit layer); they must stay
+    the ones fit-study accepts."""
+    from typing import get_args
+
+    from cptscale.config.schema import FitConfig
+    from cptscale.fit.uncertainty import BOOTSTRAP_SCHEMES
+
+    assert set(get_args(FitConfig.model_fields["bootstrap_scheme"].annotation)) == set(BOOTSTRAP_SCHEMES)
