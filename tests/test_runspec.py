@@ -63,6 +63,35 @@ def _planned_study(path: Path, tmp: Path):
     return cfg, runs
 
 
+def test_cpt_unseen_tokens_mean_names_the_parents_own_training_data(tmp_path: Path) -> None:
+    """cpt.unseen_tokens: mean (an ablation knob; the demo keeps the default): each CPT run.json carries the
+    datasets its parent trained on, read from the parent's run.json, and reads back; the default writes
+    neither key (run.json as before version 2)."""
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    raw["cpt"]["unseen_tokens"] = "mean"
+    path = ROOT / f".test-unseen-{tmp_path.name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    try:
+        cfg, runs = _planned_study(path, tmp_path)
+    finally:
+        path.unlink()
+    cpt = [r for r in runs if r.init == "cpt"]
+    assert cpt
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for run in cpt:
+            spec = P.run_spec(cfg, run.run_id)
+            parent = RunSpec.load(R.run_dir(cfg, run.parent) / "run.json")
+            assert spec.parent.unseen_tokens == "mean"
+            assert spec.parent.source_data == parent.train_prefixes() == [str(R.data_dir(cfg) / "en" / "train")]
+            assert RunSpec.parse(spec.to_dict()) == spec
+    plain, _ = _planned_study(ROOT / "config.yaml", tmp_path / "plain")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        d = P.run_spec(plain, cpt[0].run_id).to_dict()
+    assert "unseen_tokens" not in d["parent"] and "source_data" not in d["parent"]
+
+
 @pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.stem)
 def test_every_planned_run_json_validates_and_reads_back(study: Path, tmp_path: Path) -> None:
     cfg, runs = _planned_study(study, tmp_path)
