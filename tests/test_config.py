@@ -315,3 +315,18 @@ def test_bootstrap_schemes_of_the_config_are_the_fit_layers() -> None:
     from cptscale.fit.uncertainty import BOOTSTRAP_SCHEMES
 
     assert set(get_args(FitConfig.model_fields["bootstrap_scheme"].annotation)) == set(BOOTSTRAP_SCHEMES)
+
+
+def test_unseen_tokens_mean_is_refused_for_an_imported_source_model(tmp_path: Path) -> None:
+    """cpt.unseen_tokens: mean needs the data the source trained on; an imported model's is unknown."""
+    from hf_helpers import with_tiny_source_model
+
+    from cptscale.config.problems import ConfigError
+
+    path = ROOT / "workflow/studies/existing-en-zh.yaml"
+    raw = with_tiny_source_model(yaml.safe_load(path.read_text()), tmp_path)
+    raw.setdefault("cpt", {})["unseen_tokens"] = "mean"
+    with pytest.raises(ConfigError, match=r"cpt.unseen_tokens: 'mean' needs the source model's training data.*keep"):
+        parse_config(raw, base_dir=path.parent, where=str(path))
+    raw["cpt"]["unseen_tokens"] = "keep"
+    parse_config(raw, base_dir=path.parent, where=str(path))
