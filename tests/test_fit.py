@@ -660,3 +660,22 @@ def test_fit_study_too_few_sizes_records_skips(tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("N,D,loss\n1,2,3\n")
     assert main(["fit-study", "--points", str(bad), "--out-dir", str(tmp_path / "o")]) == 2
+
+
+def test_resamples_that_all_reproduce_the_fit_give_no_interval() -> None:
+    """A cheap law fitted exactly through too few runs (the demo's Hernandez law: 4 transfer points, 3
+    parameters; 13 usable resamples, every one the fit itself) got a zero-width '95 % interval'. Now no
+    interval, with the reason, which the summary prints; a law whose resamples vary keeps its interval."""
+    from cptscale.fit.points import Points
+    from cptscale.fit.uncertainty import _bootstrap_generic
+    from cptscale.summary import _interval_text
+
+    pts = Points(np.array([1e5, 2e5, 4e5, 8e5]), np.ones(4), np.ones(4), np.array(list("abcd")), np.arange(4))
+    flat = _bootstrap_generic(pts, 20, 0, lambda w, c: {"alpha": 0.466, "beta": -0.055}, ["alpha", "beta"])
+    assert flat["intervals"]["alpha"]["lo"] is None and "same value" in flat["intervals"]["alpha"]["reason"]
+    text = _interval_text({"intervals": flat["intervals"], "meta": {"bootstrap": flat["info"]}})
+    assert "no interval for alpha, beta (all 20 usable resamples give the same value" in text
+    varied = _bootstrap_generic(pts, 20, 0, lambda w, c: {"alpha": float(w @ np.arange(4)), "beta": 1.0},
+                                ["alpha", "beta"])
+    iv = varied["intervals"]["alpha"]
+    assert iv["lo"] < iv["hi"] and "reason" not in iv

@@ -54,8 +54,12 @@ def _law_text(fit: dict[str, Any]) -> str:
 
 def _interval_text(fit: dict[str, Any]) -> str | None:
     iv = fit.get("intervals") or {}
+    shown = ("alpha", "beta", "gamma", "a", "m")
     parts = [f"{k} [{_num(x.get('lo'), '.4g')}, {_num(x.get('hi'), '.4g')}]" for k, x in iv.items()
-             if isinstance(x, dict) and x.get("lo") is not None and k in ("alpha", "beta", "gamma", "a", "m")]
+             if isinstance(x, dict) and x.get("lo") is not None and k in shown]
+    none = {k: x["reason"] for k, x in iv.items() if isinstance(x, dict) and x.get("reason") and k in shown}
+    if none:  # e.g. a law fitted exactly through too few runs: every resample reproduces it
+        parts.append(f"no interval for {', '.join(none)} ({next(iter(none.values()))})")
     if not parts:
         return None
     bs = (fit.get("meta") or {}).get("bootstrap") or {}

@@ -109,6 +109,19 @@ def _interval(x: Any, level: float = _LEVEL) -> dict[str, Any]:
     return {"lo": float(lo), "hi": float(hi), "median": float(med), "se": float(np.std(x, ddof=1)), "n": len(x)}
 
 
+def _spread_interval(x: np.ndarray, level: float) -> dict[str, Any]:
+    """:func:`_interval`, except that resamples which all give the same value (a law fitted exactly through
+    too few runs: every usable resample reproduces the fit) give no interval and say why, rather than a
+    zero-width one that reads as certainty."""
+    iv = _interval(x, level)
+    f = np.asarray(x, float)
+    f = f[np.isfinite(f)]
+    if len(f) >= 2 and np.ptp(f) <= 1e-9 * max(1.0, float(np.abs(f).max())):
+        iv = {**iv, "lo": None, "hi": None,
+              "reason": f"all {len(f)} usable resamples give the same value: too few runs to measure its spread"}
+    return iv
+
+
 def _usable_resamples(pts: Points, fit: FitResult, W: np.ndarray, base_th: np.ndarray,
                       fixed_samples: dict[str, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
     """Which resamples can identify the law (enough sizes and points, finite frozen draws) and each resample's
@@ -295,7 +308,7 @@ def _bootstrap_generic(pts: Points, n: int, seed: int, refit: Callable[[np.ndarr
             continue
         for k in keys:
             samples[k][b] = out.get(k, np.nan)
-    return {"samples": samples, "intervals": {k: _interval(v, level) for k, v in samples.items()},
+    return {"samples": samples, "intervals": {k: _spread_interval(v, level) for k, v in samples.items()},
             "info": {"n_requested": n, "n_ok": n - bad, "n_degenerate": bad, "unit": "run",
                      "n_runs": len(labels), "seed": seed, "level": level, "method": "percentile"}}
 
