@@ -790,3 +790,18 @@ def torch_allclose(a, b) -> bool:
     import torch
 
     return bool(torch.allclose(a, b, rtol=0, atol=1e-6))
+
+
+def test_seen_tokens_names_a_dataset_of_another_tokenizer(root):
+    """An id outside the run's vocabulary in the source data: the error names the dataset and the cause."""
+    from train_helpers import write_indexed
+
+    from cptscale.train.vocab_init import seen_tokens
+
+    ok = write_indexed(root / "seen" / "ok", [np.array([1, 2, 3, 0], np.int32)])
+    assert np.flatnonzero(seen_tokens([ok], VOCAB)).tolist() == [0, 1, 2, 3]
+    bad = write_indexed(root / "seen" / "bad", [np.array([1, 300, 0], np.int32)])
+    with pytest.raises(ValueError, match=r"seen/bad holds token id 300, outside the vocabulary of 256"):
+        seen_tokens([ok, bad], VOCAB)
+    with pytest.raises(FileNotFoundError, match=r"missing\.bin/\.idx not found"):
+        seen_tokens([str(root / "seen" / "missing")], VOCAB)
