@@ -771,10 +771,12 @@ def test_cpt_unseen_tokens_start_at_the_mean_of_the_seen_rows(root, capsys):
         tr._build_parts()
         tr._init_sanity_gate()
         tr._init_unseen_tokens()
+        import torch
+
         gpt = tr.model.module
         for w in (gpt.embedding.word_embeddings.weight, gpt.output_layer.weight):
             w = w.detach().double()
-            assert torch_allclose(w[101:VOCAB], w[:101].mean(0).expand(VOCAB - 101, -1))
+            assert torch.allclose(w[101:VOCAB], w[:101].mean(0).expand(VOCAB - 101, -1), rtol=0, atol=1e-6)
     finally:
         tr.runlog.close()
         teardown_parallel()
@@ -784,12 +786,6 @@ def test_cpt_unseen_tokens_start_at_the_mean_of_the_seen_rows(root, capsys):
     capsys.readouterr()
     assert run_spec(bad) != 0
     assert "parent.unseen_tokens 'mean' needs parent.source_data" in capsys.readouterr().err
-
-
-def torch_allclose(a, b) -> bool:
-    import torch
-
-    return bool(torch.allclose(a, b, rtol=0, atol=1e-6))
 
 
 def test_seen_tokens_names_a_dataset_of_another_tokenizer(root):

@@ -318,23 +318,24 @@ def _fit_huber_nll(pts: Points, law: str, fixed: dict[str, float], delta: float,
 _LOG_FLOAT_MAX = 700.0  # exp(709) is the largest float
 
 
+def _no_closed_form(reason: str) -> dict[str, Any]:
+    return {"a": None, "b": None, "G": None, "valid": False, "reason": reason}
+
+
 def exponents(fit: FitResult) -> dict[str, Any]:
     """Closed-form allocation under C = 6ND: N_opt = G (C/6)^a, D_opt = (C/6)^b / G (study-design §3.1, §3.2)."""
     p = fit.params
     if fit.law in DATA_CONSTRAINED:
-        return {"a": None, "b": None, "G": None, "valid": False,
-                "reason": "data-constrained law: no closed form; the allocation is the numeric optimum"}
+        return _no_closed_form("data-constrained law: no closed form; the allocation is the numeric optimum")
     A, B, al, be, ga = p["A"], p["B"], p["alpha"], p["beta"], p.get("gamma", 0.0)
     s = al + be - ga
     if not (be - ga > 0 and s > 0 and al > 0):
-        return {"a": None, "b": None, "G": None, "valid": False,
-                "reason": f"no interior optimum: needs alpha > 0, beta - gamma > 0, alpha + beta - gamma > 0 "
-                          f"(alpha={al:.4g}, beta={be:.4g}, gamma={ga:.4g})"}
+        return _no_closed_form(f"no interior optimum: needs alpha > 0, beta - gamma > 0, alpha + beta - gamma > 0 "
+                               f"(alpha={al:.4g}, beta={be:.4g}, gamma={ga:.4g})")
     log_g = (math.log(al * A) - math.log((be - ga) * B)) / s  # in logs: a tiny s overflows the power
     if not abs(log_g) < _LOG_FLOAT_MAX:
-        return {"a": None, "b": None, "G": None, "valid": False,
-                "reason": f"G = exp({log_g:.4g}) is outside the float range: a degenerate law "
-                          f"(alpha + beta - gamma = {s:.4g})"}
+        return _no_closed_form(f"G = exp({log_g:.4g}) is outside the float range: a degenerate law "
+                               f"(alpha + beta - gamma = {s:.4g})")
     return {"a": be / s, "b": (al - ga) / s, "G": math.exp(log_g), "valid": True, "reason": None}
 
 

@@ -114,11 +114,9 @@ def _spread_interval(x: np.ndarray, level: float) -> dict[str, Any]:
     too few runs: every usable resample reproduces the fit) give no interval and say why, rather than a
     zero-width one that reads as certainty."""
     iv = _interval(x, level)
-    f = np.asarray(x, float)
-    f = f[np.isfinite(f)]
-    if len(f) >= 2 and np.ptp(f) <= 1e-9 * max(1.0, float(np.abs(f).max())):
+    if iv["se"] is not None and iv["se"] <= 1e-9 * max(1.0, abs(iv["median"])):
         iv = {**iv, "lo": None, "hi": None,
-              "reason": f"all {len(f)} usable resamples give the same value: too few runs to measure its spread"}
+              "reason": f"all {iv['n']} usable resamples give the same value: too few runs to measure its spread"}
     return iv
 
 
