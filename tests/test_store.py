@@ -480,6 +480,18 @@ def test_branch_rows_are_ingested_and_add_fit_points(study, tmp_path):
     assert st.loc[("d64l2", "scratch", 0.0), "evals"] == 20 and st.loc[("d64l2", "scratch", 0.0), "branch_evals"] == 6
 
 
+def test_status_counts_an_eval_logged_again_after_a_resume_once(study):
+    """A run resumed from a checkpoint logs the evaluations after it again (the store keeps the last of each):
+    the status counts distinct (step, language) evals, so a finished run reads 20 of 20, not 22 of 20."""
+    from cptscale.store.queries import status_table
+
+    ev = study / "runs" / "d64l2-scratch-zh" / "evals.jsonl"
+    lines = ev.read_text().splitlines()
+    ev.write_text("\n".join([*lines, *lines[-2:], "{not json"]) + "\n")  # two re-logged evals, one torn line
+    st = status_table(study).set_index(["size", "init", "replay"])
+    assert st.loc[("d64l2", "scratch", 0.0), "evals"] == st.loc[("d64l2", "scratch", 0.0), "evals_expected"] == 20
+
+
 def test_bad_branch_rows_name_file_and_line(study):
     e = study / "runs" / RUN / "evals.jsonl"
     n = len(e.read_text().splitlines())

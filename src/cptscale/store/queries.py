@@ -101,14 +101,7 @@ def _run_status(e: dict[str, Any], d: Path, in_db: set[str]) -> dict[str, Any]:
     """One expected run's status row: done or partial, evals logged against those planned, transfer, store."""
     spec = load_spec(d / "run.json") if (d / "run.json").exists() else None
     n_exp = len(spec.eval.steps) * len(spec.eval.languages) if spec else 0
-    n_ev = n_br = 0
-    if (d / "evals.jsonl").exists():
-        with open(d / "evals.jsonl", "rb") as fh:
-            for line in fh:
-                if b'"branch"' in line and _branch_of(line) is not None:
-                    n_br += 1  # a WSD decay branch's eval: not one of the planned main-trajectory evals
-                elif line.strip():
-                    n_ev += 1
+    n_ev, n_br = _eval_counts(d / "evals.jsonl")
     return {
         "size": e.get("size"), "params": e.get("params") or (spec.params if spec else None) or 0,
         "init": e.get("init"), "replay": float(e.get("replay") or 0.0), "variant": e.get("variant") or "",
@@ -141,12 +134,29 @@ def status_table(study_dir: str | os.PathLike[str], db: str | os.PathLike[str] |
               "transfer", "in_db", "branch_evals"]]
 
 
-def _branch_of(line: bytes) -> Any:
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return None
-    return row.get("branch") if isinstance(row, dict) else None
+def _eval_counts(path: Path) -> tuple[int, int]:
+    """Distinct evaluations of a run's evals.jsonl: main-trajectory (step, language) pairs and WSD decay-branch
+    (step, language, branch) triples. A run resumed from a checkpoint logs the evaluations after it again; the
+    store keeps the last of each (``transfer.latest_evals``), so the status counts each once too. Unreadable
+    lines are not counted (ingest reports them)."""
+    main: set[tuple[Any, Any]] = set()
+    branch: set[tuple[Any, Any, Any]] = set()
+    if path.exists():
+        with open(path, "rb") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(row, dict):
+                    continue
+                if row.get("branch") is None:
+                    main.add((row.get("step"), row.get("lang")))
+                else:  # a WSD decay branch's eval: not one of the planned main-trajectory evals
+                    branch.add((row.get("step"), row.get("lang"), row.get("branch")))
+    return len(main), len(branch)
 
 
 def export(db: str | os.PathLike[str], out_dir: str | os.PathLike[str], fmt: str = "parquet",
