@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +10,9 @@ from typing import Any
 
 from cptscale.errors import CLIError
 from cptscale.runspec import load_spec
+from cptscale.store.readers import read_jsonl_rows
 from cptscale.store.schema import TABLES, default_db
+from cptscale.transfer import latest_evals
 from cptscale.util import read_json
 
 
@@ -135,28 +136,14 @@ def status_table(study_dir: str | os.PathLike[str], db: str | os.PathLike[str] |
 
 
 def _eval_counts(path: Path) -> tuple[int, int]:
-    """Distinct evaluations of a run's evals.jsonl: main-trajectory (step, language) pairs and WSD decay-branch
-    (step, language, branch) triples. A run resumed from a checkpoint logs the evaluations after it again; the
-    store keeps the last of each (``transfer.latest_evals``), so the status counts each once too. Unreadable
-    lines are not counted (ingest reports them)."""
-    main: set[tuple[Any, Any]] = set()
-    branch: set[tuple[Any, Any, Any]] = set()
-    if path.exists():
-        with open(path, "rb") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if not isinstance(row, dict):
-                    continue
-                if row.get("branch") is None:
-                    main.add((row.get("step"), row.get("lang")))
-                else:  # a WSD decay branch's eval: not one of the planned main-trajectory evals
-                    branch.add((row.get("step"), row.get("lang"), row.get("branch")))
-    return len(main), len(branch)
+    """Distinct evaluations of a run's evals.jsonl, as the store keeps them (``transfer.latest_evals``: the
+    last row per step, language and branch; a run resumed from a checkpoint logs the evals after it again):
+    main-trajectory evals and WSD decay-branch evals. Unreadable lines are not counted (ingest reports them)."""
+    if not path.exists():
+        return 0, 0
+    rows = latest_evals(read_jsonl_rows(path, ("step", "lang"), allow_partial=True, problems=[]))
+    n_branch = sum(r.get("branch") is not None for r in rows)
+    return len(rows) - n_branch, n_branch
 
 
 def export(db: str | os.PathLike[str], out_dir: str | os.PathLike[str], fmt: str = "parquet",
