@@ -59,6 +59,7 @@ class _Prep:
     lL: np.ndarray
 
     def __post_init__(self) -> None:
+        self.ones = np.ones_like(self.lN)
         self.m2 = np.stack([np.ones_like(self.lN), self.lN], 1)
         self.m3 = np.stack([np.ones_like(self.lD), self.lD, self.lN], 1)
         # the exponents as (rows, 2|3) @ (2|3, n) products: a - alpha log N = [a, alpha] @ [1, -log N]
@@ -66,6 +67,15 @@ class _Prep:
         # point's exponent is 4x faster than exp of the distinct sizes' followed by a gather to the points)
         self.e2 = np.stack([np.ones_like(self.lN), -self.lN])
         self.e3 = np.stack([np.ones_like(self.lD), -self.lD, -self.lN])
+
+
+def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise dot products of two (K, n) arrays: numpy >= 2's vecdot (a fused loop, ~2x einsum's speed at
+    the objective's block size), einsum before it."""
+    return np.vecdot(a, b) if _VECDOT else np.einsum("kn,kn->k", a, b)
+
+
+_VECDOT = hasattr(np, "vecdot")
 
 
 def _obj(theta: np.ndarray, lN: np.ndarray, lD: np.ndarray, lL: np.ndarray, delta: float, reduction: str,
@@ -113,15 +123,15 @@ def _obj_block(theta: np.ndarray, d: _Prep, delta: float, reduction: str,
         W = a if W is None else W * a
     if W is not None:  # Huber = c·(r − c/2), weighted
         cw = c * W
-        f = np.einsum("kn,kn->k", cw, r) - 0.5 * np.einsum("kn,kn->k", cw, c)
+        f = _rowdot(cw, r) - 0.5 * _rowdot(cw, c)
         c = cw
     else:
-        f = np.einsum("kn,kn->k", c, r) - 0.5 * np.einsum("kn,kn->k", c, c)
+        f = _rowdot(c, r) - 0.5 * _rowdot(c, c)
     c /= s
     w2 *= c
     w3 *= c
     g = np.empty((K, p))
-    g[:, 0] = w1[:, 0] * c.sum(1)
+    g[:, 0] = w1[:, 0] * (c @ d.ones)
     g2 = w2 @ d.m2
     g3 = w3 @ d.m3
     g[:, 1], g[:, 3] = g2[:, 0], -g2[:, 1]
