@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from cptscale import plan as P
 from cptscale import runs as R
 from cptscale.runspec import SPEC_VERSION, RunSpec, SpecError
 from cptscale.util import write_json
-from cptscale.validation import load_config
+from cptscale.validation import parse_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import make_spec
@@ -30,19 +31,18 @@ PLANNED_KEYS = {"spec_version", "run_id", "study", "size", "init", "lang", "sour
                 "config_hash", "provenance", "logging"}
 
 
-def _planned_study(path: Path, tmp: Path):
-    """The study config with its results in ``tmp``, fake data manifests (real-looking hashes, ample
-    tokens) and a done.json for every run, so run_spec can plan each run's run.json."""
+def _planned_study(path: Path, tmp: Path, edit: Callable[[dict], None] | None = None):
+    """The study config (changed by ``edit``) with its results in ``tmp``, fake data manifests (real-looking
+    hashes, ample tokens) and a done.json for every run, so run_spec can plan each run's run.json. The
+    config is validated in memory with the original's directory as base (its corpus paths resolve), so
+    nothing is written beside it."""
     from hf_helpers import fake_import, with_tiny_source_model
 
     raw = with_tiny_source_model(yaml.safe_load(path.read_text()), tmp)
     raw["results_dir"] = str(tmp / "results")
-    cfg_path = path.parent / f".test-runspec-{tmp.name}.yaml"  # beside the original: corpus paths resolve
-    cfg_path.write_text(yaml.safe_dump(raw))
-    try:
-        cfg = load_config(cfg_path)
-    finally:
-        cfg_path.unlink()
+    if edit is not None:
+        edit(raw)
+    cfg = parse_config(raw, base_dir=path.resolve().parent, where=str(path))
     hashes = {"bin_hash": "b1" * 8, "idx_hash": "c2" * 8}
     for lang in cfg.languages.all:
         write_json(R.data_dir(cfg) / lang / "data.json", {
@@ -67,14 +67,10 @@ def test_cpt_unseen_tokens_mean_names_the_parents_own_training_data(tmp_path: Pa
     """cpt.unseen_tokens: mean (an ablation knob; the demo keeps the default): each CPT run.json carries the
     datasets its parent trained on, read from the parent's run.json, and reads back; the default writes
     neither key (run.json as before version 2)."""
-    raw = yaml.safe_load((ROOT / "config.yaml").read_text())
-    raw["cpt"]["unseen_tokens"] = "mean"
-    path = ROOT / f".test-unseen-{tmp_path.name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    try:
-        cfg, runs = _planned_study(path, tmp_path)
-    finally:
-        path.unlink()
+    def mean_start(raw: dict) -> None:
+        raw["cpt"]["unseen_tokens"] = "mean"
+
+    cfg, runs = _planned_study(ROOT / "config.yaml", tmp_path, edit=mean_start)
     cpt = [r for r in runs if r.init == "cpt"]
     assert cpt
     with warnings.catch_warnings():
