@@ -60,7 +60,7 @@ class _Prep:
 
     def __post_init__(self) -> None:
         self.ones = np.ones_like(self.lN)
-        self.m2 = np.stack([np.ones_like(self.lN), self.lN], 1)
+        self.m2 = np.stack([self.ones, self.lN], 1)
         self.m3 = np.stack([np.ones_like(self.lD), self.lD, self.lN], 1)
         # the exponents as (rows, 2|3) @ (2|3, n) products: a - alpha log N = [a, alpha] @ [1, -log N]
         # (BLAS: ~10x faster than the broadcast a[:, None] - alpha[:, None] * log N; and exp of every
@@ -69,13 +69,13 @@ class _Prep:
         self.e3 = np.stack([np.ones_like(self.lD), -self.lD, -self.lN])
 
 
+_VECDOT = hasattr(np, "vecdot")  # numpy >= 2.0
+
+
 def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise dot products of two (K, n) arrays: numpy >= 2's vecdot (a fused loop, ~2x einsum's speed at
     the objective's block size), einsum before it."""
     return np.vecdot(a, b) if _VECDOT else np.einsum("kn,kn->k", a, b)
-
-
-_VECDOT = hasattr(np, "vecdot")
 
 
 def _obj(theta: np.ndarray, lN: np.ndarray, lD: np.ndarray, lL: np.ndarray, delta: float, reduction: str,
