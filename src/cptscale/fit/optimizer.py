@@ -59,14 +59,14 @@ class _Prep:
     lL: np.ndarray
 
     def __post_init__(self) -> None:
-        self.ones = np.ones_like(self.lN)
-        self.m2 = np.stack([self.ones, self.lN], 1)
-        self.m3 = np.stack([np.ones_like(self.lD), self.lD, self.lN], 1)
+        self.ones = one = np.ones_like(self.lN)  # lN, lD, lL: one entry per point
+        self.m2 = np.stack([one, self.lN], 1)
+        self.m3 = np.stack([one, self.lD, self.lN], 1)
         # the exponents as (rows, 2|3) @ (2|3, n) products: a - alpha log N = [a, alpha] @ [1, -log N]
         # (BLAS: ~10x faster than the broadcast a[:, None] - alpha[:, None] * log N; and exp of every
         # point's exponent is 4x faster than exp of the distinct sizes' followed by a gather to the points)
-        self.e2 = np.stack([np.ones_like(self.lN), -self.lN])
-        self.e3 = np.stack([np.ones_like(self.lD), -self.lD, -self.lN])
+        self.e2 = np.stack([one, -self.lN])
+        self.e3 = np.stack([one, -self.lD, -self.lN])
 
 
 _VECDOT = hasattr(np, "vecdot")  # numpy >= 2.0
