@@ -103,6 +103,8 @@ def test_demo_prints_the_answer(demo: Demo) -> None:
     assert re.search(r"^  fit \S+: L = ", out, re.M), out[-3000:]
     assert re.search(r"^  CPT compute saving \(median over \d+ CPT runs, last evaluation\): -?\d+\.\d% "
                      r"\[-?\d+\.\d%, -?\d+\.\d%\]$", out, re.M), out[-3000:]
+    assert re.search(r"^        replay 0: -?\d+\.\d% \[-?\d+\.\d%, -?\d+\.\d%\] \(\d runs.*\) \| -?\d+\.\d% "
+                     r"\[-?\d+\.\d%, -?\d+\.\d%\]$", out, re.M), out[-3000:]  # curve | scratch law, per replay
     assert re.search(r"^      held-out largest size \([0-9.e+-]+ params\): \w+ -?\d", out, re.M), out[-3000:]
 
 
@@ -142,7 +144,8 @@ def test_demo_report_renders_offline(demo: Demo) -> None:
     if ok & {"chinchilla", "cpt", "envelope"}:
         supported.add("fit_quality")
     assert supported <= set(info["drawn"]), {n: info["missing"].get(n) for n in supported - set(info["drawn"])}
-    assert set(info["drawn"]) <= CORE | {"next_run"}, info["drawn"]
+    assert "saving-zh" in info["drawn"], info["drawn"]  # the CPT compute saving by the scratch law, per replay
+    assert set(info["drawn"]) <= CORE | {"next_run", "saving-zh"}, info["drawn"]
     html = study / "report" / "index.html"
     res = render(html, ARTIFACTS / "report-demo-micro.png")
     check_rendered(res, html, info["drawn"])

@@ -339,6 +339,70 @@ def test_summary_saving_has_a_bootstrap_interval(tmp_path: Path) -> None:
     text = format_summary({"study": "s", "report": "r.html", "fits": {}, "compute_saving": cs})
     assert f"CPT compute saving (median over 6 CPT runs, last evaluation): {cs['median_frac_saved']:.1%} [" in text
     assert "95% percentile bootstrap of the median over CPT runs" in text
+    # per replay ratio, from the scratch curves and (with fit-study's record) by the scratch law
+    for g in cs["by_replay"]:
+        vals = [r["frac_saved"] for r in cs["per_run"] if r["replay"] == float(g["replay"])]
+        assert g["n_runs"] == len(vals) == 3 and g["median_frac_saved"] == pytest.approx(float(np.median(vals)))
+    from cptscale.fit.saving import law_saving
+
+    rec, _, df = _law_saving_case()
+    law = law_saving(df, "zh", rec)
+    text = format_summary({"study": "s", "report": "r.html", "fits": {}, "compute_saving": {**cs, "by_law": [law]}})
+    assert "by replay ratio: same-size scratch curve, last evaluation within its range | scratch law " \
+           "(scratch-chinchilla-zh) at each run's end" in text
+    lb = {g["replay"]: g for g in law["by_replay"]}
+    assert f"replay 0: {cs['by_replay'][0]['median_frac_saved']:.1%} [" in text
+    assert f"| {lb['0']['median_frac_saved']:.1%} [{lb['0']['median_frac_saved_lo']:.1%}, " in text
+    assert f"all runs: {cs['median_frac_saved']:.1%} [" in text
+
+
+def _law_saving_case() -> tuple[dict, list[float], pd.DataFrame]:
+    """A scratch Chinchilla record with bootstrap draws and CPT runs whose final main-trajectory loss is the
+    law's loss at D / (1 - s) for a known saving s (s = 1: a loss below the law's floor at that size)."""
+    p = {"E": 1.7, "A": 400.0, "B": 2000.0, "alpha": 0.34, "beta": 0.28}
+    boot = {k: [v * f for f in (0.98, 0.99, 1.0, 1.01, 1.02)] for k, v in p.items() if k in ("alpha", "beta")}
+    rec = {"fit_id": "scratch-chinchilla-zh", "status": "ok", "params": p, "bootstrap": boot,
+           "identifiability": {"allocation_reliable": True}}
+    cases = [(1e6, 2e7, 0.0, 0.3), (2e6, 4e7, 0.0, 0.2), (4e6, 8e7, 0.0, -0.1),
+             (1e6, 2e7, 0.25, 0.1), (2e6, 4e7, 0.25, -0.2), (4e6, 8e7, 0.25, 1.0)]
+    rows = []
+    for i, (N, D, rep, s) in enumerate(cases):
+        floor = p["E"] + p["A"] * N ** -p["alpha"]
+        L = floor - 0.01 if s == 1.0 else floor + p["B"] * (D / (1 - s)) ** -p["beta"]
+        common = {"run": f"c{i}", "init": "cpt", "lang": "zh", "N": N, "replay": rep, "size": f"n{N:g}"}
+        rows += [{**common, "D": D / 2, "loss": L + 0.2, "step": 5, "branch": np.nan},
+                 {**common, "D": D, "loss": L, "step": 10, "branch": np.nan},
+                 {**common, "D": 1.5 * D, "loss": L - 0.5, "step": 15, "branch": 15.0}]  # a decay branch: not the end
+        rows.append({"run": f"s{i}", "init": "scratch", "lang": "zh", "N": N, "D": D, "loss": L + 0.1, "replay": 0.0,
+                     "size": f"n{N:g}", "step": 10, "branch": np.nan})
+    return rec, [c[3] for c in cases], pd.DataFrame(rows)
+
+
+def test_law_saving_recovers_known_savings_per_run_and_per_replay() -> None:
+    """The scratch law's equal-loss saving at each CPT run's end gives back the saving the runs were built
+    with, reads the main trajectory's last point (not a decay branch), flags a loss below the law's floor at
+    that size (saving 1) and runs beyond the scratch runs' tokens, and brackets each median with its interval."""
+    from cptscale.fit.saving import law_saving
+
+    rec, truth, df = _law_saving_case()
+    out = law_saving(df, "zh", rec)
+    assert out["status"] == "ok" and out["n_law_draws"] == 5 and out["law_fit"] == "scratch-chinchilla-zh"
+    got = {r["run_id"]: r for r in out["per_run"]}
+    for i, s in enumerate(truth):
+        r = got[f"c{i}"]
+        assert r["frac_saved"] == pytest.approx(s, abs=1e-9), (i, r)
+        assert r["below_law_floor"] == (s == 1.0)
+        assert r["extrapolated"] == (s > 0)  # D_eq = D / (1 - s) > D, the scratch run's tokens at that size
+        assert r["frac_saved_lo"] <= r["frac_saved"] + 1e-12 and r["frac_saved"] <= r["frac_saved_hi"] + 1e-12
+    by = {g["replay"]: g for g in out["by_replay"]}
+    assert set(by) == {"0", "0.25", "all"}
+    assert by["0"]["median_frac_saved"] == pytest.approx(0.2)
+    assert by["0.25"]["median_frac_saved"] == pytest.approx(0.1)
+    assert by["all"]["median_frac_saved"] == pytest.approx(0.15) and by["all"]["n_runs"] == 6
+    for g in by.values():
+        assert g["median_frac_saved_lo"] <= g["median_frac_saved"] <= g["median_frac_saved_hi"], g
+    assert law_saving(df, "zh", None)["status"] == "skipped"
+    assert law_saving(df, "es", rec)["status"] == "skipped"
 
 
 def test_summary_flags_an_unidentified_fit(tmp_path: Path) -> None:

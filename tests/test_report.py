@@ -366,6 +366,30 @@ def test_page_renders_offline(tmp_path: Path, study_db: Path) -> None:
 
 
 @pytest.mark.browser
+@needs_chromium
+def test_saving_section_renders_the_law_saving_per_replay(tmp_path: Path, study_db: Path) -> None:
+    """With fit-study's summary beside it, the report leads with the CPT compute saving: a table of the median
+    per replay ratio with its interval and a chart of every CPT run's saving with the law's interval."""
+    fits = tmp_path / "s" / "fits"
+    fits.mkdir(parents=True)
+    summary = json.loads((study_db.parent / "gen" / "s" / "fits" / "summary.json").read_text())
+    (fits / "summary.json").write_text(json.dumps(summary))
+    rec = next(r for r in summary["cpt_saving"] if r["lang"] == "zh")
+    info = build_report(study_db, "s", tmp_path / "s" / "report", images=False)
+    assert info["drawn"]["saving-zh"] == {"rows": len(rec["per_run"])} == {"rows": 9}
+    html = tmp_path / "s" / "report" / "index.html"
+    page = html.read_text()
+    assert "CPT compute saving (zh)" in page and "scratch-chinchilla-zh" in page
+    for g in rec["by_replay"]:
+        label = "all runs" if g["replay"] == "all" else f"replay {g['replay']}"
+        assert (f"<td>{label}</td><td>{100 * g['median_frac_saved']:.1f} %</td>"
+                f"<td>[{100 * g['median_frac_saved_lo']:.1f} %, {100 * g['median_frac_saved_hi']:.1f} %]</td>") in page
+    st = check_rendered(render(html), html, info["drawn"])
+    assert set(st["rendered"]) == CORE | {"saving-zh"}
+    assert st["marks"]["saving-zh"] == {"rule": 9 + 1, "symbol": 9}  # an interval and a point per run, the zero line
+
+
+@pytest.mark.browser
 @pytest.mark.slow
 @needs_chromium
 def test_large_study_renders(tmp_path: Path) -> None:

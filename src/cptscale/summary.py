@@ -150,9 +150,12 @@ def _median_interval(vals: list[float], n_boot: int = 2000, level: float = 0.95,
 def compute_saving(db: Path, study: str) -> dict[str, Any]:
     """Median share of FLOPs CPT saved (vs scratch at equal target loss) and median effective data
     transferred (scratch tokens to the same loss minus CPT target tokens), over each CPT run's last
-    evaluation (an even count averages the middle two), each with a 95 % percentile bootstrap interval
-    over CPT runs; read from the store's ``transfer`` table. Single tiny runs are noisy: the interval
-    says how far the headline number can be trusted."""
+    evaluation within the same-size scratch run's loss range (an even count averages the middle two), each
+    with a 95 % percentile bootstrap interval over CPT runs; read from the store's ``transfer`` table; also
+    per replay ratio. A run that ends below its scratch run's best loss is read at an earlier evaluation
+    (``read_early``): the curve cannot say what scratch would need there; fit-study's law-based saving
+    (``cptscale.fit.saving``) can. Single tiny runs are noisy: the interval says how far the headline
+    number can be trusted."""
     import duckdb
 
     con = duckdb.connect(str(db), read_only=True)
@@ -161,13 +164,14 @@ def compute_saving(db: Path, study: str) -> dict[str, Any]:
             """
             with last as (
               select run_id, size, replay, max(step) as step from transfer
-              where study = ? and frac_saved is not null group by run_id, size, replay)
+              where study = ? and frac_saved is not null group by run_id, size, replay),
+            ends as (select run_id, max(step) as last_step from transfer where study = ? group by run_id)
             select t.run_id, t.size, t.replay, t.frac_saved, t.tokens, t.scratch_tokens_equiv,
-                   t.effective_data_transferred
-            from transfer t join last using (run_id, step)
+                   t.effective_data_transferred, t.step, ends.last_step
+            from transfer t join last using (run_id, step) join ends using (run_id)
             where t.study = ? order by t.size, t.replay, t.run_id
             """,
-            [study, study],
+            [study, study, study],
         ).fetchall()
     except duckdb.Error as exc:
         return {"error": f"no transfer metrics in {db}: {exc}"}
@@ -175,15 +179,24 @@ def compute_saving(db: Path, study: str) -> dict[str, Any]:
         con.close()
     per_run = [
         {"run_id": i, "size": s, "replay": r, "frac_saved": f, "tokens": t, "scratch_tokens_equiv": e,
-         "effective_data_transferred": dt}
-        for i, s, r, f, t, e, dt in rows
+         "effective_data_transferred": dt, "step": st, "read_early": st < last}
+        for i, s, r, f, t, e, dt, st, last in rows
     ]
     fracs = [float(x["frac_saved"]) for x in per_run]
     dts = [float(x["effective_data_transferred"]) for x in per_run if x["effective_data_transferred"] is not None]
     lo, hi = _median_interval(fracs)
     dlo, dhi = _median_interval(dts)
+    by_replay = []
+    for rep in sorted({float(x["replay"] or 0.0) for x in per_run}):
+        vals = [float(x["frac_saved"]) for x in per_run if float(x["replay"] or 0.0) == rep]
+        rlo, rhi = _median_interval(vals)
+        by_replay.append({"replay": f"{rep:g}", "n_runs": len(vals), "median_frac_saved": statistics.median(vals),
+                          "median_frac_saved_lo": rlo, "median_frac_saved_hi": rhi,
+                          "n_read_early": sum(bool(x["read_early"]) for x in per_run
+                                              if float(x["replay"] or 0.0) == rep)})
     return {"per_run": per_run, "median_frac_saved": statistics.median(fracs) if fracs else None,
             "median_frac_saved_lo": lo, "median_frac_saved_hi": hi, "n_runs": len(fracs),
+            "n_read_early": sum(bool(x["read_early"]) for x in per_run), "by_replay": by_replay,
             "median_effective_data": statistics.median(dts) if dts else None,
             "median_effective_data_lo": dlo, "median_effective_data_hi": dhi,
             "interval": "95% percentile bootstrap of the median over CPT runs (2000 resamples)"}
@@ -261,6 +274,7 @@ def summarize(study_dir: Path, study: str) -> dict[str, Any]:
     db = study_dir / "cptscale.duckdb"
     out["simulated"] = simulated_runs(db, study) if db.exists() else {"simulated": 0, "trained": 0}
     out["compute_saving"] = compute_saving(db, study) if db.exists() else {"error": f"{db} missing"}
+    out["compute_saving"]["by_law"] = [x for x in fsum.get("cpt_saving") or [] if x.get("status") == "ok"]
     if db.exists():
         out.update({k: v for k, v in arm_results(db, study).items() if k in ("iplt", "variants")})
     return out
@@ -346,8 +360,44 @@ def _next_run_lines(nr: dict[str, Any] | None) -> list[str]:
     return []
 
 
+def _pct_iv(d: dict[str, Any]) -> str:
+    """A median saving with its interval, e.g. ``7.9% [-16.7%, 16.1%]``."""
+    if d.get("median_frac_saved_lo") is None:
+        return f"{d['median_frac_saved']:.1%} [no interval]"
+    return f"{d['median_frac_saved']:.1%} [{d['median_frac_saved_lo']:.1%}, {d['median_frac_saved_hi']:.1%}]"
+
+
+def _saving_by_replay_lines(cs: dict[str, Any]) -> list[str]:
+    """The median saving per replay ratio: from the scratch curves and, when fit-study wrote it, by the law."""
+    law = (cs.get("by_law") or [{}])[0]
+    law_by = {x["replay"]: x for x in law.get("by_replay") or []}
+    groups = list(cs.get("by_replay") or [])
+    if len(groups) > 1:  # the headline's median over every run, beside the law's
+        groups.append({"replay": "all", "n_runs": cs["n_runs"], "n_read_early": cs.get("n_read_early"),
+                       **{k: cs[k] for k in ("median_frac_saved", "median_frac_saved_lo", "median_frac_saved_hi")}})
+    if not groups and not law_by:
+        return []
+    head = "      by replay ratio: same-size scratch curve, last evaluation within its range"
+    if law_by:
+        head += (f" | scratch law ({law['law_fit']}{'' if law.get('reliable', True) else ', UNRELIABLE'}) "
+                 "at each run's end")
+    lines = [head]
+    for name in [*(g["replay"] for g in groups), *(k for k in law_by if k not in {g["replay"] for g in groups})]:
+        g = next((x for x in groups if x["replay"] == name), None)
+        curve = "-"
+        if g:
+            early = f"; {g['n_read_early']} read before the end" if g.get("n_read_early") else ""
+            curve = f"{_pct_iv(g)} ({g['n_runs']} runs{early})"
+        lines.append(f"        {'all runs' if name == 'all' else 'replay ' + name}: {curve}" + (f" | {_pct_iv(law_by[name])}" if name in law_by else ""))
+    if cs.get("n_read_early"):
+        lines.append("        read before its end: the run ends below its scratch run's best loss, where the curve "
+                     "cannot say what scratch would need (the law can)")
+    return lines
+
+
 def _saving_lines(cs: dict[str, Any], existing: bool) -> list[str]:
-    """The median CPT compute saving with its interval, the effective data and each run's saving."""
+    """The median CPT compute saving with its interval, per replay ratio, the effective data and each run's
+    saving."""
     lines = []
     if cs.get("median_frac_saved") is None:
         if not existing:  # an existing model's study has no scratch runs to save compute against
@@ -362,15 +412,25 @@ def _saving_lines(cs: dict[str, Any], existing: bool) -> list[str]:
                      + ("positive with 95% confidence" if cs["median_frac_saved_lo"] > 0 else
                         "negative with 95% confidence" if cs["median_frac_saved_hi"] < 0 else
                         "not distinguishable from zero at 95%"))
+    lines += _saving_by_replay_lines(cs)
     if cs.get("median_effective_data") is not None:
         div = (f" [{cs['median_effective_data_lo']:.4g}, {cs['median_effective_data_hi']:.4g}]"
                if cs.get("median_effective_data_lo") is not None else "")
         lines.append(f"      effective data transferred (median): {cs['median_effective_data']:.4g} tokens{div}")
+    law_runs = {r["run_id"]: r for r in ((cs.get("by_law") or [{}])[0].get("per_run") or [])}
     for row in cs["per_run"]:
         m = RUN_ID.match(row.get("run_id") or "")
         variant = m.group("variant") if m else None
         label = f"{row['size']:>8} replay {row['replay']:<5g}" + (f" {variant:<10}" if variant else "")
-        lines.append(f"      {label} saved {row['frac_saved']:.1%} of FLOPs")
+        text = f"      {label} saved {row['frac_saved']:.1%} of FLOPs"
+        if row.get("read_early"):
+            text += f" (at step {row['step']}, before its end)"
+        lr = law_runs.get(row.get("run_id"))
+        if lr:
+            liv = (f" [{lr['frac_saved_lo']:.1%}, {lr['frac_saved_hi']:.1%}]"
+                   if lr.get("frac_saved_lo") is not None else "")
+            text += f"; by the law at its end: {lr['frac_saved']:.1%}{liv}"
+        lines.append(text)
     return lines
 
 

@@ -3,7 +3,8 @@
 
 rule report:
     input:
-        f"{S}/cptscale.duckdb",
+        db=f"{S}/cptscale.duckdb",
+        fits=f"{S}/fits/summary.json",  # the CPT compute saving section reads it
     output:
         html=report(f"{S}/report/index.html", caption="../report/index.rst", category="Report"),
         figures=report(
@@ -18,7 +19,7 @@ rule report:
     log:
         f"{LOGS}/report.log",
     shell:
-        "cptscale report --db {input} --study {CFG.study} --out-dir $(dirname {output.html})"
+        "cptscale report --db {input.db} --study {CFG.study} --out-dir $(dirname {output.html})"
         " --title {params.title:q} --max-points {params.max_points}"
         " --config {CONFIG_FILE:q} 2> {log}"
 

@@ -33,6 +33,7 @@ from cptscale.fit.identify import (
 )
 from cptscale.fit.laws import EQUATIONS, LAWS, LOSSES, FitResult, _min_sizes
 from cptscale.fit.points import Points, _load_df, _points
+from cptscale.fit.saving import law_saving
 from cptscale.fit.uncertainty import (
     _LEVEL,
     BOOTSTRAP_SCHEMES,
@@ -515,6 +516,9 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
         rec["settings"] = settings
         write_json(out / f"{rec['fit_id']}.json", rec)
     summary = _summary(records, settings, str(points), prov, time.perf_counter() - t0)
+    by_id = {r["fit_id"]: r for r in records}
+    summary["cpt_saving"] = [law_saving(df, lang, by_id.get(f"scratch-chinchilla-{lang}"), seed) for lang in langs
+                             if (df.loc[df["lang"] == lang, "init"] == "cpt").any()]
     if not records:
         summary["note"] = f"{points} has no points (no finished runs yet?): nothing was fitted"
     write_json(out / "summary.json", summary)

@@ -183,18 +183,26 @@ def _draw_figures(db_path: Path, study: str, builders: dict[str, Any],
     return specs, drawn, missing, simulated
 
 
-def _design_section(final_dir: Path, specs: dict[str, Any], drawn: dict[str, Any]) -> str:
-    """The design table's HTML and chart (into ``specs``) when `cptscale design` wrote design.json beside the
-    report, else ""."""
-    design_path = final_dir.parent / "design" / "design.json"  # <study>/report -> <study>/design
-    if not design_path.exists():
-        return ""
-    from cptscale.simulate.design import design_chart, design_table
+def _lead_sections(final_dir: Path, specs: dict[str, Any], drawn: dict[str, Any]) -> list[tuple[str, str]]:
+    """(name, HTML) of the sections read from files beside the report, their charts into ``specs``: the CPT
+    compute saving per target language (fit-study's ``fits/summary.json``) and the design table when
+    `cptscale design` wrote ``design/design.json``."""
+    from cptscale.report.saving import saving_sections
 
-    rep_d = json.loads(design_path.read_text())
-    specs["design"] = design_chart(rep_d).to_dict()
-    drawn["design"] = {"rows": len(rep_d.get("designs", []))}
-    return design_table(rep_d)
+    out = []
+    for name, table, chart in saving_sections(final_dir):
+        specs[name] = chart.to_dict()
+        drawn[name] = {"rows": len(chart.layer[0].data)}
+        out.append((name, table))
+    design_path = final_dir.parent / "design" / "design.json"  # <study>/report -> <study>/design
+    if design_path.exists():
+        from cptscale.simulate.design import design_chart, design_table
+
+        rep_d = json.loads(design_path.read_text())
+        specs["design"] = design_chart(rep_d).to_dict()
+        drawn["design"] = {"rows": len(rep_d.get("designs", []))}
+        out.append(("design", design_table(rep_d)))
+    return out
 
 
 def _write_images(out: Path, specs: dict[str, Any], drawn: dict[str, Any]) -> None:
@@ -213,14 +221,12 @@ def _write_images(out: Path, specs: dict[str, Any], drawn: dict[str, Any]) -> No
 
 
 def _page(title: str, study: str, builders: dict[str, Any], specs: dict[str, Any], missing: dict[str, str],
-          design_html: str, simulated: dict[str, int]) -> str:
+          lead: list[tuple[str, str]], simulated: dict[str, int]) -> str:
     """The self-contained HTML page: one section per figure (or its missing note), the missing list, the
     simulated banner, the Vega bundle and the specs."""
     import vl_convert as vlc
 
-    sections = []
-    if design_html:
-        sections.append(f'<div class="fig" id="fig-design">{design_html}<div id="vis-design"></div></div>')
+    sections = [f'<div class="fig" id="fig-{name}">{body}<div id="vis-{name}"></div></div>' for name, body in lead]
     for name in builders:
         if name in specs:
             sections.append(f'<div class="fig" id="fig-{name}"><div id="vis-{name}"></div></div>')
@@ -265,14 +271,14 @@ def _build_into(out: Path, db_path: Path, study: str, final_dir: Path, *, title:
     alt.data_transformers.disable_max_rows()
     title = title or f"cptscale report: {study}"
     specs, drawn, missing, simulated = _draw_figures(db_path, study, builders, max_points)
-    design_html = _design_section(final_dir, specs, drawn)
+    lead = _lead_sections(final_dir, specs, drawn)
     if simulated["simulated"]:  # every page and figure says so
         title = f"SIMULATED: {title}"
         for spec in specs.values():
             _mark_simulated(spec)
     if images:
         _write_images(out, specs, drawn)
-    page = _page(title, study, builders, specs, missing, design_html, simulated)
+    page = _page(title, study, builders, specs, missing, lead, simulated)
     atomic_write(out / "index.html", page)
     info = {
         "study": study,
