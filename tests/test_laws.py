@@ -354,6 +354,18 @@ def test_summary_saving_has_a_bootstrap_interval(tmp_path: Path) -> None:
     assert f"replay 0: {cs['by_replay'][0]['median_frac_saved']:.1%} [" in text
     assert f"| {lb['0']['median_frac_saved']:.1%} [{lb['0']['median_frac_saved_lo']:.1%}, " in text
     assert f"all runs: {cs['median_frac_saved']:.1%} [" in text
+    # two target languages: each law's medians on a line of its own, an unidentified law's marked
+    other = {**law, "lang": "es", "law_fit": "scratch-chinchilla-es", "reliable": False}
+    text = format_summary({"study": "s", "report": "r.html", "fits": {},
+                           "compute_saving": {**cs, "by_law": [law, other]}})
+    assert "by replay ratio: same-size scratch curve, last evaluation within its range\n" in text
+    assert (f"zh, scratch law (scratch-chinchilla-zh) at each run's end: replay 0 {_pct(lb['0'])}; replay 0.25 "
+            f"{_pct(lb['0.25'])}; all runs {_pct(lb['all'])}") in text
+    assert "es, scratch law (scratch-chinchilla-es, UNRELIABLE) at each run's end: replay 0 " in text
+
+
+def _pct(g: dict) -> str:
+    return f"{g['median_frac_saved']:.1%} [{g['median_frac_saved_lo']:.1%}, {g['median_frac_saved_hi']:.1%}]"
 
 
 def _law_saving_case() -> tuple[dict, list[float], pd.DataFrame]:

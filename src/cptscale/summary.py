@@ -368,8 +368,10 @@ def _pct_iv(d: dict[str, Any]) -> str:
 
 
 def _saving_by_replay_lines(cs: dict[str, Any]) -> list[str]:
-    """The median saving per replay ratio: from the scratch curves and, when fit-study wrote it, by the law."""
-    law = (cs.get("by_law") or [{}])[0]
+    """The median saving per replay ratio: from the scratch curves and, when fit-study wrote it, by the law
+    (beside the curve's with one target language; on lines of their own per language with several)."""
+    laws = cs.get("by_law") or []
+    law = laws[0] if len(laws) == 1 else {}
     law_by = {x["replay"]: x for x in law.get("by_replay") or []}
     groups = list(cs.get("by_replay") or [])
     if len(groups) > 1:  # the headline's median over every run, beside the law's
@@ -389,6 +391,11 @@ def _saving_by_replay_lines(cs: dict[str, Any]) -> list[str]:
             early = f"; {g['n_read_early']} read before the end" if g.get("n_read_early") else ""
             curve = f"{_pct_iv(g)} ({g['n_runs']} runs{early})"
         lines.append(f"        {'all runs' if name == 'all' else 'replay ' + name}: {curve}" + (f" | {_pct_iv(law_by[name])}" if name in law_by else ""))
+    for lw in laws if len(laws) > 1 else []:
+        groups_text = "; ".join(f"{'all runs' if g['replay'] == 'all' else 'replay ' + g['replay']} {_pct_iv(g)}"
+                                for g in lw["by_replay"])
+        unreliable = "" if lw.get("reliable", True) else ", UNRELIABLE"
+        lines.append(f"        {lw['lang']}, scratch law ({lw['law_fit']}{unreliable}) at each run's end: {groups_text}")
     if cs.get("n_read_early"):
         lines.append("        read before its end: the run ends below its scratch run's best loss, where the curve "
                      "cannot say what scratch would need (the law can)")
@@ -417,7 +424,7 @@ def _saving_lines(cs: dict[str, Any], existing: bool) -> list[str]:
         div = (f" [{cs['median_effective_data_lo']:.4g}, {cs['median_effective_data_hi']:.4g}]"
                if cs.get("median_effective_data_lo") is not None else "")
         lines.append(f"      effective data transferred (median): {cs['median_effective_data']:.4g} tokens{div}")
-    law_runs = {r["run_id"]: r for r in ((cs.get("by_law") or [{}])[0].get("per_run") or [])}
+    law_runs = {r["run_id"]: r for lw in cs.get("by_law") or [] for r in lw.get("per_run") or []}
     for row in cs["per_run"]:
         m = RUN_ID.match(row.get("run_id") or "")
         variant = m.group("variant") if m else None
