@@ -186,14 +186,16 @@ def compute_saving(db: Path, study: str) -> dict[str, Any]:
     dts = [float(x["effective_data_transferred"]) for x in per_run if x["effective_data_transferred"] is not None]
     lo, hi = _median_interval(fracs)
     dlo, dhi = _median_interval(dts)
+    groups: dict[float, list[dict[str, Any]]] = {}
+    for x in per_run:
+        groups.setdefault(float(x["replay"] or 0.0), []).append(x)
     by_replay = []
-    for rep in sorted({float(x["replay"] or 0.0) for x in per_run}):
-        vals = [float(x["frac_saved"]) for x in per_run if float(x["replay"] or 0.0) == rep]
+    for rep, grp in sorted(groups.items()):
+        vals = [float(x["frac_saved"]) for x in grp]
         rlo, rhi = _median_interval(vals)
         by_replay.append({"replay": f"{rep:g}", "n_runs": len(vals), "median_frac_saved": statistics.median(vals),
                           "median_frac_saved_lo": rlo, "median_frac_saved_hi": rhi,
-                          "n_read_early": sum(bool(x["read_early"]) for x in per_run
-                                              if float(x["replay"] or 0.0) == rep)})
+                          "n_read_early": sum(bool(x["read_early"]) for x in grp)})
     return {"per_run": per_run, "median_frac_saved": statistics.median(fracs) if fracs else None,
             "median_frac_saved_lo": lo, "median_frac_saved_hi": hi, "n_runs": len(fracs),
             "n_read_early": sum(bool(x["read_early"]) for x in per_run), "by_replay": by_replay,

@@ -197,10 +197,10 @@ def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _active(X: np.ndarray, g: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray | None:
     """The coordinates held on a bound (at it, the gradient pushing outwards), or None when no coordinate is
     on a bound, as is usual: the bounds are wide, and the masked copies can then be skipped."""
-    at = (lo >= X) | (hi <= X)
-    if not at.any():
+    at_lo, at_hi = lo >= X, hi <= X
+    if not (at_lo.any() or at_hi.any()):
         return None
-    act = ((lo >= X) & (g > 0)) | ((hi <= X) & (g < 0))
+    act = (at_lo & (g > 0)) | (at_hi & (g < 0))
     return act if act.any() else None
 
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-_LEVEL = 0.95
+from cptscale.fit.uncertainty import _LEVEL, _interval
+
 _RESAMPLES = 2000
 
 
@@ -82,11 +83,10 @@ def law_saving(df: Any, lang: str, scratch: Mapping[str, Any] | None, seed: int 
         N, D, L = float(r["N"]), float(r["D"]), float(r["loss"])
         s, d_eq = equal_loss_saving(scratch["params"], N, D, L)
         sd = [equal_loss_saving(p, N, D, L)[0] for p in draws] or [s]
-        lo, hi = np.quantile(sd, [(1 - _LEVEL) / 2, 1 - (1 - _LEVEL) / 2]) if len(sd) > 1 else (None, None)
+        iv = _interval(sd)
         runs.append({"run_id": str(r["run"]), "size": r.get("size"), "replay": float(r["replay"]), "N": N, "D": D,
                      "loss": L, "scratch_tokens_equiv": d_eq, "frac_saved": s,
-                     "frac_saved_lo": None if lo is None else float(lo),
-                     "frac_saved_hi": None if hi is None else float(hi),
+                     "frac_saved_lo": iv["lo"], "frac_saved_hi": iv["hi"],
                      "below_law_floor": d_eq is None,
                      "extrapolated": d_eq is None or d_eq > d_max.get(N, 0.0)})
         S.append(sd)
@@ -96,8 +96,7 @@ def law_saving(df: Any, lang: str, scratch: Mapping[str, Any] | None, seed: int 
         for rep in sorted({x["replay"] for x in runs})]
     if len(groups) > 1:
         groups.append(("all", list(range(len(runs)))))
-    width = max(len(s) for s in S)
-    M = np.array([s if len(s) == width else [s[0]] * width for s in S])
+    M = np.array(S)  # runs x draws: every run has one saving per law draw (or its one estimate without draws)
     by = []
     for name, idx in groups:
         lo, hi = _median_interval(M[list(idx)], rng)
