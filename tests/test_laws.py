@@ -225,6 +225,35 @@ def test_bound_hugging_fit_is_flagged_and_remedied() -> None:
     assert rem2["free_fit"]["identifiability"]["on_bound"] == ["E"]
 
 
+def test_separate_fit_remedy_carries_e_uncertainty() -> None:
+    """The remedy 'E from a separate fit' bootstraps that fit too: resample b of the remedied law holds E
+    at the separate fit's resample-b value (same seed and scheme), so E's spread reaches every interval."""
+    from cptscale.fit.identify import fit_remedied
+    from cptscale.fit.uncertainty import bootstrap_law
+
+    rng = np.random.default_rng(0)
+
+    def law(E: float, B: float, n: float, d: float) -> float:
+        return (E + 60 / n**0.3 + B / d**0.25) * math.exp(rng.normal(0, 0.002))
+
+    sizes = (2e4, 4e4, 8e4, 1.6e5, 3.2e5)
+    scratch = pd.DataFrame([(n, d, law(0.0, 40, n, d), f"s{n:g}") for n in sizes for d in (1e5, 3e5, 1e6)],
+                           columns=["N", "D", "loss", "run"])  # no floor: the free fit puts E on its bound
+    other = pd.DataFrame([(n, d, law(0.5, 25, n, d), f"c{n:g}") for n in sizes for d in (1e5, 3e5, 1e6, 3e6)],
+                         columns=["N", "D", "loss", "run"])
+    kw = {"grid": "coarse"}
+    fr, bs, ident, rem = fit_remedied(_points(scratch), "chinchilla", {}, 20, 0, [], None, kw, "auto", None, other,
+                                      "bayes")
+    assert "E" in rem["free_fit"]["identifiability"]["on_bound"]
+    assert ident["identified"] and rem["used"].startswith("fixed E =") and "resampled" in rem["used"]
+    sep = fit_law(_points(other), "chinchilla", grid="coarse")
+    sep_e = bootstrap_law(_points(other), sep, 20, 0, (), scheme="bayes")["samples"]["E"]
+    assert fr.params["E"] == sep.params["E"] and bs["info"]["resampled"] == ["E"]
+    np.testing.assert_array_equal(bs["samples"]["E"], sep_e)  # each resample holds its own draw of E
+    assert np.nanstd(sep_e) > 0.01 and bs["intervals"]["E"]["lo"] < fr.params["E"] < bs["intervals"]["E"]["hi"]
+    assert rem["tried"][0]["E_interval"] == bs["intervals"]["E"]
+
+
 def test_interval_reaching_a_bound_is_flagged() -> None:
     fr = FitResult("chinchilla", {"E": 1.5, "A": 100.0, "B": 50.0, "alpha": 0.3, "beta": 0.3})
     ok = identifiability(fr, {"alpha": {"lo": 0.2, "hi": 0.4}, "E": {"lo": 1.0, "hi": 2.0}})

@@ -170,11 +170,20 @@ def fit_remedied(pts: Points, law: str, fixed: dict[str, float], nboot: int, see
     """A loss-law fit, its bootstrap (``scheme``: :data:`BOOTSTRAP_SCHEMES`) and identifiability; when it is
     not identified and ``policy`` is ``auto``, the standard remedies in order (fixed E given, fixed E from a
     separate fit on ``other``'s points, the reduced law without E), the first identified one kept. Returns
-    the fit used, its bootstrap, its identifiability and the remedy record (offered, tried, used)."""
+    the fit used, its bootstrap, its identifiability and the remedy record (offered, tried, used).
 
-    def one(fx: dict[str, float]) -> tuple[FitResult, dict[str, Any] | None, dict[str, Any]]:
+    E from a separate fit is not a known constant: the separate fit is bootstrapped too, and resample b of
+    the remedied law holds E at that fit's resample-b value, so its intervals, allocation and every figure
+    drawn from its bootstrap carry E's uncertainty. Same seed and scheme: with one run per size on both
+    sides (run ids sort by size), resample b weights each size alike in both fits, as the CPT law's
+    frozen draws already do (a size's shape luck is shared by its scratch and CPT runs)."""
+
+    def one(fx: dict[str, float], fsx: dict[str, np.ndarray] | None = None,
+            source: str | None = None) -> tuple[FitResult, dict[str, Any] | None, dict[str, Any]]:
         fr = fit_law(pts, law, fx, **kw)
-        bs = bootstrap_law(pts, fr, nboot, seed, budgets, fixed_samples=fs, scheme=scheme) if nboot else None
+        fsb = {**(fs or {}), **(fsx or {})} or None
+        bs = (bootstrap_law(pts, fr, nboot, seed, budgets, fixed_samples=fsb, scheme=scheme, frozen_from=source)
+              if nboot else None)
         return fr, bs, identifiability(fr, bs["intervals"] if bs else None, design_counts(pts),
                                        fr.meta.get("on_bound"))
 
@@ -185,24 +194,29 @@ def fit_remedied(pts: Points, law: str, fixed: dict[str, float], nboot: int, see
                            "free_fit": {"params": fr.params, "identifiability": ident}}
     if ident["identified"] or policy != "auto" or "E" in fixed:
         return fr, bs, ident, rem
-    cands: list[tuple[str, dict[str, float]]] = []
+    cands: list[tuple[str, dict[str, float], dict[str, np.ndarray] | None, dict[str, Any]]] = []
     if fixed_E is not None:
-        cands.append((f"fixed E = {fixed_E:g} (given: fit.fixed_E)", {"E": float(fixed_E)}))
+        cands.append((f"fixed E = {fixed_E:g} (given: fit.fixed_E)", {"E": float(fixed_E)}, None, {}))
     if other is not None and len(other):
         try:
             op = _points(other)
             if len(op.sizes) >= 3:
                 sep = fit_law(op, "chinchilla", {}, **kw)
                 if "E" not in sep.meta.get("on_bound", []) and not _near_bound("E", sep.params["E"]):
+                    sep_bs = bootstrap_law(op, sep, nboot, seed, (), scheme=scheme) if nboot else None
+                    e_draws = {"E": sep_bs["samples"]["E"]} if sep_bs else None
+                    extra = {"E_interval": sep_bs["intervals"]["E"]} if sep_bs else {}
                     cands.append((f"fixed E = {sep.params['E']:.4g} from a separate free Chinchilla fit on the CPT "
-                                  "runs of the same target data", {"E": sep.params["E"]}))
+                                  "runs of the same target data" + (" (E resampled with that fit's bootstrap)"
+                                                                    if sep_bs else ""),
+                                  {"E": sep.params["E"]}, e_draws, extra))
         except Exception as exc:  # the separate fit is optional: say why it was not offered
             rem["tried"].append({"remedy": "fixed E from a separate fit", "error": str(exc)})
-    cands.append(("reduced law without E (E = 0) for the range studied", {"E": 0.0}))
-    for label, fx in cands:
-        fr2, bs2, ident2 = one({**fixed, **fx})
+    cands.append(("reduced law without E (E = 0) for the range studied", {"E": 0.0}, None, {}))
+    for label, fx, fsx, extra in cands:
+        fr2, bs2, ident2 = one({**fixed, **fx}, fsx, "the separate fit's bootstrap" if fsx else None)
         rem["tried"].append({"remedy": label, "params": fr2.params, "identified": ident2["identified"],
-                             "summary": ident2["summary"]})
+                             "summary": ident2["summary"], **extra})
         if ident2["identified"]:
             rem["used"] = label
             return fr2, bs2, ident2, rem

@@ -153,9 +153,9 @@ def _loss_fit_record(fit_id: str, kind: str, lang: str | None, pts: Points, fr: 
         points.append(row)
     ex = exponents(fr)
     intervals = dict(bs["intervals"]) if bs else {}
-    if not (bs and bs["info"]["frozen"].startswith("resampled")):
-        for k in fr.fixed:  # constants unless they were resampled with the scratch bootstrap
-            intervals.pop(k, None)
+    resampled = set(bs["info"].get("resampled", ())) if bs else set()
+    for k in set(fr.fixed) - resampled:  # constants, unless resampled (scratch bootstrap, separate fit's E)
+        intervals.pop(k, None)
     rec = {
         "format": "cptscale-fit/1", "fit_id": fit_id, "law": fr.law, "kind": kind, "lang": lang, "status": "ok",
         "reason": None, "equation": EQUATIONS[fr.law], "params": fr.params, "fixed": fr.fixed,

@@ -205,7 +205,7 @@ def _resample_draws(law: str, fitted: list[tuple[int, np.ndarray]], pts: Points,
 def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budgets: Sequence[float] = (),
                   delta: float | None = None, reduction: str | None = None,
                   fixed_samples: dict[str, np.ndarray] | None = None, level: float = _LEVEL,
-                  scheme: str = "pairs") -> dict[str, Any]:
+                  scheme: str = "pairs", frozen_from: str | None = None) -> dict[str, Any]:
     """Bootstrap over runs for a loss law, all resamples optimised in one batch.
 
     ``scheme="pairs"`` (default): runs resampled with replacement. ``"bayes"``: the Bayesian bootstrap, one
@@ -227,7 +227,7 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
     ``huber-nll`` fit is refitted with its own recipe (BFGS on the weighted Huber likelihood, one
     start per resample at the full-data optimum). Frozen
     parameters may vary per resample (``fixed_samples``, e.g. the scratch fit's bootstrap draws of E, A,
-    alpha) so their uncertainty propagates. Resamples with too few sizes to identify the law are
+    alpha; ``frozen_from`` names their source in the record) so their uncertainty propagates. Resamples with too few sizes to identify the law are
     counted as degenerate and left out. Returns samples of every parameter, of a, b, G, of the
     allocation at each budget and of the predicted loss at every point, with intervals.
     """
@@ -270,6 +270,7 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
         fitted, n_unconv = _refit_batch(pts, fixed_b, bidx, free, starts, W, delta, reduction, asym, LL)
     samples, pred, alloc = _resample_draws(fit.law, fitted, pts, n, budgets)
     need = _min_sizes(fit.law, fit.fixed)
+    src = frozen_from or "the scratch fit's bootstrap"
     return {
         "samples": samples, "pred": pred, "alloc": alloc, "ok": ok,
         "intervals": {k: _interval(v, level) for k, v in samples.items()},
@@ -286,7 +287,9 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
                  "starts": "warm: one BFGS per resample from the full-data optimum (huber-nll)" if nll else
                            f"warm: the full-data optimum and the grid stage's {len(starts) - 1} best distinct optima",
                  "loss": "huber-nll" if nll else "huber",
-                 "frozen": "resampled with the scratch fit's bootstrap" if fixed_samples else "held at the fit's values",
+                 "frozen": (f"{', '.join(fixed_samples)} resampled with {src}" if fixed_samples
+                            else "held at the fit's values"),
+                 "resampled": list(fixed_samples or ()),  # frozen parameters that vary over the resamples
                  "degenerate_rule": f"resamples with < {need} distinct sizes or fewer points than free parameters"},
     }
 
