@@ -225,10 +225,10 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
     Resample b reweights each point by the count of its run; the fit restarts from the full-data fit's
     best distinct optima (warm starts, not the grid: cost n·k rather than n·4,500 starts). A
     ``huber-nll`` fit is refitted with its own recipe (BFGS on the weighted Huber likelihood, one
-    start per resample at the full-data optimum). Frozen
-    parameters may vary per resample (``fixed_samples``, e.g. the scratch fit's bootstrap draws of E, A,
-    alpha; ``frozen_from`` names their source in the record) so their uncertainty propagates. Resamples with too few sizes to identify the law are
-    counted as degenerate and left out. Returns samples of every parameter, of a, b, G, of the
+    start per resample at the full-data optimum). Frozen parameters may vary per resample
+    (``fixed_samples``: the scratch fit's draws of E, A, alpha, or a separate fit's draws of E;
+    ``frozen_from`` names the source in the record) so their uncertainty propagates. Resamples with too few
+    sizes to identify the law are counted as degenerate and left out. Returns samples of every parameter, of a, b, G, of the
     allocation at each budget and of the predicted loss at every point, with intervals.
     """
     pts = _points(data)
