@@ -679,3 +679,16 @@ def test_resamples_that_all_reproduce_the_fit_give_no_interval() -> None:
                                 ["alpha", "beta"])
     iv = varied["intervals"]["alpha"]
     assert iv["lo"] < iv["hi"] and "reason" not in iv
+
+
+def test_summary_lists_the_interval_of_e_when_the_record_has_one() -> None:
+    """E's interval is printed when the record keeps it (a free E, or a frozen E resampled with its source's
+    bootstrap); a constant E has none in the record, so none is printed."""
+    from cptscale.summary import _interval_text
+
+    boot = {"meta": {"bootstrap": {"n_ok": 50, "level": 0.95}}}
+    ivs = {"E": {"lo": 4.191, "hi": 4.587}, "A": {"lo": 22.0, "hi": 7.6e18}, "alpha": {"lo": 0.4241, "hi": 4.454}}
+    text = _interval_text({"intervals": ivs, **boot})
+    assert text == "95% intervals (50 resamples over runs): E [4.191, 4.587], alpha [0.4241, 4.454]"
+    held = _interval_text({"intervals": {k: v for k, v in ivs.items() if k != "E"}, **boot})
+    assert held is not None and "E [" not in held
