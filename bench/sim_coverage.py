@@ -64,7 +64,8 @@ def one_study(cfg, truth, seed: int, points: str, bootstrap: int, budget: float,
         fixed = {k: fr.params[k] for k in ("E", "A", "alpha")}
         fc = fit_law(cp, "cpt", fixed, **kw)
         bc = bootstrap_law(cp, fc, bootstrap, seed, [budget], scheme=scheme,
-                           fixed_samples={k: bs["samples"][k] for k in fixed})
+                           fixed_samples={k: bs["samples"][k] for k in fixed},
+                           frozen_from="the scratch fit's bootstrap")
         ctrue = {"beta'": c.beta, "gamma": c.gamma, "a": c.allocation(law)["a"]}
         civ = {"beta'": bc["intervals"]["beta"], "gamma": bc["intervals"]["gamma"], "a": bc["intervals"]["a"]}
         out[f"cpt-{lang}"] = _record(ctrue, civ, {"beta'": fc.params["beta"], "gamma": fc.params["gamma"]},

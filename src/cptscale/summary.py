@@ -371,6 +371,10 @@ def _pct_iv(d: dict[str, Any]) -> str:
     return f"{d['median_frac_saved']:.1%} [{d['median_frac_saved_lo']:.1%}, {d['median_frac_saved_hi']:.1%}]"
 
 
+def _replay_label(name: str) -> str:
+    return "all runs" if name == "all" else f"replay {name}"
+
+
 def _saving_by_replay_lines(cs: dict[str, Any]) -> list[str]:
     """The median saving per replay ratio: from the scratch curves and, when fit-study wrote it, by the law
     (beside the curve's with one target language; on lines of their own per language with several)."""
@@ -394,10 +398,9 @@ def _saving_by_replay_lines(cs: dict[str, Any]) -> list[str]:
         if g:
             early = f"; {g['n_read_early']} read before the end" if g.get("n_read_early") else ""
             curve = f"{_pct_iv(g)} ({g['n_runs']} runs{early})"
-        lines.append(f"        {'all runs' if name == 'all' else 'replay ' + name}: {curve}" + (f" | {_pct_iv(law_by[name])}" if name in law_by else ""))
+        lines.append(f"        {_replay_label(name)}: {curve}" + (f" | {_pct_iv(law_by[name])}" if name in law_by else ""))
     for lw in laws if len(laws) > 1 else []:
-        groups_text = "; ".join(f"{'all runs' if g['replay'] == 'all' else 'replay ' + g['replay']} {_pct_iv(g)}"
-                                for g in lw["by_replay"])
+        groups_text = "; ".join(f"{_replay_label(g['replay'])} {_pct_iv(g)}" for g in lw["by_replay"])
         unreliable = "" if lw.get("reliable", True) else ", UNRELIABLE"
         lines.append(f"        {lw['lang']}, scratch law ({lw['law_fit']}{unreliable}) at each run's end: {groups_text}")
     if cs.get("n_read_early"):

@@ -182,7 +182,8 @@ def fit_remedied(pts: Points, law: str, fixed: dict[str, float], nboot: int, see
             source: str | None = None) -> tuple[FitResult, dict[str, Any] | None, dict[str, Any]]:
         fr = fit_law(pts, law, fx, **kw)
         fsb = {**(fs or {}), **(fsx or {})} or None
-        bs = (bootstrap_law(pts, fr, nboot, seed, budgets, fixed_samples=fsb, scheme=scheme, frozen_from=source)
+        src = source or ("the scratch fit's bootstrap" if fs else None)  # fs: the frozen E, A, alpha draws
+        bs = (bootstrap_law(pts, fr, nboot, seed, budgets, fixed_samples=fsb, scheme=scheme, frozen_from=src)
               if nboot else None)
         return fr, bs, identifiability(fr, bs["intervals"] if bs else None, design_counts(pts),
                                        fr.meta.get("on_bound"))

@@ -270,7 +270,6 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
         fitted, n_unconv = _refit_batch(pts, fixed_b, bidx, free, starts, W, delta, reduction, asym, LL)
     samples, pred, alloc = _resample_draws(fit.law, fitted, pts, n, budgets)
     need = _min_sizes(fit.law, fit.fixed)
-    src = frozen_from or "the scratch fit's bootstrap"
     return {
         "samples": samples, "pred": pred, "alloc": alloc, "ok": ok,
         "intervals": {k: _interval(v, level) for k, v in samples.items()},
@@ -287,7 +286,8 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
                  "starts": "warm: one BFGS per resample from the full-data optimum (huber-nll)" if nll else
                            f"warm: the full-data optimum and the grid stage's {len(starts) - 1} best distinct optima",
                  "loss": "huber-nll" if nll else "huber",
-                 "frozen": (f"{', '.join(fixed_samples)} resampled with {src}" if fixed_samples
+                 "frozen": (f"{', '.join(fixed_samples)} resampled with {frozen_from or 'their source'}"
+                            if fixed_samples
                             else "held at the fit's values"),
                  "resampled": list(fixed_samples or ()),  # frozen parameters that vary over the resamples
                  "degenerate_rule": f"resamples with < {need} distinct sizes or fewer points than free parameters"},
