@@ -373,8 +373,18 @@ def test_summary_saving_has_a_bootstrap_interval(tmp_path: Path) -> None:
     assert cs["n_runs"] == len(vals) == 6
     assert vals[0] <= cs["median_frac_saved_lo"] <= cs["median_frac_saved"] <= cs["median_frac_saved_hi"] <= vals[-1]
     text = format_summary({"study": "s", "report": "r.html", "fits": {}, "compute_saving": cs})
-    assert f"CPT compute saving (median over 6 CPT runs, last evaluation): {cs['median_frac_saved']:.1%} [" in text
+    # two replay ratios: the headline is the smallest ratio's median (pooling mixes two recipes), named so
+    g0 = cs["by_replay"][0]
+    assert g0["replay"] == "0" and cs["headline"] == {"replay": "0", "n_runs": 3, **{
+        k: g0[k] for k in ("median_frac_saved", "median_frac_saved_lo", "median_frac_saved_hi")}}
+    assert (f"CPT compute saving at replay 0 (median over 3 CPT runs, last evaluation): "
+            f"{_pct(g0)}\n") in text
     assert "95% percentile bootstrap of the median over CPT runs" in text
+    assert "; the other replay ratios and all runs pooled below" in text
+    # one replay ratio: the median over every run, with no ratio named
+    one = {**cs, "by_replay": cs["by_replay"][:1]}
+    text1 = format_summary({"study": "s", "report": "r.html", "fits": {}, "compute_saving": one})
+    assert f"CPT compute saving (median over 6 CPT runs, last evaluation): {_pct(cs)}\n" in text1
     # per replay ratio, from the scratch curves and (with fit-study's record) by the scratch law
     for g in cs["by_replay"]:
         vals = [r["frac_saved"] for r in cs["per_run"] if r["replay"] == float(g["replay"])]
