@@ -65,7 +65,7 @@ def one_study(cfg, truth, seed: int, points: str, bootstrap: int, budget: float,
         fc = fit_law(cp, "cpt", fixed, **kw)
         bc = bootstrap_law(cp, fc, bootstrap, seed, [budget], scheme=scheme,
                            fixed_samples={k: bs["samples"][k] for k in fixed},
-                           frozen_from="the scratch fit's bootstrap")
+                           frozen_from="the scratch fit's bootstrap", pair_with=bs["run_draws"])
         ctrue = {"beta'": c.beta, "gamma": c.gamma, "a": c.allocation(law)["a"]}
         civ = {"beta'": bc["intervals"]["beta"], "gamma": bc["intervals"]["gamma"], "a": bc["intervals"]["a"]}
         out[f"cpt-{lang}"] = _record(ctrue, civ, {"beta'": fc.params["beta"], "gamma": fc.params["gamma"]},

@@ -314,6 +314,40 @@ def _three_point_runs(n_sizes: int) -> pd.DataFrame:
     return pd.DataFrame({"N": N, "D": D, "loss": loss, "run": np.repeat(list("abcdefgh"[:n_sizes]), 3)})
 
 
+@pytest.mark.parametrize("scheme", ["bayes", "wild"])
+def test_frozen_draws_pair_runs_by_size_not_by_name_or_position(scheme: str) -> None:
+    """A fit that freezes parameters from another fit's bootstrap draws gives, in resample b, each run the
+    weight (or sign) of the other fit's run of the same size. Names that sort against size order, a missing size
+    and a second run at one size (another replay ratio) must not shift the pairing: before run_slots, the
+    draws were matched by sorted-name position, so here every size would have drawn another size's luck."""
+    src = _three_point_runs(4)
+    src["run"] = np.repeat(["z-1", "m-2", "a-4", "q-8"], 3)  # alphabetical order is not size order
+    fs = fit_law(src, grid="coarse")
+    bs = bootstrap_law(src, fs, 30, seed=3, scheme=scheme)
+    size_col = {n: j for j, (n, k) in enumerate(bs["run_draws"]["slots"])}
+    other = pd.concat([src[src["N"] != 2e8], src[src["N"] == 4e8]], ignore_index=True)  # 2e8 missing, 4e8 twice
+    other["run"] = ["c-1"] * 3 + ["x-4-r0"] * 3 + ["b-8"] * 3 + ["x-4-r1"] * 3
+    other["loss"] *= 1.01
+    fo = fit_law(other, "chinchilla", {"E": fs.params["E"]}, grid="coarse")
+    paired = bootstrap_law(other, fo, 30, seed=3, scheme=scheme, fixed_samples={"E": bs["samples"]["E"]},
+                           pair_with=bs["run_draws"])
+    alone = bootstrap_law(other, fo, 30, seed=3, scheme=scheme, fixed_samples={"E": bs["samples"]["E"]})
+    src_draws = bs["run_draws"]["draws"]
+    slots = paired["run_draws"]["slots"]
+    assert sorted(slots) == [(1e8, 0), (4e8, 0), (4e8, 1), (8e8, 0)]
+    for j, (n, k) in enumerate(slots):
+        mine = paired["run_draws"]["draws"][:, j]
+        if k == 0:  # the first run of a size draws as the source's run of that size
+            assert np.array_equal(mine, src_draws[:, size_col[n]]), (n, k)
+        else:  # a second run at a size has no counterpart: its own draws
+            assert not np.array_equal(mine, src_draws[:, size_col[n]])
+    assert paired["info"]["paired_by_size"] == "3 of 4 runs draw as the same-size run of the source"
+    # unpaired, the draws follow name order and run count: no size keeps its luck
+    assert not any(np.array_equal(alone["run_draws"]["draws"][:, j], src_draws[:, size_col[n]])
+                   for j, (n, k) in enumerate(alone["run_draws"]["slots"]) if k == 0)
+    assert "paired_by_size" not in alone["info"]
+
+
 def test_bayes_bootstrap_weights_whole_runs_and_keeps_every_size() -> None:
     run = np.repeat(["a", "b", "c", "d", "e"], [3, 1, 4, 2, 5])
     W = bayes_weights(run, 400, np.random.default_rng(0))

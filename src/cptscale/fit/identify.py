@@ -165,8 +165,8 @@ _MORE_POINTS = ("more points: more sizes (a wider N range) and WSD decay branche
 
 def fit_remedied(pts: Points, law: str, fixed: dict[str, float], nboot: int, seed: int, budgets: Sequence[float],
                   fs: dict[str, np.ndarray] | None, kw: dict[str, Any], policy: str, fixed_E: float | None,
-                  other: Any, scheme: str = "pairs") -> tuple[FitResult, dict[str, Any] | None, dict[str, Any],
-                                                           dict[str, Any]]:
+                  other: Any, scheme: str = "pairs", pair_with: dict[str, Any] | None = None,
+                  ) -> tuple[FitResult, dict[str, Any] | None, dict[str, Any], dict[str, Any]]:
     """A loss-law fit, its bootstrap (``scheme``: :data:`BOOTSTRAP_SCHEMES`) and identifiability; when it is
     not identified and ``policy`` is ``auto``, the standard remedies in order (fixed E given, fixed E from a
     separate fit on ``other``'s points, the reduced law without E), the first identified one kept. Returns
@@ -174,16 +174,18 @@ def fit_remedied(pts: Points, law: str, fixed: dict[str, float], nboot: int, see
 
     E from a separate fit is not a known constant: the separate fit is bootstrapped too, and resample b of
     the remedied law holds E at that fit's resample-b value, so its intervals, allocation and every figure
-    drawn from its bootstrap carry E's uncertainty. Same seed and scheme: with one run per size on both
-    sides (run ids sort by size), resample b weights each size alike in both fits, as the CPT law's
-    frozen draws already do (a size's shape luck is shared by its scratch and CPT runs)."""
+    drawn from its bootstrap carry E's uncertainty. Same seed and scheme, and each run draws as the
+    separate fit's run of the same size (``pair_with`` likewise pairs ``fs`` with its source's draws): a
+    size's shape luck is shared by its scratch and CPT runs, so resample b weights it alike in both fits."""
 
     def one(fx: dict[str, float], fsx: dict[str, np.ndarray] | None = None,
-            source: str | None = None) -> tuple[FitResult, dict[str, Any] | None, dict[str, Any]]:
+            source: str | None = None, pair: dict[str, Any] | None = None,
+            ) -> tuple[FitResult, dict[str, Any] | None, dict[str, Any]]:
         fr = fit_law(pts, law, fx, **kw)
         fsb = {**(fs or {}), **(fsx or {})} or None
         src = source or ("the scratch fit's bootstrap" if fs else None)  # fs: the frozen E, A, alpha draws
-        bs = (bootstrap_law(pts, fr, nboot, seed, budgets, fixed_samples=fsb, scheme=scheme, frozen_from=src)
+        bs = (bootstrap_law(pts, fr, nboot, seed, budgets, fixed_samples=fsb, scheme=scheme, frozen_from=src,
+                            pair_with=pair or (pair_with if fs else None))
               if nboot else None)
         return fr, bs, identifiability(fr, bs["intervals"] if bs else None, design_counts(pts),
                                        fr.meta.get("on_bound"))
@@ -196,6 +198,7 @@ def fit_remedied(pts: Points, law: str, fixed: dict[str, float], nboot: int, see
     if ident["identified"] or policy != "auto" or "E" in fixed:
         return fr, bs, ident, rem
     cands: list[tuple[str, dict[str, float], dict[str, np.ndarray] | None, dict[str, Any]]] = []
+    sep_draws = None  # the separate fit's per-run draws, which the remedied law's resamples pair with
     if fixed_E is not None:
         cands.append((f"fixed E = {fixed_E:g} (given: fit.fixed_E)", {"E": float(fixed_E)}, None, {}))
     if other is not None and len(other):
@@ -206,6 +209,7 @@ def fit_remedied(pts: Points, law: str, fixed: dict[str, float], nboot: int, see
                 if "E" not in sep.meta.get("on_bound", []) and not _near_bound("E", sep.params["E"]):
                     sep_bs = bootstrap_law(op, sep, nboot, seed, (), scheme=scheme) if nboot else None
                     e_draws = {"E": sep_bs["samples"]["E"]} if sep_bs else None
+                    sep_draws = sep_bs["run_draws"] if sep_bs else None
                     extra = {"E_interval": sep_bs["intervals"]["E"]} if sep_bs else {}
                     cands.append((f"fixed E = {sep.params['E']:.4g} from a separate free Chinchilla fit on the CPT "
                                   "runs of the same target data" + (" (E resampled with that fit's bootstrap)"
@@ -215,7 +219,8 @@ def fit_remedied(pts: Points, law: str, fixed: dict[str, float], nboot: int, see
             rem["tried"].append({"remedy": "fixed E from a separate fit", "error": str(exc)})
     cands.append(("reduced law without E (E = 0) for the range studied", {"E": 0.0}, None, {}))
     for label, fx, fsx, extra in cands:
-        fr2, bs2, ident2 = one({**fixed, **fx}, fsx, "the separate fit's bootstrap" if fsx else None)
+        fr2, bs2, ident2 = one({**fixed, **fx}, fsx, "the separate fit's bootstrap" if fsx else None,
+                               sep_draws if fsx else None)
         rem["tried"].append({"remedy": label, "params": fr2.params, "identified": ident2["identified"],
                              "summary": ident2["summary"], **extra})
         if ident2["identified"]:

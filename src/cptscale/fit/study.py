@@ -392,7 +392,8 @@ def _loss_law_record(kind: str, law: str, frozen: str | None, lang: str,
         fr, bs, ident, rem = fit_remedied(
             pts, law, fixed, opt.bootstrap, opt.seed, opt.alloc_budgets, fs, opt.kw,
             opt.remedy if (kind, law) == ("scratch", "chinchilla") else "flag", opt.fixed_E,
-            sets["cpt"][0] if kind == "scratch" else None, opt.bootstrap_scheme)
+            sets["cpt"][0] if kind == "scratch" else None, opt.bootstrap_scheme,
+            scratch["bs"]["run_draws"] if fs is not None and scratch else None)
     except Exception as exc:
         return _skipped(fit_id, law, kind, lang, f"fit failed: {exc}", selection=sel), None
     if frozen:

@@ -46,6 +46,41 @@ def wild_multipliers(run: np.ndarray, n: int, rng: np.random.Generator) -> np.nd
     return rng.choice(np.array([-1.0, 1.0]), size=(n, R))[:, codes]
 
 
+def run_slots(pts: Points) -> list[tuple[float, int]]:
+    """Each run's slot, in :func:`_run_codes` order: its size N and its rank among the runs of that size (by
+    run id). Slots, not run ids or positions, pair two fits' resamples: a scratch run and the CPT run of
+    the same size share a slot, whatever their names and whichever other runs each fit has."""
+    labels, codes = np.unique(np.asarray(pts.run).astype(str), return_inverse=True)
+    n_of = [float(pts.N[np.flatnonzero(codes == i)[0]]) for i in range(len(labels))]
+    seen: dict[float, int] = {}
+    out = []
+    for n_run in n_of:  # labels are sorted, so each size's runs come in run-id order
+        out.append((n_run, seen.get(n_run, 0)))
+        seen[n_run] = seen.get(n_run, 0) + 1
+    return out
+
+
+def paired_draws(own: np.ndarray, slots: Sequence[tuple[float, int]],
+                 source: dict[str, Any] | None) -> tuple[np.ndarray, int]:
+    """Per-run draws (resamples x runs: counts, weights or signs) with each run that has a slot in
+    ``source`` (another bootstrap's ``run_draws``) given that run's column, so resample b weights a size
+    alike in both fits; runs without a counterpart keep their own draws. Returns the draws and how many
+    runs were paired."""
+    if source is None:
+        return own, 0
+    col = {tuple(k): j for j, k in enumerate(source["slots"])}
+    src = np.asarray(source["draws"])
+    out = own.copy()
+    n = min(len(own), len(src))
+    paired = 0
+    for r, slot in enumerate(slots):
+        j = col.get(tuple(slot))
+        if j is not None:
+            out[:n, r] = src[:n, j]
+            paired += 1
+    return out, paired
+
+
 def cluster_jackknife_residuals(pts: Points, fit: FitResult, free: Sequence[int], base_th: np.ndarray) -> np.ndarray:
     """Log-loss residuals with each run's block multiplied by ``(I - H_gg)^-1``, H the hat matrix of the
     linearised law at the fit (Jacobian of the log prediction in the free internal parameters): the
@@ -205,7 +240,8 @@ def _resample_draws(law: str, fitted: list[tuple[int, np.ndarray]], pts: Points,
 def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budgets: Sequence[float] = (),
                   delta: float | None = None, reduction: str | None = None,
                   fixed_samples: dict[str, np.ndarray] | None = None, level: float = _LEVEL,
-                  scheme: str = "pairs", frozen_from: str | None = None) -> dict[str, Any]:
+                  scheme: str = "pairs", frozen_from: str | None = None,
+                  pair_with: dict[str, Any] | None = None) -> dict[str, Any]:
     """Bootstrap over runs for a loss law, all resamples optimised in one batch.
 
     ``scheme="pairs"`` (default): runs resampled with replacement. ``"bayes"``: the Bayesian bootstrap, one
@@ -227,7 +263,10 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
     ``huber-nll`` fit is refitted with its own recipe (BFGS on the weighted Huber likelihood, one
     start per resample at the full-data optimum). Frozen parameters may vary per resample
     (``fixed_samples``: the scratch fit's draws of E, A, alpha, or a separate fit's draws of E;
-    ``frozen_from`` names the source in the record) so their uncertainty propagates. Resamples with too few
+    ``frozen_from`` names the source in the record) so their uncertainty propagates; ``pair_with`` (that
+    source's ``run_draws``) then gives each run the draw of the source's run of the same size (its slot,
+    :func:`run_slots`), so resample b's frozen draw and its weights come from the same luck of each size,
+    whichever runs either fit has (a missing run, several replay ratios). Resamples with too few
     sizes to identify the law are counted as degenerate and left out. Returns samples of every parameter, of a, b, G, of the
     allocation at each budget and of the predicted loss at every point, with intervals.
     """
@@ -244,10 +283,19 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
     starts = fit.starts if fit.starts is not None else base_th[free][None]
     asym = float(fit.meta.get("overestimate_penalty", 1.0))
     LL = None
+    R, codes = _run_codes(pts.run)
+    slots = run_slots(pts)
+    first = np.array([np.flatnonzero(codes == i)[0] for i in range(R)])
+    rng = np.random.default_rng(seed)
     if scheme == "pairs":
-        W = bootstrap_counts(pts.run, n, np.random.default_rng(seed))[1]
+        own = bootstrap_counts(pts.run[first], n, rng)[0].astype(float)
     elif scheme == "bayes":
-        W = bayes_weights(pts.run, n, np.random.default_rng(seed))
+        own = bayes_weights(pts.run[first], n, rng)
+    else:
+        own = wild_multipliers(pts.run[first], n, rng)  # the per-run draws: the helpers at one point per run
+    draws, n_paired = paired_draws(own, slots, pair_with)
+    if scheme in ("pairs", "bayes"):
+        W = draws[:, codes]
     else:  # the design stays: every point once, the observations redrawn around the fit
         lpred = np.log(fit.predict(pts.N, pts.D))
         if scheme == "wildjk":
@@ -256,7 +304,7 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
             resid = cluster_jackknife_residuals(pts, fit, free, base_th)
         else:
             resid = np.log(pts.L) - lpred
-        LL = lpred + wild_multipliers(pts.run, n, np.random.default_rng(seed)) * resid
+        LL = lpred + draws[:, codes] * resid
         W = np.ones((n, len(pts.N)))
     ok, fixed_b = _usable_resamples(pts, fit, W, base_th, fixed_samples)
     bidx = np.flatnonzero(ok)
@@ -272,9 +320,10 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
     need = _min_sizes(fit.law, fit.fixed)
     return {
         "samples": samples, "pred": pred, "alloc": alloc, "ok": ok,
+        "run_draws": {"slots": slots, "draws": draws},  # for a fit that freezes parameters from this one
         "intervals": {k: _interval(v, level) for k, v in samples.items()},
         "info": {"n_requested": n, "n_ok": int(ok.sum()), "n_degenerate": int((~ok).sum()),
-                 "n_not_converged": n_unconv, "unit": "run", "n_runs": _run_codes(pts.run)[0], "seed": seed,
+                 "n_not_converged": n_unconv, "unit": "run", "n_runs": R, "seed": seed,
                  "level": level, "method": "percentile",
                  "scheme": {"wild": "wild: one Rademacher sign per run on its log-loss residuals, design fixed",
                             "wild3": "wild3: one Rademacher sign per run on its jackknife (CV3) log-loss "
@@ -290,6 +339,8 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
                             if fixed_samples
                             else "held at the fit's values"),
                  "resampled": list(fixed_samples or ()),  # frozen parameters that vary over the resamples
+                 **({"paired_by_size": f"{n_paired} of {R} runs draw as the same-size run of the source"}
+                    if pair_with is not None else {}),
                  "degenerate_rule": f"resamples with < {need} distinct sizes or fewer points than free parameters"},
     }
 
