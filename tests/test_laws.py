@@ -132,6 +132,77 @@ def test_fit_study_records_both_data_constrained_laws_on_the_same_held_out_size(
     assert few["status"] == "skipped" and "no run repeats data" in few["reason"]
 
 
+def _noisy_penalty_points(U: float, E: float = _PENALTY_TRUTH["E"]) -> pd.DataFrame:
+    """The penalty law's points (E replaced) with a shared 0.5 % offset per run and 0.2 % per point, one run
+    per (size, epochs) budget: what a repeated-data ladder gives, noisy enough for the bootstrap to spread."""
+    rng = np.random.default_rng(7)
+    law = FitResult("lovelace", {**_PENALTY_TRUTH, "E": E, "U": U})
+    rows = []
+    for n in (1e5, 2e5, 4e5, 8e5):
+        off = 0.005 * rng.standard_normal()
+        for ep in (0.5, 1, 2, 4, 8, 16):
+            noise = math.exp(off + 0.002 * rng.standard_normal())
+            rows.append((n, ep * U, float(law.predict(n, ep * U)) * noise, f"{n:g}"))
+    return pd.DataFrame(rows, columns=["N", "D", "loss", "run_id"])
+
+
+def test_data_constrained_laws_get_intervals_and_their_bounds_checked() -> None:
+    """Both data-constrained laws get bootstrap intervals over runs, their repetition constants included (R*_D,
+    the penalty's P, delta, kappa), each holding the fit's own value, and the summary prints them. Their
+    own boxes count for identifiability: an R*_D at the top of its profile grid (repetition costs nothing
+    measurable) is flagged like any parameter on a bound."""
+    from cptscale.fit.constrained import CONSTRAINED_BOUNDS
+    from cptscale.fit.identify import identifiability
+    from cptscale.fit.study import _CONSTRAINED_LAWS, _constrained_record
+    from cptscale.summary import _interval_text
+
+    U = 2e6
+    df = _noisy_penalty_points(U)
+    for law, own in (("muennighoff", ["R_D"]), ("lovelace", ["P", "delta", "kappa"])):
+        assert law in _CONSTRAINED_LAWS
+        rec = _constrained_record(law, "es", (df, {"mode": "annealed"}), U, None, [1e15], {"grid": "coarse"},
+                                  nboot=16, seed=0, scheme="bayes")
+        assert rec["status"] == "ok" and rec["meta"]["bootstrap"]["n_ok"] == 16, (law, rec.get("reason"))
+        for k in ["alpha", "beta", "a", *own]:
+            iv = rec["intervals"][k]
+            assert iv["lo"] < iv["hi"], (law, k, iv)
+            step = 1.47 if k == "R_D" else 1.0  # the resamples' R*_D lie on a grid of that ratio
+            if k != "a":
+                assert iv["lo"] / step <= rec["params"][k] <= iv["hi"] * step, (law, k, iv)
+        assert all(f"{k} [" in _interval_text(rec) for k in own)
+    top = FitResult("muennighoff", {"E": 1.8, "A": 150.0, "B": 300.0, "alpha": 0.4, "beta": 0.45, "R_D": 100.0,
+                                    "U": U}, {"U": U})
+    ident = identifiability(top, None, None, None, CONSTRAINED_BOUNDS["muennighoff"])
+    assert not ident["identified"] and ident["summary"] == "R_D on its upper bound"
+    mid = FitResult("muennighoff", {**top.params, "R_D": 15.4}, {"U": U})
+    assert identifiability(mid, {"R_D": {"lo": 4.0, "hi": 99.5}}, None, None,
+                           CONSTRAINED_BOUNDS["muennighoff"])["summary"] == "the interval of R_D reaches its upper bound"
+
+
+def test_an_unidentified_data_constrained_law_gets_the_remedies() -> None:
+    """Points whose law has no floor (E = 0.01) put a free E on its lower bound: flagged, and with
+    ``fit.remedy: auto`` the remedies are tried in the scratch law's order: a given E first, here one that
+    cannot be reached (E = 3, above most losses: the fit is refused or flagged), then the reduced law
+    without E, which is identified and kept. ``flag`` only flags."""
+    from cptscale.fit.study import _constrained_record
+
+    U = 2e6
+    df = _noisy_penalty_points(U, E=0.01)
+    flag = _constrained_record("lovelace", "es", (df, {}), U, None, [1e15], {"grid": "coarse"}, nboot=8)
+    assert not flag["identifiability"]["identified"] and "E on its lower bound" in flag["identifiability"]["summary"]
+    assert flag["remedy"]["used"] == "none" and flag["remedy"]["tried"] == []
+    auto = _constrained_record("lovelace", "es", (df, {}), U, None, [1e15], {"grid": "coarse"}, nboot=8,
+                               policy="auto", fixed_E=3.0)
+    rem = auto["remedy"]
+    assert [t["remedy"] for t in rem["tried"]] == ["fixed E = 3 (given: fit.fixed_E)",
+                                                   "reduced law without E (E = 0) for the range studied"]
+    assert rem["tried"][0].get("identified") is not True
+    assert rem["used"] == "reduced law without E (E = 0) for the range studied"
+    assert auto["identifiability"]["identified"] and auto["params"]["E"] == 0.0 and auto["fixed"]["E"] == 0.0
+    assert auto["meta"]["remedy"] == {"policy": "auto", "used": rem["used"]}
+    assert auto["heldout"]["status"] == "ok" and auto["heldout"]["params"]["E"] == 0.0
+
+
 def test_a_degenerate_law_gets_no_allocation_instead_of_an_overflow() -> None:
     """Found by bench/sim_coverage.py on the demo's 4-size design: a bootstrap resample of the CPT law with
     beta' - gamma ~ 1e-3 made (C/6)^a overflow a Python float and crashed the bootstrap. Now G and N_opt are

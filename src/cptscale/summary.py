@@ -54,9 +54,10 @@ def _law_text(fit: dict[str, Any]) -> str:
 
 def _interval_text(fit: dict[str, Any]) -> str | None:
     """The bootstrap intervals of the parameters a reader weighs: E (the record keeps it only when it
-    varied: free, or a frozen E resampled), the exponents, a, the envelope's slope."""
+    varied: free, or a frozen E resampled), the exponents, a, the envelope's slope, and the data-constrained
+    laws' repetition constants (R*_D; the penalty's P, delta, kappa)."""
     iv = fit.get("intervals") or {}
-    shown = ("E", "alpha", "beta", "gamma", "a", "m")
+    shown = ("E", "alpha", "beta", "gamma", "a", "m", "R_D", "P", "delta", "kappa")
     parts = [f"{k} [{_num(x.get('lo'), '.4g')}, {_num(x.get('hi'), '.4g')}]" for k, x in iv.items()
              if isinstance(x, dict) and x.get("lo") is not None and k in shown]
     none = {k: x["reason"] for k, x in iv.items() if isinstance(x, dict) and x.get("reason") and k in shown}

@@ -20,7 +20,7 @@ import numpy as np
 
 from cptscale.errors import CLIError
 from cptscale.fit.estimate import _fit_meta, fit_law
-from cptscale.fit.laws import LAWS, R_STAR_D, FitResult, effective_data, repetitions
+from cptscale.fit.laws import LAWS, R_STAR_D, FitResult, _to_internal, _to_params, effective_data, repetitions
 from cptscale.fit.points import Points, _points
 
 
@@ -79,13 +79,55 @@ def fit_data_constrained(data: Any, U: float, r_grid: Sequence[float] = tuple(np
             "R_D_profile": profile, **_fit_meta("chinchilla", best.params, Points(
                 pts.N, effective_data(pts.D, U, r_best), pts.L, pts.run, pts.index), kw.get("delta", 1e-3))}
     fx = {**best.fixed, "U": U, **({"R_D": r_best} if r_fixed is not None else {})}
-    return FitResult("muennighoff", params, fx, meta)
+    return FitResult("muennighoff", params, fx, meta, starts=best.starts)  # starts: the bootstrap's warm starts
 
 
 #: Internal coordinates of the overfitting-penalty law: log E, log A, log B, alpha, beta as Chinchilla's,
 #: log P, delta, kappa; box bounds as :data:`cptscale.fit.optimizer.BOUNDS` plus the penalty's.
 PENALTY_BOUNDS: dict[str, tuple[float, float]] = {"P": (-30.0, 10.0), "delta": (0.0, 5.0), "kappa": (-2.0, 5.0)}
 _PENALTY_STARTS = {"P": (-4.0, -2.0, 0.0), "delta": (0.5, 1.0, 2.0), "kappa": (0.0, 0.5, 1.0)}
+
+
+_PENALTY_NAMES = ["E", "A", "B", "alpha", "beta", "P", "delta", "kappa"]
+_PENALTY_LOGS = {"E", "A", "B", "P"}
+
+
+def _penalty_problem(pts: Points, U: float, fixed: dict[str, float], delta_h: float, mean: bool,
+                     w: np.ndarray | None = None) -> tuple[list[str], list[tuple[float, float]], Any, Any]:
+    """The penalty law's free parameters, their box, ``unpack`` (internal coordinates to parameters) and the
+    Huber objective with its exact gradient, rescaled to O(1) for L-BFGS-B's tolerances; ``w``: a weight
+    per point (a bootstrap resample)."""
+    from cptscale.fit.optimizer import BOUNDS
+
+    R = repetitions(pts.D, U)
+    rep = R > 0
+    free = [k for k in _PENALTY_NAMES if k not in fixed]
+    bounds = [(BOUNDS | PENALTY_BOUNDS)[k] for k in free]
+    lN, lD, lL = np.log(pts.N), np.log(pts.D), np.log(pts.L)
+    lR, lNU = np.log(np.where(rep, R, 1.0)), np.log(pts.N / U)
+    wt = np.ones_like(lL) if w is None else np.asarray(w, float)
+    scale = 1e4 / (len(lL) if mean else 1)
+
+    def unpack(x: np.ndarray) -> dict[str, float]:
+        th = dict(zip(free, x, strict=True))
+        return {k: (math.exp(th[k]) if k in _PENALTY_LOGS else th[k]) if k in th else fixed[k]
+                for k in _PENALTY_NAMES}
+
+    def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
+        p = unpack(x)
+        terms = {"E": np.full_like(lL, p["E"]), "A": p["A"] * np.exp(-p["alpha"] * lN),
+                 "B": p["B"] * np.exp(-p["beta"] * lD),
+                 "P": np.where(rep, p["P"] * np.exp(p["delta"] * lR + p["kappa"] * lNU), 0.0)}
+        pred = terms["E"] + terms["A"] + terms["B"] + terms["P"]
+        r = np.log(pred) - lL
+        c = np.clip(r, -delta_h, delta_h)
+        f = float(np.sum(wt * c * (r - 0.5 * c)))
+        g = wt * c / pred  # dHuber/dpred
+        dpred = {"E": terms["E"], "A": terms["A"], "B": terms["B"], "alpha": -terms["A"] * lN,
+                 "beta": -terms["B"] * lD, "P": terms["P"], "delta": terms["P"] * lR, "kappa": terms["P"] * lNU}
+        return f * scale, np.array([float(g @ dpred[k]) for k in free]) * scale
+
+    return free, bounds, unpack, objective
 
 
 def fit_overfit_penalty(data: Any, U: float, fixed: dict[str, float] | None = None, starts_from: int = 3,
@@ -100,7 +142,7 @@ def fit_overfit_penalty(data: Any, U: float, fixed: dict[str, float] | None = No
     the fit is refused."""
     from scipy.optimize import minimize
 
-    from cptscale.fit.optimizer import BOUNDS, one_blas_thread
+    from cptscale.fit.optimizer import one_blas_thread
 
     pts = _points(data)
     fixed = {k: float(v) for k, v in (fixed or {}).items()}
@@ -116,35 +158,10 @@ def fit_overfit_penalty(data: Any, U: float, fixed: dict[str, float] | None = No
                        "than its 3 parameters) at >= 2 repetition levels")
     delta_h = float(kw.get("delta", 1e-3))
     mean = kw.get("reduction", "sum") == "mean"
-    names = ["E", "A", "B", "alpha", "beta", "P", "delta", "kappa"]
-    logs = {"E", "A", "B", "P"}
-    free = [k for k in names if k not in fixed]
-    bounds = [(BOUNDS | PENALTY_BOUNDS)[k] for k in free]
-    lN, lL, lR, lNU = np.log(pts.N), np.log(pts.L), np.log(np.where(rep, R, 1.0)), np.log(pts.N / U)
+    free, bounds, unpack, objective = _penalty_problem(pts, U, fixed, delta_h, mean)
+    scale = 1e4 / (len(pts.L) if mean else 1)
     chin = fit_law(pts, "chinchilla", {k: v for k, v in fixed.items() if k == "E"},
                    **{k: v for k, v in kw.items() if k in ("delta", "reduction", "grid")})
-
-    def unpack(x: np.ndarray) -> dict[str, float]:
-        th = dict(zip(free, x, strict=True))
-        return {k: (math.exp(th[k]) if k in logs else th[k]) if k in th else fixed[k] for k in names}
-
-    lD = np.log(pts.D)
-    scale = 1e4 / (len(lL) if mean else 1)  # the objective rescaled to O(1) for L-BFGS-B's tolerances
-
-    def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
-        """The Huber objective and its exact gradient in the free internal coordinates."""
-        p = unpack(x)
-        terms = {"E": np.full_like(lL, p["E"]), "A": p["A"] * np.exp(-p["alpha"] * lN),
-                 "B": p["B"] * np.exp(-p["beta"] * lD),
-                 "P": np.where(rep, p["P"] * np.exp(p["delta"] * lR + p["kappa"] * lNU), 0.0)}
-        pred = terms["E"] + terms["A"] + terms["B"] + terms["P"]
-        r = np.log(pred) - lL
-        c = np.clip(r, -delta_h, delta_h)
-        f = float(np.sum(c * (r - 0.5 * c)))
-        w = c / pred  # dHuber/dpred
-        dpred = {"E": terms["E"], "A": terms["A"], "B": terms["B"], "alpha": -terms["A"] * lN,
-                 "beta": -terms["B"] * lD, "P": terms["P"], "delta": terms["P"] * lR, "kappa": terms["P"] * lNU}
-        return f * scale, np.array([float(w @ dpred[k]) for k in free]) * scale
 
     chin_starts = (chin.starts if chin.starts is not None else np.empty((0, 0)))[:starts_from]
     starts = []
@@ -168,7 +185,7 @@ def fit_overfit_penalty(data: Any, U: float, fixed: dict[str, float] | None = No
     params = {k: float(v) for k, v in unpack(best.x).items()} | {"U": U}
     # within 1 % of the box, as identifiability (cptscale.fit.identify.BOUND_TOL) judges the other laws
     on_bound = [k for k, x, (lo, hi) in zip(free, best.x, bounds, strict=True) if min(x - lo, hi - x) <= 0.01 * (hi - lo)]
-    fr = FitResult("lovelace", params, {**fixed, "U": U})
+    fr = FitResult("lovelace", params, {**fixed, "U": U}, starts=best.x[None])
     meta = {"law_fitted_on": "Huber on log-loss residuals, all 8 parameters jointly", "unique_tokens": U,
             "n_repeated_points": int(rep.sum()), "max_epochs": float(np.max(pts.D) / U),
             "repetition_levels": levels, "delta": delta_h,
@@ -181,3 +198,116 @@ def fit_overfit_penalty(data: Any, U: float, fixed: dict[str, float] | None = No
             **_fit_meta("lovelace", params, pts, delta_h)}
     fr.meta = meta
     return fr
+
+
+#: The profile grid of R_D (:func:`fit_data_constrained`'s default ``r_grid``) as a box for identifiability:
+#: an R_D at its top end means repetition costs nothing measurable, at its bottom end that it costs more
+#: than the law's form can say. The penalty law's own parameters use their fitting box.
+CONSTRAINED_BOUNDS: dict[str, dict[str, tuple[float, float, bool]]] = {
+    "muennighoff": {"R_D": (0.0, math.log(100.0), True)},
+    "lovelace": {"P": (*PENALTY_BOUNDS["P"], True), "delta": (*PENALTY_BOUNDS["delta"], False),
+                 "kappa": (*PENALTY_BOUNDS["kappa"], False)},
+}
+
+#: R_D values each bootstrap resample of the effective-data law is profiled over (plus the fit's own R_D)
+_BOOT_R_GRID = tuple(np.geomspace(1.0, 100.0, 13))
+
+
+def bootstrap_constrained(pts: Points, fr: FitResult, n: int, seed: int, scheme: str, kw: dict[str, Any],
+                          fixed_samples: dict[str, np.ndarray] | None = None,
+                          pair_with: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Bootstrap over runs for a data-constrained law (``fr``: :func:`fit_data_constrained` or
+    :func:`fit_overfit_penalty`), so its exponents and repetition constants get intervals like the other
+    laws'. Runs are reweighted (pairs counts or the Bayesian bootstrap's Exp(1) weights; the wild schemes
+    would need the law's leave-one-run-out refits, so they use the Bayesian bootstrap here and say so).
+    The effective-data law: each resample profiled over R_D on a 13-point log grid from 1 to 100 plus the
+    fit's own R_D, a warm-started batched Chinchilla refit at each (resolution: a factor 1.47 in R_D). The
+    penalty law: one L-BFGS-B per resample from the full-data optimum. ``fixed_samples``: per-resample
+    values of a frozen E (its source's draws, paired by size through ``pair_with``)."""
+    from scipy.optimize import minimize
+
+    from cptscale.fit.optimizer import _obj, one_blas_thread
+    from cptscale.fit.uncertainty import (
+        _LEVEL,
+        _interval,
+        _refit_batch,
+        _run_codes,
+        _usable_resamples,
+        paired_draws,
+        per_run_draws,
+        run_slots,
+    )
+
+    used = scheme if scheme in ("pairs", "bayes") else "bayes"
+    R, codes = _run_codes(pts.run)
+    draws, n_paired = paired_draws(per_run_draws(pts.run, n, seed, used),
+                                   run_slots(pts), pair_with if used == scheme else None)
+    W = draws[:, codes]
+    delta = float(kw.get("delta", 1e-3))
+    reduction = kw.get("reduction", "sum")
+    names = LAWS["chinchilla"]
+    keys = [*names, "R_D"] if fr.law == "muennighoff" else list(_PENALTY_NAMES)
+    samples = {k: np.full(n, np.nan) for k in [*keys, "a"]}
+    fixed_draw = {k: np.asarray(v, float)[:n] for k, v in (fixed_samples or {}).items()}
+    if fr.law == "muennighoff":
+        U = fr.params["U"]
+        chin_fixed = {k: v for k, v in fr.fixed.items() if k in names}
+        rs = [fr.params["R_D"]] if "R_D" in fr.fixed or not fr.meta.get("n_repeated_points") else \
+            sorted({*map(float, _BOOT_R_GRID), float(fr.params["R_D"])})
+        free = [i for i, k in enumerate(names) if k not in chin_fixed]
+        best_f = np.full(n, np.inf)
+        for r in rs:
+            pr = Points(pts.N, effective_data(pts.D, U, r), pts.L, pts.run, pts.index)
+            fr_r = fit_law(pr, "chinchilla", chin_fixed, init=fr.starts, **kw)  # this R_D's full-data optima
+            base = np.array([_to_internal(k, fr_r.params[k]) for k in names])
+            ok, fixed_b = _usable_resamples(pr, fr_r, W, base, fixed_samples)
+            bidx = np.flatnonzero(ok)
+            if not len(bidx):
+                continue
+            starts = fr_r.starts if fr_r.starts is not None else base[free][None]
+            fitted, _ = _refit_batch(pr, fixed_b, bidx, free, starts, W, delta, reduction, 1.0)
+            th = np.array([t for _, t in fitted])
+            f = _obj(th, np.log(pr.N), np.log(pr.D), np.log(pr.L), delta, reduction, W=W[bidx])[0]
+            for (b, t), fb in zip(fitted, f, strict=True):
+                if fb < best_f[b]:
+                    best_f[b] = fb
+                    p = _to_params(t, names)
+                    for k in names:
+                        samples[k][b] = p[k]
+                    samples["R_D"][b] = r
+        how = (f"each resample profiled over R_D ({len(rs)} values from {min(rs):.3g} to {max(rs):.3g}), a warm "
+               "batched Chinchilla refit at each")
+    else:
+        U = fr.params["U"]
+        x0 = fr.starts[0] if fr.starts is not None else None
+        mean = reduction == "mean"
+        with one_blas_thread():
+            for b in range(n):
+                fx = {k: float(v) for k, v in fr.fixed.items() if k != "U"}
+                fx.update({k: float(v[b]) for k, v in fixed_draw.items()})
+                if not all(math.isfinite(v) for v in fx.values()) or x0 is None:
+                    continue
+                _, bounds, unpack, objective = _penalty_problem(pts, U, fx, delta, mean, W[b])
+                res = minimize(objective, np.clip(x0, [lo for lo, _ in bounds], [hi for _, hi in bounds]), jac=True,
+                               method="L-BFGS-B", bounds=bounds, options={"ftol": 1e-15, "gtol": 1e-10,
+                                                                           "maxiter": 3000})
+                for k, v in unpack(res.x).items():
+                    samples[k][b] = v
+        how = "one L-BFGS-B per resample from the full-data optimum"
+    ok = np.isfinite(samples["alpha"])
+    s_ab = samples["alpha"] + samples["beta"]
+    samples["a"] = np.where(ok & (s_ab > 0), samples["beta"] / np.where(s_ab > 0, s_ab, 1.0), np.nan)
+    note = "" if used == scheme else f" ({scheme} asked: the wild schemes need the law's leave-one-run-out refits)"
+    return {"samples": samples, "intervals": {k: _interval(v, _LEVEL) for k, v in samples.items()},
+            "run_draws": {"slots": run_slots(pts), "draws": draws},
+            "info": {"n_requested": n, "n_ok": int(ok.sum()), "n_degenerate": int((~ok).sum()), "unit": "run",
+                     "n_runs": R, "seed": seed, "level": _LEVEL, "method": "percentile",
+                     "scheme": {"pairs": "pairs: runs resampled with replacement",
+                                "bayes": "bayes: one Exp(1) weight per run (Bayesian bootstrap), every run kept"}[used]
+                               + note,
+                     "refit": how, "loss": "huber",
+                     "frozen": (f"{', '.join(fixed_samples)} resampled with their source" if fixed_samples
+                                else "held at the fit's values"),
+                     "resampled": list(fixed_samples or ()),
+                     **({"paired_by_size": f"{n_paired} of {R} runs draw as the same-size run of the source"}
+                        if pair_with is not None and used == scheme else {})}}

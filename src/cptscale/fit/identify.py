@@ -77,32 +77,42 @@ def design_counts(pts: Points) -> dict[str, Any]:
 BOUND_TOL = 0.01
 
 
-def _near_bound(name: str, value: float | None) -> str | None:
-    if value is None or not math.isfinite(value) or name not in BOUNDS:
+def _near_bound(name: str, value: float | None,
+                extra: dict[str, tuple[float, float, bool]] | None = None) -> str | None:
+    """Which bound of its box (``extra``: a law's own parameters, (lo, hi, in logs)) ``value`` sits at."""
+    if value is None or not math.isfinite(value) or (name not in BOUNDS and name not in (extra or {})):
         return None
-    lo, hi = BOUNDS[name]
-    try:
-        x = _to_internal(name, value) if value > 0 or name not in _LOG else -math.inf
-    except Exception:
-        return "lower"
+    if name in (extra or {}):
+        lo, hi, in_logs = (extra or {})[name]
+        x = (math.log(value) if value > 0 else -math.inf) if in_logs else value
+    else:
+        lo, hi = BOUNDS[name]
+        try:
+            x = _to_internal(name, value) if value > 0 or name not in _LOG else -math.inf
+        except Exception:
+            return "lower"
     tol = BOUND_TOL * (hi - lo)
     return "lower" if x <= lo + tol else "upper" if x >= hi - tol else None
 
 
 def identifiability(fr: FitResult, intervals: dict[str, Any] | None, counts: dict[str, Any] | None = None,
-                    on_bound: Sequence[str] | None = None) -> dict[str, Any]:
+                    on_bound: Sequence[str] | None = None,
+                    extra_bounds: dict[str, tuple[float, float, bool]] | None = None) -> dict[str, Any]:
     """Whether a loss-law fit is identified: no free parameter at a bound of the box and no bootstrap
     interval reaching one (``BOUND_TOL`` of the box, internal coordinates), plus the design counts. An
-    unidentified fit's allocation is unreliable."""
+    unidentified fit's allocation is unreliable. ``extra_bounds``: the boxes of a law's own parameters
+    (the data-constrained laws' R_D profile, the penalty's P, delta, kappa), checked the same way."""
     free = [k for k in LAWS.get(fr.law, LAWS["chinchilla"]) if k not in fr.fixed and k in fr.params]
-    at_bound = {k: _near_bound(k, fr.params[k]) for k in free}
+    free += [k for k in extra_bounds or {} if k not in fr.fixed and k in fr.params and k not in free]
+    at_bound = {k: _near_bound(k, fr.params[k], extra_bounds) for k in free}
     at_bound = {k: v for k, v in at_bound.items() if v}
     for k in on_bound or []:
         at_bound.setdefault(k, "bound")
     iv_bound = {}
     for k in free:
         iv = (intervals or {}).get(k) or {}
-        ends = [e for e in (_near_bound(k, iv.get("lo")), _near_bound(k, iv.get("hi"))) if e]
+        ends = [e for e in (_near_bound(k, iv.get("lo"), extra_bounds), _near_bound(k, iv.get("hi"), extra_bounds))
+                if e]
         if ends:
             iv_bound[k] = ends[0]
     ok = not at_bound and not iv_bound

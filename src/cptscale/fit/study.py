@@ -13,7 +13,12 @@ from typing import Any
 import numpy as np
 
 from cptscale.errors import CLIError
-from cptscale.fit.constrained import fit_data_constrained, fit_overfit_penalty
+from cptscale.fit.constrained import (
+    CONSTRAINED_BOUNDS,
+    bootstrap_constrained,
+    fit_data_constrained,
+    fit_overfit_penalty,
+)
 from cptscale.fit.estimate import (
     allocate,
     exponents,
@@ -23,6 +28,7 @@ from cptscale.fit.estimate import (
     lower_frontier,
 )
 from cptscale.fit.identify import (
+    _MORE_POINTS,
     POINT_SELECTIONS,
     REMEDY_POLICIES,
     design_counts,
@@ -81,10 +87,17 @@ _CONSTRAINED_LAWS = {"muennighoff": ("scratch-constrained", fit_data_constrained
 
 
 def _constrained_record(law: str, lang: str, frame_sel: tuple[Any, dict[str, Any]], U: float,
-                        scratch: dict[str, Any] | None, budgets: Sequence[float], kw: dict[str, Any]) -> dict[str, Any]:
+                        scratch: dict[str, Any] | None, budgets: Sequence[float], kw: dict[str, Any],
+                        nboot: int = 0, seed: int = 0, scheme: str = "bayes", policy: str = "flag",
+                        fixed_E: float | None = None) -> dict[str, Any]:
     """A data-constrained law (:data:`_CONSTRAINED_LAWS`: Muennighoff et al.'s effective data, Lovelace et
     al.'s overfitting penalty) on the scratch runs, when some of them repeat data (else skipped: it reduces
-    to Chinchilla); held-out largest size like the other laws, so the two forms compare on the same runs."""
+    to Chinchilla); held-out largest size like the other laws, so the two forms compare on the same runs.
+    With ``nboot`` resamples it gets intervals (:func:`bootstrap_constrained`) and the identifiability
+    check of the other laws, its R_D profile or penalty box included; when that fails and ``policy`` is
+    ``auto``, the standard remedies in the scratch law's order (fixed E given; E of the scratch Chinchilla
+    fit of the same runs, resampled with that fit's bootstrap; the reduced law without E), the first
+    identified kept and recorded."""
     prefix, fitter = _CONSTRAINED_LAWS[law]
     fit_id = f"{prefix}-{lang}"
     frame, sel = frame_sel
@@ -96,9 +109,45 @@ def _constrained_record(law: str, lang: str, frame_sel: tuple[Any, dict[str, Any
     if epochs <= 1:
         return _skipped(fit_id, law, "scratch", lang, f"no run repeats data (largest D = {epochs:.2f} "
                         f"epochs of the {U:.4g} unique tokens): the data-constrained law is Chinchilla's", selection=sel)
+    sbs = scratch["bs"] if scratch else None
     fixed = {k: v for k, v in (scratch["fr"].fixed if scratch else {}).items() if k == "E"}
+    e_src = ({"E": sbs["samples"]["E"]} if fixed and sbs and "E" in sbs["info"].get("resampled", ()) else None)
+    counts = design_counts(pts)
+
+    def one(fx: dict[str, float], fsx: dict[str, np.ndarray] | None) -> tuple[FitResult, Any, dict[str, Any]]:
+        fr = fitter(pts, U, fixed=fx, **kw)
+        bs = (bootstrap_constrained(pts, fr, nboot, seed, scheme, kw, fsx, sbs["run_draws"] if fsx and sbs else None)
+              if nboot else None)
+        return fr, bs, identifiability(fr, bs["intervals"] if bs else None, counts, fr.meta.get("on_bound"),
+                                       CONSTRAINED_BOUNDS[law])
+
     try:
-        fr = fitter(pts, U, fixed=fixed, **kw)
+        fr, bs, ident = one(fixed, e_src)
+        rem: dict[str, Any] = {"policy": policy, "offered": [
+            "fixed E (fit.fixed_E, or E of the scratch Chinchilla fit of the same runs)",
+            "reduced law without E (E = 0) for the range studied", _MORE_POINTS], "tried": [], "used": "none",
+            "free_fit": {"params": fr.params, "identifiability": ident}}
+        if not ident["identified"] and policy == "auto" and "E" not in fixed:
+            cands: list[tuple[str, dict[str, float], dict[str, np.ndarray] | None]] = []
+            if fixed_E is not None:
+                cands.append((f"fixed E = {fixed_E:g} (given: fit.fixed_E)", {"E": float(fixed_E)}, None))
+            if scratch and scratch["ident"]["identified"] and "E" not in scratch["fr"].fixed:
+                e = scratch["fr"].params["E"]
+                cands.append((f"fixed E = {e:.4g} from the scratch Chinchilla fit of the same runs"
+                              + (" (E resampled with that fit's bootstrap)" if sbs else ""),
+                              {"E": e}, {"E": sbs["samples"]["E"]} if sbs else None))
+            cands.append(("reduced law without E (E = 0) for the range studied", {"E": 0.0}, None))
+            for label, fx, fsx in cands:
+                try:
+                    fr2, bs2, ident2 = one(fx, fsx)
+                except Exception as exc:  # a remedy that cannot be fitted is recorded, not fatal
+                    rem["tried"].append({"remedy": label, "error": str(exc)})
+                    continue
+                rem["tried"].append({"remedy": label, "params": fr2.params, "identified": ident2["identified"],
+                                     "summary": ident2["summary"]})
+                if ident2["identified"]:
+                    fr, bs, ident, rem["used"] = fr2, bs2, ident2, label
+                    break
     except CLIError as exc:  # the points cannot identify the law (e.g. too few repeated points): a refusal
         return _skipped(fit_id, law, "scratch", lang, f"refused: {exc}", selection=sel)
     except Exception as exc:
@@ -110,22 +159,27 @@ def _constrained_record(law: str, lang: str, frame_sel: tuple[Any, dict[str, Any
     else:
         tr, te = pts.subset(nmax > pts.N), pts.subset(nmax == pts.N)
         try:
-            hf = fitter(tr, U, fixed=fixed, **kw)
+            hf = fitter(tr, U, fixed={k: v for k, v in fr.fixed.items() if k == "E"}, **kw)
             ho = {"status": "ok", "heldout_N": nmax, "n_train": len(tr.N), "n_test": len(te.N),
                   **_err_stats(hf.predict(te.N, te.D), te.L), "params": hf.params}
         except Exception as exc:
             ho = {"status": "skipped", "reason": str(exc)}
-    ident = identifiability(fr, None, design_counts(pts), fr.meta.get("on_bound"))
     pred = fr.predict(pts.N, pts.D)
+    intervals = dict(bs["intervals"]) if bs else {}
+    for k in set(fr.fixed) - set(bs["info"].get("resampled", ()) if bs else ()):
+        intervals.pop(k, None)  # constants, unless resampled with their source
     return {"format": "cptscale-fit/1", "fit_id": fit_id, "law": law, "kind": "scratch", "lang": lang,
             "status": "ok", "reason": None, "equation": EQUATIONS[law], "params": fr.params,
-            "fixed": fr.fixed, "intervals": {}, "heldout": ho, "identifiability": ident,
+            "fixed": fr.fixed, "intervals": intervals, "heldout": ho, "identifiability": ident, "remedy": rem,
             "allocation": allocate(fr, budgets, unique_tokens=U),
             "points": [{"run_id": str(r), "N": float(a), "D": float(b), "observed_loss": float(o),
                         "predicted_loss": float(q)} for r, a, b, o, q in zip(pts.run, pts.N, pts.D, pts.L, pred,
                                                                               strict=True)],
-            "meta": {**fr.meta, "selection": sel, "identifiability": ident, "bootstrap": {"n_requested": 0}},
-            "bootstrap": {}}
+            "meta": {**fr.meta, "selection": sel, "identifiability": ident,
+                     "remedy": {k: rem[k] for k in ("policy", "used")},
+                     "bootstrap": bs["info"] if bs else {"n_requested": 0}},
+            "bootstrap": {k: [None if not np.isfinite(x) else float(x) for x in v] for k, v in bs["samples"].items()}
+            if bs else {}}
 
 
 def _loss_fit_record(fit_id: str, kind: str, lang: str | None, pts: Points, fr: FitResult,
@@ -447,7 +501,8 @@ def _language_records(df: Any, lang: str, base_sel: dict[str, Any], records: lis
         out.append(rec)
         scratch = state or scratch
     if unique.get(lang):
-        out += [_constrained_record(law, lang, sets["scratch"], float(unique[lang]), scratch, opt.budgets, opt.kw)
+        out += [_constrained_record(law, lang, sets["scratch"], float(unique[lang]), scratch, opt.budgets, opt.kw,
+                                    opt.bootstrap, opt.seed, opt.bootstrap_scheme, opt.remedy, opt.fixed_E)
                 for law in _CONSTRAINED_LAWS]
     out += _curve_records(lang, sets, curves, [*records, *out], opt)
     out.append(_hernandez_record(f"cpt-hernandez-{lang}", lang, *tr, rep_used, opt.cpt_replay,

@@ -46,6 +46,19 @@ def wild_multipliers(run: np.ndarray, n: int, rng: np.random.Generator) -> np.nd
     return rng.choice(np.array([-1.0, 1.0]), size=(n, R))[:, codes]
 
 
+def per_run_draws(run: np.ndarray, n: int, seed: int, scheme: str) -> np.ndarray:
+    """One draw per run and resample, (n, runs) in :func:`_run_codes` order: the pairs counts, the Bayesian
+    bootstrap's Exp(1) weights, or the wild schemes' signs (the per-point helpers at one point per run)."""
+    R, codes = _run_codes(run)
+    first = np.array([np.flatnonzero(codes == i)[0] for i in range(R)])
+    rng = np.random.default_rng(seed)
+    if scheme == "pairs":
+        return bootstrap_counts(np.asarray(run)[first], n, rng)[0].astype(float)
+    if scheme == "bayes":
+        return bayes_weights(np.asarray(run)[first], n, rng)
+    return wild_multipliers(np.asarray(run)[first], n, rng)
+
+
 def run_slots(pts: Points) -> list[tuple[float, int]]:
     """Each run's slot, in :func:`_run_codes` order: its size N and its rank among the runs of that size (by
     run id). Slots, not run ids or positions, pair two fits' resamples: a scratch run and the CPT run of
@@ -285,15 +298,7 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
     LL = None
     R, codes = _run_codes(pts.run)
     slots = run_slots(pts)
-    first = np.array([np.flatnonzero(codes == i)[0] for i in range(R)])
-    rng = np.random.default_rng(seed)
-    if scheme == "pairs":
-        own = bootstrap_counts(pts.run[first], n, rng)[0].astype(float)
-    elif scheme == "bayes":
-        own = bayes_weights(pts.run[first], n, rng)
-    else:
-        own = wild_multipliers(pts.run[first], n, rng)  # the per-run draws: the helpers at one point per run
-    draws, n_paired = paired_draws(own, slots, pair_with)
+    draws, n_paired = paired_draws(per_run_draws(pts.run, n, seed, scheme), slots, pair_with)
     if scheme in ("pairs", "bayes"):
         W = draws[:, codes]
     else:  # the design stays: every point once, the observations redrawn around the fit
