@@ -170,6 +170,8 @@ def test_data_constrained_laws_get_intervals_and_their_bounds_checked() -> None:
             if k != "a":
                 assert iv["lo"] / step <= rec["params"][k] <= iv["hi"] * step, (law, k, iv)
         assert all(f"{k} [" in _interval_text(rec) for k in own)
+        row = rec["allocation"][0]  # the numeric optimum under repetition, per resample
+        assert 0 < row["N_opt_lo"] < row["N_opt_hi"] and 0 < row["D_opt_lo"] < row["D_opt_hi"], row
     top = FitResult("muennighoff", {"E": 1.8, "A": 150.0, "B": 300.0, "alpha": 0.4, "beta": 0.45, "R_D": 100.0,
                                     "U": U}, {"U": U})
     ident = identifiability(top, None, None, None, CONSTRAINED_BOUNDS["muennighoff"])

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cptscale.errors import CLIError
-from cptscale.fit.estimate import _fit_meta, fit_law
+from cptscale.fit.estimate import _fit_meta, _numeric_opt, fit_law
 from cptscale.fit.laws import LAWS, R_STAR_D, FitResult, _to_internal, _to_params, effective_data, repetitions
 from cptscale.fit.points import Points, _points
 
@@ -215,7 +215,7 @@ _BOOT_R_GRID = tuple(np.geomspace(1.0, 100.0, 13))
 
 def bootstrap_constrained(pts: Points, fr: FitResult, n: int, seed: int, scheme: str, kw: dict[str, Any],
                           fixed_samples: dict[str, np.ndarray] | None = None,
-                          pair_with: dict[str, Any] | None = None) -> dict[str, Any]:
+                          pair_with: dict[str, Any] | None = None, budgets: Sequence[float] = ()) -> dict[str, Any]:
     """Bootstrap over runs for a data-constrained law (``fr``: :func:`fit_data_constrained` or
     :func:`fit_overfit_penalty`), so its exponents and repetition constants get intervals like the other
     laws'. Runs are reweighted (pairs counts or the Bayesian bootstrap's Exp(1) weights; the wild schemes
@@ -223,7 +223,9 @@ def bootstrap_constrained(pts: Points, fr: FitResult, n: int, seed: int, scheme:
     The effective-data law: each resample profiled over R_D on a 13-point log grid from 1 to 100 plus the
     fit's own R_D, a warm-started batched Chinchilla refit at each (resolution: a factor 1.47 in R_D). The
     penalty law: one L-BFGS-B per resample from the full-data optimum. ``fixed_samples``: per-resample
-    values of a frozen E (its source's draws, paired by size through ``pair_with``)."""
+    values of a frozen E (its source's draws, paired by size through ``pair_with``). ``budgets``: each
+    resample's numeric compute-optimal N, D and loss there (the laws' only allocation: it charges for
+    repetition), for the allocation's intervals."""
     from scipy.optimize import minimize
 
     from cptscale.fit.optimizer import _obj, one_blas_thread
@@ -295,11 +297,17 @@ def bootstrap_constrained(pts: Points, fr: FitResult, n: int, seed: int, scheme:
                     samples[k][b] = v
         how = "one L-BFGS-B per resample from the full-data optimum"
     ok = np.isfinite(samples["alpha"])
+    alloc = {float(C): {k: np.full(n, np.nan) for k in ("N_opt", "D_opt", "predicted_loss")} for C in budgets}
+    for b in np.flatnonzero(ok) if budgets else ():
+        law_b = FitResult(fr.law, {**fr.params, **{k: float(samples[k][b]) for k in keys}})
+        for C, dct in alloc.items():
+            opt = _numeric_opt(law_b, C)
+            dct["N_opt"][b], dct["D_opt"][b], dct["predicted_loss"][b] = opt["N"], opt["D"], opt["loss"]
     s_ab = samples["alpha"] + samples["beta"]
     samples["a"] = np.where(ok & (s_ab > 0), samples["beta"] / np.where(s_ab > 0, s_ab, 1.0), np.nan)
     note = "" if used == scheme else f" ({scheme} asked: the wild schemes need the law's leave-one-run-out refits)"
     return {"samples": samples, "intervals": {k: _interval(v, _LEVEL) for k, v in samples.items()},
-            "run_draws": {"slots": run_slots(pts), "draws": draws},
+            "alloc": alloc, "run_draws": {"slots": run_slots(pts), "draws": draws},
             "info": {"n_requested": n, "n_ok": int(ok.sum()), "n_degenerate": int((~ok).sum()), "unit": "run",
                      "n_runs": R, "seed": seed, "level": _LEVEL, "method": "percentile",
                      "scheme": {"pairs": "pairs: runs resampled with replacement",

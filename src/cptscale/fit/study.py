@@ -116,8 +116,8 @@ def _constrained_record(law: str, lang: str, frame_sel: tuple[Any, dict[str, Any
 
     def one(fx: dict[str, float], fsx: dict[str, np.ndarray] | None) -> tuple[FitResult, Any, dict[str, Any]]:
         fr = fitter(pts, U, fixed=fx, **kw)
-        bs = (bootstrap_constrained(pts, fr, nboot, seed, scheme, kw, fsx, sbs["run_draws"] if fsx and sbs else None)
-              if nboot else None)
+        bs = (bootstrap_constrained(pts, fr, nboot, seed, scheme, kw, fsx, sbs["run_draws"] if fsx and sbs else None,
+                                    budgets) if nboot else None)
         return fr, bs, identifiability(fr, bs["intervals"] if bs else None, counts, fr.meta.get("on_bound"),
                                        CONSTRAINED_BOUNDS[law])
 
@@ -171,7 +171,7 @@ def _constrained_record(law: str, lang: str, frame_sel: tuple[Any, dict[str, Any
     return {"format": "cptscale-fit/1", "fit_id": fit_id, "law": law, "kind": "scratch", "lang": lang,
             "status": "ok", "reason": None, "equation": EQUATIONS[law], "params": fr.params,
             "fixed": fr.fixed, "intervals": intervals, "heldout": ho, "identifiability": ident, "remedy": rem,
-            "allocation": allocate(fr, budgets, unique_tokens=U),
+            "allocation": _with_intervals(allocate(fr, budgets, unique_tokens=U), bs),
             "points": [{"run_id": str(r), "N": float(a), "D": float(b), "observed_loss": float(o),
                         "predicted_loss": float(q)} for r, a, b, o, q in zip(pts.run, pts.N, pts.D, pts.L, pred,
                                                                               strict=True)],
@@ -182,16 +182,21 @@ def _constrained_record(law: str, lang: str, frame_sel: tuple[Any, dict[str, Any
             if bs else {}}
 
 
+def _with_intervals(alloc: list[dict[str, Any]], bs: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Allocation rows with the bootstrap's interval of N_opt, D_opt and the predicted loss at each budget."""
+    for row in alloc:
+        if bs and row["C"] in bs["alloc"]:
+            for k in ("N_opt", "D_opt", "predicted_loss"):
+                iv = _interval(bs["alloc"][row["C"]][k], bs["info"]["level"])
+                row[f"{k}_lo"], row[f"{k}_hi"] = iv["lo"], iv["hi"]
+    return alloc
+
+
 def _loss_fit_record(fit_id: str, kind: str, lang: str | None, pts: Points, fr: FitResult,
                      bs: dict[str, Any] | None, heldout: dict[str, Any], budgets: Sequence[float],
                      next_budget: float | None, selection: dict[str, Any], fixed_from: str | None,
                      unique_tokens: float | None = None) -> dict[str, Any]:
-    alloc = allocate(fr, budgets, unique_tokens=unique_tokens)
-    for row in alloc:
-        if bs:
-            for k in ("N_opt", "D_opt", "predicted_loss"):
-                iv = _interval(bs["alloc"][row["C"]][k], bs["info"]["level"])
-                row[f"{k}_lo"], row[f"{k}_hi"] = iv["lo"], iv["hi"]
+    alloc = _with_intervals(allocate(fr, budgets, unique_tokens=unique_tokens), bs)
     pred = fr.predict(pts.N, pts.D)
     lo = hi = None
     if bs is not None and np.isfinite(bs["pred"]).any(axis=1).sum() >= 2:
