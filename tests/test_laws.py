@@ -166,7 +166,7 @@ def test_data_constrained_laws_get_intervals_and_their_bounds_checked() -> None:
         for k in ["alpha", "beta", "a", *own]:
             iv = rec["intervals"][k]
             assert iv["lo"] < iv["hi"], (law, k, iv)
-            step = 1.47 if k == "R_D" else 1.0  # the resamples' R*_D lie on a grid of that ratio
+            step = 1.47 if k == "R_D" else 1.0  # resamples: a parabola through a grid of that ratio; the fit: Brent
             if k != "a":
                 assert iv["lo"] / step <= rec["params"][k] <= iv["hi"] * step, (law, k, iv)
         assert all(f"{k} [" in _interval_text(rec) for k in own)
@@ -179,6 +179,22 @@ def test_data_constrained_laws_get_intervals_and_their_bounds_checked() -> None:
     mid = FitResult("muennighoff", {**top.params, "R_D": 15.4}, {"U": U})
     assert identifiability(mid, {"R_D": {"lo": 4.0, "hi": 99.5}}, None, None,
                            CONSTRAINED_BOUNDS["muennighoff"])["summary"] == "the interval of R_D reaches its upper bound"
+
+
+def test_a_resamples_r_d_is_read_between_the_grid_values() -> None:
+    """Each bootstrap resample of the effective-data law is profiled over a grid of R_D; its R_D is the
+    vertex of the parabola through the best grid value and its neighbours (exact for a quadratic profile in
+    log R_D), so the interval is not stuck at the grid's resolution; at an end of the grid the grid value
+    stays (an end is a bound the identifiability flag reports)."""
+    from cptscale.fit.constrained import _profile_vertex
+
+    u = np.log(np.geomspace(1.0, 100.0, 13))
+    prof = np.vstack([(u - math.log(7.3)) ** 2 + 1.0,  # vertex between grid values
+                      (u - math.log(300.0)) ** 2,  # beyond the grid's top: the top value stays
+                      (u - math.log(0.5)) ** 2])  # below the grid's bottom: 1 stays
+    at_grid = np.exp(u[np.argmin(prof, axis=1)])
+    out = _profile_vertex(u, prof, at_grid)
+    assert out[0] == pytest.approx(7.3, rel=1e-9) and out[1] == pytest.approx(100.0) and out[2] == pytest.approx(1.0)
 
 
 def test_an_unidentified_data_constrained_law_gets_the_remedies() -> None:

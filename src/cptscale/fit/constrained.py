@@ -213,6 +213,25 @@ CONSTRAINED_BOUNDS: dict[str, dict[str, tuple[float, float, bool]]] = {
 _BOOT_R_GRID = tuple(np.geomspace(1.0, 100.0, 13))
 
 
+def _profile_vertex(u: np.ndarray, prof: np.ndarray, at_grid: np.ndarray) -> np.ndarray:
+    """Per row of ``prof`` (objective at each grid coordinate ``u``, here log R_D): the vertex of the parabola
+    through its best grid point and the two beside it, within them; the grid value itself at an end of the
+    grid or where the three do not curve upwards. Without it a resample's R_D could only take grid values,
+    and its interval had the grid's resolution (a factor 1.47), not the data's."""
+    out = at_grid.copy()
+    for b in np.flatnonzero(np.isfinite(prof).any(axis=1)):
+        i = int(np.argmin(prof[b]))
+        if not 0 < i < len(u) - 1 or not np.all(np.isfinite(prof[b, i - 1 : i + 2])):
+            continue
+        (x0, x1, x2), (y0, y1, y2) = u[i - 1 : i + 2], prof[b, i - 1 : i + 2]
+        den = (x0 - x1) * (x0 - x2) * (x1 - x2)
+        a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / den
+        bb = (x2**2 * (y0 - y1) + x1**2 * (y2 - y0) + x0**2 * (y1 - y2)) / den
+        if a > 0:
+            out[b] = math.exp(min(max(-bb / (2 * a), x0), x2))
+    return out
+
+
 def bootstrap_constrained(pts: Points, fr: FitResult, n: int, seed: int, scheme: str, kw: dict[str, Any],
                           fixed_samples: dict[str, np.ndarray] | None = None,
                           pair_with: dict[str, Any] | None = None, budgets: Sequence[float] = ()) -> dict[str, Any]:
@@ -258,7 +277,8 @@ def bootstrap_constrained(pts: Points, fr: FitResult, n: int, seed: int, scheme:
             sorted({*map(float, _BOOT_R_GRID), float(fr.params["R_D"])})
         free = [i for i, k in enumerate(names) if k not in chin_fixed]
         best_f = np.full(n, np.inf)
-        for r in rs:
+        prof = np.full((n, len(rs)), np.inf)  # each resample's objective at every R_D of the grid
+        for j, r in enumerate(rs):
             pr = Points(pts.N, effective_data(pts.D, U, r), pts.L, pts.run, pts.index)
             fr_r = fit_law(pr, "chinchilla", chin_fixed, init=fr.starts, **kw)  # this R_D's full-data optima
             base = np.array([_to_internal(k, fr_r.params[k]) for k in names])
@@ -271,14 +291,17 @@ def bootstrap_constrained(pts: Points, fr: FitResult, n: int, seed: int, scheme:
             th = np.array([t for _, t in fitted])
             f = _obj(th, np.log(pr.N), np.log(pr.D), np.log(pr.L), delta, reduction, W=W[bidx])[0]
             for (b, t), fb in zip(fitted, f, strict=True):
+                prof[b, j] = fb
                 if fb < best_f[b]:
                     best_f[b] = fb
                     p = _to_params(t, names)
                     for k in names:
                         samples[k][b] = p[k]
                     samples["R_D"][b] = r
+        samples["R_D"] = _profile_vertex(np.log(rs), prof, samples["R_D"])
         how = (f"each resample profiled over R_D ({len(rs)} values from {min(rs):.3g} to {max(rs):.3g}), a warm "
-               "batched Chinchilla refit at each")
+               "batched Chinchilla refit at each; its R_D the vertex of a parabola in log R_D through the best "
+               "grid value and its neighbours, the other parameters those of the best grid value")
     else:
         U = fr.params["U"]
         x0 = fr.starts[0] if fr.starts is not None else None
