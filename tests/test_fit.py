@@ -717,7 +717,8 @@ def test_resamples_that_all_reproduce_the_fit_give_no_interval() -> None:
 
 def test_summary_lists_the_interval_of_e_when_the_record_has_one() -> None:
     """E's interval is printed when the record keeps it (a free E, or a frozen E resampled with its source's
-    bootstrap); a constant E has none in the record, so none is printed."""
+    bootstrap); a constant E has none in the record, so none is printed, and the line says the intervals
+    are conditional on it."""
     from cptscale.summary import _interval_text
 
     boot = {"meta": {"bootstrap": {"n_ok": 50, "level": 0.95}}}
@@ -726,3 +727,8 @@ def test_summary_lists_the_interval_of_e_when_the_record_has_one() -> None:
     assert text == "95% intervals (50 resamples over runs): E [4.191, 4.587], alpha [0.4241, 4.454]"
     held = _interval_text({"intervals": {k: v for k, v in ivs.items() if k != "E"}, **boot})
     assert held is not None and "E [" not in held
+    # a constant E (a given value, or the reduced law's 0) makes the intervals conditional on it: said
+    fixed = _interval_text({"intervals": {k: v for k, v in ivs.items() if k != "E"}, "fixed": {"E": 0.0}, **boot})
+    assert fixed == ("95% intervals (50 resamples over runs): alpha [0.4241, 4.454]; E held at 0 in every "
+                     "resample: the intervals leave its own uncertainty out")
+    assert "held at" not in _interval_text({"intervals": ivs, "fixed": {"E": 4.346}, **boot})  # resampled

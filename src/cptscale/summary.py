@@ -66,7 +66,11 @@ def _interval_text(fit: dict[str, Any]) -> str | None:
     if not parts:
         return None
     bs = (fit.get("meta") or {}).get("bootstrap") or {}
-    return f"{int(100 * bs.get('level', 0.95))}% intervals ({bs.get('n_ok', '?')} resamples over runs): " + ", ".join(parts)
+    held = [k for k in ("E",) if k in (fit.get("fixed") or {}) and k not in iv]
+    cond = "".join(f"; {k} held at {_num(fit['fixed'][k], '.4g')} in every resample: the intervals leave its own "
+                   "uncertainty out" for k in held)
+    return (f"{int(100 * bs.get('level', 0.95))}% intervals ({bs.get('n_ok', '?')} resamples over runs): "
+            + ", ".join(parts) + cond)
 
 
 def _heldout_text(fit: dict[str, Any]) -> str | None:
