@@ -31,7 +31,7 @@ from cptscale.fit.constrained import (
     fit_overfit_penalty,
 )
 from cptscale.fit.estimate import fit_law
-from cptscale.fit.identify import identifiability
+from cptscale.fit.identify import fit_remedied, identifiability
 from cptscale.fit.laws import FitResult
 from cptscale.fit.points import _points
 from cptscale.fit.study import _constrained_record
@@ -40,9 +40,9 @@ from cptscale.fit.uncertainty import bootstrap_law
 U = 1.5e5
 SIZES = (2.7e4, 5.6e4, 1.07e5, 1.6e5, 2.4e5)
 CHIN = {"E": 2.0, "A": 500.0, "B": 300.0, "alpha": 0.6, "beta": 0.35}
-TRUTH = {"muennighoff": {**CHIN, "R_D": 5.0, "U": U},
+TRUTH = {"chinchilla": dict(CHIN), "muennighoff": {**CHIN, "R_D": 5.0, "U": U},
          "lovelace": {**CHIN, "P": 0.02, "delta": 1.0, "kappa": 0.5, "U": U}}
-OWN = {"muennighoff": ["R_D"], "lovelace": ["P", "delta", "kappa"]}
+OWN = {"chinchilla": [], "muennighoff": ["R_D"], "lovelace": ["P", "delta", "kappa"]}
 FITTERS = {"muennighoff": fit_data_constrained, "lovelace": fit_overfit_penalty}
 
 
@@ -67,12 +67,16 @@ def main() -> None:
     ap.add_argument("--bootstrap", type=int, default=50)
     ap.add_argument("--scheme", default="bayes", choices=["bayes", "pairs"])
     ap.add_argument("--grid", default="coarse")
+    ap.add_argument("--laws", nargs="+", default=["muennighoff", "lovelace"],
+                    choices=["chinchilla", "muennighoff", "lovelace"],
+                    help="chinchilla: Chinchilla's law as the truth (no repetition cost), the same design, fitted "
+                         "through fit_remedied as the scratch law is (no CPT runs here: no separate fit)")
     args = ap.parse_args()
     kw = {"delta": 1e-3, "reduction": "sum", "grid": args.grid}
     a_true = CHIN["beta"] / (CHIN["alpha"] + CHIN["beta"])
     print(f"{args.studies} studies per law, {len(SIZES)} sizes, one run per size, U = {U:.3g} unique tokens "
           f"(up to {14 * SIZES[-1] / U:.1f} epochs); bootstrap {args.bootstrap} x {args.scheme}")
-    for law in ("muennighoff", "lovelace"):
+    for law in args.laws:
         keys = ["alpha", "beta", "a", *OWN[law]]
         truth = {**TRUTH[law], "a": a_true}
         for how in ("free fit", "fit-study record, fit.remedy: auto"):
@@ -82,7 +86,18 @@ def main() -> None:
             for seed in range(args.studies):
                 df = study_points(law, seed)
                 pts = _points(df)
-                if how == "free fit":
+                if law == "chinchilla":
+                    fr = fit_law(pts, "chinchilla", **kw)
+                    if how == "free fit":
+                        bs = bootstrap_law(pts, fr, args.bootstrap, seed, (), scheme=args.scheme)
+                        ident = identifiability(fr, bs["intervals"], None, fr.meta.get("on_bound"))
+                        intervals = bs["intervals"]
+                    else:
+                        fr, bs, ident, rem = fit_remedied(pts, "chinchilla", {}, args.bootstrap, seed, (), None, kw,
+                                                          "auto", None, None, args.scheme)
+                        intervals = bs["intervals"]
+                        used[rem["used"].split(" (")[0]] += 1
+                elif how == "free fit":
                     fr = FITTERS[law](pts, U, **kw)
                     bs = bootstrap_constrained(pts, fr, args.bootstrap, seed, args.scheme, kw)
                     ident = identifiability(fr, bs["intervals"], None, fr.meta.get("on_bound"),
