@@ -93,10 +93,10 @@ _PENALTY_LOGS = {"E", "A", "B", "P"}
 
 
 def _penalty_problem(pts: Points, U: float, fixed: dict[str, float], delta_h: float, mean: bool,
-                     w: np.ndarray | None = None) -> tuple[list[str], list[tuple[float, float]], Any, Any]:
-    """The penalty law's free parameters, their box, ``unpack`` (internal coordinates to parameters) and the
-    Huber objective with its exact gradient, rescaled to O(1) for L-BFGS-B's tolerances; ``w``: a weight
-    per point (a bootstrap resample)."""
+                     w: np.ndarray | None = None) -> tuple[list[str], list[tuple[float, float]], Any, Any, float]:
+    """The penalty law's free parameters, their box, ``unpack`` (internal coordinates to parameters), the
+    Huber objective with its exact gradient, rescaled to O(1) for L-BFGS-B's tolerances, and that scale;
+    ``w``: a weight per point (a bootstrap resample)."""
     from cptscale.fit.optimizer import BOUNDS
 
     R = repetitions(pts.D, U)
@@ -127,7 +127,7 @@ def _penalty_problem(pts: Points, U: float, fixed: dict[str, float], delta_h: fl
                  "beta": -terms["B"] * lD, "P": terms["P"], "delta": terms["P"] * lR, "kappa": terms["P"] * lNU}
         return f * scale, np.array([float(g @ dpred[k]) for k in free]) * scale
 
-    return free, bounds, unpack, objective
+    return free, bounds, unpack, objective, scale
 
 
 def fit_overfit_penalty(data: Any, U: float, fixed: dict[str, float] | None = None, starts_from: int = 3,
@@ -158,8 +158,7 @@ def fit_overfit_penalty(data: Any, U: float, fixed: dict[str, float] | None = No
                        "than its 3 parameters) at >= 2 repetition levels")
     delta_h = float(kw.get("delta", 1e-3))
     mean = kw.get("reduction", "sum") == "mean"
-    free, bounds, unpack, objective = _penalty_problem(pts, U, fixed, delta_h, mean)
-    scale = 1e4 / (len(pts.L) if mean else 1)
+    free, bounds, unpack, objective, scale = _penalty_problem(pts, U, fixed, delta_h, mean)
     chin = fit_law(pts, "chinchilla", {k: v for k, v in fixed.items() if k == "E"},
                    **{k: v for k, v in kw.items() if k in ("delta", "reduction", "grid")})
 
@@ -312,7 +311,7 @@ def bootstrap_constrained(pts: Points, fr: FitResult, n: int, seed: int, scheme:
                 fx.update({k: float(v[b]) for k, v in fixed_draw.items()})
                 if not all(math.isfinite(v) for v in fx.values()) or x0 is None:
                     continue
-                _, bounds, unpack, objective = _penalty_problem(pts, U, fx, delta, mean, W[b])
+                _, bounds, unpack, objective, _ = _penalty_problem(pts, U, fx, delta, mean, W[b])
                 res = minimize(objective, np.clip(x0, [lo for lo, _ in bounds], [hi for _, hi in bounds]), jac=True,
                                method="L-BFGS-B", bounds=bounds, options={"ftol": 1e-15, "gtol": 1e-10,
                                                                            "maxiter": 3000})
