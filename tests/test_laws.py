@@ -125,6 +125,10 @@ def test_fit_study_records_both_data_constrained_laws_on_the_same_held_out_size(
     for law, r in recs.items():
         assert r["status"] == "ok" and r["law"] == law and r["heldout"]["status"] == "ok", (law, r.get("reason"))
         assert r["heldout"]["heldout_N"] == 8e5 and r["meta"]["selection"]["unique_tokens"] == U
+        # the ladder rollout (fit the smallest k sizes, predict k+1): with 4 sizes one step, the held-out fit
+        step = r["rollout"]["steps"][-1]
+        assert [x["k"] for x in r["rollout"]["steps"]] == [3] and step["predicted_N"] == 8e5
+        assert step["mean_rel_err"] == r["heldout"]["mean_rel_err"] == r["rollout"]["mean_rel_err"]
         assert r["allocation"][0]["N_opt"] == r["allocation"][0]["N_opt_numeric"]
     # the points come from the penalty law: it predicts the held-out size, the effective-data law less well
     assert recs["lovelace"]["heldout"]["mean_rel_err"] < 1e-3 < recs["muennighoff"]["heldout"]["mean_rel_err"]

@@ -155,34 +155,59 @@ def _constrained_record(law: str, lang: str, frame_sel: tuple[Any, dict[str, Any
         return _skipped(fit_id, law, "scratch", lang, f"refused: {exc}", selection=sel)
     except Exception as exc:
         return _skipped(fit_id, law, "scratch", lang, f"fit failed: {exc}", selection=sel)
+    ro = _constrained_rollout(pts, fitter, U, {k: v for k, v in fr.fixed.items() if k == "E"}, kw)
+    last = ro["steps"][-1] if ro["steps"] else None  # fitted on every size but the largest: the held-out fit
     ho: dict[str, Any]
-    nmax = max(pts.sizes)
-    if len(pts.sizes) < 4:
+    if last is None:
         ho = {"status": "skipped", "reason": f"{len(pts.sizes)} sizes; need >= 4 to hold one out"}
+    elif last["status"] != "ok":
+        ho = {"status": "skipped", "reason": last["reason"]}
     else:
-        tr, te = pts.subset(nmax > pts.N), pts.subset(nmax == pts.N)
-        try:
-            hf = fitter(tr, U, fixed={k: v for k, v in fr.fixed.items() if k == "E"}, **kw)
-            ho = {"status": "ok", "heldout_N": nmax, "n_train": len(tr.N), "n_test": len(te.N),
-                  **_err_stats(hf.predict(te.N, te.D), te.L), "params": hf.params}
-        except Exception as exc:
-            ho = {"status": "skipped", "reason": str(exc)}
+        ho = {"status": "ok", "heldout_N": last["predicted_N"],
+              **{k: last[k] for k in ("n_train", "n_test", "mae", "rmse", "max_abs_err", "mean_rel_err", "bias",
+                                      "params")}}
     pred = fr.predict(pts.N, pts.D)
     intervals = dict(bs["intervals"]) if bs else {}
     for k in set(fr.fixed) - set(bs["info"].get("resampled", ()) if bs else ()):
         intervals.pop(k, None)  # constants, unless resampled with their source
     return {"format": "cptscale-fit/1", "fit_id": fit_id, "law": law, "kind": "scratch", "lang": lang,
             "status": "ok", "reason": None, "equation": EQUATIONS[law], "params": fr.params,
-            "fixed": fr.fixed, "intervals": intervals, "heldout": ho, "identifiability": ident, "remedy": rem,
+            "fixed": fr.fixed, "intervals": intervals, "heldout": ho, "rollout": ro, "identifiability": ident,
+            "remedy": rem,
             "allocation": _with_intervals(allocate(fr, budgets, unique_tokens=U), bs),
             "points": [{"run_id": str(r), "N": float(a), "D": float(b), "observed_loss": float(o),
                         "predicted_loss": float(q)} for r, a, b, o, q in zip(pts.run, pts.N, pts.D, pts.L, pred,
                                                                               strict=True)],
             "meta": {**fr.meta, "selection": sel, "identifiability": ident,
-                     "remedy": {k: rem[k] for k in ("policy", "used")},
+                     "remedy": {k: rem[k] for k in ("policy", "used")}, "rollout": ro,
                      "bootstrap": bs["info"] if bs else {"n_requested": 0}},
             "bootstrap": {k: [None if not np.isfinite(x) else float(x) for x in v] for k, v in bs["samples"].items()}
             if bs else {}}
+
+
+def _constrained_rollout(pts: Points, fitter: Any, U: float, fixed: dict[str, float], kw: dict[str, Any],
+                         need: int = 3) -> dict[str, Any]:
+    """The ladder rollout of a data-constrained law (:func:`cptscale.fit.identify.rollout` for the laws
+    fitted by their own fitters): for every k >= ``need``, fit the smallest k sizes and predict size k+1.
+    Its last step is the held-out validation of the largest size."""
+    sizes = pts.sizes
+    steps: list[dict[str, Any]] = []
+    for k in range(need, len(sizes)):
+        train, test = pts.subset(sizes[k - 1] >= pts.N), pts.subset(sizes[k] == pts.N)
+        try:
+            fr = fitter(train, U, fixed=fixed, **kw)
+        except Exception as exc:  # e.g. the penalty refused: too few repeated points among the smaller sizes
+            steps.append({"k": k, "status": "skipped", "reason": str(exc)})
+            continue
+        steps.append({"k": k, "status": "ok", "train_sizes": sizes[:k], "predicted_N": sizes[k],
+                      "n_train": len(train.N), "n_test": len(test.N), **_err_stats(fr.predict(test.N, test.D), test.L),
+                      "params": fr.params, "on_bound": fr.meta.get("on_bound", [])})
+    ok = [x for x in steps if x["status"] == "ok"]
+    return {"status": "ok" if ok else "skipped", "steps": steps,
+            "mean_rel_err": float(np.mean([x["mean_rel_err"] for x in ok])) if ok else None,
+            "max_rel_err": float(max(x["mean_rel_err"] for x in ok)) if ok else None,
+            "reason": None if ok else (f"{len(sizes)} sizes: no step with >= {need} sizes to fit and one to predict"
+                                       if not steps else steps[-1]["reason"])}
 
 
 def _with_intervals(alloc: list[dict[str, Any]], bs: dict[str, Any] | None) -> list[dict[str, Any]]:
