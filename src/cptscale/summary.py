@@ -66,9 +66,9 @@ def _interval_text(fit: dict[str, Any]) -> str | None:
     if not parts:
         return None
     bs = (fit.get("meta") or {}).get("bootstrap") or {}
-    held = [k for k in ("E",) if k in (fit.get("fixed") or {}) and k not in iv]
-    cond = "".join(f"; {k} held at {_num(fit['fixed'][k], '.4g')} in every resample: the intervals leave its own "
-                   "uncertainty out" for k in held)
+    fixed_e = (fit.get("fixed") or {}).get("E")
+    cond = (f"; E held at {_num(fixed_e, '.4g')} in every resample: the intervals leave its own uncertainty out"
+            if fixed_e is not None and "E" not in iv else "")
     return (f"{int(100 * bs.get('level', 0.95))}% intervals ({bs.get('n_ok', '?')} resamples over runs): "
             + ", ".join(parts) + cond)
 

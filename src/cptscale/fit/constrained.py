@@ -249,20 +249,16 @@ def bootstrap_constrained(pts: Points, fr: FitResult, n: int, seed: int, scheme:
     from cptscale.fit.optimizer import _obj, one_blas_thread
     from cptscale.fit.uncertainty import (
         _LEVEL,
+        SCHEME_TEXT,
         _interval,
         _refit_batch,
-        _run_codes,
         _usable_resamples,
-        paired_draws,
-        per_run_draws,
-        run_slots,
+        resample_draws,
     )
 
     used = scheme if scheme in ("pairs", "bayes") else "bayes"
-    R, codes = _run_codes(pts.run)
-    draws, n_paired = paired_draws(per_run_draws(pts.run, n, seed, used),
-                                   run_slots(pts), pair_with if used == scheme else None)
-    W = draws[:, codes]
+    codes, run_draws, pairing = resample_draws(pts, n, seed, used, pair_with if used == scheme else None)
+    W = run_draws["draws"][:, codes]
     delta = float(kw.get("delta", 1e-3))
     reduction = kw.get("reduction", "sum")
     names = LAWS["chinchilla"]
@@ -305,10 +301,10 @@ def bootstrap_constrained(pts: Points, fr: FitResult, n: int, seed: int, scheme:
         U = fr.params["U"]
         x0 = fr.starts[0] if fr.starts is not None else None
         mean = reduction == "mean"
+        frozen = {k: float(v) for k, v in fr.fixed.items() if k != "U"}
         with one_blas_thread():
             for b in range(n):
-                fx = {k: float(v) for k, v in fr.fixed.items() if k != "U"}
-                fx.update({k: float(v[b]) for k, v in fixed_draw.items()})
+                fx = {**frozen, **{k: float(v[b]) for k, v in fixed_draw.items()}}
                 if not all(math.isfinite(v) for v in fx.values()) or x0 is None:
                     continue
                 _, bounds, unpack, objective, _ = _penalty_problem(pts, U, fx, delta, mean, W[b])
@@ -329,15 +325,11 @@ def bootstrap_constrained(pts: Points, fr: FitResult, n: int, seed: int, scheme:
     samples["a"] = np.where(ok & (s_ab > 0), samples["beta"] / np.where(s_ab > 0, s_ab, 1.0), np.nan)
     note = "" if used == scheme else f" ({scheme} asked: the wild schemes need the law's leave-one-run-out refits)"
     return {"samples": samples, "intervals": {k: _interval(v, _LEVEL) for k, v in samples.items()},
-            "alloc": alloc, "run_draws": {"slots": run_slots(pts), "draws": draws},
+            "alloc": alloc, "run_draws": run_draws,
             "info": {"n_requested": n, "n_ok": int(ok.sum()), "n_degenerate": int((~ok).sum()), "unit": "run",
-                     "n_runs": R, "seed": seed, "level": _LEVEL, "method": "percentile",
-                     "scheme": {"pairs": "pairs: runs resampled with replacement",
-                                "bayes": "bayes: one Exp(1) weight per run (Bayesian bootstrap), every run kept"}[used]
-                               + note,
+                     "n_runs": run_draws["draws"].shape[1], "seed": seed, "level": _LEVEL,
+                     "method": "percentile", "scheme": SCHEME_TEXT[used] + note,
                      "refit": how, "loss": "huber",
                      "frozen": (f"{', '.join(fixed_samples)} resampled with their source" if fixed_samples
                                 else "held at the fit's values"),
-                     "resampled": list(fixed_samples or ()),
-                     **({"paired_by_size": f"{n_paired} of {R} runs draw as the same-size run of the source"}
-                        if pair_with is not None and used == scheme else {})}}
+                     "resampled": list(fixed_samples or ()), **pairing}}

@@ -152,17 +152,27 @@ def rollout(pts: Points, law: str, fixed_at: Callable[[int], dict[str, float] | 
             steps.append({"k": k, "status": "skipped", "reason": str(exc)})
             continue
         prev = fr
-        pred = fr.predict(test.N, test.D)
-        steps.append({"k": k, "status": "ok", "train_sizes": sizes[:k], "predicted_N": sizes[k],
-                      "n_train": len(train.N), "n_test": len(test.N), **_err_stats(pred, test.L),
-                      "objective": fr.meta.get("objective"), "starts": fr.meta.get("n_starts"),
-                      "params": fr.params, "on_bound": fr.meta.get("on_bound", [])})
+        steps.append({**rollout_step(k, sizes, train, test, fr), "objective": fr.meta.get("objective"),
+                      "starts": fr.meta.get("n_starts")})
+    return {**rollout_result(steps, f"{len(sizes)} sizes: no step with >= {need} sizes to fit and one to predict"),
+            "overestimate_penalty": kw.get("overestimate_penalty", 1.0)}
+
+
+def rollout_step(k: int, sizes: Sequence[float], train: Points, test: Points, fr: FitResult) -> dict[str, Any]:
+    """One rollout step's record: the law ``fr`` fitted on the smallest k ``sizes`` (``train``), its error on
+    size k+1 (``test``)."""
+    return {"k": k, "status": "ok", "train_sizes": list(sizes[:k]), "predicted_N": sizes[k],
+            "n_train": len(train.N), "n_test": len(test.N), **_err_stats(fr.predict(test.N, test.D), test.L),
+            "params": fr.params, "on_bound": fr.meta.get("on_bound", [])}
+
+
+def rollout_result(steps: list[dict[str, Any]], reason: str) -> dict[str, Any]:
+    """A rollout's record from its steps: the mean and worst error over the steps that ran, or ``reason``."""
     ok = [x for x in steps if x["status"] == "ok"]
     return {"status": "ok" if ok else "skipped", "steps": steps,
             "mean_rel_err": float(np.mean([x["mean_rel_err"] for x in ok])) if ok else None,
             "max_rel_err": float(max(x["mean_rel_err"] for x in ok)) if ok else None,
-            "overestimate_penalty": kw.get("overestimate_penalty", 1.0),
-            "reason": None if ok else f"{len(sizes)} sizes: no step with >= {need} sizes to fit and one to predict"}
+            "reason": None if ok else reason}
 
 
 #: What fit-study does with a loss-law fit that is not identified (``fit.remedy``): ``auto`` tries a fixed E

@@ -35,6 +35,8 @@ from cptscale.fit.identify import (
     fit_remedied,
     identifiability,
     rollout,
+    rollout_result,
+    rollout_step,
     select_points,
 )
 from cptscale.fit.laws import EQUATIONS, LAWS, LOSSES, FitResult, _min_sizes
@@ -167,12 +169,10 @@ def _constrained_record(law: str, lang: str, frame_sel: tuple[Any, dict[str, Any
               **{k: last[k] for k in ("n_train", "n_test", "mae", "rmse", "max_abs_err", "mean_rel_err", "bias",
                                       "params")}}
     pred = fr.predict(pts.N, pts.D)
-    intervals = dict(bs["intervals"]) if bs else {}
-    for k in set(fr.fixed) - set(bs["info"].get("resampled", ()) if bs else ()):
-        intervals.pop(k, None)  # constants, unless resampled with their source
     return {"format": "cptscale-fit/1", "fit_id": fit_id, "law": law, "kind": "scratch", "lang": lang,
             "status": "ok", "reason": None, "equation": EQUATIONS[law], "params": fr.params,
-            "fixed": fr.fixed, "intervals": intervals, "heldout": ho, "rollout": ro, "identifiability": ident,
+            "fixed": fr.fixed, "intervals": _varied_intervals(fr, bs), "heldout": ho, "rollout": ro,
+            "identifiability": ident,
             "remedy": rem,
             "allocation": _with_intervals(allocate(fr, budgets, unique_tokens=U), bs),
             "points": [{"run_id": str(r), "N": float(a), "D": float(b), "observed_loss": float(o),
@@ -181,8 +181,7 @@ def _constrained_record(law: str, lang: str, frame_sel: tuple[Any, dict[str, Any
             "meta": {**fr.meta, "selection": sel, "identifiability": ident,
                      "remedy": {k: rem[k] for k in ("policy", "used")}, "rollout": ro,
                      "bootstrap": bs["info"] if bs else {"n_requested": 0}},
-            "bootstrap": {k: [None if not np.isfinite(x) else float(x) for x in v] for k, v in bs["samples"].items()}
-            if bs else {}}
+            "bootstrap": _samples_json(bs)}
 
 
 def _constrained_rollout(pts: Points, fitter: Any, U: float, fixed: dict[str, float], kw: dict[str, Any],
@@ -199,15 +198,23 @@ def _constrained_rollout(pts: Points, fitter: Any, U: float, fixed: dict[str, fl
         except Exception as exc:  # e.g. the penalty refused: too few repeated points among the smaller sizes
             steps.append({"k": k, "status": "skipped", "reason": str(exc)})
             continue
-        steps.append({"k": k, "status": "ok", "train_sizes": sizes[:k], "predicted_N": sizes[k],
-                      "n_train": len(train.N), "n_test": len(test.N), **_err_stats(fr.predict(test.N, test.D), test.L),
-                      "params": fr.params, "on_bound": fr.meta.get("on_bound", [])})
-    ok = [x for x in steps if x["status"] == "ok"]
-    return {"status": "ok" if ok else "skipped", "steps": steps,
-            "mean_rel_err": float(np.mean([x["mean_rel_err"] for x in ok])) if ok else None,
-            "max_rel_err": float(max(x["mean_rel_err"] for x in ok)) if ok else None,
-            "reason": None if ok else (f"{len(sizes)} sizes: no step with >= {need} sizes to fit and one to predict"
-                                       if not steps else steps[-1]["reason"])}
+        steps.append(rollout_step(k, sizes, train, test, fr))
+    return rollout_result(steps, steps[-1].get("reason", "") if steps else
+                          f"{len(sizes)} sizes: no step with >= {need} sizes to fit and one to predict")
+
+
+def _varied_intervals(fr: FitResult, bs: dict[str, Any] | None) -> dict[str, Any]:
+    """The bootstrap's intervals less those of frozen parameters that stayed constant (a frozen parameter
+    resampled with its source, e.g. E from the scratch or a separate fit, keeps its interval)."""
+    intervals = dict(bs["intervals"]) if bs else {}
+    for k in set(fr.fixed) - set(bs["info"].get("resampled", ()) if bs else ()):
+        intervals.pop(k, None)
+    return intervals
+
+
+def _samples_json(bs: dict[str, Any] | None) -> dict[str, list[float | None]]:
+    """The bootstrap's per-resample samples for the record (JSON: NaN as null)."""
+    return {k: [None if not np.isfinite(x) else float(x) for x in v] for k, v in bs["samples"].items()} if bs else {}
 
 
 def _with_intervals(alloc: list[dict[str, Any]], bs: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -239,19 +246,14 @@ def _loss_fit_record(fit_id: str, kind: str, lang: str | None, pts: Points, fr: 
             row["predicted_lo"], row["predicted_hi"] = float(lo[i]), float(hi[i])
         points.append(row)
     ex = exponents(fr)
-    intervals = dict(bs["intervals"]) if bs else {}
-    resampled = set(bs["info"].get("resampled", ())) if bs else set()
-    for k in set(fr.fixed) - resampled:  # constants, unless resampled (scratch bootstrap, separate fit's E)
-        intervals.pop(k, None)
     rec = {
         "format": "cptscale-fit/1", "fit_id": fit_id, "law": fr.law, "kind": kind, "lang": lang, "status": "ok",
         "reason": None, "equation": EQUATIONS[fr.law], "params": fr.params, "fixed": fr.fixed,
-        "fixed_from": fixed_from, "intervals": intervals, "exponents": ex, "allocation": alloc,
+        "fixed_from": fixed_from, "intervals": _varied_intervals(fr, bs), "exponents": ex, "allocation": alloc,
         "next_run": _next_run(fr, next_budget, bs, pts) if next_budget else None,
         "heldout": heldout, "points": points,
         "meta": {**fr.meta, "selection": selection, "bootstrap": bs["info"] if bs else {"n_requested": 0}},
-        "bootstrap": {k: [None if not np.isfinite(x) else float(x) for x in v] for k, v in bs["samples"].items()}
-        if bs else {},
+        "bootstrap": _samples_json(bs),
     }
     return rec
 

@@ -46,6 +46,27 @@ def wild_multipliers(run: np.ndarray, n: int, rng: np.random.Generator) -> np.nd
     return rng.choice(np.array([-1.0, 1.0]), size=(n, R))[:, codes]
 
 
+#: How each scheme resamples, as the bootstrap records say it.
+SCHEME_TEXT = {"wild": "wild: one Rademacher sign per run on its log-loss residuals, design fixed",
+               "wild3": "wild3: one Rademacher sign per run on its jackknife (CV3) log-loss residuals, design fixed",
+               "wildjk": "wildjk: one Rademacher sign per run on its leave-one-run-out log-loss residuals (exact "
+                         "cluster jackknife of the Huber fit), design fixed",
+               "pairs": "pairs: runs resampled with replacement",
+               "bayes": "bayes: one Exp(1) weight per run (Bayesian bootstrap), every run kept"}
+
+
+def resample_draws(pts: Points, n: int, seed: int, scheme: str,
+                   pair_with: dict[str, Any] | None) -> tuple[np.ndarray, dict[str, Any], dict[str, str]]:
+    """Every bootstrap's per-run draws: (point codes, ``run_draws`` (slots and the (n, runs) draws, paired
+    by size with ``pair_with``), and the record's pairing entry (empty without a source))."""
+    R, codes = _run_codes(pts.run)
+    slots = run_slots(pts)
+    draws, n_paired = paired_draws(per_run_draws(pts.run, n, seed, scheme), slots, pair_with)
+    info = ({"paired_by_size": f"{n_paired} of {R} runs draw as the same-size run of the source"}
+            if pair_with is not None else {})
+    return codes, {"slots": slots, "draws": draws}, info
+
+
 def per_run_draws(run: np.ndarray, n: int, seed: int, scheme: str) -> np.ndarray:
     """One draw per run and resample, (n, runs) in :func:`_run_codes` order: the pairs counts, the Bayesian
     bootstrap's Exp(1) weights, or the wild schemes' signs (the per-point helpers at one point per run)."""
@@ -296,9 +317,8 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
     starts = fit.starts if fit.starts is not None else base_th[free][None]
     asym = float(fit.meta.get("overestimate_penalty", 1.0))
     LL = None
-    R, codes = _run_codes(pts.run)
-    slots = run_slots(pts)
-    draws, n_paired = paired_draws(per_run_draws(pts.run, n, seed, scheme), slots, pair_with)
+    codes, run_draws, pairing = resample_draws(pts, n, seed, scheme, pair_with)
+    draws = run_draws["draws"]
     if scheme in ("pairs", "bayes"):
         W = draws[:, codes]
     else:  # the design stays: every point once, the observations redrawn around the fit
@@ -325,18 +345,12 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
     need = _min_sizes(fit.law, fit.fixed)
     return {
         "samples": samples, "pred": pred, "alloc": alloc, "ok": ok,
-        "run_draws": {"slots": slots, "draws": draws},  # for a fit that freezes parameters from this one
+        "run_draws": run_draws,  # for a fit that freezes parameters from this one
         "intervals": {k: _interval(v, level) for k, v in samples.items()},
         "info": {"n_requested": n, "n_ok": int(ok.sum()), "n_degenerate": int((~ok).sum()),
-                 "n_not_converged": n_unconv, "unit": "run", "n_runs": R, "seed": seed,
+                 "n_not_converged": n_unconv, "unit": "run", "n_runs": draws.shape[1], "seed": seed,
                  "level": level, "method": "percentile",
-                 "scheme": {"wild": "wild: one Rademacher sign per run on its log-loss residuals, design fixed",
-                            "wild3": "wild3: one Rademacher sign per run on its jackknife (CV3) log-loss "
-                                     "residuals, design fixed",
-                            "wildjk": "wildjk: one Rademacher sign per run on its leave-one-run-out log-loss "
-                                      "residuals (exact cluster jackknife of the Huber fit), design fixed",
-                            "pairs": "pairs: runs resampled with replacement",
-                            "bayes": "bayes: one Exp(1) weight per run (Bayesian bootstrap), every run kept"}[scheme],
+                 "scheme": SCHEME_TEXT[scheme],
                  "starts": "warm: one BFGS per resample from the full-data optimum (huber-nll)" if nll else
                            f"warm: the full-data optimum and the grid stage's {len(starts) - 1} best distinct optima",
                  "loss": "huber-nll" if nll else "huber",
@@ -344,8 +358,7 @@ def bootstrap_law(data: Any, fit: FitResult, n: int = 200, seed: int = 0, budget
                             if fixed_samples
                             else "held at the fit's values"),
                  "resampled": list(fixed_samples or ()),  # frozen parameters that vary over the resamples
-                 **({"paired_by_size": f"{n_paired} of {R} runs draw as the same-size run of the source"}
-                    if pair_with is not None else {}),
+                 **pairing,
                  "degenerate_rule": f"resamples with < {need} distinct sizes or fewer points than free parameters"},
     }
 
