@@ -418,6 +418,54 @@ def test_plan_says_whether_the_design_identifies_each_law(tmp_path: Path) -> Non
         assert c["identifies"] and c["min_distinct_D_per_N"] >= 3 and c["points_per_param"] >= 2, c
 
 
+def test_plan_checks_the_data_constrained_design_once_the_unique_tokens_are_known(tmp_path: Path, capsys) -> None:
+    """The repeat study's design against three data manifests (the data stage's data.json, written here with
+    the token and character counts of the real runs): U = 1.535e5 (the study's own text: 12 of 15 points
+    repeat data, up to 12.5 epochs) identifies the effective-data law but leaves the 8-parameter penalty law
+    under-determined; U = 1.2e6 (EN->ES's full text: 3 repeated points, < 2 epochs) identifies neither and
+    the penalty is refused, as fit-study refuses it; U = 1e8 repeats nothing. Before the data stage,
+    `cptscale plan` says when it can check."""
+    from cptscale.cli import main
+    from cptscale.fit.design import constrained_check, unique_tokens
+    from cptscale.plan import plan_study
+    from cptscale.validation import load_config
+
+    raw = yaml.safe_load((ROOT / "workflow/studies/en-es-repeat.yaml").read_text())
+    raw["results_dir"] = str(tmp_path / "results")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "c.yaml")
+    runs = plan_study(cfg)
+    assert unique_tokens(cfg) == {}
+    assert main(["plan", str(tmp_path / "c.yaml")]) == 0
+    assert "checked once the data stage has written" in capsys.readouterr().out
+
+    def verdicts(U: float) -> dict[str, dict]:
+        man = cfg.study_dir / "data" / "es" / "data.json"
+        man.parent.mkdir(parents=True, exist_ok=True)
+        man.write_text(json.dumps({"lang": "es", "train": {"tokens": int(U), "chars": int(U / 0.3085)},
+                                   "ingest": {"chars": int(U / 0.3085) + 66000}}))
+        return {c["law"].rsplit("-", 1)[0]: c for c in constrained_check(cfg, runs, unique_tokens(cfg))}
+
+    own = verdicts(153483)
+    eff, pen = own["scratch-constrained"], own["scratch-overfit"]
+    assert (eff["repeated_points"], eff["n_points"]) == (12, 15) and 12 < eff["max_epochs"] < 13
+    assert eff["status"] == "identifies" and pen["status"] == "does NOT identify"
+    assert any("8 free parameters" in p for p in pen["problems"]) and any("repeated points" in a for a in pen["add"])
+    assert not any("epochs" in p for p in pen["problems"])
+    full = verdicts(1.2e6)
+    assert full["scratch-constrained"]["status"] == "does NOT identify"
+    assert any("epochs (< 2)" in p for p in full["scratch-constrained"]["problems"])
+    assert full["scratch-overfit"]["status"] == "refused"
+    # the cap on characters that puts the largest run at 2 epochs: its tokens / 2 at 0.3085 tokens per character,
+    # plus the 66,000 characters outside the training split
+    cap = float(full["scratch-constrained"]["add"][0].split("about ")[1].split()[0])
+    assert cap == pytest.approx(66000 + eff["max_epochs"] * 153483 / 2 / 0.3085, rel=0.01)
+    assert {c["status"] for c in verdicts(1e8).values()} == {"not fitted"}
+    assert main(["plan", str(tmp_path / "c.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "scratch-overfit-es" in out and "not fitted" in out
+
+
 @pytest.mark.slow
 def test_annealed_points_recover_the_law_and_all_points_do_not() -> None:
     """Simulated studies of a WSD design (the demo's ladder with 4,096-token batches and decay branches at

@@ -106,10 +106,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                   f"{len(sm.target_tokens)} target-token budgets (3 fit the law; with 4 or more the largest is also "
                   f"held out); the frontier over {len(cfg.replay.ratios)} replay ratios")
         else:
-            from cptscale.fit.design import design_check, format_design
+            from cptscale.fit.design import (
+                constrained_check,
+                design_check,
+                format_constrained,
+                format_design,
+                unique_tokens,
+            )
 
             print("\nCan the planned points identify each law? (before any compute is spent)")
             print(format_design(design_check(cfg, runs)))
+            print(format_constrained(cfg, constrained_check(cfg, runs, unique_tokens(cfg))))
         if cfg.iplt is not None:
             from cptscale.iplt import format_arms
 
