@@ -320,6 +320,22 @@ def test_bound_hugging_fit_is_flagged_and_remedied() -> None:
     fr2, _bs2, ident2, rem2 = fit_remedied(pts, "chinchilla", {}, 0, 0, [], None, kw, "auto", None, None)
     assert ident2["identified"] and rem2["used"].startswith("reduced law without E") and fr2.params["E"] == 0.0
     assert rem2["free_fit"]["identifiability"]["on_bound"] == ["E"]
+    # a remedy that cannot be fitted (here: two sizes, fewer than the law needs) is recorded, and the next tried
+    from cptscale.fit.identify import design_counts, first_identified, identifiability
+
+    two = _points(pd.DataFrame(rows[:6], columns=["N", "D", "loss", "run"]))
+    with pytest.raises(CLIError):
+        fit_law(two, "chinchilla", {}, **kw)
+
+    def remedy(p: object, fx: dict[str, float]):
+        fr = fit_law(p, "chinchilla", fx, **kw)
+        return fr, None, identifiability(fr, None, design_counts(p), fr.meta.get("on_bound"))
+
+    rem3: dict = {"tried": [], "used": "none"}
+    found = first_identified([("on two sizes", lambda: remedy(two, {"E": 0.0}), {}),
+                              ("reduced", lambda: remedy(pts, {"E": 0.0}), {"note": 1})], rem3)
+    assert found is not None and found[0].params["E"] == 0.0 and rem3["used"] == "reduced"
+    assert "error" in rem3["tried"][0] and rem3["tried"][1]["note"] == 1 and rem3["tried"][1]["identified"]
 
 
 def test_separate_fit_remedy_carries_e_uncertainty() -> None:

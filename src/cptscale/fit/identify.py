@@ -196,7 +196,9 @@ def fit_remedied(pts: Points, law: str, fixed: dict[str, float], nboot: int, see
     the remedied law holds E at that fit's resample-b value, so its intervals, allocation and every figure
     drawn from its bootstrap carry E's uncertainty. Same seed and scheme, and each run draws as the
     separate fit's run of the same size (``pair_with`` likewise pairs ``fs`` with its source's draws): a
-    size's shape luck is shared by its scratch and CPT runs, so resample b weights it alike in both fits."""
+    size's shape luck is shared by its scratch and CPT runs, so resample b weights it alike in both fits.
+    A remedy that cannot be fitted is recorded with its error (:func:`first_identified`); only the free fit
+    failing fails the law."""
 
     def one(fx: dict[str, float], fsx: dict[str, np.ndarray] | None = None,
             source: str | None = None, pair: dict[str, Any] | None = None,
@@ -238,12 +240,33 @@ def fit_remedied(pts: Points, law: str, fixed: dict[str, float], nboot: int, see
         except Exception as exc:  # the separate fit is optional: say why it was not offered
             rem["tried"].append({"remedy": "fixed E from a separate fit", "error": str(exc)})
     cands.append(("reduced law without E (E = 0) for the range studied", {"E": 0.0}, None, {}))
-    for label, fx, fsx, extra in cands:
-        fr2, bs2, ident2 = one({**fixed, **fx}, fsx, "the separate fit's bootstrap" if fsx else None,
-                               sep_draws if fsx else None)
-        rem["tried"].append({"remedy": label, "params": fr2.params, "identified": ident2["identified"],
-                             "summary": ident2["summary"], **extra})
-        if ident2["identified"]:
+    found = first_identified(
+        [(label, lambda fx=fx, fsx=fsx: one({**fixed, **fx}, fsx, "the separate fit's bootstrap" if fsx else None,
+                                            sep_draws if fsx else None), extra)
+         for label, fx, fsx, extra in cands], rem)
+    return (*found, rem) if found else (fr, bs, ident, rem)
+
+
+#: A remedy to try: its label, the fit (returning the fit, its bootstrap and its identifiability) and extra
+#: fields for its record
+Remedy = tuple[str, Callable[[], tuple[FitResult, Any, dict[str, Any]]], dict[str, Any]]
+
+
+def first_identified(remedies: Sequence[Remedy], rem: dict[str, Any]
+                     ) -> tuple[FitResult, Any, dict[str, Any]] | None:
+    """Try the remedies in order, each recorded in ``rem["tried"]``, and return the first identified one's
+    fit, bootstrap and identifiability (its label in ``rem["used"]``), or None. A remedy that cannot be
+    fitted is recorded with its error and the next one tried: the free fit stays, flagged, rather than the
+    whole law failing for want of a remedy."""
+    for label, fit, extra in remedies:
+        try:
+            fr, bs, ident = fit()
+        except Exception as exc:
+            rem["tried"].append({"remedy": label, "error": str(exc)})
+            continue
+        rem["tried"].append({"remedy": label, "params": fr.params, "identified": ident["identified"],
+                             "summary": ident["summary"], **extra})
+        if ident["identified"]:
             rem["used"] = label
-            return fr2, bs2, ident2, rem
-    return fr, bs, ident, rem
+            return fr, bs, ident
+    return None

@@ -32,6 +32,7 @@ from cptscale.fit.identify import (
     POINT_SELECTIONS,
     REMEDY_POLICIES,
     design_counts,
+    first_identified,
     fit_remedied,
     identifiability,
     rollout,
@@ -142,17 +143,10 @@ def _constrained_record(law: str, lang: str, frame_sel: tuple[Any, dict[str, Any
                 cands.append((f"fixed E = {e:.4g} from the scratch Chinchilla fit of the same runs"
                               + (" (E resampled with that fit's bootstrap)" if sbs else ""),
                               {"E": e}, {"E": sbs["samples"]["E"]} if sbs else None))
-            for label, fx, fsx in cands:
-                try:
-                    fr2, bs2, ident2 = one(fx, fsx)
-                except Exception as exc:  # a remedy that cannot be fitted is recorded, not fatal
-                    rem["tried"].append({"remedy": label, "error": str(exc)})
-                    continue
-                rem["tried"].append({"remedy": label, "params": fr2.params, "identified": ident2["identified"],
-                                     "summary": ident2["summary"]})
-                if ident2["identified"]:
-                    fr, bs, ident, rem["used"] = fr2, bs2, ident2, label
-                    break
+            found = first_identified([(label, lambda fx=fx, fsx=fsx: one(fx, fsx), {}) for label, fx, fsx in cands],
+                                     rem)
+            if found:
+                fr, bs, ident = found
     except CLIError as exc:  # the points cannot identify the law (e.g. too few repeated points): a refusal
         return _skipped(fit_id, law, "scratch", lang, f"refused: {exc}", selection=sel)
     except Exception as exc:
