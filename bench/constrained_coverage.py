@@ -1,6 +1,6 @@
 """Interval coverage of the data-constrained laws' bootstrap over synthetic repeated-data studies.
 
-    python bench/constrained_coverage.py [--studies 20] [--bootstrap 50] [--scheme bayes|pairs] [--grid chinchilla]
+    python bench/constrained_coverage.py [--studies 20] [--bootstrap 50] [--scheme bayes|pairs|wild|wildjk] [--grid chinchilla]
 
 Each study is the repeat study's design (workflow/studies/en-es-repeat.yaml): five sizes, one run per size
 trained to 14 tokens per parameter on U = 1.5e5 unique tokens (2.5-15 epochs), annealed points at 1/2,
@@ -65,7 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--studies", type=int, default=20)
     ap.add_argument("--bootstrap", type=int, default=50)
-    ap.add_argument("--scheme", default="bayes", choices=["bayes", "pairs"])
+    ap.add_argument("--scheme", default="bayes", choices=["bayes", "pairs", "wild", "wildjk"])
     ap.add_argument("--grid", default="coarse")
     ap.add_argument("--laws", nargs="+", default=["muennighoff", "lovelace"],
                     choices=["chinchilla", "muennighoff", "lovelace"],

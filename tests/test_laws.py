@@ -185,6 +185,39 @@ def test_data_constrained_laws_get_intervals_and_their_bounds_checked() -> None:
                            CONSTRAINED_BOUNDS["muennighoff"])["summary"] == "the interval of R_D reaches its upper bound"
 
 
+def test_data_constrained_laws_take_the_wild_schemes() -> None:
+    """The wild schemes (the config's default wildjk) reach the data-constrained laws instead of falling back
+    to the Bayesian bootstrap: the design is kept and each run's residuals redrawn with a sign per run. A
+    resample whose observations are the real ones refits to the fit itself (the refit is the fit's, not an
+    approximation), each run's leave-one-run-out residuals are at least as large as its in-sample ones
+    (the run no longer pulls the law towards itself), and the record names the scheme."""
+    from cptscale.fit.constrained import (
+        _loro_residuals,
+        _refit_resamples,
+        bootstrap_constrained,
+        fit_data_constrained,
+        fit_overfit_penalty,
+    )
+
+    U = 2e6
+    pts = _points(_noisy_penalty_points(U))
+    kw = {"grid": "coarse"}
+    for fitter in (fit_data_constrained, fit_overfit_penalty):
+        fr = fitter(pts, U, **kw)
+        same, _ = _refit_resamples(pts, fr, np.ones((1, len(pts.N))), np.log(pts.L)[None], kw, None)
+        for k in ("E", "A", "B", "alpha", "beta", *(("P", "delta", "kappa") if fr.law == "lovelace" else ())):
+            assert same[k][0] == pytest.approx(fr.params[k], rel=1e-4, abs=1e-6), (fr.law, k)
+        loro, failed = _loro_residuals(pts, fr, kw)
+        inside = np.log(pts.L) - np.log(fr.predict(pts.N, pts.D))
+        assert failed == 0 and np.mean(np.abs(loro)) > np.mean(np.abs(inside)), fr.law
+        bs = bootstrap_constrained(pts, fr, 12, 0, "wildjk", kw)
+        assert bs["info"]["scheme"].startswith("wildjk") and bs["info"]["n_ok"] == 12, bs["info"]
+        assert set(np.unique(bs["run_draws"]["draws"])) == {-1.0, 1.0}
+        iv = bs["intervals"]["alpha"]
+        assert iv["lo"] < iv["hi"]
+        assert bootstrap_constrained(pts, fr, 4, 0, "wild3", kw)["info"]["scheme"].startswith("wildjk")
+
+
 def test_a_resamples_r_d_is_read_between_the_grid_values() -> None:
     """Each bootstrap resample of the effective-data law is profiled over a grid of R_D; its R_D is the
     vertex of the parabola through the best grid value and its neighbours (exact for a quadratic profile in

@@ -231,48 +231,31 @@ def _profile_vertex(u: np.ndarray, prof: np.ndarray, at_grid: np.ndarray) -> np.
     return out
 
 
-def bootstrap_constrained(pts: Points, fr: FitResult, n: int, seed: int, scheme: str, kw: dict[str, Any],
-                          fixed_samples: dict[str, np.ndarray] | None = None,
-                          pair_with: dict[str, Any] | None = None, budgets: Sequence[float] = ()) -> dict[str, Any]:
-    """Bootstrap over runs for a data-constrained law (``fr``: :func:`fit_data_constrained` or
-    :func:`fit_overfit_penalty`), so its exponents and repetition constants get intervals like the other
-    laws'. Runs are reweighted (pairs counts or the Bayesian bootstrap's Exp(1) weights; the wild schemes
-    would need the law's leave-one-run-out refits, so they use the Bayesian bootstrap here and say so).
-    The effective-data law: each resample profiled over R_D on a 13-point log grid from 1 to 100 plus the
-    fit's own R_D, a warm-started batched Chinchilla refit at each (resolution: a factor 1.47 in R_D). The
-    penalty law: one L-BFGS-B per resample from the full-data optimum. ``fixed_samples``: per-resample
-    values of a frozen E (its source's draws, paired by size through ``pair_with``). ``budgets``: each
-    resample's numeric compute-optimal N, D and loss there (the laws' only allocation: it charges for
-    repetition), for the allocation's intervals."""
+def _refit_resamples(pts: Points, fr: FitResult, W: np.ndarray, LL: np.ndarray | None, kw: dict[str, Any],
+                     fixed_samples: dict[str, np.ndarray] | None) -> tuple[dict[str, np.ndarray], str]:
+    """The law refitted on every row of ``W`` (point weights: a resample, or a leave-one-run-out mask), with
+    ``LL`` per-row log losses (the wild schemes' redrawn observations) or the observed ones: each row's
+    parameters (NaN where it has none) and how they were fitted."""
     from scipy.optimize import minimize
 
     from cptscale.fit.optimizer import _obj, one_blas_thread
-    from cptscale.fit.uncertainty import (
-        _LEVEL,
-        SCHEME_TEXT,
-        _interval,
-        _refit_batch,
-        _usable_resamples,
-        resample_draws,
-    )
+    from cptscale.fit.uncertainty import _refit_batch, _usable_resamples
 
-    used = scheme if scheme in ("pairs", "bayes") else "bayes"
-    codes, run_draws, pairing = resample_draws(pts, n, seed, used, pair_with if used == scheme else None)
-    W = run_draws["draws"][:, codes]
+    n = len(W)
     delta = float(kw.get("delta", 1e-3))
     reduction = kw.get("reduction", "sum")
     names = LAWS["chinchilla"]
     keys = [*names, "R_D"] if fr.law == "muennighoff" else list(_PENALTY_NAMES)
-    samples = {k: np.full(n, np.nan) for k in [*keys, "a"]}
+    samples = {k: np.full(n, np.nan) for k in keys}
     fixed_draw = {k: np.asarray(v, float)[:n] for k, v in (fixed_samples or {}).items()}
+    U = fr.params["U"]
     if fr.law == "muennighoff":
-        U = fr.params["U"]
         chin_fixed = {k: v for k, v in fr.fixed.items() if k in names}
         rs = [fr.params["R_D"]] if "R_D" in fr.fixed or not fr.meta.get("n_repeated_points") else \
             sorted({*map(float, _BOOT_R_GRID), float(fr.params["R_D"])})
         free = [i for i, k in enumerate(names) if k not in chin_fixed]
         best_f = np.full(n, np.inf)
-        prof = np.full((n, len(rs)), np.inf)  # each resample's objective at every R_D of the grid
+        prof = np.full((n, len(rs)), np.inf)  # each row's objective at every R_D of the grid
         for j, r in enumerate(rs):
             pr = Points(pts.N, effective_data(pts.D, U, r), pts.L, pts.run, pts.index)
             fr_r = fit_law(pr, "chinchilla", chin_fixed, init=fr.starts, **kw)  # this R_D's full-data optima
@@ -282,9 +265,10 @@ def bootstrap_constrained(pts: Points, fr: FitResult, n: int, seed: int, scheme:
             if not len(bidx):
                 continue
             starts = fr_r.starts if fr_r.starts is not None else base[free][None]
-            fitted, _ = _refit_batch(pr, fixed_b, bidx, free, starts, W, delta, reduction, 1.0)
+            fitted, _ = _refit_batch(pr, fixed_b, bidx, free, starts, W, delta, reduction, 1.0, LL)
             th = np.array([t for _, t in fitted])
-            f = _obj(th, np.log(pr.N), np.log(pr.D), np.log(pr.L), delta, reduction, W=W[bidx])[0]
+            f = _obj(th, np.log(pr.N), np.log(pr.D), np.log(pr.L), delta, reduction, W=W[bidx],
+                     lLr=None if LL is None else LL[bidx])[0]
             for (b, t), fb in zip(fitted, f, strict=True):
                 prof[b, j] = fb
                 if fb < best_f[b]:
@@ -298,7 +282,6 @@ def bootstrap_constrained(pts: Points, fr: FitResult, n: int, seed: int, scheme:
                "batched Chinchilla refit at each; its R_D the vertex of a parabola in log R_D through the best "
                "grid value and its neighbours, the other parameters those of the best grid value")
     else:
-        U = fr.params["U"]
         x0 = fr.starts[0] if fr.starts is not None else None
         mean = reduction == "mean"
         frozen = {k: float(v) for k, v in fr.fixed.items() if k != "U"}
@@ -307,13 +290,69 @@ def bootstrap_constrained(pts: Points, fr: FitResult, n: int, seed: int, scheme:
                 fx = {**frozen, **{k: float(v[b]) for k, v in fixed_draw.items()}}
                 if not all(math.isfinite(v) for v in fx.values()) or x0 is None:
                     continue
-                _, bounds, unpack, objective, _ = _penalty_problem(pts, U, fx, delta, mean, W[b])
+                pb = pts if LL is None else Points(pts.N, pts.D, np.exp(LL[b]), pts.run, pts.index)
+                _, bounds, unpack, objective, _ = _penalty_problem(pb, U, fx, delta, mean, W[b])
                 res = minimize(objective, np.clip(x0, [lo for lo, _ in bounds], [hi for _, hi in bounds]), jac=True,
                                method="L-BFGS-B", bounds=bounds, options={"ftol": 1e-15, "gtol": 1e-10,
                                                                            "maxiter": 3000})
                 for k, v in unpack(res.x).items():
                     samples[k][b] = v
         how = "one L-BFGS-B per resample from the full-data optimum"
+    return samples, how
+
+
+def _loro_residuals(pts: Points, fr: FitResult, kw: dict[str, Any]) -> tuple[np.ndarray, int]:
+    """Each run's log-loss residuals from the law refitted without that run (the exact cluster jackknife,
+    as :func:`cptscale.fit.uncertainty.leave_one_run_out_residuals` does for the unique-data laws), and how
+    many runs fell back to the full fit's residuals (their refit failed)."""
+    from cptscale.fit.uncertainty import _run_codes
+
+    R, codes = _run_codes(pts.run)
+    loro, _ = _refit_resamples(pts, fr, (np.arange(R)[:, None] != codes[None, :]).astype(float), None, kw, None)
+    out = np.log(pts.L) - np.log(fr.predict(pts.N, pts.D))
+    failed = 0
+    for g in range(R):
+        vals = {k: float(v[g]) for k, v in loro.items()}
+        if not all(math.isfinite(v) for v in vals.values()):
+            failed += 1
+            continue
+        idx = codes == g
+        out[idx] = np.log(pts.L[idx]) - np.log(FitResult(fr.law, {**fr.params, **vals}).predict(pts.N[idx], pts.D[idx]))
+    return out, failed
+
+
+def bootstrap_constrained(pts: Points, fr: FitResult, n: int, seed: int, scheme: str, kw: dict[str, Any],
+                          fixed_samples: dict[str, np.ndarray] | None = None,
+                          pair_with: dict[str, Any] | None = None, budgets: Sequence[float] = ()) -> dict[str, Any]:
+    """Bootstrap over runs for a data-constrained law (``fr``: :func:`fit_data_constrained` or
+    :func:`fit_overfit_penalty`), so its exponents and repetition constants get intervals like the other
+    laws'. ``scheme`` as the unique-data laws': runs reweighted (pairs counts, the Bayesian bootstrap's
+    Exp(1) weights), or the design kept and each run's log-loss residuals multiplied by one random sign per
+    run and resample (``wild``: the fit's residuals; ``wildjk``: each run's residuals from the law refitted
+    without it; ``wild3``'s hat-matrix correction is the unique-data laws', so it runs as ``wildjk`` here).
+    The effective-data law: each resample profiled over R_D on a 13-point log grid from 1 to 100 plus the
+    fit's own R_D, a warm-started batched Chinchilla refit at each (resolution: a factor 1.47 in R_D). The
+    penalty law: one L-BFGS-B per resample from the full-data optimum. ``fixed_samples``: per-resample
+    values of a frozen E (its source's draws, paired by size through ``pair_with``). ``budgets``: each
+    resample's numeric compute-optimal N, D and loss there (the laws' only allocation: it charges for
+    repetition), for the allocation's intervals."""
+    from cptscale.fit.uncertainty import _LEVEL, SCHEME_TEXT, _interval, resample_draws
+
+    used = "wildjk" if scheme == "wild3" else scheme
+    codes, run_draws, pairing = resample_draws(pts, n, seed, used, pair_with)
+    draws = run_draws["draws"]
+    keys = [*LAWS["chinchilla"], "R_D"] if fr.law == "muennighoff" else list(_PENALTY_NAMES)
+    LL, loro_failed = None, 0
+    if used in ("pairs", "bayes"):
+        W = draws[:, codes]
+    else:  # the design stays: every point once, the observations redrawn around the fit
+        if used == "wildjk":
+            resid, loro_failed = _loro_residuals(pts, fr, kw)
+        else:
+            resid = np.log(pts.L) - np.log(fr.predict(pts.N, pts.D))
+        LL = np.log(fr.predict(pts.N, pts.D)) + draws[:, codes] * resid
+        W = np.ones((n, len(pts.N)))
+    samples, how = _refit_resamples(pts, fr, W, LL, kw, fixed_samples)
     ok = np.isfinite(samples["alpha"])
     alloc = {float(C): {k: np.full(n, np.nan) for k in ("N_opt", "D_opt", "predicted_loss")} for C in budgets}
     for b in np.flatnonzero(ok) if budgets else ():
@@ -323,7 +362,9 @@ def bootstrap_constrained(pts: Points, fr: FitResult, n: int, seed: int, scheme:
             dct["N_opt"][b], dct["D_opt"][b], dct["predicted_loss"][b] = opt["N"], opt["D"], opt["loss"]
     s_ab = samples["alpha"] + samples["beta"]
     samples["a"] = np.where(ok & (s_ab > 0), samples["beta"] / np.where(s_ab > 0, s_ab, 1.0), np.nan)
-    note = "" if used == scheme else f" ({scheme} asked: the wild schemes need the law's leave-one-run-out refits)"
+    note = "" if used == scheme else f" ({scheme} asked: its hat-matrix correction is the unique-data laws')"
+    if loro_failed:
+        note += f"; {loro_failed} run(s) kept the full fit's residuals (their leave-one-out refit failed)"
     return {"samples": samples, "intervals": {k: _interval(v, _LEVEL) for k, v in samples.items()},
             "alloc": alloc, "run_draws": run_draws,
             "info": {"n_requested": n, "n_ok": int(ok.sum()), "n_degenerate": int((~ok).sum()), "unit": "run",
