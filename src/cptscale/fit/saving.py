@@ -31,8 +31,13 @@ def equal_loss_saving(params: Mapping[str, float], N: float, D: float, loss: flo
     room = loss - params["E"] - params["A"] * N ** (-params["alpha"])
     if room <= 0:
         return 1.0, None
-    d_eq = (params["B"] / room) ** (1.0 / params["beta"])
-    return 1.0 - D / d_eq, d_eq
+    # in logs: a bootstrap draw with beta near 0 puts D_eq beyond the float range (0 or inf), which raised
+    ratio = math.log(params["B"]) - math.log(room)
+    beta = params["beta"]
+    log_deq = ratio / beta if beta > 0 else (math.inf if ratio > 0 else -math.inf if ratio < 0 else 0.0)
+    if log_deq >= 700:  # no float D reaches it: as below the floor
+        return 1.0, None
+    return 1.0 - math.exp(min(math.log(D) - log_deq, 700.0)), math.exp(log_deq)
 
 
 def _draws(rec: Mapping[str, Any]) -> list[dict[str, float]]:
