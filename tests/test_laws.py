@@ -555,6 +555,23 @@ def test_annealed_points_recover_the_law_and_all_points_do_not() -> None:
 # ---------------------------------------------------------------- summary: savings with intervals, flags
 
 
+def test_equal_loss_saving_survives_degenerate_law_draws() -> None:
+    """A bootstrap draw with beta near 0 puts the equal-loss scratch tokens beyond the float range: it gave a
+    division by zero (or an overflow) that failed the whole fit stage on a simulated repeat study; now the
+    saving stays finite (1 where no finite D reaches the loss) and sane draws keep the closed form."""
+    from cptscale.fit.saving import equal_loss_saving
+
+    p = {"E": 2.0, "A": 100.0, "alpha": 0.4, "B": 500.0, "beta": 0.3}
+    N, D, L = 1e6, 2e7, 3.5
+    room = L - 2.0 - 100.0 * N**-0.4
+    s, d_eq = equal_loss_saving(p, N, D, L)
+    assert d_eq == pytest.approx((500.0 / room) ** (1 / 0.3), rel=1e-12) and s == pytest.approx(1 - D / d_eq, rel=1e-12)
+    for beta in (1e-6, 0.0):
+        for B in (1e-3, 1e6):  # B / room below 1: D_eq underflows to 0; above: it overflows
+            s, d_eq = equal_loss_saving({**p, "B": B, "beta": beta}, N, D, L)
+            assert math.isfinite(s) and (d_eq is None) == (s == 1.0)
+
+
 def test_summary_saving_has_a_bootstrap_interval(tmp_path: Path) -> None:
     from test_report import make_db
 
