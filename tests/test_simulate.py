@@ -109,6 +109,37 @@ def test_forgetting_without_replay_and_recovery_with_it():
     assert max(en) > 2.40 + 0.1 and en[-1] < 2.40
 
 
+def test_a_run_that_repeats_its_data_ends_on_the_law_at_its_effective_data():
+    """Beyond its language's unique tokens (the blend's available tokens) a run learns as from Muennighoff
+    et al.'s effective data: it ends on the law at D' (repetition costs loss), its WSD branches too; a run
+    within its unique tokens is unchanged. The truth's R_D round-trips through the law file, and the
+    simulated data stage caps unique tokens only where data.max_chars caps the text."""
+    from cptscale.fit.laws import effective_data
+    from cptscale.simulate.backend import SIM_TRAIN_TOKENS, simulated_manifest
+
+    spec = _spec(kind="wsd", branches=(500, 1000))
+    law = NOISELESS.scratch["zh"]
+    N, D, tps = spec["params"], spec["tokens"], spec["global_batch_size"] * spec["seq_length"]
+    U = D / 8  # eight epochs
+    spec["data"] = {"totals": {"zh": {"available_tokens": U}}}
+    sim = simulate_run(spec, NOISELESS)
+    assert _final(sim, "zh") == pytest.approx(law.loss(N, float(effective_data(D, U, 15.39))), rel=1e-9)
+    assert _final(sim, "zh") > law.loss(N, D) + 0.01
+    for b in (500, 1000):
+        row = next(r for r in sim.evals if r.get("branch") == b and r["lang"] == "zh")
+        assert row["loss"] == pytest.approx(law.loss(N, float(effective_data(b * tps, U, 15.39))), rel=1e-9)
+    harsh = replace(NOISELESS, repetition=replace(NOISELESS.repetition, R_D=2.0))
+    assert _final(simulate_run(spec, harsh), "zh") > _final(sim, "zh")
+    spec["data"]["totals"]["zh"]["available_tokens"] = 2 * D  # within its unique tokens: the plain law
+    assert _final(simulate_run(spec, NOISELESS), "zh") == pytest.approx(law.loss(N, D), rel=1e-9)
+    d = harsh.as_dict()
+    assert Truth.from_dict(d).repetition.R_D == 2.0
+    with pytest.raises(TruthError, match=r"repetition\.R_D must be > 0"):
+        Truth.from_dict({**d, "repetition": {"R_D": 0}})
+    assert simulated_manifest("es", 2048, 20000, "h", ["a", "b"], 560000)["train"]["tokens"] == 560000 // 3 - 20000
+    assert simulated_manifest("es", 2048, 20000, "h", [], None)["train"]["tokens"] == SIM_TRAIN_TOKENS
+
+
 def test_seeded_noise():
     spec = _spec()
     t = default_truth()

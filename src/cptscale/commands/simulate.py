@@ -23,7 +23,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
         raise CLIError(f"--lang {args.lang}: not a language of study {cfg.study!r} ({', '.join(cfg.languages.all)})")
     corpora = cfg.blend_corpora(args.lang)  # the per-corpus splits a blend weights separately
     write_json(args.out, simulated_manifest(args.lang, cfg.vocab_size, cfg.data.validation_tokens, config_hash(cfg),
-                                            corpora))
+                                            corpora, cfg.data.max_chars))
     return 0
 
 

@@ -93,10 +93,21 @@ def run_simulated(spec: Mapping[str, Any]) -> int:
     return 0
 
 
+def simulated_train_tokens(max_chars: int | None, validation_tokens: int) -> int:
+    """A simulated language's unique training tokens: unlimited (:data:`SIM_TRAIN_TOKENS`) unless
+    ``data.max_chars`` caps its text, then that many characters at :data:`SIM_BYTES_PER_TOKEN` per token
+    (a character counted as a byte), less the validation split: a capped study's runs repeat data as a
+    real one would (the EN->ES repeat study: 1.67e5 tokens here, 1.53e5 from its real text)."""
+    if max_chars is None:
+        return SIM_TRAIN_TOKENS
+    return max(1, int(max_chars / SIM_BYTES_PER_TOKEN) - validation_tokens)
+
+
 def simulated_manifest(lang: str, vocab_size: int, validation_tokens: int, config_hash: str,
-                       corpora: list[str]) -> dict[str, Any]:
-    """A data stage manifest for a simulated study: the counts the planner reads, content hashes of
-    what was generated (the inputs of the simulation, not of any corpus), flagged ``simulated``."""
+                       corpora: list[str], max_chars: int | None = None) -> dict[str, Any]:
+    """A data stage manifest for a simulated study: the counts the planner reads (training tokens:
+    :func:`simulated_train_tokens`, split evenly over the language's corpora), content hashes of what was
+    generated (the inputs of the simulation, not of any corpus), flagged ``simulated``."""
     from cptscale.util import provenance
 
     ident = {"lang": lang, "vocab_size": vocab_size, "validation_tokens": validation_tokens, "config": config_hash}
@@ -104,15 +115,17 @@ def simulated_manifest(lang: str, vocab_size: int, validation_tokens: int, confi
                                                           "valid.idx")}
     vbytes = int(validation_tokens * SIM_BYTES_PER_TOKEN)
     tpb = 1 / SIM_BYTES_PER_TOKEN
+    train = simulated_train_tokens(max_chars, validation_tokens)
+    per_corpus = train if max_chars is None else max(1, train // max(1, len(corpora)))
     return {
         "simulated": True, "lang": lang, "vocab_size": vocab_size, "docs_hash": h["docs"],
         "tokenizer_hash": h["tokenizer"], "fertility": {"tokens_per_byte": tpb, "tokens_per_char": tpb},
-        "train": {"tokens": SIM_TRAIN_TOKENS, "bytes": int(SIM_TRAIN_TOKENS * SIM_BYTES_PER_TOKEN), "docs": None,
+        "train": {"tokens": train, "bytes": int(train * SIM_BYTES_PER_TOKEN), "docs": None,
                   "bin_hash": h["train.bin"], "idx_hash": h["train.idx"]},
         "valid": {"tokens": validation_tokens, "bytes": vbytes, "docs": None, "bin_hash": h["valid.bin"],
                   "idx_hash": h["valid.idx"]},
         "valid_bytes": vbytes, "train_corpora": {
-            c: {"tokens": SIM_TRAIN_TOKENS, "bin_hash": stable_hash({**ident, "corpus": c, "part": "bin"}),
+            c: {"tokens": per_corpus, "bin_hash": stable_hash({**ident, "corpus": c, "part": "bin"}),
                 "idx_hash": stable_hash({**ident, "corpus": c, "part": "idx"})} for c in corpora},
         "split": "simulated: no corpus was read", "provenance": provenance(config_hash, {}),
     }

@@ -84,11 +84,17 @@ def smooth_min(a: np.ndarray, b: float, width: float = 0.05) -> np.ndarray:
 
 
 def data_term_curve(coef: float, exponent: float, tokens_per_step: float, s1: np.ndarray, s1_end: float,
-                    d_end: float) -> np.ndarray:
-    """``coef / D_eff^exponent`` along a run, with D_eff = D1 scaled so that D_eff(end) = d_end."""
+                    d_end: float, unique: float = math.inf, r_d: float = 15.39) -> np.ndarray:
+    """``coef / D_eff^exponent`` along a run, with D_eff = D1 scaled so that D_eff(end) = d_end, and beyond
+    ``unique`` tokens Muennighoff et al.'s effective data of D_eff (``r_d``: their R*_D): a run that repeats
+    its data ends on the law at its effective data."""
+    from cptscale.fit.laws import effective_data
+
     kappa = s1_end / d_end * tokens_per_step if d_end > 0 else 1.0
     with np.errstate(divide="ignore"):
         d_eff = tokens_per_step * np.asarray(s1, float) / kappa
+        if math.isfinite(unique):
+            d_eff = effective_data(d_eff, unique, r_d)
         return np.where(d_eff > 0, coef / np.where(d_eff > 0, d_eff, 1.0) ** exponent, np.inf)
 
 

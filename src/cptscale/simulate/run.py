@@ -97,7 +97,15 @@ class _Model:
         own = self.shares.get(self.lang, np.zeros(self.steps))
         self.main = areas(self.schedule, self.lag, self.lr, own)
         self.d_own_end = float(own.sum() * self.tps)
+        self.unique = own_unique_tokens(spec, self.lang)
         self.parent_final, self.parent_tokens = self._parent(parent)
+
+    def effective(self, d: float) -> float:
+        """Tokens of the run's own language as the law counts them: beyond its unique tokens, the truth's
+        effective data (repeated tokens are worth less)."""
+        from cptscale.fit.laws import effective_data
+
+        return float(effective_data(d, self.unique, self.truth.repetition.R_D)) if math.isfinite(self.unique) else d
 
     def _parent(self, parent: Mapping[str, Any] | None) -> tuple[dict[str, float], float]:
         if not self.cpt:
@@ -130,7 +138,7 @@ class _Model:
         n = len(ar.lr)
         differs = np.flatnonzero(ar.lr != self.lr[:n])
         start = int(differs[0]) if len(differs) else n
-        d_end = float(self.seen[self.lang][n])
+        d_end = self.effective(float(self.seen[self.lang][n]))
         gap = model_term + coef / d_end**expo - float(L[n]) if d_end > 0 else 0.0
         done = ar.s2 - ar.s2[start]
         span = float(done[-1])
@@ -151,7 +159,8 @@ class _Model:
                 init = self.parent_final[lang]
             else:
                 coef, expo, init = base.B, base.beta, self.lnv
-            data = data_term_curve(coef, expo, self.tps, ar.s1, self.main.s1[-1], self.d_own_end)
+            data = data_term_curve(coef, expo, self.tps, ar.s1, self.main.s1[-1], self.d_own_end, self.unique,
+                                   t.repetition.R_D)
             L = base.E + base.A / self.N**base.alpha + data * np.exp(-c * (ar.s2 - self.main.s2[-1]))
             if len(ar.lr) < self.steps:  # a decay branch: it ends on the law too
                 L = L + self._branch_gap(ar, L, base.E + base.A / self.N**base.alpha, coef, expo)
@@ -164,6 +173,14 @@ class _Model:
             gain = law.loss(self.N, self.parent_tokens + d_rep) - law.loss(self.N, self.parent_tokens)
             return (self.parent_final[lang] + gain + t.forgetting.rise(self.N, d_tgt, d_rep))[k]
         return np.full(len(k), self.parent_final[lang])  # a third language: left where the parent had it
+
+
+def own_unique_tokens(spec: Mapping[str, Any], lang: str) -> float:
+    """The unique training tokens of ``lang`` the run's blend draws from (its data totals: the language's
+    split and its per-corpus splits), or infinity when the blend does not say (a spec without data)."""
+    totals = (spec.get("data") or {}).get("totals") or {}
+    own = [float(v.get("available_tokens") or 0) for k, v in totals.items() if k == lang or k.startswith(f"{lang}/")]
+    return sum(own) if own and all(own) else math.inf
 
 
 def _rng(seed: int, spec: Mapping[str, Any], stream: int) -> np.random.Generator:

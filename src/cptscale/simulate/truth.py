@@ -124,6 +124,16 @@ class Noise:
 
 
 @dataclass(frozen=True)
+class Repetition:
+    """What repeating data costs (Muennighoff et al. 2023): a run that sees its language's U unique tokens
+    D > U times learns as from the effective data D' = U + U·R_D·(1 − exp(−(D/U − 1)/R_D)) (the data term
+    of its law takes D' for D). R_D = 15.39 is their fitted R*_D. Only runs that repeat data feel it: a
+    simulated language has unlimited tokens unless ``data.max_chars`` caps its text."""
+
+    R_D: float = 15.39
+
+
+@dataclass(frozen=True)
 class Truth:
     """Every law a simulated study draws from; JSON round-trip with :meth:`load` / :meth:`dump`."""
 
@@ -132,6 +142,7 @@ class Truth:
     forgetting: ForgettingLaw = field(default_factory=ForgettingLaw)
     curve: CurveShape = field(default_factory=CurveShape)
     noise: Noise = field(default_factory=Noise)
+    repetition: Repetition = field(default_factory=Repetition)
     param_count: str = "total"
     name: str = "paper-default"
 
@@ -150,7 +161,8 @@ class Truth:
         return {"format": FORMAT, "name": self.name, "param_count": self.param_count,
                 "scratch": {k: asdict(v) for k, v in self.scratch.items()},
                 "cpt": {k: asdict(v) for k, v in self.cpt.items()},
-                "forgetting": asdict(self.forgetting), "curve": asdict(self.curve), "noise": asdict(self.noise)}
+                "forgetting": asdict(self.forgetting), "curve": asdict(self.curve), "noise": asdict(self.noise),
+                "repetition": asdict(self.repetition)}
 
     def dump(self, path: str | Path) -> None:
         from cptscale.util import write_json
@@ -163,7 +175,8 @@ class Truth:
             raise TruthError(f"{where}: top level must be a JSON object")
         if d.get("format", FORMAT) != FORMAT:
             raise TruthError(f"{where}: format {d.get('format')!r} is not {FORMAT!r}")
-        unknown = sorted(set(d) - {"format", "name", "param_count", "scratch", "cpt", "forgetting", "curve", "noise"})
+        unknown = sorted(set(d) - {"format", "name", "param_count", "scratch", "cpt", "forgetting", "curve", "noise",
+                                   "repetition"})
         if unknown:
             raise TruthError(f"{where}: unknown field(s) {', '.join(unknown)}")
         if d.get("param_count", "total") not in ("total", "nonembedding"):
@@ -178,7 +191,10 @@ class Truth:
                     forgetting=_build(ForgettingLaw, d.get("forgetting", {}), f"{where}: forgetting", base.forgetting),
                     curve=_build(CurveShape, d.get("curve", {}), f"{where}: curve", base.curve),
                     noise=_build(Noise, d.get("noise", {}), f"{where}: noise", base.noise),
+                    repetition=_build(Repetition, d.get("repetition", {}), f"{where}: repetition", base.repetition),
                     param_count=d.get("param_count", "total"), name=str(d.get("name", "custom")))
+        if truth.repetition.R_D <= 0:
+            raise TruthError(f"{where}: repetition.R_D must be > 0 (Muennighoff et al.'s fitted value: 15.39)")
         for lang, law in truth.cpt.items():
             if lang not in truth.scratch:
                 raise TruthError(f"{where}: cpt.{lang} needs scratch.{lang} (E, A and alpha are shared with it)")
