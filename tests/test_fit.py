@@ -649,6 +649,13 @@ def test_fit_study_end_to_end(tmp_path: Path) -> None:
     assert main(["simulate", "truth", "--from-fits", str(fits), "--source", "en", "--out", str(tmp_path / "t.json")]) == 0
     assert Truth.load(tmp_path / "t.json") == truth
     assert main(["simulate", "truth", "--from-fits", str(tmp_path)]) == 2  # no fits there: a clear error
+    # runs that repeat data: the unique-data scratch law already carries part of the repetition cost, so the
+    # effective-data fit's R*_D is named, not applied on top of it
+    rep = {**sc, "fit_id": "scratch-constrained-zh", "law": "muennighoff", "params": {**sc["params"], "R_D": 4.2}}
+    (fits / "scratch-constrained-zh.json").write_text(json.dumps(rep))
+    truth_r, notes_r = truth_from_fits(fits, source="en")
+    assert truth_r.repetition.R_D == 15.39 and any("R*_D: 4.2" in n for n in notes_r)
+    (fits / "scratch-constrained-zh.json").unlink()
     # fit.bootstrap_scheme bayes: every resample keeps every size (pairs drops some on a 4-size ladder); the
     # default wildjk keeps the design
     assert main([*args[:4], str(tmp_path / "bayes"), *args[5:], "--bootstrap-scheme", "bayes"]) == 0

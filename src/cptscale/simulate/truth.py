@@ -333,6 +333,15 @@ def truth_from_fits(fits_dir: str | Path, source: str | None = None,
                 notes.append(f"cpt-extended-{lang}: fitted gamma {gamma:.3g} < 0 set to 0")
                 gamma = 0.0
             cpt[lang] = _build(CPTLaw, {"B": c["B"], "beta": c["beta"], "gamma": gamma}, f"{cpath}: params")
+        rpath = d / f"scratch-constrained-{lang}.json"
+        rec_r = load_json_file(rpath, TruthError, "fit") if rpath.exists() else None
+        if isinstance(rec_r, dict) and rec_r.get("status") == "ok" and "R_D" in (rec_r.get("params") or {}):
+            # not applied: the scratch law above was fitted on the repeated points, so it already carries part
+            # of the repetition cost, and the CPT law's E, A, alpha are that law's; R_D on top would count twice
+            notes.append(f"{lang}'s runs repeat data: the scratch law is the unique-data fit, which absorbs part of "
+                         f"the repetition cost; repetition.R_D stays {base.repetition.R_D:g}. To simulate repetition "
+                         f"separately, set repetition.R_D (the effective-data fit's R*_D: "
+                         f"{float(rec_r['params']['R_D']):.3g}) and the scratch law from {rpath.name}")
     if len(conventions) > 1:
         raise TruthError(f"{d}: the fits count parameters differently ({', '.join(sorted(conventions))}); "
                          "refit them with one fit.params convention")
@@ -343,5 +352,5 @@ def truth_from_fits(fits_dir: str | Path, source: str | None = None,
                      "used only by the source-loss (forgetting) curves")
     forgetting = replace(base.forgetting, N_ref=max(sizes)) if sizes else base.forgetting
     truth = Truth(scratch=scratch, cpt=cpt, forgetting=forgetting, curve=base.curve, noise=base.noise,
-                  param_count=conventions.pop(), name=f"fits of {d.resolve().parent.name}")
+                  repetition=base.repetition, param_count=conventions.pop(), name=f"fits of {d.resolve().parent.name}")
     return Truth.from_dict(truth.as_dict(), f"{d} (as a law file)"), notes
