@@ -510,6 +510,10 @@ def test_plan_checks_the_data_constrained_design_once_the_unique_tokens_are_know
     cap = float(full["scratch-constrained"]["add"][0].split("about ")[1].split()[0])
     assert cap == pytest.approx(66000 + eff["max_epochs"] * 153483 / 2 / 0.3085, rel=0.01)
     assert {c["status"] for c in verdicts(1e8).values()} == {"not fitted"}
+    (cfg.study_dir / "data" / "es" / "data.json").write_text('{"lang": "es"}')  # not a manifest: named, with the fix
+    with pytest.raises(CLIError, match=r"data\.json: no train\.tokens .* rerun the data stage"):
+        unique_tokens(cfg)
+    verdicts(1e8)
     assert main(["plan", str(tmp_path / "c.yaml")]) == 0
     out = capsys.readouterr().out
     assert "scratch-overfit-es" in out and "not fitted" in out

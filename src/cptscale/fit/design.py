@@ -119,15 +119,19 @@ MIN_EPOCHS = 2.0
 def unique_tokens(cfg: Any) -> dict[str, dict[str, float]]:
     """Per target language whose data stage has run: its unique training tokens U, and the characters of
     text behind them (to turn a token target into a data.max_chars). Empty before the data stage."""
+    from cptscale.errors import CLIError
     from cptscale.runs import data_dir
-    from cptscale.util import read_json
+    from cptscale.util import load_json_file
 
     out = {}
     for lang in cfg.languages.targets:
         path = data_dir(cfg) / lang / "data.json"
         if path.is_file():
-            m = read_json(path)
-            tr = m.get("train", {})
+            m = load_json_file(path, CLIError, "data manifest")
+            tr = m.get("train") if isinstance(m, dict) else None
+            if not isinstance(tr, dict) or not isinstance(tr.get("tokens"), (int, float)):
+                raise CLIError(f"{path}: no train.tokens (not a data stage manifest); rerun the data stage for "
+                               f"{lang!r} (`cptscale data`, or delete the file and rerun the workflow)")
             out[lang] = {"U": float(tr["tokens"]), "train_chars": float(tr.get("chars") or 0),
                          "ingest_chars": float((m.get("ingest") or {}).get("chars") or 0), "manifest": str(path)}
     return out
