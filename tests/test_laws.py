@@ -497,6 +497,8 @@ def test_plan_checks_the_data_constrained_design_once_the_unique_tokens_are_know
 
     own = verdicts(153483)
     eff, pen = own["scratch-constrained"], own["scratch-overfit"]
+    cpt = own["cpt-extended"]  # the CPT runs repeat the target text too, and no CPT law models it: said
+    assert cpt["identifies"] is None and cpt["max_epochs"] > 10 and "absorb the repetition cost" in cpt["problems"][0]
     assert (eff["repeated_points"], eff["n_points"]) == (12, 15) and 12 < eff["max_epochs"] < 13
     assert eff["status"] == "identifies" and pen["status"] == "does NOT identify"
     assert any("8 free parameters" in p for p in pen["problems"]) and any("repeated points" in a for a in pen["add"])
@@ -509,7 +511,7 @@ def test_plan_checks_the_data_constrained_design_once_the_unique_tokens_are_know
     # plus the 66,000 characters outside the training split
     cap = float(full["scratch-constrained"]["add"][0].split("about ")[1].split()[0])
     assert cap == pytest.approx(66000 + eff["max_epochs"] * 153483 / 2 / 0.3085, rel=0.01)
-    assert {c["status"] for c in verdicts(1e8).values()} == {"not fitted"}
+    assert {c["status"] for c in verdicts(1e8).values()} == {"not fitted"}  # and no CPT note
     (cfg.study_dir / "data" / "es" / "data.json").write_text('{"lang": "es"}')  # not a manifest: named, with the fix
     with pytest.raises(CLIError, match=r"data\.json: no train\.tokens .* rerun the data stage"):
         unique_tokens(cfg)

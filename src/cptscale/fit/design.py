@@ -188,6 +188,17 @@ def constrained_check(cfg: Any, runs: list[Any], unique: dict[str, dict[str, flo
                         "repeated_points": len(rep), "repetition_levels": levels, "max_epochs": max_ep,
                         "points_per_param": n_points / len(free), "status": status,
                         "identifies": status == "identifies", "problems": problems, "add": add})
+        cpt = planned_points(cfg, runs, cfg.fit.points, {lang})["cpt"]
+        dc = np.array([d for ds in cpt.values() for d in ds], float)
+        if len(dc) and dc.max() > U:  # no data-constrained CPT law: say what repetition does to the CPT fits
+            out.append({"law": f"cpt-extended-{lang}", "lang": lang, "unique_tokens": U, "manifest": u["manifest"],
+                        "select": cfg.fit.points, "n_points": len(dc), "repeated_points": int((dc > U).sum()),
+                        "max_epochs": float(dc.max() / U), "status": "unique-data law on repeated data",
+                        "identifies": None, "add": [],
+                        "problems": [f"CPT runs repeat the target text up to {dc.max() / U:.2f} epochs; the CPT laws "
+                                     "assume unique tokens (there is no data-constrained CPT law here), so their "
+                                     "B', beta' and gamma absorb the repetition cost: read the saving as that of "
+                                     "CPT on this much text"]})
     return out
 
 
@@ -198,6 +209,11 @@ def format_constrained(cfg: Any, checks: list[dict[str, Any]]) -> str:
                 f"written {cfg.study_dir / 'data'}/<lang>/data.json (the unique tokens); run `cptscale plan` again then")
     lines = []
     for c in checks:
+        if c["identifies"] is None:  # a note on a law without a data-constrained form
+            lines.append(f"{c['law']:<24} U = {c['unique_tokens']:.4g} tokens: {c['repeated_points']} of "
+                         f"{c['n_points']} {c['select']} points repeat data: {c['status']}")
+            lines += [f"    {p}" for p in c["problems"]]
+            continue
         lines.append(f"{c['law']:<24} U = {c['unique_tokens']:.4g} tokens: {c['repeated_points']} of {c['n_points']} "
                      f"{c['select']} points repeat data ({c['repetition_levels']} levels, up to {c['max_epochs']:.2f} "
                      f"epochs), {c['points_per_param']:.1f} points per free parameter: {c['status']}"
