@@ -289,3 +289,26 @@ def test_annealing_momentum_matches_the_recurrence():
             acc = lam * acc + v
             ref[i] = acc
         assert np.allclose(ewm(x, lam), ref, rtol=1e-9, atol=1e-12), lam
+
+
+def test_simulated_points_see_the_unique_tokens_of_a_capped_study():
+    """simulated_points' run specs carry each language's unique tokens as the simulated data stage counts them
+    (data.max_chars / 3 less the validation split), so the repeat study's runs repeat data there too: its
+    largest scratch run ends above the unique-data law, and by the effective-data law's amount."""
+    from cptscale.fit.laws import effective_data
+    from cptscale.fit.simstudy import _spec
+    from cptscale.plan import plan_study
+    from cptscale.simulate.truth import CPTLaw, ScratchLaw, Truth
+    from cptscale.validation import load_config
+
+    cfg = load_config(ROOT / "workflow/studies/en-es-repeat.yaml")
+    run = next(r for r in plan_study(cfg) if r.run_id == "d64l3-scratch-es")
+    spec = _spec(cfg, run)
+    U = 560000 // 3 - cfg.data.validation_tokens
+    assert spec["data"]["totals"]["es"]["available_tokens"] == U and run.tokens > 10 * U
+    law = ScratchLaw(E=2.0, A=150.0, alpha=0.4, B=300.0, beta=0.45)
+    truth = Truth(scratch={"en": law, "es": law}, cpt={"es": CPTLaw(B=60.0, beta=0.35, gamma=0.08)},
+                  param_count="nonembedding").with_noise(0.0)
+    final = simulate_run(spec, truth).done["final_loss"]["es"]
+    N = run.params_nonemb
+    assert final == pytest.approx(law.loss(N, float(effective_data(run.tokens, U, 15.39))), rel=1e-9)

@@ -31,15 +31,18 @@ def tiny_truth(noise: float = 1.0) -> Any:
 
 def _spec(cfg: Any, run: Any) -> dict[str, Any]:
     """The run.json of a planned run as a RunSpec accepts it (no data files behind it: the simulator only reads
-    the shape, schedule, batch, evaluation steps and blend shares)."""
+    the shape, schedule, batch, evaluation steps, blend shares and each language's unique tokens, which
+    follow ``data.max_chars`` as the simulated data stage's do, so runs beyond them repeat data)."""
     from cptscale.plan import config_hash, eval_steps, schedule_for
     from cptscale.runspec import SPEC_VERSION
+    from cptscale.simulate.backend import simulated_train_tokens
 
     t = cfg.train
     shares = ({run.lang: 1.0 - run.replay, run.source_lang: run.replay} if run.init == "cpt" else {run.lang: 1.0})
     samples = run.global_batch_size * run.steps
-    sources = [{"name": k, "prefix": f"data/{k}/train", "weight": v, "planned_samples": round(v * samples)}
-               for k, v in shares.items() if v > 0]
+    unique = simulated_train_tokens(cfg.data.max_chars, cfg.data.validation_tokens)
+    sources = [{"name": k, "prefix": f"data/{k}/train", "weight": v, "planned_samples": round(v * samples),
+                "available_tokens": unique} for k, v in shares.items() if v > 0]
     return {"spec_version": SPEC_VERSION, "run_id": run.run_id, "study": cfg.study, "size": run.size,
             "init": run.init, "lang": run.lang, "source_lang": run.source_lang,
             "replay": run.replay if run.init == "cpt" else 0.0, "variant": run.variant,
@@ -52,6 +55,7 @@ def _spec(cfg: Any, run: Any) -> dict[str, Any]:
             "layout": {"tp": run.tp, "pp": run.pp, "dp": run.dp},
             "data": {"kind": "blend", "target": run.lang, "source": run.source_lang or run.lang,
                      "replay": run.replay if run.init == "cpt" else 0.0, "switch_steps": [],
+                     "totals": {k: {"available_tokens": unique} for k, v in shares.items() if v > 0},
                      "phases": [{"index": 0, "start_step": 0, "end_step": run.steps, "samples": samples,
                                  "sources": sources}]},
             "eval": {"steps": eval_steps(run.steps, cfg.evaluation.points),
