@@ -186,6 +186,7 @@ _MORE_POINTS = ("more points: more sizes (a wider N range) and WSD decay branche
 def fit_remedied(pts: Points, law: str, fixed: dict[str, float], nboot: int, seed: int, budgets: Sequence[float],
                   fs: dict[str, np.ndarray] | None, kw: dict[str, Any], policy: str, fixed_E: float | None,
                   other: Any, scheme: str = "pairs", pair_with: dict[str, Any] | None = None,
+                  separate: tuple[FitResult, dict[str, Any] | None] | None = None,
                   ) -> tuple[FitResult, dict[str, Any] | None, dict[str, Any], dict[str, Any]]:
     """A loss-law fit, its bootstrap (``scheme``: :data:`BOOTSTRAP_SCHEMES`) and identifiability; when it is
     not identified and ``policy`` is ``auto``, the standard remedies in order (fixed E given, fixed E from a
@@ -198,7 +199,8 @@ def fit_remedied(pts: Points, law: str, fixed: dict[str, float], nboot: int, see
     separate fit's run of the same size (``pair_with`` likewise pairs ``fs`` with its source's draws): a
     size's shape luck is shared by its scratch and CPT runs, so resample b weights it alike in both fits.
     A remedy that cannot be fitted is recorded with its error (:func:`first_identified`); only the free fit
-    failing fails the law."""
+    failing fails the law. ``separate``: that free fit on ``other`` and its bootstrap when the caller has
+    them already (fit-study's CPT Chinchilla comparison is the same fit, same seed and scheme)."""
 
     def one(fx: dict[str, float], fsx: dict[str, np.ndarray] | None = None,
             source: str | None = None, pair: dict[str, Any] | None = None,
@@ -227,9 +229,10 @@ def fit_remedied(pts: Points, law: str, fixed: dict[str, float], nboot: int, see
         try:
             op = _points(other)
             if len(op.sizes) >= 3:
-                sep = fit_law(op, "chinchilla", {}, **kw)
+                sep = separate[0] if separate else fit_law(op, "chinchilla", {}, **kw)
                 if "E" not in sep.meta.get("on_bound", []) and not _near_bound("E", sep.params["E"]):
-                    sep_bs = bootstrap_law(op, sep, nboot, seed, (), scheme=scheme) if nboot else None
+                    sep_bs = ((separate[1] if separate else bootstrap_law(op, sep, nboot, seed, (), scheme=scheme))
+                              if nboot else None)
                     e_draws = {"E": sep_bs["samples"]["E"]} if sep_bs else None
                     sep_draws = sep_bs["run_draws"] if sep_bs else None
                     extra = {"E_interval": sep_bs["intervals"]["E"]} if sep_bs else {}

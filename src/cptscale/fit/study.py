@@ -364,8 +364,12 @@ class _StudyFit:
         return [*self.budgets, *([self.next_run_budget] if self.next_run_budget else [])]
 
 
+#: The loss laws of one language, in the order their records are listed; they are fitted in
+#: :data:`_LOSS_LAW_ORDER`: the CPT Chinchilla comparison first (the scratch law's fixed-E remedy is that
+#: same fit), then the scratch Chinchilla fit (the CPT law freezes E, A, alpha from it)
 _LOSS_LAW_PLAN = (("scratch", "chinchilla", None), ("cpt", "cpt", "frozen"), ("cpt", "chinchilla", None),
-                  ("scratch", "cpt", None))  # the scratch Chinchilla fit first: the CPT law freezes E, A, alpha from it
+                  ("scratch", "cpt", None))
+_LOSS_LAW_ORDER = (2, 0, 1, 3)
 
 
 def _read_points(points: str, cpt_replay: str, params: str, min_step_fraction: float) -> tuple[Any, int]:
@@ -449,9 +453,12 @@ def _frozen_validation(pts: Points, law: str, need: int, main: bool, scratch: di
 
 def _loss_law_record(kind: str, law: str, frozen: str | None, lang: str,
                      sets: dict[str, tuple[Any, dict[str, Any]]], scratch: dict[str, Any] | None,
-                     unique: dict[str, float], opt: _StudyFit) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                     unique: dict[str, float], opt: _StudyFit, separate: dict[str, Any] | None = None,
+                     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """One loss-law fit of one language (fit, bootstrap, remedy, rollout, held-out) as its record, and the
-    state the CPT law needs when this is the scratch Chinchilla fit (else None)."""
+    state the CPT law needs when this is the scratch Chinchilla fit, or the free fit and its bootstrap when
+    it is the CPT Chinchilla comparison (the scratch law's ``separate`` fit for its fixed-E remedy); else
+    None."""
     fit_id = f"{kind}-{({'chinchilla': 'chinchilla', 'cpt': 'extended'}[law])}-{lang}"
     frame, sel = sets[kind]
     fixed: dict[str, float] = {}
@@ -476,7 +483,8 @@ def _loss_law_record(kind: str, law: str, frozen: str | None, lang: str,
             pts, law, fixed, opt.bootstrap, opt.seed, opt.alloc_budgets, fs, opt.kw,
             opt.remedy if (kind, law) == ("scratch", "chinchilla") else "flag", opt.fixed_E,
             sets["cpt"][0] if kind == "scratch" else None, opt.bootstrap_scheme,
-            scratch["bs"]["run_draws"] if fs is not None and scratch else None)
+            scratch["bs"]["run_draws"] if fs is not None and scratch else None,
+            (separate["fr"], separate["bs"]) if separate and kind == "scratch" else None)
     except Exception as exc:
         return _skipped(fit_id, law, kind, lang, f"fit failed: {exc}", selection=sel), None
     if frozen:
@@ -495,6 +503,8 @@ def _loss_law_record(kind: str, law: str, frozen: str | None, lang: str,
                                                                   f"; {ident['summary']}")}
     rec.update(identifiability=ident, rollout=ro, remedy=rem)
     rec["meta"].update(identifiability=ident, rollout=ro, remedy={k: rem[k] for k in ("policy", "used")})
+    if (kind, law) == ("cpt", "chinchilla") and not fixed and rem["used"] == "none":
+        return rec, {"fr": fr, "bs": bs}
     if kind == "scratch" and law == "chinchilla":
         steps = {x["k"]: {k: x["params"][k] for k in ("E", "A", "alpha")}
                  for x in (ro or {}).get("steps", []) if x["status"] == "ok"}
@@ -525,10 +535,16 @@ def _language_records(df: Any, lang: str, base_sel: dict[str, Any], records: lis
     sets, curves, rep_used = _lang_point_sets(df, lang, base_sel, opt.cpt_replay, opt.points_mode)
     out: list[dict[str, Any]] = []
     scratch: dict[str, Any] | None = None  # the scratch Chinchilla fit the CPT law freezes E, A, alpha from
-    for kind, law, frozen in _LOSS_LAW_PLAN:
-        rec, state = _loss_law_record(kind, law, frozen, lang, sets, scratch, unique, opt)
-        out.append(rec)
-        scratch = state or scratch
+    separate: dict[str, Any] | None = None  # the CPT Chinchilla fit: the scratch law's separate fit for E
+    recs: dict[int, dict[str, Any]] = {}
+    for i in _LOSS_LAW_ORDER:
+        kind, law, frozen = _LOSS_LAW_PLAN[i]
+        recs[i], state = _loss_law_record(kind, law, frozen, lang, sets, scratch, unique, opt, separate)
+        if (kind, law) == ("cpt", "chinchilla"):
+            separate = state
+        elif state:
+            scratch = state
+    out += [recs[i] for i in range(len(_LOSS_LAW_PLAN))]
     if unique.get(lang):
         out += [_constrained_record(law, lang, sets["scratch"], float(unique[lang]), scratch, opt.budgets, opt.kw,
                                     opt.bootstrap, opt.seed, opt.bootstrap_scheme, opt.remedy, opt.fixed_E)
