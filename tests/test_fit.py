@@ -649,13 +649,29 @@ def test_fit_study_end_to_end(tmp_path: Path) -> None:
     assert main(["simulate", "truth", "--from-fits", str(fits), "--source", "en", "--out", str(tmp_path / "t.json")]) == 0
     assert Truth.load(tmp_path / "t.json") == truth
     assert main(["simulate", "truth", "--from-fits", str(tmp_path)]) == 2  # no fits there: a clear error
-    # runs that repeat data: the unique-data scratch law already carries part of the repetition cost, so the
-    # effective-data fit's R*_D is named, not applied on top of it
-    rep = {**sc, "fit_id": "scratch-constrained-zh", "law": "muennighoff", "params": {**sc["params"], "R_D": 4.2}}
-    (fits / "scratch-constrained-zh.json").write_text(json.dumps(rep))
+    # runs that repeat data (U: the median CPT target tokens here): the truth is the effective-data fit (its
+    # scratch law and R*_D; the unique-data fits absorb part of the repetition cost), and the CPT law is
+    # refitted on the CPT points' effective data with that law's E, A, alpha: it then fits them at least as
+    # well as the unique-data CPT law read at effective data does
+    from cptscale.fit.laws import effective_data
+
+    U = float(np.median([x["D"] for x in cp["points"]]))
+    assert any("R*_D on an end of its grid" in n for n in notes)  # the generated study's own: R_D 100, kept apart
+    rp = {**sc["params"], "E": 0.9 * sc["params"]["E"], "R_D": 4.2, "U": U}
+    (fits / "scratch-constrained-zh.json").write_text(json.dumps({**sc, "fit_id": "scratch-constrained-zh",
+                                                                  "law": "muennighoff", "params": rp}))
     truth_r, notes_r = truth_from_fits(fits, source="en")
-    assert truth_r.repetition.R_D == 15.39 and any("R*_D: 4.2" in n for n in notes_r)
-    (fits / "scratch-constrained-zh.json").unlink()
+    assert truth_r.repetition.R_D == 4.2
+    assert abs(truth_r.scratch["zh"].E - rp["E"]) <= 1e-9 * rp["E"]
+    assert any("effective-data fit" in n for n in notes_r)
+
+    def cpt_err(law) -> float:
+        b = truth_r.scratch["zh"]
+        return float(np.mean([abs(b.E + b.A / x["N"] ** b.alpha + law.B / (effective_data(x["D"], U, 4.2)
+                                  ** law.beta * x["N"] ** law.gamma) - x["observed_loss"]) / x["observed_loss"]
+                              for x in cp["points"]]))
+
+    assert cpt_err(truth_r.cpt["zh"]) <= cpt_err(truth.cpt["zh"]) + 1e-9
     # fit.bootstrap_scheme bayes: every resample keeps every size (pairs drops some on a 4-size ladder); the
     # default wildjk keeps the design
     assert main([*args[:4], str(tmp_path / "bayes"), *args[5:], "--bootstrap-scheme", "bayes"]) == 0

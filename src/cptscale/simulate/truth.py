@@ -301,6 +301,8 @@ def truth_from_fits(fits_dir: str | Path, source: str | None = None,
     cpt: dict[str, CPTLaw] = {}
     conventions: set[str] = set()
     sizes: list[float] = []
+    repeated: dict[str, dict[str, Any]] = {}  # per language, its data-constrained (effective-data) fit
+    repetition = base.repetition
     files = sorted(d.glob("scratch-chinchilla-*.json"))
     if not files:
         raise TruthError(f"{d}: no scratch-chinchilla-<lang>.json fit here; give a study's fits directory "
@@ -334,14 +336,30 @@ def truth_from_fits(fits_dir: str | Path, source: str | None = None,
                 gamma = 0.0
             cpt[lang] = _build(CPTLaw, {"B": c["B"], "beta": c["beta"], "gamma": gamma}, f"{cpath}: params")
         rpath = d / f"scratch-constrained-{lang}.json"
-        rec_r = load_json_file(rpath, TruthError, "fit") if rpath.exists() else None
-        if isinstance(rec_r, dict) and rec_r.get("status") == "ok" and "R_D" in (rec_r.get("params") or {}):
-            # not applied: the scratch law above was fitted on the repeated points, so it already carries part
-            # of the repetition cost, and the CPT law's E, A, alpha are that law's; R_D on top would count twice
-            notes.append(f"{lang}'s runs repeat data: the scratch law is the unique-data fit, which absorbs part of "
-                         f"the repetition cost; repetition.R_D stays {base.repetition.R_D:g}. To simulate repetition "
-                         f"separately, set repetition.R_D (the effective-data fit's R*_D: "
-                         f"{float(rec_r['params']['R_D']):.3g}) and the scratch law from {rpath.name}")
+        rec_r = read(rpath) if rpath.exists() and _status(rpath) == "ok" else None
+        if rec_r is not None and "R_D" in rec_r["params"]:
+            if "R_D" in (rec_r.get("identifiability") or {}).get("on_bound", []):
+                notes.append(f"{rpath.name}: R*_D on an end of its grid ({rec_r['params']['R_D']:.3g}): the runs' "
+                             "repetition cost is not measured, so the unique-data laws are kept and repetition.R_D "
+                             f"stays {base.repetition.R_D:g}")
+            else:
+                repeated[lang] = rec_r
+    if repeated:  # the runs repeat data: the truth is the effective-data law, repetition apart from the law
+        lang, rec_r = sorted(repeated.items())[0]
+        p = rec_r["params"]
+        R_D = float(p["R_D"])
+        repetition = Repetition(R_D=R_D)
+        for lg, rr in repeated.items():
+            scratch[lg] = _build(ScratchLaw, {k: rr["params"][k] for k in ("E", "A", "alpha", "B", "beta")},
+                                 f"{d / f'scratch-constrained-{lg}.json'}: params")
+            cpath = d / f"cpt-extended-{lg}.json"
+            if lg in cpt and cpath.exists():
+                cpt[lg] = _cpt_on_effective_data(read(cpath), scratch[lg], float(rr["params"]["U"]), R_D, notes)
+        notes.append(f"the runs repeat data: the scratch law of {', '.join(sorted(repeated))} is the effective-data "
+                     f"fit's (scratch-constrained-*), repetition.R_D its R*_D {R_D:.3g}"
+                     + (f" (from {lang}; the truth has one R_D)" if len(repeated) > 1 else "")
+                     + ", and the CPT law is refitted on the CPT runs' effective data with that law's E, A, alpha "
+                     "(the unique-data fits absorb part of the repetition cost: with R_D on top it would count twice)")
     if len(conventions) > 1:
         raise TruthError(f"{d}: the fits count parameters differently ({', '.join(sorted(conventions))}); "
                          "refit them with one fit.params convention")
@@ -352,5 +370,42 @@ def truth_from_fits(fits_dir: str | Path, source: str | None = None,
                      "used only by the source-loss (forgetting) curves")
     forgetting = replace(base.forgetting, N_ref=max(sizes)) if sizes else base.forgetting
     truth = Truth(scratch=scratch, cpt=cpt, forgetting=forgetting, curve=base.curve, noise=base.noise,
-                  repetition=base.repetition, param_count=conventions.pop(), name=f"fits of {d.resolve().parent.name}")
+                  repetition=repetition, param_count=conventions.pop(), name=f"fits of {d.resolve().parent.name}")
     return Truth.from_dict(truth.as_dict(), f"{d} (as a law file)"), notes
+
+
+def _status(path: Path) -> Any:
+    """A fit file's status (``ok``, ``skipped``), or None when it is not a JSON object."""
+    import json
+
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return rec.get("status") if isinstance(rec, dict) else None
+
+
+def _cpt_on_effective_data(rec: dict[str, Any], base: ScratchLaw, U: float, R_D: float, notes: list[str]) -> CPTLaw:
+    """The CPT law refitted on a cpt-extended fit's points with the target tokens as effective data and E, A,
+    alpha of ``base`` (the effective-data scratch law), so that the simulator, which applies the repetition
+    to every run of the language, reproduces the CPT runs' losses."""
+    import pandas as pd
+
+    from cptscale.fit.estimate import fit_law
+    from cptscale.fit.laws import effective_data
+
+    pts = rec.get("points") or []
+    if len(pts) < 4:
+        raise TruthError(f"{rec.get('fit_id')}: {len(pts)} points; refitting the CPT law on effective data needs >= 4")
+    df = pd.DataFrame({"N": [float(x["N"]) for x in pts], "loss": [float(x["observed_loss"]) for x in pts],
+                       "D": effective_data([float(x["D"]) for x in pts], U, R_D),
+                       "run": [str(x["run_id"]) for x in pts]})
+    frozen = {"E": base.E, "A": base.A, "alpha": base.alpha}
+    fit = fit_law(df, "cpt", frozen, grid="coarse")
+    if fit.params["gamma"] < 0:  # the law file needs gamma >= 0: refit B', beta' at gamma = 0 rather than clip
+        # gamma alone (clipped, N^-gamma moved the repeat study's CPT losses by ~9 %)
+        notes.append(f"{rec.get('fit_id')} on effective data: fitted gamma {fit.params['gamma']:.3g} < 0; B' and "
+                     "beta' refitted with gamma = 0")
+        fit = fit_law(df, "cpt", {**frozen, "gamma": 0.0}, grid="coarse")
+    return _build(CPTLaw, {"B": fit.params["B"], "beta": fit.params["beta"], "gamma": max(fit.params["gamma"], 0.0)},
+                  f"{rec.get('fit_id')} on effective data")
