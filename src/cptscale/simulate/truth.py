@@ -290,7 +290,11 @@ def truth_from_fits(fits_dir: str | Path, source: str | None = None,
       which only the source-loss (forgetting) curves use;
     * forgetting, curve shape and noise keep ``base``'s values (the defaults were measured on real tiny runs),
       with the forgetting reference size moved to the study's largest size;
-    * a fit that was not identified is used as it is, and said so: its truth is as uncertain as it was.
+    * a fit that was not identified is used as it is, and said so: its truth is as uncertain as it was;
+    * where the runs repeat data and the effective-data fit (``scratch-constrained-<lang>``) measured R*_D
+      (not on an end of its grid), the scratch law is that fit's, ``repetition.R_D`` its R*_D, and the CPT
+      law is refitted on the CPT points' effective data with its E, A, alpha (:func:`_cpt_on_effective_data`):
+      the unique-data fits already absorb part of the repetition cost, which the simulator adds again.
     """
     from cptscale.util import load_json_file
 
