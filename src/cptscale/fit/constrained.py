@@ -305,10 +305,10 @@ def _loro_residuals(pts: Points, fr: FitResult, kw: dict[str, Any]) -> tuple[np.
     """Each run's log-loss residuals from the law refitted without that run (the exact cluster jackknife,
     as :func:`cptscale.fit.uncertainty.leave_one_run_out_residuals` does for the unique-data laws), and how
     many runs fell back to the full fit's residuals (their refit failed)."""
-    from cptscale.fit.uncertainty import _run_codes
+    from cptscale.fit.uncertainty import leave_one_run_out_weights
 
-    R, codes = _run_codes(pts.run)
-    loro, _ = _refit_resamples(pts, fr, (np.arange(R)[:, None] != codes[None, :]).astype(float), None, kw, None)
+    R, codes, W = leave_one_run_out_weights(pts.run)
+    loro, _ = _refit_resamples(pts, fr, W, None, kw, None)
     out = np.log(pts.L) - np.log(fr.predict(pts.N, pts.D))
     failed = 0
     for g in range(R):
@@ -341,18 +341,19 @@ def bootstrap_constrained(pts: Points, fr: FitResult, n: int, seed: int, scheme:
     used = "wildjk" if scheme == "wild3" else scheme
     codes, run_draws, pairing = resample_draws(pts, n, seed, used, pair_with)
     draws = run_draws["draws"]
-    keys = [*LAWS["chinchilla"], "R_D"] if fr.law == "muennighoff" else list(_PENALTY_NAMES)
     LL, loro_failed = None, 0
     if used in ("pairs", "bayes"):
         W = draws[:, codes]
     else:  # the design stays: every point once, the observations redrawn around the fit
+        lpred = np.log(fr.predict(pts.N, pts.D))
         if used == "wildjk":
             resid, loro_failed = _loro_residuals(pts, fr, kw)
         else:
-            resid = np.log(pts.L) - np.log(fr.predict(pts.N, pts.D))
-        LL = np.log(fr.predict(pts.N, pts.D)) + draws[:, codes] * resid
+            resid = np.log(pts.L) - lpred
+        LL = lpred + draws[:, codes] * resid
         W = np.ones((n, len(pts.N)))
     samples, how = _refit_resamples(pts, fr, W, LL, kw, fixed_samples)
+    keys = list(samples)  # the law's parameters (a is added below)
     ok = np.isfinite(samples["alpha"])
     alloc = {float(C): {k: np.full(n, np.nan) for k in ("N_opt", "D_opt", "predicted_loss")} for C in budgets}
     for b in np.flatnonzero(ok) if budgets else ():

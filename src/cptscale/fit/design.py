@@ -146,7 +146,8 @@ def constrained_check(cfg: Any, runs: list[Any], unique: dict[str, dict[str, flo
     out = []
     for lang, u in sorted(unique.items()):
         U = u["U"]
-        pts = planned_points(cfg, runs, cfg.fit.points, {lang})["scratch"]
+        planned = planned_points(cfg, runs, cfg.fit.points, {lang})
+        pts = planned["scratch"]
         D = np.array(sorted(d for ds in pts.values() for d in ds), float)
         n_points = sum(len(v) for v in pts.values())
         rep = D[D > U]
@@ -188,8 +189,7 @@ def constrained_check(cfg: Any, runs: list[Any], unique: dict[str, dict[str, flo
                         "repeated_points": len(rep), "repetition_levels": levels, "max_epochs": max_ep,
                         "points_per_param": n_points / len(free), "status": status,
                         "identifies": status == "identifies", "problems": problems, "add": add})
-        cpt = planned_points(cfg, runs, cfg.fit.points, {lang})["cpt"]
-        dc = np.array([d for ds in cpt.values() for d in ds], float)
+        dc = np.array([d for ds in planned["cpt"].values() for d in ds], float)
         if len(dc) and dc.max() > U:  # no data-constrained CPT law: say what repetition does to the CPT fits
             out.append({"law": f"cpt-extended-{lang}", "lang": lang, "unique_tokens": U, "manifest": u["manifest"],
                         "select": cfg.fit.points, "n_points": len(dc), "repeated_points": int((dc > U).sum()),

@@ -503,7 +503,7 @@ def _loss_law_record(kind: str, law: str, frozen: str | None, lang: str,
                                                                   f"; {ident['summary']}")}
     rec.update(identifiability=ident, rollout=ro, remedy=rem)
     rec["meta"].update(identifiability=ident, rollout=ro, remedy={k: rem[k] for k in ("policy", "used")})
-    if (kind, law) == ("cpt", "chinchilla") and not fixed and rem["used"] == "none":
+    if (kind, law) == ("cpt", "chinchilla"):  # free, never remedied: the scratch law's separate fit
         return rec, {"fr": fr, "bs": bs}
     if kind == "scratch" and law == "chinchilla":
         steps = {x["k"]: {k: x["params"][k] for k in ("E", "A", "alpha")}

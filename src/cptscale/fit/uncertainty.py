@@ -149,6 +149,12 @@ def cluster_jackknife_residuals(pts: Points, fit: FitResult, free: Sequence[int]
     return out
 
 
+def leave_one_run_out_weights(run: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """The runs, each point's run index and one row of point weights per run that leaves that run out."""
+    R, codes = _run_codes(run)
+    return R, codes, (np.arange(R)[:, None] != codes[None, :]).astype(float)
+
+
 def leave_one_run_out_residuals(pts: Points, fit: FitResult, free: Sequence[int], base_th: np.ndarray,
                                 starts: np.ndarray, delta: float, reduction: str, asym: float) -> np.ndarray:
     """Each run's log-loss residuals from the law refitted without that run (the exact cluster jackknife,
@@ -156,8 +162,7 @@ def leave_one_run_out_residuals(pts: Points, fit: FitResult, free: Sequence[int]
     CV3 correction (:func:`cluster_jackknife_residuals`) uses the least-squares hat matrix; the Huber fit
     with a delta far below the noise behaves like least absolute deviations, whose leverage differs, so
     the refit is the direct measurement."""
-    R, codes = _run_codes(pts.run)
-    W = (np.arange(R)[:, None] != codes[None, :]).astype(float)
+    R, codes, W = leave_one_run_out_weights(pts.run)
     fitted, _ = _refit_batch(pts, np.tile(base_th, (R, 1)), np.arange(R), list(free), starts, W, delta,
                              reduction, asym)
     names = LAWS[fit.law]
