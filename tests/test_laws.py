@@ -400,6 +400,45 @@ def test_separate_fit_remedy_carries_e_uncertainty() -> None:
     assert rem["tried"][0]["E_interval"] == bs["intervals"]["E"]
 
 
+def test_unidentified_cpt_comparison_gets_the_papers_frozen_n_term(tmp_path: Path) -> None:
+    """CPT runs that gain nothing from size past the third (as EN->ZH's d64l2 -> d64l3): the free Chinchilla
+    fit on them is not identified. With ``remedy: auto`` fit-study refits it by the paper's CPT protocol (E,
+    A, alpha frozen from the scratch fit) and records that, the free fit kept in the remedy record; the two
+    CPT laws are then nested, so the extended law's Huber error is never above Chinchilla's. With ``flag``
+    the free fit stays, flagged."""
+    from cptscale.fit.study import fit_study
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for kind in ("scratch", "cpt"):
+        for i, n in enumerate((2e4, 4e4, 8e4, 1.6e5, 3.2e5)):
+            for j, d in enumerate((1e5, 3e5, 1e6)):
+                n_eff = min(n, 8e4) if kind == "cpt" else n
+                loss = 2.0 + 150 / n_eff**0.4 + (300 if kind == "scratch" else 200) / d**0.35
+                rows.append({"run": f"r{kind}{i}", "N": n, "D": d, "loss": loss * math.exp(rng.normal(0, 0.002)),
+                             "init": kind, "lang": "zh", "replay": 0.0, "step": j + 1, "D_target": d,
+                             "branch": j + 1 if j < 2 else None})
+    points = tmp_path / "points.csv"
+    pd.DataFrame(rows).to_csv(points, index=False)
+    recs = {}
+    for policy in ("auto", "flag"):
+        fit_study(str(points), str(tmp_path / policy), budgets=[1e12], bootstrap=4, grid="coarse", remedy=policy)
+        recs[policy] = {f: json.loads((tmp_path / policy / f"{f}.json").read_text())
+                        for f in ("cpt-chinchilla-zh", "scratch-chinchilla-zh", "summary")}
+    auto, flag = recs["auto"]["cpt-chinchilla-zh"], recs["flag"]["cpt-chinchilla-zh"]
+    sc = recs["auto"]["scratch-chinchilla-zh"]
+    assert sc["identifiability"]["identified"] and sc["remedy"]["used"] == "none"
+    assert not flag["identifiability"]["identified"] and flag["remedy"]["used"] == "none" and not flag["fixed"]
+    assert flag["remedy"]["free_fit"]["params"] == flag["params"]
+    assert auto["identifiability"]["identified"] and auto["fixed_from"] == "scratch-chinchilla-zh"
+    assert auto["remedy"]["used"].startswith("E, A, alpha frozen from scratch-chinchilla-zh")
+    assert auto["fixed"] == {k: sc["params"][k] for k in ("E", "A", "alpha")}
+    assert auto["remedy"]["free_fit"]["params"] == flag["params"]  # the free fit, as fitted under flag
+    assert auto["heldout"]["frozen_from"] == "the scratch fit without its largest size"
+    comp = {c["data"]: c for c in recs["auto"]["summary"]["law_comparison"]}["cpt"]
+    assert comp["huber_sum_extended"] <= comp["huber_sum_chinchilla"] * (1 + 1e-9)
+
+
 def test_interval_reaching_a_bound_is_flagged() -> None:
     fr = FitResult("chinchilla", {"E": 1.5, "A": 100.0, "B": 50.0, "alpha": 0.3, "beta": 0.3})
     ok = identifiability(fr, {"alpha": {"lo": 0.2, "hi": 0.4}, "E": {"lo": 1.0, "hi": 2.0}})
