@@ -664,6 +664,11 @@ def test_summary_saving_has_a_bootstrap_interval(tmp_path: Path) -> None:
     assert (f"zh, scratch law (scratch-chinchilla-zh) at each run's end: replay 0 {_pct(lb['0'])}; replay 0.25 "
             f"{_pct(lb['0.25'])}; all runs {_pct(lb['all'])}") in text
     assert "es, scratch law (scratch-chinchilla-es, UNRELIABLE) at each run's end: replay 0 " in text
+    # a bootstrap end past -1000 % (a resample whose law is nearly flat) is printed as that bound, not its digits
+    wild = {**law, "by_replay": [{**lb["0"], "median_frac_saved_lo": -98000.0}]}
+    text = format_summary({"study": "s", "report": "r.html", "fits": {}, "compute_saving": {**cs, "by_law": [wild]}})
+    assert f"| {lb['0']['median_frac_saved']:.1%} [< -1000%, {lb['0']['median_frac_saved_hi']:.1%}]" in text
+    assert "-9800000" not in text
 
 
 def _pct(g: dict) -> str:

@@ -365,6 +365,23 @@ def test_page_renders_offline(tmp_path: Path, study_db: Path) -> None:
     assert set(st["rendered"]) == CORE
 
 
+def test_saving_past_the_floor_is_shown_as_a_bound() -> None:
+    """A bootstrap end of -9.8e6 % (a draw whose law is nearly flat in D) is printed as '< -1000 %' in the
+    table, and the chart's rule stops there (the tooltip keeps the interval) so the other runs stay legible."""
+    from cptscale.report.saving import saving_chart, saving_table
+
+    runs = [{"run_id": f"d{i}-cpt-zh-r0", "size": f"d{i}", "N": 1e4 * (i + 1), "replay": 0.0, "frac_saved": f,
+             "frac_saved_lo": lo, "frac_saved_hi": 0.3, "extrapolated": False}
+            for i, (f, lo) in enumerate([(0.1, -0.2), (-0.5, -98000.0)])]
+    rec = {"lang": "zh", "law_fit": "scratch-chinchilla-zh", "interval": "95%", "per_run": runs,
+           "by_replay": [{"replay": "0", "median_frac_saved": -0.2, "median_frac_saved_lo": -98000.0,
+                          "median_frac_saved_hi": 0.3, "n_runs": 2, "n_extrapolated": 0}]}
+    assert "<td>-20.0 %</td><td>[< -1000 %, 30.0 %]</td>" in saving_table(rec)
+    data = saving_chart(rec).to_dict()["datasets"]
+    rows = next(v for v in data.values() if len(v) == 2)
+    assert [r["lo (%)"] for r in rows] == [-20.0, -1000.0] and rows[1]["interval"] == "[< -1000 %, 30.0 %]"
+
+
 @pytest.mark.browser
 @needs_chromium
 def test_saving_section_renders_the_law_saving_per_replay(tmp_path: Path, study_db: Path) -> None:

@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from cptscale.fit.saving import FRAC_FLOOR
 from cptscale.runs import RUN_ID
 from cptscale.util import read_json
 
@@ -374,11 +375,16 @@ def _next_run_lines(nr: dict[str, Any] | None) -> list[str]:
     return []
 
 
+def _pct(x: float) -> str:
+    """A saved fraction as a percentage; below :data:`cptscale.fit.saving.FRAC_FLOOR` only that bound."""
+    return f"< {FRAC_FLOOR:.0%}" if x < FRAC_FLOOR else f"{x:.1%}"
+
+
 def _pct_iv(d: dict[str, Any]) -> str:
     """A median saving with its interval, e.g. ``7.9% [-16.7%, 16.1%]``."""
     if d.get("median_frac_saved_lo") is None:
-        return f"{d['median_frac_saved']:.1%} [no interval]"
-    return f"{d['median_frac_saved']:.1%} [{d['median_frac_saved_lo']:.1%}, {d['median_frac_saved_hi']:.1%}]"
+        return f"{_pct(d['median_frac_saved'])} [no interval]"
+    return f"{_pct(d['median_frac_saved'])} [{_pct(d['median_frac_saved_lo'])}, {_pct(d['median_frac_saved_hi'])}]"
 
 
 def _replay_label(name: str) -> str:
@@ -439,10 +445,10 @@ def _saving_lines(cs: dict[str, Any], existing: bool) -> list[str]:
             lines.append(f"  CPT compute saving: {cs.get('error', 'not available (no CPT run reached a scratch loss)')}")
         return lines
     head, where = headline_saving(cs)
-    iv = (f" [{head['median_frac_saved_lo']:.1%}, {head['median_frac_saved_hi']:.1%}]"
+    iv = (f" [{_pct(head['median_frac_saved_lo'])}, {_pct(head['median_frac_saved_hi'])}]"
           if head.get("median_frac_saved_lo") is not None else " [no interval: one CPT run]")
     lines.append(f"  CPT compute saving{where} (median over {head.get('n_runs', '?')} CPT runs, last evaluation): "
-                 f"{head['median_frac_saved']:.1%}{iv}")
+                 f"{_pct(head['median_frac_saved'])}{iv}")
     if head.get("median_frac_saved_lo") is not None:
         lines.append(f"      {cs['interval']}; the saving is "
                      + ("positive with 95% confidence" if head["median_frac_saved_lo"] > 0 else
@@ -460,14 +466,14 @@ def _saving_lines(cs: dict[str, Any], existing: bool) -> list[str]:
         m = RUN_ID.match(row.get("run_id") or "")
         variant = m.group("variant") if m else None
         label = f"{row['size']:>8} replay {row['replay']:<5g}" + (f" {variant:<10}" if variant else "")
-        text = f"      {label} saved {row['frac_saved']:.1%} of FLOPs"
+        text = f"      {label} saved {_pct(row['frac_saved'])} of FLOPs"
         if row.get("read_early"):
             text += f" (at step {row['step']}, before its end)"
         lr = law_runs.get(row.get("run_id"))
         if lr:
-            liv = (f" [{lr['frac_saved_lo']:.1%}, {lr['frac_saved_hi']:.1%}]"
+            liv = (f" [{_pct(lr['frac_saved_lo'])}, {_pct(lr['frac_saved_hi'])}]"
                    if lr.get("frac_saved_lo") is not None else "")
-            text += f"; by the law at its end: {lr['frac_saved']:.1%}{liv}"
+            text += f"; by the law at its end: {_pct(lr['frac_saved'])}{liv}"
         lines.append(text)
     return lines
 

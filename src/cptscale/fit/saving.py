@@ -24,6 +24,11 @@ from cptscale.fit.uncertainty import _LEVEL, _interval
 
 _RESAMPLES = 2000
 
+#: The saving below which the summary and the report print only this bound (-1000 %: CPT spent over 11x
+#: what the same-size scratch run needs). Its digits past that say nothing a reader can use: a bootstrap
+#: draw whose law is nearly flat in D gives ends such as -9.8e6 %, which also flattened the report's chart
+FRAC_FLOOR = -10.0
+
 
 def equal_loss_saving(params: Mapping[str, float], N: float, D: float, loss: float) -> tuple[float, float | None]:
     """(saving, D_eq) of one run of N parameters and D tokens at ``loss`` under the Chinchilla law ``params``;

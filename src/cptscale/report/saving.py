@@ -11,9 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cptscale.fit.saving import FRAC_FLOOR
+
 
 def _pct(v: float | None) -> str:
-    return "?" if v is None else f"{100 * v:.1f} %"
+    return "?" if v is None else f"< {100 * FRAC_FLOOR:.0f} %" if v < FRAC_FLOOR else f"{100 * v:.1f} %"
 
 
 def saving_table(rec: dict[str, Any]) -> str:
@@ -38,10 +40,14 @@ def saving_chart(rec: dict[str, Any]) -> Any:
     import altair as alt
     import pandas as pd
 
+    def cut(v: float) -> float:  # the rule stops at the floor (its tooltip says so) so the axis stays readable
+        return 100 * max(v, FRAC_FLOOR)
+
     df = pd.DataFrame([{"run": r["run_id"], "size": str(r.get("size") or r["N"]), "N": r["N"],
-                        "replay": f"{r['replay']:g}", "saved (%)": 100 * r["frac_saved"],
-                        "lo (%)": 100 * (r["frac_saved_lo"] if r["frac_saved_lo"] is not None else r["frac_saved"]),
-                        "hi (%)": 100 * (r["frac_saved_hi"] if r["frac_saved_hi"] is not None else r["frac_saved"]),
+                        "replay": f"{r['replay']:g}", "saved (%)": cut(r["frac_saved"]),
+                        "lo (%)": cut(r["frac_saved_lo"] if r["frac_saved_lo"] is not None else r["frac_saved"]),
+                        "hi (%)": cut(r["frac_saved_hi"] if r["frac_saved_hi"] is not None else r["frac_saved"]),
+                        "interval": f"[{_pct(r['frac_saved_lo'])}, {_pct(r['frac_saved_hi'])}]",
                         "law extrapolates": r["extrapolated"]} for r in rec["per_run"]])
     order = list(df.sort_values("N")["size"].drop_duplicates())
     base = alt.Chart(df).encode(
