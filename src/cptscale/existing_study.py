@@ -56,7 +56,7 @@ def evaluate_given(cfg: StudyConfig, base: str | Path, checkpoint: str | Path) -
     """Validation loss of the imported model on every language of the study (Megatron-Core, the runs'
     evaluator), and for a Hugging Face source the ``transformers`` model's own source-language loss."""
     from cptscale.plan import manifest_numbers
-    from cptscale.runs import data_dir, tokenizer_path
+    from cptscale.runs import data_dir, data_manifest, tokenizer_path
     from cptscale.train.checkpoint import load_weights, read_state
     from cptscale.train.evaluate import evaluate_model
     from cptscale.train.model import build_model
@@ -66,7 +66,7 @@ def evaluate_given(cfg: StudyConfig, base: str | Path, checkpoint: str | Path) -
     state = read_state(checkpoint)
     seq, ev = cfg.train.seq_length, cfg.evaluation
     prefixes = {lang: str(data_dir(cfg) / lang / "valid") for lang in cfg.languages.all}
-    nbytes = {lang: manifest_numbers(read_json(data_dir(cfg) / lang / "data.json"))["valid_bytes"]
+    nbytes = {lang: manifest_numbers(read_json(data_manifest(cfg, lang)))["valid_bytes"]
               for lang in cfg.languages.all}
     setup_parallel(1, 1, cfg.seed)
     try:

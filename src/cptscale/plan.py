@@ -23,6 +23,7 @@ from cptscale.runs import (
     PlannedRun,
     checkpoint_dir,
     data_dir,
+    data_manifest,
     eval_steps,
     plan_run,
     run_dir,
@@ -222,7 +223,7 @@ def simulate_section(cfg: StudyConfig) -> dict[str, Any]:
 
 
 def _manifest(cfg: StudyConfig, lang: str) -> dict[str, Any]:
-    path = data_dir(cfg) / lang / "data.json"
+    path = data_manifest(cfg, lang)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the data stage for {lang!r} first")
     return read_json(path)

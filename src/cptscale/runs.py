@@ -159,6 +159,12 @@ def data_dir(cfg: StudyConfig) -> Path:
     return cfg.study_dir / "data"
 
 
+def data_manifest(cfg: StudyConfig, lang: str) -> Path:
+    """The data stage's manifest of one language (``cptscale.data.indexed.prepare`` writes it): its unique
+    tokens, byte counts and content hashes."""
+    return data_dir(cfg) / lang / "data.json"
+
+
 def tokenizer_path(cfg: StudyConfig) -> Path:
     return cfg.study_dir / "tokenizer" / "tokenizer.json"
 

@@ -120,12 +120,12 @@ def unique_tokens(cfg: Any) -> dict[str, dict[str, float]]:
     """Per target language whose data stage has run: its unique training tokens U, and the characters of
     text behind them (to turn a token target into a data.max_chars). Empty before the data stage."""
     from cptscale.errors import CLIError
-    from cptscale.runs import data_dir
+    from cptscale.runs import data_manifest
     from cptscale.util import load_json_file
 
     out = {}
     for lang in cfg.languages.targets:
-        path = data_dir(cfg) / lang / "data.json"
+        path = data_manifest(cfg, lang)
         if path.is_file():
             m = load_json_file(path, CLIError, "data manifest")
             tr = m.get("train") if isinstance(m, dict) else None
