@@ -512,29 +512,29 @@ def _loss_law_record(kind: str, law: str, frozen: str | None, lang: str,
     return rec, None
 
 
-def _frozen_comparison(free: dict[str, Any], lang: str, sets: dict[str, tuple[Any, dict[str, Any]]],
-                       scratch: dict[str, Any], unique: dict[str, float], opt: _StudyFit) -> dict[str, Any]:
-    """The CPT Chinchilla comparison when its free fit is not identified: the paper's own CPT protocol (its
-    section 3.2: E, A, alpha kept from the scratch fit "to reduce variance"), kept when that is identified and
-    recorded as the remedy used; else the free fit stays, flagged, with the attempt in its remedy record.
-    Frozen like the extended CPT law, the two laws then differ only by gamma, which is the comparison the
-    paper's Table 3 makes. The free fit is still the scratch law's separate fit for its fixed-E remedy (that
-    remedy needs only its E, which is interior)."""
-    label = (f"E, A, alpha frozen from scratch-chinchilla-{lang} (the paper's CPT protocol, as the extended "
-             "CPT law)")
+def _frozen_comparison(free: dict[str, Any], kind: str, law: str, lang: str,
+                       sets: dict[str, tuple[Any, dict[str, Any]]], scratch: dict[str, Any],
+                       unique: dict[str, float], opt: _StudyFit) -> dict[str, Any]:
+    """A comparison law (the CPT Chinchilla fit, the scratch extended fit) whose free fit is not identified,
+    refitted by the paper's own CPT protocol (its section 3.2: E, A, alpha kept from the scratch fit "to
+    reduce variance"); kept when that is identified and recorded as the remedy used, else the free fit stays,
+    flagged, with the attempt in its remedy record. Frozen like the extended CPT law, each comparison is then
+    nested with the law it is compared with: the two differ only by gamma, which is what the paper's Table 3
+    weighs. The free CPT Chinchilla fit stays the scratch law's separate fit for its fixed-E remedy (that
+    needs only its E, which is interior)."""
+    label = f"E, A, alpha frozen from scratch-chinchilla-{lang} (the paper's CPT protocol, as the extended CPT law)"
     rem = {**free["remedy"], "policy": "auto", "tried": list(free["remedy"]["tried"]),
            "offered": [label, *free["remedy"]["offered"]]}
-    rec, _ = _loss_law_record("cpt", "chinchilla", "frozen", lang, sets, scratch, unique, opt)
+    rec, _ = _loss_law_record(kind, law, "frozen", lang, sets, scratch, unique, opt)
+    used = free
     if rec["status"] != "ok":
         rem["tried"].append({"remedy": label, "error": rec["reason"]})
-        used = free
     else:
         ident = rec["identifiability"]
         rem["tried"].append({"remedy": label, "params": rec["params"], "identified": ident["identified"],
                              "summary": ident["summary"]})
-        used = rec if ident["identified"] else free
-        if used is rec:
-            rem["used"] = label
+        if ident["identified"]:
+            used, rem["used"] = rec, label
     used["remedy"] = rem
     used["meta"]["remedy"] = {k: rem[k] for k in ("policy", "used")}
     return used
@@ -572,10 +572,10 @@ def _language_records(df: Any, lang: str, base_sel: dict[str, Any], records: lis
             separate = state
         elif state:
             scratch = state
-    comp = _LOSS_LAW_PLAN.index(("cpt", "chinchilla", None))
-    if opt.remedy == "auto" and scratch and recs[comp]["status"] == "ok" \
-            and not recs[comp]["identifiability"]["identified"]:
-        recs[comp] = _frozen_comparison(recs[comp], lang, sets, scratch, unique, opt)
+    for i, (kind, law, frozen) in enumerate(_LOSS_LAW_PLAN):  # the comparison laws' remedy
+        if (not frozen and (kind, law) != ("scratch", "chinchilla") and opt.remedy == "auto" and scratch
+                and recs[i]["status"] == "ok" and not recs[i]["identifiability"]["identified"]):
+            recs[i] = _frozen_comparison(recs[i], kind, law, lang, sets, scratch, unique, opt)
     out += [recs[i] for i in range(len(_LOSS_LAW_PLAN))]
     if unique.get(lang):
         out += [_constrained_record(law, lang, sets["scratch"], float(unique[lang]), scratch, opt.budgets, opt.kw,
@@ -598,10 +598,10 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
     """Every fit of a study from the points table of ``cptscale db points``; one JSON per fit + summary.json.
 
     Per target language: Chinchilla on scratch runs; the extended CPT law on CPT runs with E, A, alpha
-    frozen from that scratch fit; free Chinchilla on CPT (frozen as the CPT law when it is not identified
-    and ``remedy`` is auto) and the extended law on scratch (the paper's Table 3 comparison); loss–compute envelopes of both; Hernandez's law when transfer metrics are
-    given; IsoFLOP for both. CPT fits use the target-language tokens D_target and, by default, the
-    runs with the study's smallest replay ratio (``cpt_replay="all"`` pools every ratio). N counts every
+    frozen from that scratch fit; free Chinchilla on CPT and the extended law on scratch (the paper's
+    Table 3 comparison; each frozen as the CPT law when its free fit is not identified and ``remedy`` is
+    auto); loss–compute envelopes of both; Hernandez's law when transfer metrics are given; IsoFLOP for
+    both. CPT fits use the target-language tokens D_target and, by default, the runs with the study's smallest replay ratio (``cpt_replay="all"`` pools every ratio). N counts every
     parameter (``params="total"``, Chinchilla's and the paper's convention) or the non-embedding ones
     (``"nonembedding"``, Kaplan's; the study's ``budget.param_count``). A law with too few points or sizes
     is written as skipped, with the reason. Every record's provenance carries the study's config hash:
