@@ -638,7 +638,7 @@ def test_fit_study_end_to_end(tmp_path: Path) -> None:
     text = format_summary(summarize(sdir, "gs"))
     assert "B'" in text and "held-out largest size" in text and "skipped" in text
     # the fits become a law file at the study's own scale, to plan the next study (cptscale design --truth)
-    from cptscale.simulate.truth import Truth, truth_from_fits
+    from cptscale.simulate.truth import Truth, TruthError, truth_from_fits
 
     truth, notes = truth_from_fits(fits, source="en")
     assert truth.scratch["zh"].alpha == pytest.approx(sc["params"]["alpha"]) and truth.param_count == "total"
@@ -672,6 +672,29 @@ def test_fit_study_end_to_end(tmp_path: Path) -> None:
                               for x in cp["points"]]))
 
     assert cpt_err(truth_r.cpt["zh"]) <= cpt_err(truth.cpt["zh"]) + 1e-9
+    # a skipped effective-data fit leaves the unique-data laws; a corrupt one is an error naming the file
+    cfile = fits / "scratch-constrained-zh.json"
+    cfile.write_text(json.dumps({"format": "cptscale-fit/1", "status": "skipped", "reason": "no run repeats"}))
+    assert truth_from_fits(fits, source="en")[0] == truth
+    cfile.write_text('{"format": "cptscale-fit/1", "status": "ok"')
+    with pytest.raises(TruthError, match=r"scratch-constrained-zh\.json"):
+        truth_from_fits(fits, source="en")
+    cfile.unlink()
+    # a negative gamma: B' and beta' are refitted at gamma = 0, which fits the CPT points at least as well as
+    # the fitted B', beta' with gamma clipped alone
+    neg = {**cp, "params": {**cp["params"], "gamma": -0.05}}
+    (fits / "cpt-extended-zh.json").write_text(json.dumps(neg))
+    truth_n, notes_n = truth_from_fits(fits, source="en")
+    (fits / "cpt-extended-zh.json").write_text(json.dumps(cp))
+    assert truth_n.cpt["zh"].gamma == 0.0 and truth_n.cpt["zh"].beta != cp["params"]["beta"]
+    assert any("cpt-extended-zh: fitted gamma" in n and "refitted with gamma = 0" in n for n in notes_n)
+
+    def log_err(B: float, beta: float) -> float:
+        b = truth_n.scratch["zh"]
+        return float(np.mean([abs(np.log((b.E + b.A / x["N"] ** b.alpha + B / x["D"] ** beta) / x["observed_loss"]))
+                              for x in cp["points"]]))
+
+    assert log_err(truth_n.cpt["zh"].B, truth_n.cpt["zh"].beta) <= log_err(cp["params"]["B"], cp["params"]["beta"]) + 1e-9
     # fit.bootstrap_scheme bayes: every resample keeps every size (pairs drops some on a 4-size ladder); the
     # default wildjk keeps the design
     assert main([*args[:4], str(tmp_path / "bayes"), *args[5:], "--bootstrap-scheme", "bayes"]) == 0
