@@ -307,8 +307,8 @@ class FitConfig(_Model):
         1.0, gt=0, description="Huber weight of overestimates (OLMo-core ladder; 1 = symmetric)")
     remedy: Literal["auto", "flag"] = Field(
         "auto", description="a scratch fit with a parameter or interval on a bound: auto = fixed E, then the "
-        "reduced law without E (the one used is recorded); the CPT Chinchilla comparison: E, A, alpha from the "
-        "scratch fit (the paper's CPT protocol); flag = only flag it")
+        "reduced law without E (the one used is recorded); the comparison laws (CPT Chinchilla, scratch "
+        "extended): E, A, alpha from the scratch fit (the paper's CPT protocol); flag = only flag it")
     fixed_E: float | None = Field(None, ge=0, description="E for the fixed-E remedy (null: E of a separate fit)")
 
 

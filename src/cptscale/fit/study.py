@@ -601,8 +601,9 @@ def fit_study(points: str, out_dir: str, budgets: Sequence[float] = (), bootstra
     frozen from that scratch fit; free Chinchilla on CPT and the extended law on scratch (the paper's
     Table 3 comparison; each frozen as the CPT law when its free fit is not identified and ``remedy`` is
     auto); loss–compute envelopes of both; Hernandez's law when transfer metrics are given; IsoFLOP for
-    both. CPT fits use the target-language tokens D_target and, by default, the runs with the study's smallest replay ratio (``cpt_replay="all"`` pools every ratio). N counts every
-    parameter (``params="total"``, Chinchilla's and the paper's convention) or the non-embedding ones
+    both. CPT fits use the target-language tokens D_target and, by default, the runs with the study's
+    smallest replay ratio (``cpt_replay="all"`` pools every ratio). N counts every parameter
+    (``params="total"``, Chinchilla's and the paper's convention) or the non-embedding ones
     (``"nonembedding"``, Kaplan's; the study's ``budget.param_count``). A law with too few points or sizes
     is written as skipped, with the reason. Every record's provenance carries the study's config hash:
     ``config_hash``, else the ``studies`` row of ``study`` in ``db``, else ``study.json`` beside the

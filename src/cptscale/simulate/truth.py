@@ -389,9 +389,9 @@ def _cpt_refitted(rec: dict[str, Any], base: ScratchLaw, notes: list[str], U: fl
     (the law file's CPT law needs it): where the fitted gamma is negative, B' and beta' are refitted at
     gamma = 0 rather than gamma clipped alone (that moved the repeat study's CPT losses by ~9 %; on the demo's
     fits, gamma -0.0084 clipped put the law 1.4 % off the CPT points on average, the refit 0.42 %, as the fit
-    itself). With ``U`` (the runs repeat data) the target tokens are read
-    as effective data at ``R_D`` and ``base`` is the effective-data scratch law, so that the simulator, which
-    applies the repetition to every run of the language, reproduces the CPT runs' losses."""
+    itself). With ``U`` (the runs repeat data) the target tokens are read as effective data at ``R_D`` and
+    ``base`` is the effective-data scratch law, so that the simulator, which applies the repetition to every
+    run of the language, reproduces the CPT runs' losses."""
     import pandas as pd
 
     from cptscale.fit.estimate import fit_law
