@@ -258,7 +258,9 @@ def test_an_unidentified_data_constrained_law_gets_the_remedies() -> None:
     rem = right["remedy"]
     assert rem["used"] == "fixed E = 0.01 (given: fit.fixed_E)" and right["identifiability"]["identified"]
     assert right["params"]["E"] == 0.01 and right["fixed"]["E"] == 0.01
-    assert right["meta"]["remedy"] == {"policy": "auto", "used": rem["used"]}
+    assert right["meta"]["remedy"] == {"policy": "auto", "used": rem["used"],
+                                       "free_fit": flag["identifiability"]["summary"]}  # what the free fit said
+    assert flag["meta"]["remedy"]["free_fit"] is None  # no remedy used: the record's own flag says it
     assert right["heldout"]["status"] == "ok" and right["heldout"]["params"]["E"] == 0.01
 
 
@@ -447,9 +449,10 @@ def test_demo_points_identify_every_loss_law(tmp_path: Path) -> None:
     their free fits kept flagged in the record)."""
     from cptscale.fit.study import fit_study
 
-    fit_study(str(Path(__file__).parent / "fixtures" / "demo-en-zh-points.csv"), str(tmp_path), bootstrap=50,
-              budgets=[1e12, 1e15], min_step_fraction=0.1, params="nonembedding", bootstrap_scheme="bayes")
-    recs = {f: json.loads((tmp_path / f"{f}-zh.json").read_text())
+    fit_study(str(Path(__file__).parent / "fixtures" / "demo-en-zh-points.csv"), str(tmp_path / "fits"),
+              bootstrap=50, budgets=[1e12, 1e15], min_step_fraction=0.1, params="nonembedding",
+              bootstrap_scheme="bayes")
+    recs = {f: json.loads((tmp_path / "fits" / f"{f}-zh.json").read_text())
             for f in ("scratch-chinchilla", "cpt-extended", "cpt-chinchilla", "scratch-extended")}
     for fid, rec in recs.items():
         ident = rec["identifiability"]
@@ -462,6 +465,12 @@ def test_demo_points_identify_every_loss_law(tmp_path: Path) -> None:
         assert rem["used"].startswith("E, A, alpha frozen from scratch-chinchilla-zh")
         assert not rem["free_fit"]["identifiability"]["identified"]
         assert recs[fid]["fixed"] == {k: recs["scratch-chinchilla"]["params"][k] for k in ("E", "A", "alpha")}
+    # the summary never shows a remedied law without what its free fit said
+    from cptscale.summary import format_summary, summarize
+
+    text = format_summary(summarize(tmp_path, "demo-en-zh"))
+    free = recs["cpt-chinchilla"]["remedy"]["free_fit"]["identifiability"]["summary"]
+    assert f"remedy used: {recs['cpt-chinchilla']['remedy']['used']} (the free fit: {free})" in text
 
 
 def test_interval_reaching_a_bound_is_flagged() -> None:

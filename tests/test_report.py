@@ -365,6 +365,22 @@ def test_page_renders_offline(tmp_path: Path, study_db: Path) -> None:
     assert set(st["rendered"]) == CORE
 
 
+def test_fit_quality_subtitle_names_the_free_fit_beside_its_remedy() -> None:
+    """A remedied fit's line in the fit-quality figure says what the free fit it replaced said; a fit with no
+    remedy gets no such words."""
+    from cptscale.report.figures import _trust_lines
+
+    ident = {"identified": True, "summary": "every free parameter interior"}
+    used = "E, A, alpha frozen from scratch-chinchilla-zh (the paper's CPT protocol, as the extended CPT law)"
+    f = {"fit_id": "cpt-chinchilla-zh", "meta": {"identifiability": ident, "remedy": {
+        "policy": "auto", "used": used, "free_fit": "alpha on its upper bound"}}}
+    assert (f"cpt-chinchilla-zh: identified (no parameter or interval on a bound); remedy used: {used} "
+            "(the free fit: alpha on its upper bound)") in _trust_lines(f)
+    plain = {"fit_id": "x", "meta": {"identifiability": ident, "remedy": {"policy": "auto", "used": "none",
+                                                                          "free_fit": None}}}
+    assert _trust_lines(plain) == ["x: identified (no parameter or interval on a bound)"]
+
+
 def test_saving_past_the_floor_is_shown_as_a_bound() -> None:
     """A bootstrap end of -9.8e6 % (a draw whose law is nearly flat in D) is printed as '< -1000 %' in the
     table, and the chart's rule stops there (the tooltip keeps the interval) so the other runs stay legible."""

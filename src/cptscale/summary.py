@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from cptscale.fit.identify import remedy_text
 from cptscale.fit.saving import FRAC_FLOOR
 from cptscale.runs import RUN_ID
 from cptscale.util import read_json
@@ -99,7 +100,7 @@ def _ident_text(fit: dict[str, Any]) -> str | None:
     if not iv or fit.get("status", "ok") != "ok":
         return None
     rem = fit.get("remedy") or iv.get("remedy") or {}
-    used = f"; remedy used: {rem['used']}" if rem.get("used") and rem["used"] != "none" else ""
+    used = remedy_text(rem, ((rem.get("free_fit") or {}).get("identifiability") or {}).get("summary"))
     if iv.get("identified"):
         return f"identified: no parameter or interval on a bound{used}"
     return (f"NOT IDENTIFIED: {iv.get('summary')}; allocation and next run from this fit are unreliable{used}"

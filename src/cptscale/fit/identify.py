@@ -250,6 +250,14 @@ def fit_remedied(pts: Points, law: str, fixed: dict[str, float], nboot: int, see
     return (*found, rem) if found else (fr, bs, ident, rem)
 
 
+def remedy_text(rem: dict[str, Any], free: str | None) -> str:
+    """How the summary and the report name a remedy: '; remedy used: X (the free fit: its flag)', or ''
+    when none was used. A remedied law is never shown without what its free fit said."""
+    if not rem.get("used") or rem["used"] == "none":
+        return ""
+    return f"; remedy used: {rem['used']}" + (f" (the free fit: {free})" if free else "")
+
+
 #: A remedy to try: its label, the fit (returning the fit, its bootstrap and its identifiability) and extra
 #: fields for its record
 Remedy = tuple[str, Callable[[], tuple[FitResult, Any, dict[str, Any]]], dict[str, Any]]

@@ -89,6 +89,15 @@ _CONSTRAINED_LAWS = {"muennighoff": ("scratch-constrained", fit_data_constrained
                      "lovelace": ("scratch-overfit", fit_overfit_penalty)}
 
 
+def _remedy_meta(rem: dict[str, Any]) -> dict[str, Any]:
+    """The remedy as the store, the summary and the report read it: the policy, the remedy used and, when
+    one was, what the free fit it replaced said (so a remedied law is never shown without its free fit's
+    flag)."""
+    free = (rem.get("free_fit") or {}).get("identifiability") or {}
+    return {"policy": rem["policy"], "used": rem["used"],
+            "free_fit": free.get("summary") if rem["used"] != "none" else None}
+
+
 def _constrained_record(law: str, lang: str, frame_sel: tuple[Any, dict[str, Any]], U: float,
                         scratch: dict[str, Any] | None, budgets: Sequence[float], kw: dict[str, Any],
                         nboot: int = 0, seed: int = 0, scheme: str = "bayes", policy: str = "flag",
@@ -173,7 +182,7 @@ def _constrained_record(law: str, lang: str, frame_sel: tuple[Any, dict[str, Any
                         "predicted_loss": float(q)} for r, a, b, o, q in zip(pts.run, pts.N, pts.D, pts.L, pred,
                                                                               strict=True)],
             "meta": {**fr.meta, "selection": sel, "identifiability": ident,
-                     "remedy": {k: rem[k] for k in ("policy", "used")}, "rollout": ro,
+                     "remedy": _remedy_meta(rem), "rollout": ro,
                      "bootstrap": bs["info"] if bs else {"n_requested": 0}},
             "bootstrap": _samples_json(bs)}
 
@@ -502,7 +511,7 @@ def _loss_law_record(kind: str, law: str, frozen: str | None, lang: str,
                             f"({scratch['ident']['summary']})" + ("" if ident["identified"] else
                                                                   f"; {ident['summary']}")}
     rec.update(identifiability=ident, rollout=ro, remedy=rem)
-    rec["meta"].update(identifiability=ident, rollout=ro, remedy={k: rem[k] for k in ("policy", "used")})
+    rec["meta"].update(identifiability=ident, rollout=ro, remedy=_remedy_meta(rem))
     if (kind, law) == ("cpt", "chinchilla") and not frozen:  # free: the scratch law's separate fit
         return rec, {"fr": fr, "bs": bs}
     if kind == "scratch" and law == "chinchilla":
@@ -536,7 +545,7 @@ def _frozen_comparison(free: dict[str, Any], kind: str, law: str, lang: str,
         if ident["identified"]:
             used, rem["used"] = rec, label
     used["remedy"] = rem
-    used["meta"]["remedy"] = {k: rem[k] for k in ("policy", "used")}
+    used["meta"]["remedy"] = _remedy_meta(rem)
     return used
 
 

@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from cptscale.fit.identify import remedy_text
 from cptscale.report.existing import fig_existing
 from cptscale.report.queries import (
     Missing,
@@ -466,8 +467,8 @@ def _trust_lines(f: dict[str, Any]) -> list[str]:
         out.append(f"{f.get('fit_id')}: {sel['points']} points ({sel.get('n_selected', '?')} of "
                    f"{sel.get('n_candidates', '?')})" + (f" — {sel['bias']}" if sel["points"] == "all" else ""))
     if ident:
-        rem = (meta.get("remedy") or {}).get("used")
-        used = f"; remedy used: {rem}" if rem and rem != "none" else ""
+        rem = meta.get("remedy") or {}
+        used = remedy_text(rem, rem.get("free_fit"))
         out.append(f"{f.get('fit_id')}: " + ("identified (no parameter or interval on a bound)" if ident.get("identified")
                                              else f"NOT IDENTIFIED: {ident.get('summary')}; allocation unreliable") + used)
     ro = meta.get("rollout") or {}
