@@ -369,7 +369,7 @@ def bootstrap_constrained(pts: Points, fr: FitResult, n: int, seed: int, scheme:
     return {"samples": samples, "intervals": {k: _interval(v, _LEVEL) for k, v in samples.items()},
             "alloc": alloc, "run_draws": run_draws,
             "info": {"n_requested": n, "n_ok": int(ok.sum()), "n_degenerate": int((~ok).sum()), "unit": "run",
-                     "n_runs": run_draws["draws"].shape[1], "seed": seed, "level": _LEVEL,
+                     "n_runs": draws.shape[1], "seed": seed, "level": _LEVEL,
                      "method": "percentile", "scheme": SCHEME_TEXT[used] + note,
                      "refit": how, "loss": "huber",
                      "frozen": (f"{', '.join(fixed_samples)} resampled with their source" if fixed_samples

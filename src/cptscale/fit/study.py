@@ -379,6 +379,9 @@ class _StudyFit:
 _LOSS_LAW_PLAN = (("scratch", "chinchilla", None), ("cpt", "cpt", "frozen"), ("cpt", "chinchilla", None),
                   ("scratch", "cpt", None))
 _LOSS_LAW_ORDER = (2, 0, 1, 3)
+#: The paper's Table 3 comparisons (Chinchilla on CPT runs, the extended law on scratch runs): fitted free,
+#: and frozen as the CPT law when that free fit is not identified (:func:`_frozen_comparison`)
+_COMPARISON_LAWS = (("cpt", "chinchilla"), ("scratch", "cpt"))
 
 
 def _read_points(points: str, cpt_replay: str, params: str, min_step_fraction: float) -> tuple[Any, int]:
@@ -581,8 +584,8 @@ def _language_records(df: Any, lang: str, base_sel: dict[str, Any], records: lis
             separate = state
         elif state:
             scratch = state
-    for i, (kind, law, frozen) in enumerate(_LOSS_LAW_PLAN):  # the comparison laws' remedy
-        if (not frozen and (kind, law) != ("scratch", "chinchilla") and opt.remedy == "auto" and scratch
+    for i, (kind, law, _) in enumerate(_LOSS_LAW_PLAN):  # the comparison laws' remedy
+        if ((kind, law) in _COMPARISON_LAWS and opt.remedy == "auto" and scratch
                 and recs[i]["status"] == "ok" and not recs[i]["identifiability"]["identified"]):
             recs[i] = _frozen_comparison(recs[i], kind, law, lang, sets, scratch, unique, opt)
     out += [recs[i] for i in range(len(_LOSS_LAW_PLAN))]

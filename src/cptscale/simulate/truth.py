@@ -341,10 +341,7 @@ def truth_from_fits(fits_dir: str | Path, source: str | None = None,
         sizes += [float(n) for n in (rec.get("meta") or {}).get("sizes", [])]
         cpath = d / f"cpt-extended-{lang}.json"
         if cpath.exists():
-            cpt_recs[lang] = read(cpath)
-            c = cpt_recs[lang]["params"]
-            cpt[lang] = (_build(CPTLaw, {k: c[k] for k in ("B", "beta", "gamma")}, f"{cpath}: params")
-                         if float(c["gamma"]) >= 0 else _cpt_refitted(cpt_recs[lang], scratch[lang], notes))
+            cpt_recs[lang] = read(cpath)  # its law is built below, once it is known whether the runs repeat data
         rpath = d / f"scratch-constrained-{lang}.json"
         rec_r = read_unless_skipped(rpath) if rpath.exists() else None
         if rec_r is not None and "R_D" in rec_r["params"]:
@@ -362,13 +359,19 @@ def truth_from_fits(fits_dir: str | Path, source: str | None = None,
         for lg, rr in repeated.items():
             scratch[lg] = _build(ScratchLaw, {k: rr["params"][k] for k in ("E", "A", "alpha", "B", "beta")},
                                  f"{d / f'scratch-constrained-{lg}.json'}: params")
-            if lg in cpt:
-                cpt[lg] = _cpt_refitted(cpt_recs[lg], scratch[lg], notes, float(rr["params"]["U"]), R_D)
         notes.append(f"the runs repeat data: the scratch law of {', '.join(sorted(repeated))} is the effective-data "
                      f"fit's (scratch-constrained-*), repetition.R_D its R*_D {R_D:.3g}"
                      + (f" (from {lang}; the truth has one R_D)" if len(repeated) > 1 else "")
                      + ", and the CPT law is refitted on the CPT runs' effective data with that law's E, A, alpha "
                      "(the unique-data fits absorb part of the repetition cost: with R_D on top it would count twice)")
+    for lg, crec in cpt_recs.items():  # on effective data where the runs repeat it, else as fitted (gamma >= 0)
+        c = crec["params"]
+        if lg in repeated:
+            cpt[lg] = _cpt_refitted(crec, scratch[lg], notes, float(repeated[lg]["params"]["U"]), repetition.R_D)
+        elif float(c["gamma"]) >= 0:
+            cpt[lg] = _build(CPTLaw, {k: c[k] for k in ("B", "beta", "gamma")}, f"{d / f'cpt-extended-{lg}.json'}: params")
+        else:
+            cpt[lg] = _cpt_refitted(crec, scratch[lg], notes)
     if len(conventions) > 1:
         raise TruthError(f"{d}: the fits count parameters differently ({', '.join(sorted(conventions))}); "
                          "refit them with one fit.params convention")
